@@ -1,0 +1,150 @@
+"""One run configuration for both frameworks, and the CLI generated from it.
+
+Every flag is a field of ``RunConfig``; ``parse_config`` builds the argparse
+parser from the fields, so train_torch/main.py and train_tf/main.py accept
+exactly the same command line.
+"""
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from common.errors import UsageError
+
+MODES = ("data",)
+DATASETS = ("digits", "cifar10", "synthetic")
+MODELS = ("cnn", "resnet")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _flag(default, help, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class RunConfig:
+    mode: str = _flag("data", "parallelism: data (Horovod allreduce)", choices=MODES)
+    dataset: str = _flag("digits", "digits (bundled with scikit-learn), cifar10 (from --data-dir) "
+                         "or synthetic (random images)", choices=DATASETS)
+    data_dir: str = _flag("", "directory of the CIFAR-10 python batches (cifar-10-batches-py)")
+    synthetic_shape: str = _flag("3,32,32", "synthetic image shape as C,H,W")
+    synthetic_samples: int = _flag(2048, "synthetic training-set size (test set: a quarter of it)")
+    num_classes: int = _flag(10, "synthetic number of classes")
+    model: str = _flag("cnn", "cnn (conv32-pool-conv64-pool-dense64-dense) or resnet (small, BatchNorm)",
+                       choices=MODELS)
+    epochs: int = _flag(10, "training epochs (0: only evaluate)")
+    batch_size: int = _flag(64, "GLOBAL batch size, shared by all ranks; --lr applies to it")
+    batch_size_per_rank: int = _flag(0, "instead of --batch-size: per-rank batch (Horovod's weak "
+                                     "scaling); --lr is then scaled by the world size with warmup")
+    lr: float = _flag(0.05, "learning rate for the global batch")
+    warmup_epochs: float = _flag(-1.0, "linear LR warmup epochs (default: 0, or 1 with "
+                                 "--batch-size-per-rank on more than one rank)")
+    optimizer: str = _flag("sgd", "optimizer", choices=OPTIMIZERS)
+    momentum: float = _flag(0.9, "SGD momentum")
+    weight_decay: float = _flag(0.0, "L2 weight decay")
+    fp16_allreduce: bool = _flag(False, "compress gradients to fp16 for the allreduce")
+    accumulation_steps: int = _flag(1, "split each rank's share of a batch into this many backward "
+                                    "passes before one allreduce (same result, less memory)")
+    adasum: bool = _flag(False, "reduce gradients with Adasum instead of a sum (changes the maths)")
+    seed: int = _flag(0, "seed for weights and data order")
+    threads: int = _flag(0, "compute threads per rank (0: cores / ranks on this node)")
+    steps_per_epoch: int = _flag(0, "stop each epoch after this many steps (0: full epoch)")
+    checkpoint_dir: str = _flag("", "save a checkpoint here after every epoch (rank 0, atomic)")
+    keep_checkpoints: int = _flag(3, "how many recent checkpoints to keep")
+    resume: bool = _flag(False, "continue from the newest checkpoint in --checkpoint-dir")
+    metrics_file: str = _flag("", "append one JSON object per epoch to this file")
+    progress: bool = _flag(True, "show a progress bar on rank 0")
+
+    @property
+    def weak_scaling(self):
+        return self.batch_size_per_rank > 0
+
+    def global_batch_size(self, world_size):
+        if self.weak_scaling:
+            return self.batch_size_per_rank * world_size
+        return self.batch_size
+
+    def synthetic_image_shape(self):
+        try:
+            shape = tuple(int(part) for part in self.synthetic_shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise UsageError(f"--synthetic-shape {self.synthetic_shape!r} is not C,H,W with "
+                             "positive integers; use e.g. --synthetic-shape 3,32,32")
+        return shape
+
+
+_POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples", "num_classes",
+             "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints")
+
+
+def validate(config):
+    """Checks that need no data and no other rank; raises UsageError naming the fix."""
+    for name in _POSITIVE:
+        if getattr(config, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative (got {getattr(config, name)})")
+    for name in ("accumulation_steps", "keep_checkpoints", "num_classes", "synthetic_samples"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.num_classes < 2:
+        raise UsageError("--num-classes must be at least 2")
+    if not config.weak_scaling and config.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if not (config.lr > 0):
+        raise UsageError(f"--lr must be positive (got {config.lr})")
+    if not (0 <= config.momentum < 1):
+        raise UsageError(f"--momentum must be in [0, 1) (got {config.momentum})")
+    if config.weight_decay < 0:
+        raise UsageError("--weight-decay must not be negative")
+    if config.adasum and config.fp16_allreduce:
+        raise UsageError("--adasum and --fp16-allreduce cannot be combined; drop one")
+    if config.resume and not config.checkpoint_dir:
+        raise UsageError("--resume needs --checkpoint-dir DIR to resume from")
+    if config.dataset == "cifar10" and not config.data_dir:
+        raise UsageError("--dataset cifar10 needs --data-dir DIR holding data_batch_1..5 and "
+                         "test_batch (the python version from https://www.cs.toronto.edu/~kriz/cifar.html)")
+    if config.dataset == "synthetic":
+        config.synthetic_image_shape()
+    if config.metrics_file:
+        parent = os.path.dirname(os.path.abspath(config.metrics_file))
+        if not os.path.isdir(parent):
+            raise UsageError(f"--metrics-file: directory {parent} does not exist; create it first")
+    return config
+
+
+def check_world_size(config, world_size):
+    """Checks that depend on how many ranks run; identical on every rank."""
+    if config.global_batch_size(world_size) < world_size:
+        raise UsageError(f"global batch {config.global_batch_size(world_size)} is smaller than "
+                         f"the {world_size} ranks sharing it; use --batch-size >= {world_size} "
+                         "or fewer ranks")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line and exit code 2, like every other usage error.
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser(prog=None):
+    parser = _Parser(prog=prog, description="Train a CNN with data-parallel Horovod "
+                     "(launch with horovodrun, mpirun or srun; runs as one process too).",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for spec in dataclasses.fields(RunConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        meta = dict(spec.metadata)
+        help_text = meta.pop("help")
+        if spec.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=spec.default, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(spec.type, spec.type)
+            parser.add_argument(flag, type=kind, default=spec.default, help=help_text, **meta)
+    return parser
+
+
+def parse_config(argv=None, prog=None):
+    namespace = build_parser(prog).parse_args(argv)
+    return validate(RunConfig(**vars(namespace)))

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Build (or reuse) a Horovod 0.28.1 wheel for the frameworks installed in the
+# given venv, with the build fixes today's PyTorch/TensorFlow need, and
+# install it there. The wheel is cached outside the checkout, keyed by the
+# Horovod, torch, TensorFlow and Python versions and the GPU flag, so a second
+# install (e.g. CI's fresh clone) takes seconds.
+#
+# usage: build_horovod.sh VENV_DIR [GPU=0|1]
+set -euo pipefail
+export TF_CPP_MIN_LOG_LEVEL=3  # keep TensorFlow's import chatter out of the build log
+
+venv=${1:?usage: build_horovod.sh VENV_DIR [GPU]}
+gpu=${2:-0}
+py="$venv/bin/python"
+horovod_version=0.28.1
+
+versions=$("$py" - <<'PY'
+import sys, importlib.metadata as md
+def v(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "none"
+tf = v("tensorflow-cpu") if v("tensorflow-cpu") != "none" else v("tensorflow")
+print(f"torch{v('torch')}-tf{tf}-py{sys.version_info[0]}{sys.version_info[1]}")
+PY
+)
+flavour=$([ "$gpu" = 1 ] && echo cuda || echo cpu)
+cache_dir="${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cnn-parallel/horovod-$horovod_version-$versions-$flavour}"
+
+if "$py" -c "import horovod, horovod.torch, horovod.tensorflow" 2>/dev/null; then
+    echo "horovod: already installed in $venv"
+    exit 0
+fi
+
+wheel=$(ls "$cache_dir"/horovod-*.whl 2>/dev/null | head -1 || true)
+if [ -z "$wheel" ]; then
+    echo "horovod: building $horovod_version from source for $versions ($flavour); this takes ~6 min on 2 cores"
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    "$venv/bin/pip" download -q --no-deps --no-binary :all: "horovod==$horovod_version" -d "$work"
+    tar xzf "$work/horovod-$horovod_version.tar.gz" -C "$work"
+    src="$work/horovod-$horovod_version"
+    # Fix 1: CMake >= 4 refuses Gloo's cmake_minimum_required(2.8.12): use a
+    # CMake < 4 from the venv (requirements.txt) and, as a second guard, let
+    # any CMake accept the old policy minimum.
+    export CMAKE_POLICY_VERSION_MINIMUM=3.5
+    # Fix 2+3: torch >= 2.1 and TF's bundled absl need C++17; Gloo must match
+    # (else 'multiple definition of gloo::rendezvous::Store::kDefaultTimeout').
+    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
+        "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+    # Fix 4: the optional XLA custom-call ops do not compile against TF 2.21
+    # ('highwayhash/arch_specific.h: No such file').
+    sed -i '/xla_mpi_ops.cc/d' "$src/horovod/tensorflow/CMakeLists.txt"
+    if grep -q "CMAKE_CXX_STANDARD 14" "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt" \
+       || grep -q xla_mpi_ops "$src/horovod/tensorflow/CMakeLists.txt"; then
+        echo "horovod: the build patches did not apply; the sdist layout changed" >&2
+        exit 1
+    fi
+    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 \
+           HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MXNET=1
+    if [ "$gpu" = 1 ]; then
+        export HOROVOD_GPU_OPERATIONS=NCCL
+    fi
+    export MAKEFLAGS="-j$(nproc)" PATH="$venv/bin:$PATH"
+    # The build must see the installed frameworks: no build isolation.
+    "$venv/bin/pip" wheel -q --no-build-isolation --no-deps "$src" -w "$work/dist"
+    mkdir -p "$cache_dir"
+    cp "$work"/dist/horovod-*.whl "$cache_dir/"
+    wheel=$(ls "$cache_dir"/horovod-*.whl | head -1)
+    echo "horovod: cached $wheel"
+fi
+
+"$venv/bin/pip" install -q --no-deps "$wheel"
+report=$("$venv/bin/horovodrun" --check-build)
+echo "$report"
+for feature in PyTorch TensorFlow MPI Gloo; do
+    if ! grep -q "\[X\] $feature" <<<"$report"; then
+        echo "horovod: the installed build lacks $feature support; delete $cache_dir and rerun make install" >&2
+        exit 1
+    fi
+done

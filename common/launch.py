@@ -1,0 +1,37 @@
+"""Process-level glue shared by the entry scripts: error handling and job abort."""
+
+import os
+import sys
+
+from common.errors import report_and_exit
+
+
+def launcher_world_size():
+    for name in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def abort_job(exit_code):
+    """Bring every rank of the job down now (MPI_Abort), so none hangs on this one."""
+    if launcher_world_size() > 1:
+        try:
+            from mpi4py import MPI
+            if MPI.Is_initialized() and not MPI.Is_finalized():
+                MPI.COMM_WORLD.Abort(exit_code)
+        except ImportError:
+            pass
+    os._exit(exit_code)
+
+
+def run_entry(main, argv=None):
+    """Run ``main(argv)``; turn every failure into one clear report and an exit code."""
+    try:
+        main(argv)
+    except SystemExit:
+        raise
+    except BaseException as error:  # noqa: BLE001 - the one place every failure is reported
+        report_and_exit(error, abort_job)
+    sys.stdout.flush()

@@ -1,0 +1,25 @@
+"""Train a CNN with PyTorch: data parallel with Horovod (see README.md).
+
+    python train_torch/main.py                      # one process
+    horovodrun -np 2 python train_torch/main.py     # two ranks
+    mpirun -np 2 python train_torch/main.py
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common.config import parse_config  # noqa: E402
+from common.launch import run_entry  # noqa: E402
+
+
+def main(argv=None):
+    config = parse_config(argv, prog="train_torch/main.py")
+    from train_torch import data_parallel  # heavy imports only after the flags are valid
+
+    data_parallel.train(config)
+
+
+if __name__ == "__main__":
+    run_entry(main)
