@@ -1,0 +1,49 @@
+# Quickstart:  make train   (installs what is missing, then trains the default job)
+#              make test
+# Variables:   FRAMEWORK=torch|tf  NP=2  ARGS="--epochs 5 ..."  GPU=1 (CUDA install)
+
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+FRAMEWORK ?= torch
+NP ?= 2
+ARGS ?=
+GPU ?= 0
+REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu.txt,requirements.txt)
+PYTEST_ARGS ?=
+# Keep TensorFlow's C++ log lines out of the user's way (set to 0 to see them).
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: install train test test-unit clean help
+
+help:
+	@sed -n '1,4p' Makefile
+
+install: $(VENV)/.horovod-installed
+
+$(VENV)/.system-checked: common/install/system_packages.sh
+	bash common/install/system_packages.sh
+	mkdir -p $(VENV) && touch $@
+
+$(VENV)/.requirements-installed: $(REQUIREMENTS) $(VENV)/.system-checked
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip wheel setuptools
+	$(PYTHON) -m pip install -q -r $(REQUIREMENTS)
+	touch $@
+
+$(VENV)/.horovod-installed: $(VENV)/.requirements-installed common/install/build_horovod.sh
+	bash common/install/build_horovod.sh $(VENV) $(GPU)
+	touch $@
+
+train: install
+	$(VENV)/bin/horovodrun -np $(NP) $(PYTHON) train_$(FRAMEWORK)/main.py $(ARGS)
+
+test: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: install
+	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,55 @@
+"""Launch helpers for the parallel and end-to-end tiers."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+BIN = os.path.dirname(PYTHON)
+ENTRY = {"torch": os.path.join(REPO, "train_torch", "main.py"),
+         "tf": os.path.join(REPO, "train_tf", "main.py")}
+# A generous bound: a hung job fails the test instead of hanging CI.
+JOB_TIMEOUT = 300
+
+
+def job_env():
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
+               PATH=BIN + os.pathsep + env.get("PATH", ""))
+    return env
+
+
+def launch_command(np_, launcher):
+    if np_ is None:
+        return [PYTHON]
+    if launcher == "horovodrun":
+        return [os.path.join(BIN, "horovodrun"), "-np", str(np_), PYTHON]
+    oversubscribe = ["--oversubscribe"] if np_ > (os.cpu_count() or 1) else []
+    return ["mpirun", "-np", str(np_), *oversubscribe, "--bind-to", "none", PYTHON]
+
+
+def run_training(args, np_=None, framework="torch", launcher="mpirun", timeout=JOB_TIMEOUT):
+    """Run an entry script (one process when ``np_`` is None); returns CompletedProcess."""
+    command = [*launch_command(np_, launcher), ENTRY[framework], "--no-progress", *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def final_accuracy(stdout):
+    lines = [line for line in stdout.splitlines() if "final test accuracy:" in line]
+    assert lines, stdout
+    return float(lines[-1].split("final test accuracy:")[1].split()[0])
+
+
+def relative_difference(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))

@@ -1,0 +1,61 @@
+import dataclasses
+
+import pytest
+
+from common import lr
+from common.config import RunConfig, build_parser, check_world_size, parse_config
+from common.errors import UsageError
+
+
+def test_every_field_is_a_flag_with_its_default():
+    config = parse_config([])
+    assert config == RunConfig()
+    flags = {action.dest for action in build_parser()._actions}
+    assert {field.name for field in dataclasses.fields(RunConfig)} <= flags
+
+
+def test_flags_parse_into_the_config():
+    config = parse_config(["--model", "resnet", "--batch-size", "32", "--lr", "0.1", "--no-progress",
+                           "--fp16-allreduce", "--accumulation-steps", "2"])
+    assert (config.model, config.batch_size, config.lr, config.progress) == ("resnet", 32, 0.1, False)
+    assert config.fp16_allreduce and config.accumulation_steps == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "vgg"], "invalid choice: 'vgg'"),
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--epochs", "-1"], "--epochs must not be negative"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be positive"),
+    (["--momentum", "1.5"], "--momentum must be in"),
+    (["--accumulation-steps", "0"], "--accumulation-steps must be at least 1"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--dataset", "cifar10"], "needs --data-dir"),
+    (["--dataset", "synthetic", "--synthetic-shape", "3x32"], "--synthetic-shape '3x32'"),
+    (["--batch-szie", "3"], "unrecognized arguments"),
+    (["--epochs", "two"], "invalid int value"),
+    (["--adasum", "--fp16-allreduce"], "cannot be combined"),
+    (["--metrics-file", "/nonexistent/dir/m.jsonl"], "does not exist"),
+])
+def test_bad_flags_raise_a_usage_error(argv, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        parse_config(argv)
+
+
+def test_world_size_checks():
+    check_world_size(RunConfig(batch_size=2), 2)
+    with pytest.raises(UsageError, match="smaller than the 4 ranks"):
+        check_world_size(RunConfig(batch_size=3), 4)
+    assert RunConfig(batch_size_per_rank=8).global_batch_size(4) == 32
+
+
+def test_lr_rules():
+    strong = RunConfig(lr=0.1)
+    assert lr.lr_at(0, 10, strong, 4) == 0.1  # global batch: LR independent of world size
+    weak = RunConfig(lr=0.1, batch_size_per_rank=16)
+    assert lr.peak_lr(weak, 4) == pytest.approx(0.4)
+    ramp = [lr.lr_at(step, 10, weak, 4) for step in range(12)]
+    assert ramp[0] == pytest.approx(0.1 + 0.3 / 10) and ramp[9] == pytest.approx(0.4)
+    assert all(a < b for a, b in zip(ramp[:9], ramp[1:10])) and ramp[11] == pytest.approx(0.4)
+    assert lr.lr_at(0, 10, weak, 1) == pytest.approx(0.1)  # one rank: nothing to warm up
