@@ -5,6 +5,7 @@ reducing them across ranks is a plain sum and uneven shards count correctly.
 """
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -73,3 +74,10 @@ def format_epoch(record, epochs):
             f"acc {record['test_accuracy']:.4f}  {record['images_per_sec']:.0f} img/s "
             f"({record['images_per_sec_per_rank']:.0f}/rank x {record['world_size']})  "
             f"{record['epoch_seconds']:.1f}s")
+
+
+def log(message):
+    """Write one whole line at once: launchers that tag output per write (mpirun
+    --tag-output, horovodrun) would otherwise tag a lone trailing newline."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()

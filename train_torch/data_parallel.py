@@ -139,8 +139,7 @@ def train(config):
         state = resume_state(config, architecture, hvd)
         if primary:
             checkpoint.restore(state, model, optimizer)
-            print(f"resumed from {checkpoint.latest(config.checkpoint_dir)} (epoch {state['epoch']})",
-                  flush=True)
+            metrics.log(f"resumed from {checkpoint.latest(config.checkpoint_dir)} (epoch {state['epoch']})")
         start_epoch = hvd.broadcast_object(state["epoch"] if primary else None, root_rank=0,
                                            name="start_epoch")
     # Horovod: every rank starts from rank 0's weights and optimizer state.
@@ -150,11 +149,10 @@ def train(config):
     global_batch = config.global_batch_size(world)
     steps = data.steps_per_epoch(len(dataset.y_train), global_batch, config.steps_per_epoch)
     if primary:
-        print(f"{FRAMEWORK}: {config.model} ({models.total_params(specs, dataset.image_shape):,} params) "
+        metrics.log(f"{FRAMEWORK}: {config.model} ({models.total_params(specs, dataset.image_shape):,} params) "
               f"on {dataset.name} {len(dataset.y_train)} train / {len(dataset.y_test)} test "
               f"{'x'.join(map(str, dataset.image_shape))}; data parallel on {world} rank(s), "
-              f"global batch {global_batch}, {steps} steps/epoch, {torch.get_num_threads()} threads/rank",
-              flush=True)
+              f"global batch {global_batch}, {steps} steps/epoch, {torch.get_num_threads()} threads/rank")
 
     writer = metrics.JsonLinesWriter(config.metrics_file if primary else "")
     test = None
@@ -164,7 +162,7 @@ def train(config):
         record = metrics.epoch_record(epoch + 1, record["train"], test, record["throughput"], world,
                                       config, FRAMEWORK, record["seconds"], record["lr"])
         if primary:
-            print(metrics.format_epoch(record, config.epochs), flush=True)
+            metrics.log(metrics.format_epoch(record, config.epochs))
             writer.write(record)
             if config.checkpoint_dir:
                 checkpoint.save(config.checkpoint_dir, epoch + 1, model, optimizer, config,
@@ -172,7 +170,7 @@ def train(config):
     if test is None:
         test = evaluate(model, dataset.x_test, dataset.y_test, hvd)
     if primary:
-        print(f"final test accuracy: {test[1]:.4f}  (test loss {test[0]:.4f})", flush=True)
+        metrics.log(f"final test accuracy: {test[1]:.4f}  (test loss {test[0]:.4f})")
     return test
 
 
