@@ -1,30 +1,28 @@
 """PyTorch checkpoints: torch.save of model, optimizer, epoch, RNG and config."""
 
 import dataclasses
+import os
 import random
 
 import numpy as np
 import torch
 
 from common import checkpoint as common_checkpoint
+from common import models
 from common.errors import UsageError
 
 EXTENSION = "pt"
 FORMAT = "cnn-parallel-torch/1"
 
 
-def save(directory, epoch, model, optimizer, config, architecture, keep):
-    state = {
+def write(path, epoch, model, optimizer, config, architecture):
+    torch.save({
         "format": FORMAT, "epoch": epoch, "architecture": architecture,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "config": dataclasses.asdict(config),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                 "python": random.getstate()},
-    }
-    path = common_checkpoint.checkpoint_path(directory, epoch, EXTENSION)
-    common_checkpoint.atomic_save(path, lambda temporary: torch.save(state, temporary))
-    common_checkpoint.prune(directory, EXTENSION, keep)
-    return path
+    }, path)
 
 
 def load(path, architecture):
@@ -40,14 +38,29 @@ def load(path, architecture):
     return state
 
 
-def latest(directory):
-    found = common_checkpoint.list_checkpoints(directory, EXTENSION)
-    return found[-1][1] if found else None
-
-
 def restore(state, model, optimizer):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
+
+
+def read_neutral(path, architecture):
+    """The model weights of a .pt checkpoint in the neutral layout (common/weights.py)."""
+    from train_torch.model import build_model, to_neutral
+
+    state = load(path, architecture)
+    shape = tuple(architecture["input_shape"])
+    model = build_model(models.model_specs(architecture["model"], shape, architecture["num_classes"]),
+                        shape, seed=0)
+    model.load_state_dict(state["model"])
+    return to_neutral(model)
+
+
+def read_weights(path, architecture):
+    """Neutral weights from a checkpoint of either framework."""
+    if os.path.isdir(path):
+        from train_tf.checkpoint import read_neutral as read_tensorflow
+        return read_tensorflow(path, architecture)
+    return read_neutral(path, architecture)

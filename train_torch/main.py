@@ -10,15 +10,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import data, models, training  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.launch import run_entry  # noqa: E402
 
 
 def main(argv=None):
     config = parse_config(argv, prog="train_torch/main.py")
-    from train_torch import data_parallel  # heavy imports only after the flags are valid
+    dataset = data.load_dataset(config)
+    specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes)
+    from train_torch.data_parallel import DataParallelRunner  # heavy imports once the input is valid
 
-    data_parallel.train(config)
+    training.run(config, dataset, specs, DataParallelRunner(config, dataset, specs))
 
 
 if __name__ == "__main__":

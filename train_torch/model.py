@@ -87,3 +87,29 @@ def build_model(specs, input_shape, seed):
     torch.manual_seed(seed)
     shapes = models.layer_shapes(specs, input_shape)
     return nn.Sequential(*(build_layer(spec, shapes[i]) for i, spec in enumerate(specs)))
+
+
+# --- The neutral weight layout (common/weights.py) ------------------------------
+
+def _tensors(model):
+    """{neutral key: tensor}; the layout is PyTorch's, so only the names change."""
+    found = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, ConvBNLayer):
+            found.update({f"{prefix}.conv.kernel": module.conv.weight, f"{prefix}.bn.gamma": module.bn.weight,
+                          f"{prefix}.bn.beta": module.bn.bias, f"{prefix}.bn.mean": module.bn.running_mean,
+                          f"{prefix}.bn.var": module.bn.running_var})
+        elif isinstance(module, (ConvLayer, DenseLayer)):
+            inner = module.conv if isinstance(module, ConvLayer) else module.linear
+            found.update({f"{prefix}.kernel": inner.weight, f"{prefix}.bias": inner.bias})
+    return found
+
+
+def to_neutral(model):
+    return {key: tensor.detach().cpu().numpy().copy() for key, tensor in _tensors(model).items()}
+
+
+@torch.no_grad()
+def load_neutral(model, arrays):
+    for key, tensor in _tensors(model).items():
+        tensor.copy_(torch.from_numpy(arrays[key]))

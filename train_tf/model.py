@@ -1,0 +1,196 @@
+"""Keras 3 layers built from common/models.py layer specs (NHWC inside).
+
+The layers compute exactly what train_torch/model.py computes, so weights move
+between frameworks through common/weights.py: explicit symmetric padding at
+every stride, BatchNorm with PyTorch's semantics, and Flatten in channel-first
+order. Nothing here knows about distribution.
+"""
+
+import keras
+import tensorflow as tf
+
+from common import models, weights
+
+BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * old + m * batch
+BN_EPSILON = 1e-5
+
+
+class TorchBatchNorm(keras.layers.Layer):
+    """BatchNorm as PyTorch defines it: normalise with the biased batch variance,
+    track the unbiased one (Keras' own layer tracks the biased variance)."""
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(shape=(channels,), initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=(channels,), initializer="zeros", name="beta")
+        self.moving_mean = self.add_weight(shape=(channels,), initializer="zeros", trainable=False,
+                                           name="moving_mean")
+        self.moving_var = self.add_weight(shape=(channels,), initializer="ones", trainable=False,
+                                          name="moving_var")
+
+    def call(self, x, training=False):
+        if not training:
+            return tf.nn.batch_normalization(x, self.moving_mean, self.moving_var, self.beta,
+                                             self.gamma, BN_EPSILON)
+        mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
+        unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+        self.moving_mean.assign((1 - BN_MOMENTUM) * self.moving_mean + BN_MOMENTUM * mean)
+        self.moving_var.assign((1 - BN_MOMENTUM) * self.moving_var + BN_MOMENTUM * unbiased)
+        return tf.nn.batch_normalization(x, mean, variance, self.beta, self.gamma, BN_EPSILON)
+
+
+def _conv2d(spec, use_bias):
+    # Explicit symmetric padding: Keras' 'same' pads asymmetrically at stride 2.
+    return keras.layers.Conv2D(spec.filters, spec.kernel, strides=spec.stride, padding="valid",
+                               use_bias=use_bias)
+
+
+class ConvLayer(keras.layers.Layer):
+    def __init__(self, spec, batch_norm=False, **kwargs):
+        super().__init__(**kwargs)
+        self.pad = spec.kernel // 2
+        self.conv = _conv2d(spec, use_bias=not batch_norm)
+        self.bn = TorchBatchNorm() if batch_norm else None
+        self.relu = spec.relu
+
+    def call(self, x, training=False):
+        if self.pad:
+            x = tf.pad(x, [[0, 0], [self.pad, self.pad], [self.pad, self.pad], [0, 0]])
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x, training=training)
+        return tf.nn.relu(x) if self.relu else x
+
+
+class ResidualLayer(keras.layers.Layer):
+    def __init__(self, spec, in_shape, **kwargs):
+        super().__init__(**kwargs)
+        parts = spec.parts(in_shape)
+        self.first = ConvLayer(parts[0][0], batch_norm=True)
+        self.second = ConvLayer(parts[1][0], batch_norm=True)
+        self.projection = ConvLayer(parts[2][0], batch_norm=True) if len(parts) == 3 else None
+
+    def call(self, x, training=False):
+        shortcut = x if self.projection is None else self.projection(x, training=training)
+        return tf.nn.relu(self.second(self.first(x, training=training), training=training) + shortcut)
+
+
+class DenseLayer(keras.layers.Layer):
+    def __init__(self, spec, **kwargs):
+        super().__init__(**kwargs)
+        self.linear = keras.layers.Dense(spec.units)
+        self.relu = spec.relu
+
+    def call(self, x, training=False):
+        x = self.linear(x)
+        return tf.nn.relu(x) if self.relu else x
+
+
+class ChannelFirstFlatten(keras.layers.Layer):
+    """Flatten in (C, H, W) order, as the specs (and PyTorch) define it."""
+
+    def call(self, x, training=False):
+        return tf.reshape(tf.transpose(x, [0, 3, 1, 2]), [tf.shape(x)[0], -1])
+
+
+class MaxPoolLayer(keras.layers.Layer):
+    def __init__(self, spec, **kwargs):
+        super().__init__(**kwargs)
+        self.size = spec.size
+
+    def call(self, x, training=False):
+        return tf.nn.max_pool2d(x, self.size, self.size, "VALID")
+
+
+class GlobalAvgPoolLayer(keras.layers.Layer):
+    def call(self, x, training=False):
+        return tf.reduce_mean(x, axis=[1, 2])
+
+
+def build_layer(spec, in_shape):
+    if isinstance(spec, models.Conv):
+        return ConvLayer(spec)
+    if isinstance(spec, models.ConvBN):
+        return ConvLayer(spec, batch_norm=True)
+    if isinstance(spec, models.ResidualBlock):
+        return ResidualLayer(spec, in_shape)
+    if isinstance(spec, models.MaxPool):
+        return MaxPoolLayer(spec)
+    if isinstance(spec, models.GlobalAvgPool):
+        return GlobalAvgPoolLayer()
+    if isinstance(spec, models.Flatten):
+        return ChannelFirstFlatten()
+    if isinstance(spec, models.Dense):
+        return DenseLayer(spec)
+    raise TypeError(f"no Keras layer for spec {spec!r}")
+
+
+class SpecModel(keras.Model):
+    """The layers of the specs in order; ``layers_`` is what a pipeline stage slices."""
+
+    def __init__(self, specs, input_shape, **kwargs):
+        super().__init__(**kwargs)
+        shapes = models.layer_shapes(specs, input_shape)
+        self.specs = list(specs)
+        self.layers_ = [build_layer(spec, shapes[i]) for i, spec in enumerate(specs)]
+
+    def call(self, x, training=False):
+        for layer in self.layers_:
+            x = layer(x, training=training)
+        return x
+
+
+def build_model(specs, input_shape, seed):
+    """Model for NCHW ``input_shape`` (fed NHWC); weights drawn from ``seed``."""
+    keras.utils.set_random_seed(seed)
+    model = SpecModel(specs, input_shape)
+    channels, height, width = input_shape
+    model(tf.zeros((1, height, width, channels)))  # create the variables
+    return model
+
+
+# --- The neutral weight layout (common/weights.py) ------------------------------
+
+def _part_layers(layer, spec, in_shape):
+    parts = weights.layer_parts(spec, in_shape)
+    if isinstance(spec, models.ResidualBlock):
+        return [(name, getattr(layer, name), part) for name, part in parts]
+    return [(name, layer, part) for name, part in parts]
+
+
+def _part_arrays(layer, part):
+    if isinstance(part, models.Dense):
+        kernel, bias = layer.linear.kernel, layer.linear.bias
+        return {"kernel": (kernel, weights.dense_kernel_to_tf, weights.dense_kernel_from_tf),
+                "bias": (bias, None, None)}
+    conv = {"kernel": (layer.conv.kernel, weights.conv_kernel_to_tf, weights.conv_kernel_from_tf)}
+    if layer.bn is None:
+        conv["bias"] = (layer.conv.bias, None, None)
+        return conv
+    bn = layer.bn
+    return {"conv.kernel": conv["kernel"], "bn.gamma": (bn.gamma, None, None),
+            "bn.beta": (bn.beta, None, None), "bn.mean": (bn.moving_mean, None, None),
+            "bn.var": (bn.moving_var, None, None)}
+
+
+def _variables(model, input_shape):
+    """{neutral key: (variable, to_tf, from_tf)} for every array of the layout."""
+    found = {}
+    shapes = models.layer_shapes(model.specs, input_shape)
+    for index, (layer, spec) in enumerate(zip(model.layers_, model.specs)):
+        for name, part_layer, part in _part_layers(layer, spec, shapes[index]):
+            prefix = f"{index}.{name + '.' if name else ''}"
+            for key, entry in _part_arrays(part_layer, part).items():
+                found[prefix + key] = entry
+    return found
+
+
+def to_neutral(model, input_shape):
+    return {key: (from_tf(variable.numpy()) if from_tf else variable.numpy())
+            for key, (variable, _, from_tf) in _variables(model, input_shape).items()}
+
+
+def load_neutral(model, input_shape, arrays):
+    for key, (variable, to_tf, _) in _variables(model, input_shape).items():
+        variable.assign(to_tf(arrays[key]) if to_tf else arrays[key])
