@@ -1,5 +1,6 @@
 """Process-level glue shared by the entry scripts: error handling and job abort."""
 
+import contextlib
 import os
 import sys
 
@@ -35,3 +36,20 @@ def run_entry(main, argv=None):
     except BaseException as error:  # noqa: BLE001 - the one place every failure is reported
         report_and_exit(error, abort_job)
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def quiet_stderr(enabled=True):
+    """Silence file descriptor 2 (C++ libraries' logging) for the duration."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -16,26 +16,30 @@ BN_KEYS = ("gamma", "beta", "mean", "var")
 
 
 def layer_parts(spec, in_shape):
-    """Named parameterised parts of one layer: [(name, part_spec)]; the layout's skeleton."""
+    """Parameterised parts of one layer: [(name, part_spec, part_input_shape)]."""
     if isinstance(spec, models.ResidualBlock):
         names = ("first", "second", "projection")
-        return [(name, part) for name, (part, _) in zip(names, spec.parts(in_shape))]
+        return [(name, part, shape) for name, (part, shape) in zip(names, spec.parts(in_shape))]
     if isinstance(spec, (models.Conv, models.ConvBN, models.Dense)):
-        return [("", spec)]
+        return [("", spec, in_shape)]
     return []
+
+
+def _prefixed_parts(specs, input_shape):
+    shapes = models.layer_shapes(specs, input_shape)
+    for index, spec in enumerate(specs):
+        for name, part, part_in in layer_parts(spec, shapes[index]):
+            yield f"{index}.{name + '.' if name else ''}", part, part_in
 
 
 def expected_keys(specs, input_shape):
     """Every array name a full model's layout holds, e.g. '3.first.conv.kernel'."""
     keys = []
-    shapes = models.layer_shapes(specs, input_shape)
-    for index, spec in enumerate(specs):
-        for name, part in layer_parts(spec, shapes[index]):
-            prefix = f"{index}.{name + '.' if name else ''}"
-            if isinstance(part, models.ConvBN):
-                keys += [prefix + "conv.kernel"] + [prefix + "bn." + key for key in BN_KEYS]
-            else:
-                keys += [prefix + key for key in CONV_KEYS]
+    for prefix, part, _ in _prefixed_parts(specs, input_shape):
+        if isinstance(part, models.ConvBN):
+            keys += [prefix + "conv.kernel"] + [prefix + "bn." + key for key in BN_KEYS]
+        else:
+            keys += [prefix + key for key in CONV_KEYS]
     return keys
 
 
@@ -54,10 +58,31 @@ def dense_kernel_to_tf(kernel):
 dense_kernel_from_tf = dense_kernel_to_tf
 
 
-def save_npz(path, arrays):
-    np.savez(path, **arrays)
+def _fan_in_uniform(rng, shape, fan_in):
+    # PyTorch's default for Conv2d/Linear weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1.0 / np.sqrt(fan_in)
+    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
-def load_npz(path):
-    with np.load(path) as archive:
-        return {key: archive[key] for key in archive.files}
+def initial_weights(specs, input_shape, seed):
+    """Seeded initial weights in the neutral layout, the same for both frameworks."""
+    rng = np.random.default_rng([seed, 0xC0FFEE])
+    arrays = {}
+    for prefix, part, part_in in _prefixed_parts(specs, input_shape):
+        if isinstance(part, models.Dense):
+            fan_in = part_in[0]
+            arrays[prefix + "kernel"] = _fan_in_uniform(rng, (part.units, fan_in), fan_in)
+            arrays[prefix + "bias"] = _fan_in_uniform(rng, (part.units,), fan_in)
+            continue
+        fan_in = part_in[0] * part.kernel * part.kernel
+        kernel = _fan_in_uniform(rng, (part.filters, part_in[0], part.kernel, part.kernel), fan_in)
+        if isinstance(part, models.ConvBN):
+            arrays[prefix + "conv.kernel"] = kernel
+            arrays.update({prefix + "bn.gamma": np.ones(part.filters, np.float32),
+                           prefix + "bn.beta": np.zeros(part.filters, np.float32),
+                           prefix + "bn.mean": np.zeros(part.filters, np.float32),
+                           prefix + "bn.var": np.ones(part.filters, np.float32)})
+        else:
+            arrays[prefix + "kernel"] = kernel
+            arrays[prefix + "bias"] = _fan_in_uniform(rng, (part.filters,), fan_in)
+    return arrays

@@ -53,3 +53,19 @@ def final_accuracy(stdout):
 def relative_difference(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+FRAMEWORKS = ("torch", "tf")
+EXTENSION = {"torch": "pt", "tf": "tf"}
+DIGITS_CNN = {"model": "cnn", "input_shape": [1, 8, 8], "num_classes": 10}
+
+
+def checkpoint_path(directory, epoch, framework):
+    return directory / f"ckpt-epoch{epoch:04d}.{EXTENSION[framework]}"
+
+
+def checkpoint_weights(path, architecture=None):
+    """Neutral-layout model weights of a checkpoint of either framework."""
+    from train_torch.checkpoint import read_weights
+
+    return read_weights(str(path), architecture or DIGITS_CNN)

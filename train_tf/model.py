@@ -142,11 +142,13 @@ class SpecModel(keras.Model):
 
 
 def build_model(specs, input_shape, seed):
-    """Model for NCHW ``input_shape`` (fed NHWC); weights drawn from ``seed``."""
+    """Model for NCHW ``input_shape`` (fed NHWC), with common/weights.py's initial
+    weights for ``seed`` (the same weights on every rank and in both frameworks)."""
     keras.utils.set_random_seed(seed)
     model = SpecModel(specs, input_shape)
     channels, height, width = input_shape
     model(tf.zeros((1, height, width, channels)))  # create the variables
+    load_neutral(model, input_shape, weights.initial_weights(specs, input_shape, seed))
     return model
 
 
@@ -155,8 +157,8 @@ def build_model(specs, input_shape, seed):
 def _part_layers(layer, spec, in_shape):
     parts = weights.layer_parts(spec, in_shape)
     if isinstance(spec, models.ResidualBlock):
-        return [(name, getattr(layer, name), part) for name, part in parts]
-    return [(name, layer, part) for name, part in parts]
+        return [(name, getattr(layer, name), part) for name, part, _ in parts]
+    return [(name, layer, part) for name, part, _ in parts]
 
 
 def _part_arrays(layer, part):
@@ -194,3 +196,11 @@ def to_neutral(model, input_shape):
 def load_neutral(model, input_shape, arrays):
     for key, (variable, to_tf, _) in _variables(model, input_shape).items():
         variable.assign(to_tf(arrays[key]) if to_tf else arrays[key])
+
+
+def named_variables(model, input_shape):
+    """{neutral key: tf.Variable} in TF's own layout: what a TF checkpoint tracks.
+
+    (tf.train.Checkpoint does not see layers a Keras 3 model holds in a list.)
+    """
+    return {key: variable.value for key, (variable, _, _) in _variables(model, input_shape).items()}

@@ -7,7 +7,7 @@ stage is simply a slice of it. Nothing here knows about distribution.
 import torch
 from torch import nn
 
-from common import models
+from common import models, weights
 
 
 class ConvLayer(nn.Module):
@@ -83,10 +83,13 @@ def build_layer(spec, in_shape):
 
 
 def build_model(specs, input_shape, seed):
-    """nn.Sequential of the specs; weights drawn from ``seed`` (same on every rank)."""
+    """nn.Sequential of the specs, with common/weights.py's initial weights for ``seed``
+    (the same weights on every rank and in both frameworks)."""
     torch.manual_seed(seed)
     shapes = models.layer_shapes(specs, input_shape)
-    return nn.Sequential(*(build_layer(spec, shapes[i]) for i, spec in enumerate(specs)))
+    model = nn.Sequential(*(build_layer(spec, shapes[i]) for i, spec in enumerate(specs)))
+    load_neutral(model, weights.initial_weights(specs, input_shape, seed))
+    return model
 
 
 # --- The neutral weight layout (common/weights.py) ------------------------------

@@ -1,0 +1,119 @@
+"""Data-parallel training with Horovod ring-allreduce (the runner for common/training.py).
+
+Lines that differ from single-process training are marked "# Horovod:".
+As in train_torch: each rank divides its summed loss by the global batch size
+and the gradients are SUMMED across ranks, so the update is exactly the
+full-batch mean gradient. Gradients of a rank's chunks (--accumulation-steps)
+are added up locally first and allreduced once, with hvd.grouped_allreduce:
+the operation hvd.DistributedGradientTape performs, which cannot accumulate.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from common import data, metrics
+from train_tf import checkpoint
+from train_tf.model import build_model, load_neutral
+from train_tf.optimizer import Optimizer
+
+
+def init_horovod(config):
+    import horovod.tensorflow as hvd
+
+    hvd.init()  # Horovod: one process per rank, started by horovodrun/mpirun/srun.
+    threads = config.threads or max(1, (os.cpu_count() or 1) // hvd.local_size())
+    # Horovod: share the node's cores between its ranks (before TF runs any op).
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    return hvd, threads
+
+
+def nhwc(images):
+    return tf.constant(np.ascontiguousarray(images.transpose(0, 2, 3, 1)))
+
+
+class DataParallelRunner:
+    framework = "tensorflow"
+    checkpoint_extension = checkpoint.EXTENSION
+
+    def __init__(self, config, dataset, specs):
+        self.hvd, self.threads = init_horovod(config)
+        self.rank, self.world_size = self.hvd.rank(), self.hvd.size()
+        self.config, self.dataset = config, dataset
+        self.model = build_model(specs, dataset.image_shape, config.seed)
+        self.variables = self.model.trainable_variables
+        self.optimizer = Optimizer(self.variables, config)
+        channels, height, width = dataset.image_shape
+        image_spec = tf.TensorSpec([None, height, width, channels], tf.float32)
+        label_spec = tf.TensorSpec([None], tf.int64)
+        self._chunk_gradients = tf.function(self._chunk_gradients_eager, input_signature=[
+            image_spec, label_spec, tf.TensorSpec([], tf.float32)])
+        self._apply = tf.function(lambda gradients: self.optimizer.apply(gradients, self.variables))
+        self._logits = tf.function(lambda images: self.model(images, training=False),
+                                   input_signature=[image_spec])
+        compression = self.hvd.Compression.fp16 if config.fp16_allreduce else self.hvd.Compression.none
+        self._allreduce_kwargs = {"op": self.hvd.Adasum if config.adasum else self.hvd.Sum,
+                                  "compression": compression}
+
+    def _chunk_gradients_eager(self, images, labels, scale):
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+            scaled = loss_sum * scale
+        gradients = tape.gradient(scaled, self.variables)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
+        return gradients, loss_sum, correct
+
+    def set_lr(self, value):
+        self.optimizer.lr.assign(value)
+
+    def train_step(self, indices, global_count):
+        """One optimizer step on this rank's ``indices`` of a global batch of ``global_count``."""
+        meter, x, y = metrics.Meter(), self.dataset.x_train, self.dataset.y_train
+        scale = 1.0 / max(1, len(indices)) if self.config.adasum else 1.0 / global_count
+        total = [tf.zeros_like(variable) for variable in self.variables]
+        for chunk in np.array_split(indices, self.config.accumulation_steps):
+            if len(chunk) == 0:
+                continue  # an empty share contributes zeros but still joins the allreduce
+            gradients, loss_sum, correct = self._chunk_gradients(nhwc(x[chunk]), tf.constant(y[chunk]),
+                                                                 tf.constant(scale, tf.float32))
+            total = [a + b for a, b in zip(total, gradients)]
+            meter.add(float(loss_sum), float(correct), len(chunk))
+        # Horovod: sum every gradient over the ranks, in one fused group.
+        total = self.hvd.grouped_allreduce(total, **self._allreduce_kwargs)
+        self._apply(total)
+        return meter.sums
+
+    def evaluate(self, x, y, batch_size=512):
+        meter = metrics.Meter()
+        shard = data.eval_shard(len(y), self.world_size, self.rank)  # Horovod: each rank a slice.
+        for indices in data.batched(shard, batch_size):
+            logits = self._logits(nhwc(x[indices]))
+            labels = tf.constant(y[indices])
+            loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
+            meter.add(float(loss_sum), float(correct), len(indices))
+        return meter.sums
+
+    def allreduce_sums(self, sums, name):
+        return self.hvd.allreduce(tf.constant(sums), op=self.hvd.Sum, name=name).numpy()
+
+    def broadcast_object(self, value, name):
+        return self.hvd.broadcast_object(value, root_rank=0, name=name)
+
+    def save_checkpoint(self, path, epoch, architecture):
+        checkpoint.write(path, epoch, self.model, self.optimizer, self.config, architecture)
+
+    def load_checkpoint(self, path, architecture):
+        return checkpoint.load(path, architecture, self.model, self.optimizer)
+
+    def load_weights(self, path, architecture):
+        load_neutral(self.model, self.dataset.image_shape, checkpoint.read_weights(path, architecture))
+
+    def sync_from_rank0(self):
+        # Horovod: every rank starts from rank 0's variables. Keras 3 variables
+        # are not tf.Variables: broadcast their underlying .value.
+        self.hvd.broadcast_variables([variable.value for variable in self.model.variables]
+                                     + self.optimizer.variables, root_rank=0)
