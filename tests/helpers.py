@@ -69,3 +69,18 @@ def checkpoint_weights(path, architecture=None):
     from train_torch.checkpoint import read_weights
 
     return read_weights(str(path), architecture or DIGITS_CNN)
+
+
+def optimizer_arrays(path, framework):
+    """The optimizer's state arrays of a checkpoint, in a stable order."""
+    if framework == "torch":
+        import torch
+
+        state = torch.load(path, weights_only=False)["optimizer"]["state"]
+        return [value.numpy() for key in sorted(state) for value in state[key].values()
+                if hasattr(value, "numpy") and value.ndim > 0]
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(path / "state"))
+    names = sorted(name for name in reader.get_variable_to_shape_map() if name.startswith("optimizer/"))
+    return [reader.get_tensor(name) for name in names if reader.get_tensor(name).ndim > 0]

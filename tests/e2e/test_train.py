@@ -1,0 +1,66 @@
+"""End to end: both entry scripts under horovodrun and mpirun."""
+
+import json
+
+import pytest
+
+from tests.helpers import (FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, final_accuracy,
+                           optimizer_arrays, relative_difference, run_training)
+
+METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_sec",
+               "images_per_sec_per_rank", "world_size", "mode", "framework"}
+FRAMEWORK_NAME = {"torch": "pytorch", "tf": "tensorflow"}
+OTHER = {"torch": "tf", "tf": "torch"}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_two_ranks_learn_digits_and_the_other_framework_agrees(tmp_path, framework):
+    metrics_file = tmp_path / "metrics.jsonl"
+    result = assert_ok(run_training(["--epochs", 10, "--metrics-file", metrics_file, "--checkpoint-dir",
+                                     tmp_path / "run"], np_=2, launcher="horovodrun", framework=framework))
+    accuracy = final_accuracy(result.stdout)
+    assert accuracy >= 0.95
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    assert [record["epoch"] for record in records] == list(range(1, 11))
+    assert METRIC_KEYS <= set(records[-1])
+    assert (records[-1]["world_size"], records[-1]["mode"]) == (2, "data")
+    assert records[-1]["framework"] == FRAMEWORK_NAME[framework]
+
+    # The trained model, evaluated by the other framework, scores the same.
+    evaluated = assert_ok(run_training(["--epochs", 0, "--init-from", checkpoint_path(tmp_path / "run", 10, framework)],
+                                       framework=OTHER[framework]))
+    assert abs(final_accuracy(evaluated.stdout) - accuracy) <= 0.001
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, framework):
+    args = ["--model", "resnet", "--steps-per-epoch", 6, "--batch-size", 32]
+    assert_ok(run_training([*args, "--epochs", 3, "--checkpoint-dir", tmp_path / "straight"], np_=2,
+                           framework=framework))
+    assert_ok(run_training([*args, "--epochs", 2, "--checkpoint-dir", tmp_path / "split"], np_=2,
+                           framework=framework))
+    resumed = assert_ok(run_training([*args, "--epochs", 3, "--checkpoint-dir", tmp_path / "split", "--resume"],
+                                     np_=2, framework=framework))
+    assert "resumed from" in resumed.stdout and checkpoint_path(tmp_path / "split", 2, framework).name in resumed.stdout
+    assert "epoch 1/3" not in resumed.stdout and "epoch 3/3" in resumed.stdout
+
+    architecture = {"model": "resnet", "input_shape": [1, 8, 8], "num_classes": 10}
+    straight_path = checkpoint_path(tmp_path / "straight", 3, framework)
+    split_path = checkpoint_path(tmp_path / "split", 3, framework)
+    straight = checkpoint_weights(straight_path, architecture)
+    split = checkpoint_weights(split_path, architecture)
+    for name, value in straight.items():  # includes BatchNorm running statistics
+        assert relative_difference(split[name], value) <= 1e-6, name
+    straight_state = optimizer_arrays(straight_path, framework)
+    split_state = optimizer_arrays(split_path, framework)
+    assert len(straight_state) == len(split_state) > 0  # the momentum buffers
+    for a, b in zip(split_state, straight_state):
+        assert relative_difference(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_synthetic_reports_throughput_per_rank_and_total(framework):
+    result = assert_ok(run_training(["--dataset", "synthetic", "--synthetic-samples", 512, "--epochs", 1],
+                                    np_=2, launcher="horovodrun", framework=framework))
+    line = next(line for line in result.stdout.splitlines() if "img/s" in line)
+    assert "/rank x 2" in line

@@ -1,0 +1,134 @@
+"""TF and PyTorch models built from the same specs are the same model (no MPI).
+
+Same weights and batch give the same logits (BatchNorm in eval and training
+mode), the same loss gradients, the same optimizer steps; checkpoints move
+between the frameworks without changing a single value.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+import torch.nn.functional as F
+
+from common import checkpoint, models, weights
+from common.config import RunConfig
+from tests.helpers import relative_difference
+from train_tf import checkpoint as tf_checkpoint
+from train_tf import model as tf_model
+from train_tf.optimizer import Optimizer
+from train_torch import checkpoint as torch_checkpoint
+from train_torch import model as torch_model
+from train_torch.optimizer import make_local_optimizer
+
+TOLERANCE = 1e-4
+CASES = [("cnn", (1, 8, 8)), ("cnn", (3, 12, 10)), ("resnet", (1, 8, 8)), ("resnet", (3, 12, 10))]
+
+
+def twin_models(name, shape):
+    """A torch model and a TF model holding the torch model's weights (TF built from another seed)."""
+    specs = models.model_specs(name, shape, 10)
+    torch_net = torch_model.build_model(specs, shape, seed=1)
+    tf_net = tf_model.build_model(specs, shape, seed=2)
+    tf_model.load_neutral(tf_net, shape, torch_model.to_neutral(torch_net))
+    return specs, torch_net, tf_net
+
+
+def batch(shape, size=6):
+    rng = np.random.default_rng(7)
+    return rng.standard_normal((size, *shape)).astype(np.float32), rng.integers(0, 10, size)
+
+
+def tf_step(tf_net, optimizer, x, y):
+    with tf.GradientTape() as tape:
+        logits = tf_net(tf.constant(x.transpose(0, 2, 3, 1)), training=True)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.constant(y), logits))
+    optimizer.apply(tape.gradient(loss, tf_net.trainable_variables), tf_net.trainable_variables)
+
+
+def torch_step(torch_net, optimizer, x, y):
+    torch_net.train()
+    optimizer.zero_grad()
+    F.cross_entropy(torch_net(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("name,shape", CASES)
+def test_layouts_cover_the_same_arrays(name, shape):
+    specs, torch_net, tf_net = twin_models(name, shape)
+    expected = sorted(weights.expected_keys(specs, shape))
+    assert sorted(torch_model.to_neutral(torch_net)) == expected
+    assert sorted(tf_model.to_neutral(tf_net, shape)) == expected
+    assert sorted(weights.initial_weights(specs, shape, 0)) == expected
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("name,shape", CASES)
+def test_same_logits(name, shape, training):
+    _, torch_net, tf_net = twin_models(name, shape)
+    x, _ = batch(shape)
+    torch_net.train(training)
+    with torch.no_grad():
+        expected = torch_net(torch.from_numpy(x)).numpy()
+    actual = tf_net(tf.constant(x.transpose(0, 2, 3, 1)), training=training).numpy()
+    assert relative_difference(actual, expected) <= TOLERANCE
+
+
+# Adam only without BatchNorm: BN makes some gradient directions of the conv
+# before it exactly zero, leaving float noise that Adam's g / sqrt(v) turns
+# into full +-lr steps of either sign, in any two implementations alike.
+STEP_CASES = [(name, shape, optimizer, steps) for name, shape in CASES
+              for optimizer, steps in [("sgd-plain", 1), ("sgd", 2), ("adam", 2)]
+              if optimizer != "adam" or name == "cnn"]
+
+
+@pytest.mark.parametrize("name,shape,optimizer,steps", STEP_CASES)
+def test_same_gradients_and_optimizer_steps(name, shape, optimizer, steps):
+    """Plain SGD with lr 1 makes the weight change the gradient itself; momentum,
+    weight decay and Adam over two steps check the update rules; BatchNorm's
+    running statistics must move identically too. SGD's changes are compared
+    (stricter); Adam's new weights, since dividing by sqrt(v) magnifies the
+    round-off of small gradients."""
+    config = RunConfig(optimizer=optimizer.split("-")[0], lr=1.0 if optimizer == "sgd-plain" else 0.05,
+                       momentum=0.0 if optimizer == "sgd-plain" else 0.9,
+                       weight_decay=0.0 if optimizer == "sgd-plain" else 1e-3)
+    _, torch_net, tf_net = twin_models(name, shape)
+    before = torch_model.to_neutral(torch_net)
+    torch_optimizer = make_local_optimizer(torch_net, config)
+    tf_optimizer = Optimizer(tf_net.trainable_variables, config)
+    x, y = batch(shape)
+    for _ in range(steps):
+        torch_step(torch_net, torch_optimizer, x, y)
+        tf_step(tf_net, tf_optimizer, x, y)
+    after_torch, after_tf = torch_model.to_neutral(torch_net), tf_model.to_neutral(tf_net, shape)
+    for key in before:
+        change = after_torch[key] - before[key]
+        if key.endswith(("kernel", "bias", "gamma", "beta")):
+            assert np.abs(change).max() > 0, f"{key} did not move"
+        if optimizer == "adam":
+            assert relative_difference(after_tf[key], after_torch[key]) <= TOLERANCE, key
+        else:
+            assert relative_difference(after_tf[key] - before[key], change) <= TOLERANCE, key
+
+
+@pytest.mark.parametrize("name,shape", [("resnet", (1, 8, 8))])
+def test_checkpoint_round_trip_torch_tf_torch(tmp_path, name, shape):
+    specs, torch_net, tf_net = twin_models(name, shape)
+    torch_step(torch_net, make_local_optimizer(torch_net, RunConfig()), *batch(shape))  # non-trivial BN stats
+    original = torch_model.to_neutral(torch_net)
+    architecture = checkpoint.architecture(name, shape, 10)
+    config = RunConfig(model=name)
+
+    pt_path = str(tmp_path / "ckpt-epoch0001.pt")
+    torch_checkpoint.write(pt_path, 1, torch_net, make_local_optimizer(torch_net, config), config, architecture)
+    tf_model.load_neutral(tf_net, shape, tf_checkpoint.read_weights(pt_path, architecture))
+    tf_path = str(tmp_path / "ckpt-epoch0001.tf")
+    tf_checkpoint.write(tf_path, 1, tf_net, Optimizer(tf_net.trainable_variables, config), config, architecture)
+    assert os.path.isfile(os.path.join(tf_path, "meta.json"))
+
+    back = torch_checkpoint.read_weights(tf_path, architecture)
+    assert sorted(back) == sorted(original)
+    for key, value in original.items():
+        assert np.array_equal(back[key], value), key
