@@ -66,6 +66,15 @@ class DataParallelRunner:
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
         return gradients, loss_sum, correct
 
+    def _allreduce_gradients(self, gradients):
+        if self.config.adasum:
+            # Horovod 0.28.1's grouped_allreduce breaks for Adasum (it reads an
+            # unset variable), so reduce tensor by tensor there.
+            return [self.hvd.allreduce(gradient, name=f"gradient_{index}", **self._allreduce_kwargs)
+                    for index, gradient in enumerate(gradients)]
+        # Horovod: sum every gradient over the ranks, in one fused group.
+        return self.hvd.grouped_allreduce(gradients, **self._allreduce_kwargs)
+
     def set_lr(self, value):
         self.optimizer.lr.assign(value)
 
@@ -81,9 +90,7 @@ class DataParallelRunner:
                                                                  tf.constant(scale, tf.float32))
             total = [a + b for a, b in zip(total, gradients)]
             meter.add(float(loss_sum), float(correct), len(chunk))
-        # Horovod: sum every gradient over the ranks, in one fused group.
-        total = self.hvd.grouped_allreduce(total, **self._allreduce_kwargs)
-        self._apply(total)
+        self._apply(self._allreduce_gradients(total))
         return meter.sums
 
     def evaluate(self, x, y, batch_size=512):
