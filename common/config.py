@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 from common.errors import UsageError
 
-MODES = ("data",)
+MODES = ("data", "model", "hybrid")
+SCHEDULES = ("gpipe", "1f1b")
+BALANCES = ("flops", "params", "time")
 DATASETS = ("digits", "cifar10", "synthetic")
 MODELS = ("cnn", "resnet")
 OPTIMIZERS = ("sgd", "adam")
@@ -24,7 +26,16 @@ def _flag(default, help, **argparse_kwargs):
 
 @dataclass
 class RunConfig:
-    mode: str = _flag("data", "parallelism: data (Horovod allreduce)", choices=MODES)
+    mode: str = _flag("data", "parallelism: data (Horovod allreduce), model (pipeline of --pp "
+                      "stages over MPI) or hybrid (--dp replicas of a --pp stage pipeline)", choices=MODES)
+    pp: int = _flag(0, "pipeline stages (model: = ranks; hybrid: ranks = pp x dp)")
+    dp: int = _flag(0, "hybrid: data-parallel replicas of the pipeline (0: ranks / pp)")
+    microbatches: int = _flag(1, "model/hybrid: micro-batches per replica per step")
+    schedule: str = _flag("1f1b", "model/hybrid: pipeline schedule", choices=SCHEDULES)
+    balance: str = _flag("flops", "model/hybrid: balance stages by layer flops, params, or time "
+                         "(measured once)", choices=BALANCES)
+    split: str = _flag("", "model/hybrid: explicit stage boundaries, e.g. 2,4 (first layer of "
+                       "stages 1, 2, ...); overrides --balance")
     dataset: str = _flag("digits", "digits (bundled with scikit-learn), cifar10 (from --data-dir) "
                          "or synthetic (random images)", choices=DATASETS)
     data_dir: str = _flag("", "directory of the CIFAR-10 python batches (cifar-10-batches-py)")
@@ -79,7 +90,8 @@ class RunConfig:
 
 
 _POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples", "num_classes",
-             "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints")
+             "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints", "pp", "dp",
+             "microbatches")
 
 
 def validate(config):
@@ -87,7 +99,7 @@ def validate(config):
     for name in _POSITIVE:
         if getattr(config, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative (got {getattr(config, name)})")
-    for name in ("accumulation_steps", "keep_checkpoints", "num_classes", "synthetic_samples"):
+    for name in ("accumulation_steps", "keep_checkpoints", "num_classes", "synthetic_samples", "microbatches"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if config.num_classes < 2:
@@ -100,6 +112,18 @@ def validate(config):
         raise UsageError(f"--momentum must be in [0, 1) (got {config.momentum})")
     if config.weight_decay < 0:
         raise UsageError("--weight-decay must not be negative")
+    if config.mode != "data":
+        if config.pp < 1:
+            raise UsageError(f"--mode {config.mode} needs --pp K, the number of pipeline stages")
+        for flag, value in (("--adasum", config.adasum), ("--fp16-allreduce", config.fp16_allreduce),
+                            ("--accumulation-steps", config.accumulation_steps > 1)):
+            if value:
+                raise UsageError(f"{flag} is for --mode data; pipelines accumulate over --microbatches")
+    elif config.dp or config.microbatches > 1 or config.split:
+        raise UsageError("--dp, --microbatches and --split are for --mode model/hybrid; "
+                         "add --mode hybrid --pp K (or drop them)")
+    if config.mode == "model" and config.dp > 1:
+        raise UsageError("--dp is for --mode hybrid; --mode model runs one pipeline")
     if config.adasum and config.fp16_allreduce:
         raise UsageError("--adasum and --fp16-allreduce cannot be combined; drop one")
     if config.resume and not config.checkpoint_dir:
@@ -122,14 +146,6 @@ def validate(config):
     return config
 
 
-def check_world_size(config, world_size):
-    """Checks that depend on how many ranks run; identical on every rank."""
-    if config.global_batch_size(world_size) < world_size:
-        raise UsageError(f"global batch {config.global_batch_size(world_size)} is smaller than "
-                         f"the {world_size} ranks sharing it; use --batch-size >= {world_size} "
-                         "or fewer ranks")
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # One line and exit code 2, like every other usage error.
@@ -137,8 +153,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog=None):
-    parser = _Parser(prog=prog, description="Train a CNN with data-parallel Horovod "
-                     "(launch with horovodrun, mpirun or srun; runs as one process too).",
+    parser = _Parser(prog=prog, description="Train a CNN data parallel (Horovod), model parallel (pipeline "
+                     "over MPI) or hybrid. Launch with horovodrun, mpirun or srun; runs as one process too.",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for spec in dataclasses.fields(RunConfig):
         flag = "--" + spec.name.replace("_", "-")

@@ -86,3 +86,18 @@ def initial_weights(specs, input_shape, seed):
             arrays[prefix + "kernel"] = kernel
             arrays[prefix + "bias"] = _fan_in_uniform(rng, (part.filters,), fan_in)
     return arrays
+
+
+def _layer_index(key):
+    return int(key.split(".", 1)[0])
+
+
+def shift_keys(arrays, offset):
+    """Renumber layer indices: a stage's local keys <-> the whole model's keys."""
+    return {f"{_layer_index(key) + offset}.{key.split('.', 1)[1]}": value for key, value in arrays.items()}
+
+
+def stage_arrays(arrays, start, end):
+    """The arrays of layers start..end-1 of a whole model, keyed as that stage's own."""
+    return shift_keys({key: value for key, value in arrays.items() if start <= _layer_index(key) < end},
+                      -start)

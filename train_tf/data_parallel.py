@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import data, metrics
+from common.plan import make_plan
 from train_tf import checkpoint
 from train_tf.model import build_model, load_neutral
 from train_tf.optimizer import Optimizer
@@ -41,6 +42,9 @@ class DataParallelRunner:
     def __init__(self, config, dataset, specs):
         self.hvd, self.threads = init_horovod(config)
         self.rank, self.world_size = self.hvd.rank(), self.hvd.size()
+        self.plan = make_plan(config, self.world_size)
+        self.primary = self.rank == 0  # Horovod: rank 0 alone logs and saves.
+        self.data_shards, self.data_shard = self.world_size, self.rank
         self.config, self.dataset = config, dataset
         self.model = build_model(specs, dataset.image_shape, config.seed)
         self.variables = self.model.trainable_variables
@@ -110,16 +114,19 @@ class DataParallelRunner:
     def broadcast_object(self, value, name):
         return self.hvd.broadcast_object(value, root_rank=0, name=name)
 
-    def save_checkpoint(self, path, epoch, architecture):
+    def gather_state(self):
+        return None  # every rank holds the whole model; rank 0 saves its own
+
+    def save_checkpoint(self, path, epoch, architecture, state):
         checkpoint.write(path, epoch, self.model, self.optimizer, self.config, architecture)
 
     def load_checkpoint(self, path, architecture):
-        return checkpoint.load(path, architecture, self.model, self.optimizer)
+        return checkpoint.load(path, architecture, self.model, self.optimizer), None
 
     def load_weights(self, path, architecture):
         load_neutral(self.model, self.dataset.image_shape, checkpoint.read_weights(path, architecture))
 
-    def sync_from_rank0(self):
+    def install_state(self, state):
         # Horovod: every rank starts from rank 0's variables. Keras 3 variables
         # are not tf.Variables: broadcast their underlying .value.
         self.hvd.broadcast_variables([variable.value for variable in self.model.variables]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from common import data, metrics
+from common.plan import make_plan
 from train_torch import checkpoint
 from train_torch.model import build_model, load_neutral
 from train_torch.optimizer import make_local_optimizer
@@ -58,6 +59,9 @@ class DataParallelRunner:
     def __init__(self, config, dataset, specs):
         self.hvd = init_horovod(config)
         self.rank, self.world_size = self.hvd.rank(), self.hvd.size()
+        self.plan = make_plan(config, self.world_size)
+        self.primary = self.rank == 0  # Horovod: rank 0 alone logs and saves.
+        self.data_shards, self.data_shard = self.world_size, self.rank
         self.threads = torch.get_num_threads()
         self.config, self.dataset = config, dataset
         self.model = build_model(specs, dataset.image_shape, config.seed)
@@ -96,18 +100,21 @@ class DataParallelRunner:
     def broadcast_object(self, value, name):
         return self.hvd.broadcast_object(value, root_rank=0, name=name)
 
-    def save_checkpoint(self, path, epoch, architecture):
+    def gather_state(self):
+        return None  # every rank holds the whole model; rank 0 saves its own
+
+    def save_checkpoint(self, path, epoch, architecture, state):
         checkpoint.write(path, epoch, self.model, self.optimizer, self.config, architecture)
 
     def load_checkpoint(self, path, architecture):
         state = checkpoint.load(path, architecture)
         checkpoint.restore(state, self.model, self.optimizer)
-        return state["epoch"]
+        return state["epoch"], None
 
     def load_weights(self, path, architecture):
         load_neutral(self.model, checkpoint.read_weights(path, architecture))
 
-    def sync_from_rank0(self):
+    def install_state(self, state):
         # Horovod: every rank starts from rank 0's weights and optimizer state.
         self.hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         self.hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)

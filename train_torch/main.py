@@ -1,8 +1,9 @@
-"""Train a CNN with PyTorch: data parallel with Horovod (see README.md).
+"""Train a CNN with PyTorch: data, model (pipeline) or hybrid parallel (see README.md).
 
-    python train_torch/main.py                      # one process
-    horovodrun -np 2 python train_torch/main.py     # two ranks
-    mpirun -np 2 python train_torch/main.py
+    python train_torch/main.py                                  # one process
+    horovodrun -np 2 python train_torch/main.py                 # data parallel, two ranks
+    mpirun -np 2 python train_torch/main.py --mode model --pp 2 --microbatches 4
+    mpirun -np 4 python train_torch/main.py --mode hybrid --pp 2 --dp 2
 """
 
 import os
@@ -19,9 +20,11 @@ def main(argv=None):
     config = parse_config(argv, prog="train_torch/main.py")
     dataset = data.load_dataset(config)
     specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes)
-    from train_torch.data_parallel import DataParallelRunner  # heavy imports once the input is valid
-
-    training.run(config, dataset, specs, DataParallelRunner(config, dataset, specs))
+    if config.mode == "data":  # heavy imports only once the input is valid
+        from train_torch.data_parallel import DataParallelRunner as Runner
+    else:
+        from train_torch.pipeline import PipelineRunner as Runner
+    training.run(config, dataset, specs, Runner(config, dataset, specs))
 
 
 if __name__ == "__main__":

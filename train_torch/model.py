@@ -82,6 +82,14 @@ def build_layer(spec, in_shape):
     raise TypeError(f"no torch layer for spec {spec!r}")
 
 
+def build_stage(specs, input_shape, seed, start, end):
+    """Layers start..end-1 of the model, holding exactly the whole model's initial weights."""
+    shapes = models.layer_shapes(specs, input_shape)
+    stage = nn.Sequential(*(build_layer(specs[i], shapes[i]) for i in range(start, end)))
+    load_neutral(stage, weights.stage_arrays(weights.initial_weights(specs, input_shape, seed), start, end))
+    return stage
+
+
 def build_model(specs, input_shape, seed):
     """nn.Sequential of the specs, with common/weights.py's initial weights for ``seed``
     (the same weights on every rank and in both frameworks)."""
@@ -94,7 +102,7 @@ def build_model(specs, input_shape, seed):
 
 # --- The neutral weight layout (common/weights.py) ------------------------------
 
-def _tensors(model):
+def named_tensors(model):
     """{neutral key: tensor}; the layout is PyTorch's, so only the names change."""
     found = {}
     for prefix, module in model.named_modules():
@@ -109,10 +117,10 @@ def _tensors(model):
 
 
 def to_neutral(model):
-    return {key: tensor.detach().cpu().numpy().copy() for key, tensor in _tensors(model).items()}
+    return {key: tensor.detach().cpu().numpy().copy() for key, tensor in named_tensors(model).items()}
 
 
 @torch.no_grad()
 def load_neutral(model, arrays):
-    for key, tensor in _tensors(model).items():
+    for key, tensor in named_tensors(model).items():
         tensor.copy_(torch.from_numpy(arrays[key]))

@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 
 from common import lr
-from common.config import RunConfig, build_parser, check_world_size, parse_config
+from common.config import RunConfig, build_parser, parse_config
+from common.plan import ParallelPlan, check_batch
 from common.errors import UsageError
 
 
@@ -44,9 +45,9 @@ def test_bad_flags_raise_a_usage_error(argv, message):
 
 
 def test_world_size_checks():
-    check_world_size(RunConfig(batch_size=2), 2)
+    check_batch(RunConfig(batch_size=2), ParallelPlan("data", 1, 2))
     with pytest.raises(UsageError, match="smaller than the 4 ranks"):
-        check_world_size(RunConfig(batch_size=3), 4)
+        check_batch(RunConfig(batch_size=3), ParallelPlan("data", 1, 4))
     assert RunConfig(batch_size_per_rank=8).global_batch_size(4) == 32
 
 

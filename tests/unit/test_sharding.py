@@ -4,7 +4,7 @@ import pytest
 from common import data
 
 
-# Global batches are at least the world size (check_world_size rejects less).
+# Global batches are at least the world size (common.plan.check_batch rejects less).
 SHARDING_CASES = [(world_size, num_samples, global_batch)
                   for world_size in (1, 2, 3, 4, 5)
                   for num_samples, global_batch in [(1437, 64), (100, 7), (17, 5), (10, 10), (9, 4)]

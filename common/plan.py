@@ -1,0 +1,145 @@
+"""The parallel plan as data: pp x dp layout, rank mapping and layer partition.
+
+Pure functions, no MPI: unit-tested on their own. A rank's place is
+``rank = replica * pp + stage``, so each pipeline occupies consecutive ranks
+(one node under block mapping) and per-micro-batch point-to-point traffic
+stays local, while the once-per-step allreduce between replicas of a stage
+crosses nodes.
+"""
+
+from dataclasses import dataclass
+
+from common.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    mode: str
+    pp: int = 1
+    dp: int = 1
+
+    @property
+    def world_size(self):
+        return self.pp * self.dp
+
+    @property
+    def pipelined(self):
+        return self.mode in ("model", "hybrid")
+
+    def stage_of(self, rank):
+        return rank % self.pp
+
+    def replica_of(self, rank):
+        return rank // self.pp
+
+    def rank_of(self, stage, replica):
+        return replica * self.pp + stage
+
+    def stage_ranks(self, stage):
+        """The replicas of one stage: the group that allreduces its gradients."""
+        return [self.rank_of(stage, replica) for replica in range(self.dp)]
+
+    def pipeline_ranks(self, replica):
+        return [self.rank_of(stage, replica) for stage in range(self.pp)]
+
+    def neighbours(self, rank):
+        """(previous stage's rank or None, next stage's rank or None)."""
+        stage, replica = self.stage_of(rank), self.replica_of(rank)
+        previous = self.rank_of(stage - 1, replica) if stage > 0 else None
+        following = self.rank_of(stage + 1, replica) if stage < self.pp - 1 else None
+        return previous, following
+
+
+def make_plan(config, world_size):
+    """The plan for ``config`` on ``world_size`` ranks; UsageError naming the fix."""
+    if config.mode == "data":
+        if config.pp not in (0, 1):
+            raise UsageError(f"--pp {config.pp} needs --mode model or --mode hybrid")
+        return ParallelPlan("data", 1, world_size)
+    pp = config.pp
+    if pp < 1:
+        raise UsageError(f"--mode {config.mode} needs --pp K (number of pipeline stages, >= 1)")
+    if config.mode == "model":
+        if world_size != pp:
+            raise UsageError(f"--mode model --pp {pp} needs exactly {pp} ranks, got {world_size}; "
+                             f"launch with -np {pp} or use --mode hybrid --pp {pp} --dp N")
+        return ParallelPlan("model", pp, 1)
+    dp = config.dp or world_size // pp
+    if dp < 1 or pp * dp != world_size:
+        raise UsageError(f"--mode hybrid --pp {pp}{f' --dp {config.dp}' if config.dp else ''} needs "
+                         f"pp x dp = {pp} x {dp or '?'} ranks but {world_size} were launched; launch "
+                         f"with -np {pp * max(dp, 1)} or choose --pp/--dp whose product is {world_size}")
+    return ParallelPlan("hybrid", pp, dp)
+
+
+def check_batch(config, plan):
+    """The global batch must give every replica's micro-batches at least one sample."""
+    global_batch = config.global_batch_size(plan.dp)
+    if plan.pipelined:
+        parts = plan.dp * config.microbatches
+        if global_batch % parts:
+            raise UsageError(f"global batch {global_batch} does not split into {plan.dp} replica(s) x "
+                             f"{config.microbatches} micro-batches; use a --batch-size divisible by {parts}")
+    elif global_batch < plan.dp:
+        raise UsageError(f"global batch {global_batch} is smaller than the {plan.dp} ranks sharing it; "
+                         f"use --batch-size >= {plan.dp} or fewer ranks")
+
+
+# --- Partition of layers into contiguous stages -----------------------------------
+
+def parse_split(text, num_layers, stages):
+    """'2,4' -> stage boundaries [2, 4]: stage 0 = layers 0-1, stage 1 = 2-3, stage 2 = 4-."""
+    try:
+        bounds = [int(part) for part in text.split(",")]
+    except ValueError:
+        bounds = None
+    if bounds is None or len(bounds) != stages - 1:
+        raise UsageError(f"--split {text!r} must list {stages - 1} comma-separated layer indices "
+                         f"for --pp {stages} (the first layer of each stage after the first)")
+    if any(b <= a for a, b in zip([0] + bounds, bounds + [num_layers])):
+        raise UsageError(f"--split {text!r} is out of range: indices must increase strictly within "
+                         f"1..{num_layers - 1} (the model has {num_layers} layers, each stage needs one)")
+    return bounds
+
+
+def balanced_split(costs, stages):
+    """Boundaries cutting ``costs`` into ``stages`` contiguous non-empty parts
+    that minimise the most expensive part (exact dynamic programme)."""
+    count = len(costs)
+    if stages > count:
+        raise UsageError(f"--pp {stages} is more stages than the model's {count} layers; "
+                         f"use --pp <= {count}")
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    infinity = float("inf")
+    # best[k][i]: minimal max-stage cost of layers[:i] in k stages; cut[k][i]: where the last stage starts.
+    best = [[infinity] * (count + 1) for _ in range(stages + 1)]
+    cut = [[0] * (count + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, count + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    bounds, end = [], count
+    for k in range(stages, 1, -1):
+        end = cut[k][end]
+        bounds.append(end)
+    return sorted(bounds)
+
+
+def stage_ranges(bounds, num_layers):
+    """[(start, end)] layer index ranges of each stage."""
+    edges = [0, *bounds, num_layers]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def partition(costs, stages, split=""):
+    """Layer ranges per stage: from --split if given, else balanced by ``costs``."""
+    if stages > len(costs):
+        raise UsageError(f"--pp {stages} is more stages than the model's {len(costs)} layers; "
+                         f"use --pp <= {len(costs)}")
+    bounds = parse_split(split, len(costs), stages) if split else balanced_split(costs, stages)
+    return stage_ranges(bounds, len(costs))

@@ -1,0 +1,68 @@
+"""Model parallel and hybrid compute what one process computes.
+
+Each case runs the real entry script for two SGD-with-momentum steps under
+mpirun and compares every weight of the saved (whole-model) checkpoint with a
+single-process run. The seed CNN has no BatchNorm, so micro-batching must not
+change the maths at all. For the ResNet, each micro-batch is normalised with
+its own statistics, so the reference is data mode cutting the same
+micro-batches with --accumulation-steps. A gradient that is not passed back
+(zeros instead) leaves the earlier stages' weights off by far more than the
+tolerance; one never sent at all blocks the job until the test's time limit.
+"""
+
+import pytest
+
+from tests.helpers import assert_ok, checkpoint_weights, relative_difference, run_training
+
+TOLERANCE = 1e-5
+STEPS = ["--epochs", 1, "--steps-per-epoch", 2, "--lr", 0.1, "--momentum", 0.9, "--batch-size", 48]
+RESNET = {"model": "resnet", "input_shape": [1, 8, 8], "num_classes": 10}
+PIPELINES = [(schedule, microbatches, pp) for schedule in ("gpipe", "1f1b")
+             for microbatches in (1, 2, 4) for pp in (2, 3)]
+
+
+def weights_after(tmp_path, name, extra, np_=None, architecture=None):
+    directory = tmp_path / name
+    assert_ok(run_training([*STEPS, "--checkpoint-dir", directory, *extra], np_=np_, timeout=180))
+    return checkpoint_weights(directory / "ckpt-epoch0001.pt", architecture)
+
+
+def assert_same_weights(actual, expected):
+    assert sorted(actual) == sorted(expected)
+    for key, value in expected.items():
+        assert relative_difference(actual[key], value) <= TOLERANCE, key
+
+
+@pytest.fixture(scope="module")
+def single_process_cnn(tmp_path_factory):
+    return weights_after(tmp_path_factory.mktemp("reference"), "single", [])
+
+
+@pytest.mark.parametrize("schedule,microbatches,pp", PIPELINES)
+def test_pipeline_equals_single_process(tmp_path, single_process_cnn, schedule, microbatches, pp):
+    pipelined = weights_after(tmp_path, "pipeline", ["--mode", "model", "--pp", pp, "--microbatches",
+                                                     microbatches, "--schedule", schedule], np_=pp)
+    assert_same_weights(pipelined, single_process_cnn)
+
+
+def test_hybrid_equals_single_process(tmp_path, single_process_cnn):
+    hybrid = weights_after(tmp_path, "hybrid", ["--mode", "hybrid", "--pp", 2, "--dp", 2, "--microbatches", 2],
+                           np_=4)
+    assert_same_weights(hybrid, single_process_cnn)
+
+
+def test_batchnorm_pipeline_equals_data_mode_with_the_same_microbatches(tmp_path):
+    reference = weights_after(tmp_path, "data", ["--model", "resnet", "--accumulation-steps", 4],
+                              architecture=RESNET)
+    pipelined = weights_after(tmp_path, "pipeline", ["--model", "resnet", "--mode", "model", "--pp", 2,
+                                                     "--microbatches", 4], np_=2, architecture=RESNET)
+    assert any(key.endswith("bn.mean") for key in reference)
+    assert_same_weights(pipelined, reference)  # running statistics included
+
+
+def test_batchnorm_hybrid_equals_data_parallel_with_the_same_microbatches(tmp_path):
+    reference = weights_after(tmp_path, "data", ["--model", "resnet", "--accumulation-steps", 2], np_=2,
+                              architecture=RESNET)
+    hybrid = weights_after(tmp_path, "hybrid", ["--model", "resnet", "--mode", "hybrid", "--pp", 2, "--dp", 2,
+                                                "--microbatches", 2], np_=4, architecture=RESNET)
+    assert_same_weights(hybrid, reference)

@@ -1,0 +1,75 @@
+import pytest
+
+from common import models
+from common.config import RunConfig
+from common.errors import UsageError
+from common.plan import ParallelPlan, balanced_split, check_batch, make_plan, partition, stage_ranges
+
+
+def test_rank_mapping_is_a_grid():
+    plan = ParallelPlan("hybrid", pp=3, dp=2)
+    assert [(plan.stage_of(r), plan.replica_of(r)) for r in range(6)] == [
+        (0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    assert all(plan.rank_of(plan.stage_of(r), plan.replica_of(r)) == r for r in range(6))
+    assert plan.stage_ranks(1) == [1, 4] and plan.pipeline_ranks(1) == [3, 4, 5]
+    assert plan.neighbours(3) == (None, 4) and plan.neighbours(4) == (3, 5) and plan.neighbours(5) == (4, None)
+
+
+def test_make_plan_per_mode():
+    assert make_plan(RunConfig(), 4) == ParallelPlan("data", 1, 4)
+    assert make_plan(RunConfig(mode="model", pp=3), 3) == ParallelPlan("model", 3, 1)
+    assert make_plan(RunConfig(mode="hybrid", pp=2, dp=2), 4) == ParallelPlan("hybrid", 2, 2)
+    assert make_plan(RunConfig(mode="hybrid", pp=2), 6) == ParallelPlan("hybrid", 2, 3)
+
+
+@pytest.mark.parametrize("config,world,message", [
+    (RunConfig(mode="model", pp=2), 3, "needs exactly 2 ranks, got 3; launch with -np 2"),
+    (RunConfig(mode="hybrid", pp=2, dp=2), 6, "launch with -np 4"),
+    (RunConfig(mode="hybrid", pp=2), 3, "3 were launched"),
+    (RunConfig(mode="hybrid", pp=4), 2, "2 were launched"),
+    (RunConfig(mode="data", pp=2), 2, "needs --mode model"),
+])
+def test_impossible_layouts_name_the_fix(config, world, message):
+    with pytest.raises(UsageError, match=message):
+        make_plan(config, world)
+
+
+def test_batch_must_split_into_microbatches():
+    check_batch(RunConfig(mode="hybrid", pp=2, dp=2, batch_size=64, microbatches=4), ParallelPlan("hybrid", 2, 2))
+    with pytest.raises(UsageError, match="does not split into 2 replica.* x 4 micro-batches.*divisible by 8"):
+        check_batch(RunConfig(mode="hybrid", pp=2, batch_size=60, microbatches=4), ParallelPlan("hybrid", 2, 2))
+
+
+def test_balanced_split_minimises_the_largest_stage():
+    assert balanced_split([1, 1, 1, 1], 2) == [2]
+    assert balanced_split([10, 1, 1, 1, 1], 2) == [1]
+    assert balanced_split([1, 2, 3, 4, 5, 6, 7, 8, 9], 3) == [5, 7]  # 15 | 13 | 17
+    costs = [5, 1, 8, 2, 2, 7, 3]
+    for stages in range(1, len(costs) + 1):
+        best = max(sum(costs[a:b]) for a, b in stage_ranges(balanced_split(costs, stages), len(costs)))
+        brute = min(max(sum(costs[a:b]) for a, b in stage_ranges(list(cut), len(costs)))
+                    for cut in __import__("itertools").combinations(range(1, len(costs)), stages - 1))
+        assert best == brute
+
+
+def test_partition_of_the_seed_cnn_by_flops():
+    specs = models.model_specs("cnn", (3, 32, 32), 10)
+    flops = [cost[3] for cost in models.layer_costs(specs, (3, 32, 32))]
+    ranges = partition(flops, 2)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(specs)
+    assert all(a < b for a, b in ranges) and ranges[0][1] == ranges[1][0]
+
+
+@pytest.mark.parametrize("split,stages,message", [
+    ("2,9", 3, "out of range"), ("3,3", 3, "out of range"), ("0", 2, "out of range"),
+    ("2", 3, "must list 2"), ("a,b", 3, "must list 2"),
+])
+def test_explicit_split_is_checked(split, stages, message):
+    with pytest.raises(UsageError, match=message):
+        partition([1] * 7, stages, split)
+
+
+def test_explicit_split_and_too_many_stages():
+    assert partition([1] * 7, 3, "2,4") == [(0, 2), (2, 4), (4, 7)]
+    with pytest.raises(UsageError, match="--pp 8 is more stages than the model's 7 layers"):
+        partition([1] * 7, 8)
