@@ -64,12 +64,28 @@ def make_plan(config, world_size):
             raise UsageError(f"--mode model --pp {pp} needs exactly {pp} ranks, got {world_size}; "
                              f"launch with -np {pp} or use --mode hybrid --pp {pp} --dp N")
         return ParallelPlan("model", pp, 1)
-    dp = config.dp or world_size // pp
-    if dp < 1 or pp * dp != world_size:
-        raise UsageError(f"--mode hybrid --pp {pp}{f' --dp {config.dp}' if config.dp else ''} needs "
-                         f"pp x dp = {pp} x {dp or '?'} ranks but {world_size} were launched; launch "
-                         f"with -np {pp * max(dp, 1)} or choose --pp/--dp whose product is {world_size}")
+    if config.dp:
+        if pp * config.dp != world_size:
+            raise UsageError(f"--mode hybrid --pp {pp} --dp {config.dp} needs {pp * config.dp} ranks but "
+                             f"{world_size} were launched; launch with -np {pp * config.dp} or choose "
+                             f"--pp/--dp whose product is {world_size}")
+        dp = config.dp
+    else:
+        dp = world_size // pp
+        if world_size % pp or dp < 1:
+            raise UsageError(f"--mode hybrid --pp {pp} needs a multiple of {pp} ranks but {world_size} "
+                             f"were launched; launch with -np {pp * max(dp, 1)} or -np {pp * (max(dp, 1) + 1)}, "
+                             "or choose a --pp that divides the rank count")
     return ParallelPlan("hybrid", pp, dp)
+
+
+def check_stages(config, specs):
+    """Checks of --pp/--split against the model, before any rank is counted."""
+    if config.mode != "data" and config.pp > len(specs):
+        raise UsageError(f"--pp {config.pp} is more stages than the model's {len(specs)} layers; "
+                         f"use --pp <= {len(specs)}")
+    if config.mode != "data" and config.split:
+        parse_split(config.split, len(specs), config.pp)
 
 
 def check_batch(config, plan):

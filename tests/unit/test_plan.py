@@ -24,9 +24,9 @@ def test_make_plan_per_mode():
 
 @pytest.mark.parametrize("config,world,message", [
     (RunConfig(mode="model", pp=2), 3, "needs exactly 2 ranks, got 3; launch with -np 2"),
-    (RunConfig(mode="hybrid", pp=2, dp=2), 6, "launch with -np 4"),
-    (RunConfig(mode="hybrid", pp=2), 3, "3 were launched"),
-    (RunConfig(mode="hybrid", pp=4), 2, "2 were launched"),
+    (RunConfig(mode="hybrid", pp=2, dp=2), 6, "needs 4 ranks but 6 were launched; launch with -np 4"),
+    (RunConfig(mode="hybrid", pp=2), 3, "multiple of 2 ranks but 3 were launched; launch with -np 2 or -np 4"),
+    (RunConfig(mode="hybrid", pp=4), 2, "multiple of 4 ranks but 2 were launched; launch with -np 4 or -np 8"),
     (RunConfig(mode="data", pp=2), 2, "needs --mode model"),
 ])
 def test_impossible_layouts_name_the_fix(config, world, message):
