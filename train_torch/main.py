@@ -24,7 +24,7 @@ def main(argv=None):
     if config.mode == "data":  # heavy imports only once the input is valid
         from train_torch.data_parallel import DataParallelRunner as Runner
     else:
-        from train_torch.pipeline import PipelineRunner as Runner
+        from train_torch.pipeline import TorchPipelineRunner as Runner
     training.run(config, dataset, specs, Runner(config, dataset, specs))
 
 
