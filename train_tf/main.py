@@ -1,8 +1,9 @@
-"""Train a CNN with TensorFlow: data parallel with Horovod (see README.md).
+"""Train a CNN with TensorFlow: data, model (pipeline) or hybrid parallel (see README.md).
 
-    python train_tf/main.py                      # one process
-    horovodrun -np 2 python train_tf/main.py     # two ranks
-    mpirun -np 2 python train_tf/main.py
+    python train_tf/main.py                                  # one process
+    horovodrun -np 2 python train_tf/main.py                 # data parallel, two ranks
+    mpirun -np 2 python train_tf/main.py --mode model --pp 2 --microbatches 4
+    mpirun -np 4 python train_tf/main.py --mode hybrid --pp 2 --dp 2
 
 TensorFlow's start-up log lines are hidden; set TF_CPP_MIN_LOG_LEVEL=0 to see them.
 """
@@ -12,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import data, models, training  # noqa: E402
+from common import data, models, plan, training  # noqa: E402
 from common.config import parse_config  # noqa: E402
 from common.launch import quiet_stderr, run_entry  # noqa: E402
 
@@ -21,12 +22,15 @@ def main(argv=None):
     config = parse_config(argv, prog="train_tf/main.py")
     dataset = data.load_dataset(config)
     specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes)
+    plan.check_stages(config, specs)
     verbose = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3") != "3"
     with quiet_stderr(enabled=not verbose):  # TF logs to fd 2 before honouring the level
         import tensorflow  # noqa: F401
-        from train_tf.data_parallel import DataParallelRunner
-
-    training.run(config, dataset, specs, DataParallelRunner(config, dataset, specs))
+        if config.mode == "data":
+            from train_tf.data_parallel import DataParallelRunner as Runner
+        else:
+            from train_tf.pipeline import TensorFlowPipelineRunner as Runner
+    training.run(config, dataset, specs, Runner(config, dataset, specs))
 
 
 if __name__ == "__main__":

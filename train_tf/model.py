@@ -7,6 +7,7 @@ order. Nothing here knows about distribution.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from common import models, weights
@@ -204,3 +205,22 @@ def named_variables(model, input_shape):
     (tf.train.Checkpoint does not see layers a Keras 3 model holds in a list.)
     """
     return {key: variable.value for key, (variable, _, _) in _variables(model, input_shape).items()}
+
+
+def to_channels_last(array):
+    """NCHW (common's layout, and the wire between stages) -> NHWC; other ranks pass through."""
+    return array.transpose(0, 2, 3, 1) if array.ndim == 4 else array
+
+
+def to_channels_first(array):
+    return array.transpose(0, 3, 1, 2) if array.ndim == 4 else array
+
+
+def build_stage(specs, input_shape, seed, start, end):
+    """Layers start..end-1 of the model, holding exactly the whole model's initial weights."""
+    shapes = models.layer_shapes(specs, input_shape)
+    stage = SpecModel(specs[start:end], shapes[start])
+    stage(tf.zeros((1, *to_channels_last(np.zeros((1, *shapes[start]))).shape[1:])))  # create the variables
+    load_neutral(stage, shapes[start],
+                 weights.stage_arrays(weights.initial_weights(specs, input_shape, seed), start, end))
+    return stage

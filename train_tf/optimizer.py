@@ -5,6 +5,7 @@ momentum form under a changing LR, decoupled weight decay, Adam's epsilon), so
 the same run in both frameworks would drift apart; these match torch.optim.
 """
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -50,3 +51,39 @@ class Optimizer:
         correction1, correction2 = 1 - beta1 ** step, 1 - beta2 ** step
         denominator = tf.sqrt(square) / tf.sqrt(correction2) + epsilon
         variable.assign_sub(self.lr / correction1 * mean / denominator)
+
+
+def _slot_index(model, input_shape, variables):
+    """{neutral key: (index into the optimizer's variables, layout from TF)}."""
+    from train_tf.model import _variables
+
+    positions = {id(variable): index for index, variable in enumerate(variables)}
+    return {key: (positions[id(variable)], from_tf)
+            for key, (variable, _, from_tf) in _variables(model, input_shape).items()
+            if id(variable) in positions}
+
+
+def optimizer_to_neutral(model, input_shape, optimizer, variables):
+    """The optimizer's per-parameter state keyed by the neutral weight names, in the
+    neutral layout and with torch.optim's names (so either framework can resume it)."""
+    states = {}
+    for key, (index, from_tf) in _slot_index(model, input_shape, variables).items():
+        state = {name: (from_tf or (lambda a: a))(slots[index].numpy()) for name, slots in optimizer.slots.items()}
+        if optimizer.kind == "adam":
+            state["step"] = np.array(float(optimizer.steps.numpy()), dtype=np.float32)
+        if state:
+            states[key] = state
+    return states
+
+
+def load_optimizer_neutral(model, input_shape, optimizer, variables, states):
+    from train_tf.model import _variables
+
+    layouts = {key: to_tf for key, (_, to_tf, _) in _variables(model, input_shape).items()}
+    for key, (index, _) in _slot_index(model, input_shape, variables).items():
+        for name, value in states.get(key, {}).items():
+            if name == "step":
+                optimizer.steps.assign(int(value))
+            elif name in optimizer.slots:
+                to_tf = layouts[key]
+                optimizer.slots[name][index].assign(to_tf(value) if to_tf else value)

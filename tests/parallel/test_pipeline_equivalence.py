@@ -12,7 +12,8 @@ tolerance; one never sent at all blocks the job until the test's time limit.
 
 import pytest
 
-from tests.helpers import assert_ok, checkpoint_weights, relative_difference, run_training
+from tests.helpers import (FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, relative_difference,
+                           run_training)
 
 TOLERANCE = 1e-5
 STEPS = ["--epochs", 1, "--steps-per-epoch", 2, "--lr", 0.1, "--momentum", 0.9, "--batch-size", 48]
@@ -21,10 +22,11 @@ PIPELINES = [(schedule, microbatches, pp) for schedule in ("gpipe", "1f1b")
              for microbatches in (1, 2, 4) for pp in (2, 3)]
 
 
-def weights_after(tmp_path, name, extra, np_=None, architecture=None):
-    directory = tmp_path / name
-    assert_ok(run_training([*STEPS, "--checkpoint-dir", directory, *extra], np_=np_, timeout=180))
-    return checkpoint_weights(directory / "ckpt-epoch0001.pt", architecture)
+def weights_after(tmp_path, framework, name, extra, np_=None, architecture=None):
+    directory = tmp_path / f"{framework}-{name}"
+    assert_ok(run_training([*STEPS, "--checkpoint-dir", directory, *extra], np_=np_, framework=framework,
+                           timeout=180))
+    return checkpoint_weights(checkpoint_path(directory, 1, framework), architecture)
 
 
 def assert_same_weights(actual, expected):
@@ -35,34 +37,43 @@ def assert_same_weights(actual, expected):
 
 @pytest.fixture(scope="module")
 def single_process_cnn(tmp_path_factory):
-    return weights_after(tmp_path_factory.mktemp("reference"), "single", [])
+    """The reference weights, per framework, computed once."""
+    directory = tmp_path_factory.mktemp("reference")
+    return {framework: weights_after(directory, framework, "single", []) for framework in FRAMEWORKS}
 
 
 @pytest.mark.parametrize("schedule,microbatches,pp", PIPELINES)
-def test_pipeline_equals_single_process(tmp_path, single_process_cnn, schedule, microbatches, pp):
-    pipelined = weights_after(tmp_path, "pipeline", ["--mode", "model", "--pp", pp, "--microbatches",
-                                                     microbatches, "--schedule", schedule], np_=pp)
-    assert_same_weights(pipelined, single_process_cnn)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_pipeline_equals_single_process(tmp_path, single_process_cnn, framework, schedule, microbatches, pp):
+    pipelined = weights_after(tmp_path, framework, "pipeline", ["--mode", "model", "--pp", pp, "--microbatches",
+                                                                microbatches, "--schedule", schedule], np_=pp)
+    assert_same_weights(pipelined, single_process_cnn[framework])
 
 
-def test_hybrid_equals_single_process(tmp_path, single_process_cnn):
-    hybrid = weights_after(tmp_path, "hybrid", ["--mode", "hybrid", "--pp", 2, "--dp", 2, "--microbatches", 2],
-                           np_=4)
-    assert_same_weights(hybrid, single_process_cnn)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_hybrid_equals_single_process(tmp_path, single_process_cnn, framework):
+    hybrid = weights_after(tmp_path, framework, "hybrid", ["--mode", "hybrid", "--pp", 2, "--dp", 2,
+                                                           "--microbatches", 2], np_=4)
+    assert_same_weights(hybrid, single_process_cnn[framework])
 
 
-def test_batchnorm_pipeline_equals_data_mode_with_the_same_microbatches(tmp_path):
-    reference = weights_after(tmp_path, "data", ["--model", "resnet", "--accumulation-steps", 4],
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("pp,schedule", [(2, "1f1b"), (3, "gpipe")])
+def test_batchnorm_pipeline_equals_data_mode_with_the_same_microbatches(tmp_path, framework, pp, schedule):
+    reference = weights_after(tmp_path, framework, "data", ["--model", "resnet", "--accumulation-steps", 4],
                               architecture=RESNET)
-    pipelined = weights_after(tmp_path, "pipeline", ["--model", "resnet", "--mode", "model", "--pp", 2,
-                                                     "--microbatches", 4], np_=2, architecture=RESNET)
+    pipelined = weights_after(tmp_path, framework, "pipeline", ["--model", "resnet", "--mode", "model", "--pp", pp,
+                                                                "--microbatches", 4, "--schedule", schedule],
+                              np_=pp, architecture=RESNET)
     assert any(key.endswith("bn.mean") for key in reference)
     assert_same_weights(pipelined, reference)  # running statistics included
 
 
-def test_batchnorm_hybrid_equals_data_parallel_with_the_same_microbatches(tmp_path):
-    reference = weights_after(tmp_path, "data", ["--model", "resnet", "--accumulation-steps", 2], np_=2,
-                              architecture=RESNET)
-    hybrid = weights_after(tmp_path, "hybrid", ["--model", "resnet", "--mode", "hybrid", "--pp", 2, "--dp", 2,
-                                                "--microbatches", 2], np_=4, architecture=RESNET)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_batchnorm_hybrid_equals_data_parallel_with_the_same_microbatches(tmp_path, framework):
+    reference = weights_after(tmp_path, framework, "data", ["--model", "resnet", "--accumulation-steps", 2],
+                              np_=2, architecture=RESNET)
+    hybrid = weights_after(tmp_path, framework, "hybrid", ["--model", "resnet", "--mode", "hybrid", "--pp", 2,
+                                                           "--dp", 2, "--microbatches", 2], np_=4,
+                           architecture=RESNET)
     assert_same_weights(hybrid, reference)

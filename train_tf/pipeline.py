@@ -1,0 +1,143 @@
+"""The TensorFlow stage of a pipeline (model-parallel and hybrid modes).
+
+common/pipeline.py runs the schedule, the transport and the state exchange;
+this class does one stage's arithmetic. Each micro-batch's forward runs under
+its own GradientTape, kept until its backward, which asks that tape for the
+input and parameter gradients given the next stage's output gradients
+(``output_gradients``). Activations travel channel-first, as in common/, so
+a TF stage and a PyTorch stage exchange the same arrays.
+"""
+
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from common.pipeline import PipelineRunner
+from train_tf import checkpoint
+from train_tf.model import (build_model, build_stage, load_neutral, to_channels_first, to_channels_last,
+                            to_neutral)
+from train_tf.optimizer import Optimizer, load_optimizer_neutral, optimizer_to_neutral
+
+
+def measure_layer_times(specs, input_shape, batch_size, repeats=3):
+    """Seconds for forward + backward of each layer on a random batch (--balance time)."""
+    model = build_model(specs, input_shape, seed=0)
+    x = tf.constant(to_channels_last(np.random.default_rng(0).standard_normal(
+        (batch_size, *input_shape)).astype(np.float32)))
+    times = []
+    for layer in model.layers_:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                out = layer(x, training=True)
+                total = tf.reduce_sum(out)
+            tape.gradient(total, [x] + layer.trainable_variables)
+            best = min(best, time.perf_counter() - start)
+        times.append(best)
+        x = out
+    return times
+
+
+class TensorFlowPipelineRunner(PipelineRunner):
+    framework = "tensorflow"
+    checkpoint_extension = checkpoint.EXTENSION
+
+    def set_threads(self, threads):
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+
+    def measure_layer_times(self, batch_size):
+        return measure_layer_times(self.specs, self.dataset.image_shape, batch_size)
+
+    def build_stage(self, start, end):
+        self.model = build_stage(self.specs, self.dataset.image_shape, self.config.seed, start, end)
+        self.variables = self.model.trainable_variables
+        self.has_parameters = bool(self.variables)
+        self.optimizer = Optimizer(self.variables, self.config)
+        self._apply = tf.function(lambda gradients: self.optimizer.apply(gradients, self.variables))
+        self.stash, self.gradients = {}, []
+
+    def init_stage_allreduce(self, stage_ranks):
+        import horovod.tensorflow as hvd
+        from mpi4py import MPI
+
+        # Horovod: one process set per stage (the same list, in the same order, on
+        # every rank); each stage's replicas allreduce their gradients inside it.
+        sets = [hvd.ProcessSet(ranks) for ranks in stage_ranks]
+        hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
+        self.hvd, self.stage_set = hvd, sets[self.stage]
+
+    def zero_grad(self):
+        self.gradients = [tf.zeros_like(variable) for variable in self.variables]
+
+    def set_lr(self, value):
+        self.optimizer.lr.assign(value)
+
+    def forward(self, m, inputs, labels, scale):
+        x = tf.constant(to_channels_last(inputs))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = self.model(x, training=True)
+            if self.last:
+                labels = tf.constant(labels)
+                loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, out))
+                target = loss_sum * scale  # scaled once: the micro-batches add up to the batch mean
+        if not self.last:
+            self.stash[m] = (tape, x, out)
+            return np.ascontiguousarray(to_channels_first(out.numpy())), (0.0, 0.0)
+        self.stash[m] = (tape, x, target)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(out, 1), labels), tf.float32))
+        return None, (float(loss_sum), float(correct))
+
+    def backward(self, m, output_gradient):
+        tape, x, out = self.stash.pop(m)
+        upstream = None if output_gradient is None else tf.constant(to_channels_last(output_gradient))
+        gradients = tape.gradient(out, [x] + list(self.variables), output_gradients=upstream,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        self.gradients = [total + gradient for total, gradient in zip(self.gradients, gradients[1:])]
+        return None if self.first else np.ascontiguousarray(to_channels_first(gradients[0].numpy()))
+
+    def allreduce_gradients(self):
+        # Horovod: sum this stage's gradients over its replicas.
+        self.gradients = self.hvd.grouped_allreduce(self.gradients, op=self.hvd.Sum,
+                                                    process_set=self.stage_set)
+
+    def step(self):
+        self._apply(self.gradients)
+
+    def predict(self, inputs):
+        return to_channels_first(self.model(tf.constant(to_channels_last(inputs)), training=False).numpy())
+
+    def stage_state(self):
+        return {"weights": to_neutral(self.model, self.in_shape),
+                "optimizer": optimizer_to_neutral(self.model, self.in_shape, self.optimizer, self.variables)}
+
+    def load_stage_state(self, state):
+        load_neutral(self.model, self.in_shape, state["weights"])
+        load_optimizer_neutral(self.model, self.in_shape, self.optimizer, self.variables, state["optimizer"])
+
+    def _whole_model(self, state=None):
+        shape = self.dataset.image_shape
+        model = build_model(self.specs, shape, self.config.seed)
+        optimizer = Optimizer(model.trainable_variables, self.config)
+        if state is not None:
+            load_neutral(model, shape, state["weights"])
+            load_optimizer_neutral(model, shape, optimizer, model.trainable_variables, state["optimizer"])
+        return model, optimizer
+
+    def save_whole(self, path, epoch, architecture, state):
+        model, optimizer = self._whole_model(state)
+        checkpoint.write(path, epoch, model, optimizer, self.config, architecture)
+
+    def load_whole(self, path, architecture):
+        model, optimizer = self._whole_model()
+        epoch = checkpoint.load(path, architecture, model, optimizer)
+        shape = self.dataset.image_shape
+        return epoch, {"weights": to_neutral(model, shape),
+                       "optimizer": optimizer_to_neutral(model, shape, optimizer, model.trainable_variables)}
+
+    def read_weights(self, path, architecture):
+        return checkpoint.read_weights(path, architecture)
