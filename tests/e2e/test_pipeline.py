@@ -4,19 +4,27 @@ import re
 
 import pytest
 
-from tests.helpers import assert_ok, checkpoint_weights, final_accuracy, relative_difference, run_training
+from tests.helpers import (FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, final_accuracy,
+                           relative_difference, run_training)
 
-FRAMEWORK = "torch"
+OTHER = {"torch": "tf", "tf": "torch"}
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("layout,np_", [
     (["--mode", "model", "--pp", 2, "--microbatches", 4], 2),
     (["--mode", "hybrid", "--pp", 2, "--dp", 2], 4),
 ])
-def test_pipelines_learn_digits(layout, np_):
-    result = assert_ok(run_training(["--epochs", 10, *layout], np_=np_, framework=FRAMEWORK))
-    assert final_accuracy(result.stdout) >= 0.95
+def test_pipelines_learn_digits_and_data_mode_of_the_other_framework_agrees(tmp_path, framework, layout, np_):
+    result = assert_ok(run_training(["--epochs", 10, "--checkpoint-dir", tmp_path, *layout], np_=np_,
+                                    framework=framework))
+    accuracy = final_accuracy(result.stdout)
+    assert accuracy >= 0.95
     assert "stage 1: layers" in result.stdout
+    # The whole-model checkpoint a pipeline writes evaluates the same in data mode, other framework.
+    evaluated = assert_ok(run_training(["--epochs", 0, "--init-from", checkpoint_path(tmp_path, 10, framework)],
+                                       framework=OTHER[framework]))
+    assert abs(final_accuracy(evaluated.stdout) - accuracy) <= 0.001
 
 
 STEPS = ["--steps-per-epoch", 4, "--batch-size", 32]
@@ -25,25 +33,28 @@ LAYOUTS = {"data": ([], None), "pp1": (["--mode", "model", "--pp", 1], None),
            "pp3": (["--mode", "model", "--pp", 3, "--microbatches", 4, "--schedule", "gpipe"], 3)}
 
 
-@pytest.mark.parametrize("first,then", [("pp2", "data"), ("pp2", "pp1"), ("data", "pp3"), ("pp3", "pp2")])
-def test_checkpoints_resume_in_any_layout(tmp_path, first, then):
+@pytest.mark.parametrize("framework,first,then", [
+    ("torch", "pp2", "data"), ("torch", "pp2", "pp1"), ("torch", "data", "pp3"), ("torch", "pp3", "pp2"),
+    ("tf", "pp2", "data"), ("tf", "data", "pp3")])
+def test_checkpoints_resume_in_any_layout(tmp_path, framework, first, then):
     """Two epochs in one layout, the third resumed in another, end where three
     uninterrupted epochs in the first layout end (the seed CNN has no BatchNorm,
     so every layout computes the same steps)."""
     (first_args, first_np), (then_args, then_np) = LAYOUTS[first], LAYOUTS[then]
     assert_ok(run_training([*STEPS, *first_args, "--epochs", 3, "--checkpoint-dir", tmp_path / "straight"],
-                           np_=first_np, framework=FRAMEWORK))
+                           np_=first_np, framework=framework))
     assert_ok(run_training([*STEPS, *first_args, "--epochs", 2, "--checkpoint-dir", tmp_path / "moved"],
-                           np_=first_np, framework=FRAMEWORK))
+                           np_=first_np, framework=framework))
     resumed = assert_ok(run_training([*STEPS, *then_args, "--epochs", 3, "--checkpoint-dir", tmp_path / "moved",
-                                      "--resume"], np_=then_np, framework=FRAMEWORK))
+                                      "--resume"], np_=then_np, framework=framework))
     assert "resumed from" in resumed.stdout and "epoch 3/3" in resumed.stdout
-    straight = checkpoint_weights(tmp_path / "straight" / "ckpt-epoch0003.pt")
-    moved = checkpoint_weights(tmp_path / "moved" / "ckpt-epoch0003.pt")
+    straight = checkpoint_weights(checkpoint_path(tmp_path / "straight", 3, framework))
+    moved = checkpoint_weights(checkpoint_path(tmp_path / "moved", 3, framework))
     for key, value in straight.items():
         assert relative_difference(moved[key], value) <= 1e-5, key
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("args,np_,pattern", [
     (["--mode", "model", "--pp", 8], None, "--pp 8 is more stages than the model's 7 layers"),
     (["--mode", "hybrid", "--pp", 2], 3, "multiple of 2 ranks but 3 were launched"),
@@ -54,8 +65,8 @@ def test_checkpoints_resume_in_any_layout(tmp_path, first, then):
     (["--mode", "model"], None, "--mode model needs --pp K"),
     (["--mode", "model", "--pp", 2, "--accumulation-steps", 2], 2, "is for --mode data"),
 ])
-def test_impossible_layouts_end_every_rank_with_one_line(args, np_, pattern):
-    result = run_training(["--epochs", 1, *args], np_=np_, framework=FRAMEWORK, timeout=60)
+def test_impossible_layouts_end_every_rank_with_one_line(framework, args, np_, pattern):
+    result = run_training(["--epochs", 1, *args], np_=np_, framework=framework, timeout=60)
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
