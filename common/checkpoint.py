@@ -12,22 +12,27 @@ import shutil
 
 from common.errors import UsageError
 
-_NAME = re.compile(r"^ckpt-epoch(\d{4,})\.(\w+)$")
+# ckpt-epoch0003.pt: after 3 epochs; ckpt-epoch0003-step000010.pt: 10 steps into the
+# 4th epoch (written when a stop signal arrived mid-epoch).
+_NAME = re.compile(r"^ckpt-epoch(\d{4,})(?:-step(\d{6,}))?\.(\w+)$")
 
 
-def checkpoint_path(directory, epoch, extension):
-    return os.path.join(directory, f"ckpt-epoch{epoch:04d}.{extension}")
+def checkpoint_path(directory, position, extension):
+    """``position`` is (completed epochs, steps done in the next epoch)."""
+    epoch, step = position
+    suffix = f"-step{step:06d}" if step else ""
+    return os.path.join(directory, f"ckpt-epoch{epoch:04d}{suffix}.{extension}")
 
 
 def list_checkpoints(directory, extension):
-    """[(epoch, path)] of complete checkpoints in ``directory``, oldest first."""
+    """[((epoch, step), path)] of complete checkpoints in ``directory``, oldest first."""
     if not os.path.isdir(directory):
         return []
     found = []
     for name in os.listdir(directory):
         match = _NAME.match(name)
-        if match and match.group(2) == extension:
-            found.append((int(match.group(1)), os.path.join(directory, name)))
+        if match and match.group(3) == extension:
+            found.append(((int(match.group(1)), int(match.group(2) or 0)), os.path.join(directory, name)))
     return sorted(found)
 
 
@@ -37,7 +42,7 @@ def prepare_directory(directory, extension, resume):
     Without --resume, a new run would overwrite the epochs already saved there.
     """
     if resume and not list_checkpoints(directory, extension):
-        raise UsageError(f"--resume: no checkpoint (ckpt-epochNNNN.{extension}) in {directory}; "
+        raise UsageError(f"--resume: no checkpoint (ckpt-epochNNNN[-stepNNNNNN].{extension}) in {directory}; "
                          "drop --resume to start fresh or point --checkpoint-dir at the run to continue")
     if not resume and list_checkpoints(directory, extension):
         raise UsageError(f"{directory} already holds checkpoints; pass --resume to continue that run "

@@ -53,3 +53,13 @@ def quiet_stderr(enabled=True):
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def launcher_local_rank():
+    """This process's rank on its node, as any of the usual launchers report it."""
+    for name in ("HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID",
+                 "PMI_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0

@@ -9,7 +9,8 @@ checkpoints are the same files as in data mode. A framework's subclass
 (train_torch/pipeline.py, train_tf/pipeline.py) supplies the stage:
 
     framework, checkpoint_extension
-    set_threads(n)                        before the framework runs anything
+    set_threads(n)                        before the framework runs anything (and picks the GPU
+                                          of self.local_rank where there is one)
     measure_layer_times(batch_size)       forward + backward seconds per layer
     build_stage(start, end)               the stage's layers with the seed's weights
     init_stage_allreduce(stage_sets)      hybrid: Horovod with one process set per stage
@@ -21,7 +22,7 @@ checkpoints are the same files as in data mode. A framework's subclass
     allreduce_gradients()                 hybrid: sum over this stage's replicas
     predict(inputs)                       forward only, numpy in, numpy out
     stage_state() / load_stage_state(s)   {"weights", "optimizer"} in the neutral layout
-    save_whole(path, epoch, architecture, state), load_whole(path, architecture) -> (epoch, state)
+    save_whole(path, position, architecture, state), load_whole(path, architecture) -> (position, state)
     read_weights(path, architecture)      neutral weights of either framework's checkpoint
 
 The loss lives on the last stage, the only one that needs labels: summed
@@ -66,8 +67,9 @@ class PipelineRunner:
         self.data_shards, self.data_shard = self.plan.dp, self.replica
         self.config, self.dataset, self.specs = config, dataset, specs
 
-        local_ranks = self.comm.Split_type(MPI.COMM_TYPE_SHARED).size
-        self.threads = config.threads or max(1, (os.cpu_count() or 1) // local_ranks)
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank = node.rank  # picks this rank's GPU, where there are GPUs
+        self.threads = config.threads or max(1, (os.cpu_count() or 1) // node.size)
         self.set_threads(self.threads)
 
         costs = self._layer_costs()
@@ -154,6 +156,22 @@ class PipelineRunner:
     def broadcast_object(self, value, name):
         return self.comm.bcast(value, root=self.primary_rank)
 
+    def any_rank(self, flag):
+        return self.start_any_rank(flag)()
+
+    def start_any_rank(self, flag):
+        """Start a non-blocking MPI allreduce of ``flag``; the returned function
+        waits for it and says whether any rank set it."""
+        from mpi4py import MPI
+
+        mine, total = np.array([int(flag)], dtype=np.int32), np.zeros(1, dtype=np.int32)
+        request = self.comm.Iallreduce(mine, total, op=MPI.MAX)
+
+        def answer():
+            request.Wait()
+            return bool(total[0])
+        return answer
+
     # --- whole-model state: checkpoints are the same files as in data mode ------
 
     def gather_state(self):
@@ -171,8 +189,8 @@ class PipelineRunner:
                 state[name].update(piece[name])
         return state
 
-    def save_checkpoint(self, path, epoch, architecture, state):
-        self.save_whole(path, epoch, architecture, state)
+    def save_checkpoint(self, path, position, architecture, state):
+        self.save_whole(path, position, architecture, state)
 
     def load_checkpoint(self, path, architecture):
         return self.load_whole(path, architecture)

@@ -15,13 +15,20 @@ train_tf/data_parallel.py) with this interface:
     allreduce_sums(sums, name)                 -> sums over all ranks
     broadcast_object(value, name)              -> the primary's value on every rank
     checkpoint_extension                       'pt' or 'tf'
+    any_rank(flag)                             collective; True everywhere if True anywhere
+    start_any_rank(flag)                       the same, answered by a function called after the
+                                               next train_step (so it can travel with that step)
     gather_state()                             collective; the whole model's state, on the primary
-    save_checkpoint(path, epoch, architecture, state) -> None (primary only; path is temporary)
-    load_checkpoint(path, architecture)        -> (epoch, state) (primary only; UsageError if unusable)
+    save_checkpoint(path, position, architecture, state) -> None (primary only; path is temporary)
+    load_checkpoint(path, architecture)        -> (position, state) (primary only; UsageError if unusable)
+                                               position = (completed epochs, steps into the next)
     load_weights(path, architecture)           -> state (primary only; any framework's checkpoint)
     install_state(state)                       collective; every rank takes its part of the
                                                primary's state (None: keep its own, synchronised)
 """
+
+import os
+import signal
 
 from tqdm import tqdm
 
@@ -46,34 +53,59 @@ def on_primary_for_all(runner, action, name):
 
 
 def restore(runner, config, architecture):
-    """Resume or initialise weights as the flags ask; returns the first epoch to run."""
+    """Resume or initialise weights as the flags ask; returns where to start: (epoch, step)."""
     extension = runner.checkpoint_extension
     if config.checkpoint_dir:
         on_primary_for_all(runner, lambda: checkpoint.prepare_directory(
             config.checkpoint_dir, extension, config.resume), "checkpoint_dir")
-    start_epoch, state = 0, None
+    start, state = (0, 0), None
     if config.resume:
         def load_latest():
             path = checkpoint.list_checkpoints(config.checkpoint_dir, extension)[-1][1]
-            epoch, loaded = runner.load_checkpoint(path, architecture)
-            metrics.log(f"resumed from {path} (epoch {epoch})")
-            return epoch, loaded
-        start_epoch, state = on_primary_for_all(runner, load_latest, "resume") or (None, None)
-        start_epoch = runner.broadcast_object(start_epoch, "start_epoch")
+            position, loaded = runner.load_checkpoint(path, architecture)
+            epoch, step = position
+            metrics.log(f"resumed from {path} ({f'{step} steps into epoch {epoch + 1}' if step else f'after epoch {epoch}'})")
+            return position, loaded
+        start, state = on_primary_for_all(runner, load_latest, "resume") or (None, None)
+        start = tuple(runner.broadcast_object(start, "start"))
     elif config.init_from:
         state = on_primary_for_all(runner, lambda: runner.load_weights(config.init_from, architecture),
                                    "init_from")
     runner.install_state(state)
-    return start_epoch
+    return start
 
 
-def save(runner, config, epoch, architecture):
-    state = runner.gather_state()  # collective: every stage hands its part to the primary
+def save(runner, config, position, architecture):
+    """Checkpoint at ``position`` = (completed epochs, steps into the next); collective."""
+    state = runner.gather_state()  # every stage hands its part to the primary
     if not runner.primary:
-        return
-    path = checkpoint.checkpoint_path(config.checkpoint_dir, epoch, runner.checkpoint_extension)
-    checkpoint.atomic_save(path, lambda temporary: runner.save_checkpoint(temporary, epoch, architecture, state))
+        return None
+    path = checkpoint.checkpoint_path(config.checkpoint_dir, position, runner.checkpoint_extension)
+    checkpoint.atomic_save(path, lambda temporary: runner.save_checkpoint(temporary, position, architecture, state))
     checkpoint.prune(config.checkpoint_dir, runner.checkpoint_extension, config.keep_checkpoints)
+    return path
+
+
+class StopRequest:
+    """SIGUSR1/SIGTERM ask for a graceful stop: the ranks agree at the next step
+    boundary, save a checkpoint and exit 0 (Slurm sends these before preemption
+    or the time limit). A second signal ends the process at once."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self):
+        self.signal_name = None
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, number, frame):
+        if self.signal_name is not None:
+            os._exit(128 + number)
+        self.signal_name = signal.Signals(number).name
+
+    @property
+    def requested(self):
+        return self.signal_name is not None
 
 
 def run(config, dataset, specs, runner):
@@ -81,7 +113,8 @@ def run(config, dataset, specs, runner):
     world, primary = runner.world_size, runner.primary
     check_batch(config, runner.plan)
     architecture = checkpoint.architecture(config.model, dataset.image_shape, dataset.num_classes)
-    start_epoch = restore(runner, config, architecture)
+    stop = StopRequest()
+    start_epoch, start_step = restore(runner, config, architecture)
     global_batch = config.global_batch_size(runner.data_shards)
     steps = data.steps_per_epoch(len(dataset.y_train), global_batch, config.steps_per_epoch)
     if primary:
@@ -94,7 +127,9 @@ def run(config, dataset, specs, runner):
     writer = metrics.JsonLinesWriter(config.metrics_file if primary else "")
     test = None
     for epoch in range(start_epoch, config.epochs):
-        train = train_epoch(runner, dataset, config, epoch, steps)
+        train = train_epoch(runner, dataset, config, epoch, steps, start_step if epoch == start_epoch else 0, stop)
+        if train["stopped_after"] is not None:
+            return stop_now(runner, config, (epoch, train["stopped_after"]), architecture, stop)
         test = metrics.Meter.results(runner.allreduce_sums(runner.evaluate(dataset.x_test, dataset.y_test),
                                                            "eval_sums"))
         record = metrics.epoch_record(epoch + 1, train["results"], test, train["throughput"], world,
@@ -102,14 +137,31 @@ def run(config, dataset, specs, runner):
         if primary:
             metrics.log(metrics.format_epoch(record, config.epochs))
             writer.write(record)
-        if config.checkpoint_dir:
-            save(runner, config, epoch + 1, architecture)
+        path = save(runner, config, (epoch + 1, 0), architecture) if config.checkpoint_dir else None
+        if epoch + 1 < config.epochs and runner.any_rank(stop.requested):
+            return report_stop(runner, stop, (epoch + 1, 0), path)
     if test is None:
         test = metrics.Meter.results(runner.allreduce_sums(runner.evaluate(dataset.x_test, dataset.y_test),
                                                            "eval_sums"))
     if primary:
         metrics.log(f"final test accuracy: {test[1]:.4f}  (test loss {test[0]:.4f})")
     return test
+
+
+def stop_now(runner, config, position, architecture, stop):
+    """Every rank agreed to stop after ``position``: save it and report."""
+    path = save(runner, config, position, architecture) if config.checkpoint_dir else None
+    return report_stop(runner, stop, position, path)
+
+
+def report_stop(runner, stop, position, path):
+    if runner.primary:
+        epoch, step = position
+        where = f"after {step} steps of epoch {epoch + 1}" if step else f"after epoch {epoch}"
+        cause = stop.signal_name or "a signal to another rank"
+        saved = f"saved {path}; continue with --resume" if path else "nothing saved (no --checkpoint-dir)"
+        metrics.log(f"stopped by {cause} {where}; {saved}")
+    return None
 
 
 def describe(plan, config):
@@ -119,21 +171,29 @@ def describe(plan, config):
             f"micro-batches, {config.schedule}")
 
 
-def train_epoch(runner, dataset, config, epoch, steps):
+def train_epoch(runner, dataset, config, epoch, steps, first_step, stop):
+    """Steps first_step.. of ``epoch``; stops early (every rank together) on a stop request."""
     world, shards = runner.world_size, runner.data_shards
     batches = data.rank_batches(len(dataset.y_train), config.global_batch_size(shards), shards,
                                 runner.data_shard, config.seed, epoch, config.steps_per_epoch)
-    meter, images, step_lr = metrics.Meter(), 0, config.lr
-    progress = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, mininterval=0.5,
+    meter, images, step_lr, stopped_after = metrics.Meter(), 0, config.lr, None
+    progress = tqdm(batches[first_step:], desc=f"epoch {epoch + 1}", leave=False, mininterval=0.5,
                     disable=not (config.progress and runner.primary))
     stopwatch = metrics.Stopwatch()
-    for step, (indices, global_count) in enumerate(progress):
+    for step, (indices, global_count) in enumerate(progress, start=first_step):
         step_lr = lr.lr_at(epoch * steps + step, steps, config, shards)
         runner.set_lr(step_lr)
+        # A sync point: a signal may have reached only some ranks.
+        stop_agreed = runner.start_any_rank(stop.requested)
         sums = runner.train_step(indices, global_count)
         meter.sums += sums
         images += global_count
         progress.set_postfix(loss=f"{sums[0] / max(1, sums[2]):.3f}", refresh=False)
+        if stop_agreed() and step + 1 < len(batches):
+            stopped_after = step + 1
+            break
+    progress.close()
     seconds = stopwatch.seconds()
     return {"results": metrics.Meter.results(runner.allreduce_sums(meter.sums, "train_sums")),
-            "throughput": metrics.throughput(images, seconds, world), "seconds": seconds, "lr": step_lr}
+            "throughput": metrics.throughput(images, seconds, world), "seconds": seconds, "lr": step_lr,
+            "stopped_after": stopped_after}

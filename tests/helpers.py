@@ -84,3 +84,24 @@ def optimizer_arrays(path, framework):
     reader = tf.train.load_checkpoint(str(path / "state"))
     names = sorted(name for name in reader.get_variable_to_shape_map() if name.startswith("optimizer/"))
     return [reader.get_tensor(name) for name in names if reader.get_tensor(name).ndim > 0]
+
+
+def run_and_signal_one_rank(args, np_, framework, after_line, signal_number):
+    """Start a job, wait until it prints ``after_line``, send ``signal_number`` to
+    one rank (the last one started), and wait for the job to end."""
+    import psutil
+
+    command = [*launch_command(np_, "mpirun"), ENTRY[framework], "--no-progress", *map(str, args)]
+    job = subprocess.Popen(command, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    seen = []
+    for line in job.stdout:
+        seen.append(line)
+        if after_line in line:
+            break
+    ranks = [child for child in psutil.Process(job.pid).children(recursive=True)
+             if ENTRY[framework] in " ".join(child.cmdline())]
+    assert ranks, "no rank found to signal"
+    max(ranks, key=lambda child: child.create_time()).send_signal(signal_number)
+    stdout, stderr = job.communicate(timeout=JOB_TIMEOUT)
+    return subprocess.CompletedProcess(command, job.returncode, "".join(seen) + stdout, stderr)

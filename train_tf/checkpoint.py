@@ -27,11 +27,12 @@ def _trackables(model, architecture, optimizer=None):
     return objects
 
 
-def write(directory, epoch, model, optimizer, config, architecture):
+def write(directory, position, model, optimizer, config, architecture):
+    epoch, step = position
     os.makedirs(directory)
     tf.train.Checkpoint(**_trackables(model, architecture, optimizer)).write(os.path.join(directory, PREFIX))
     with open(os.path.join(directory, META), "w", encoding="utf-8") as handle:
-        json.dump({"format": FORMAT, "epoch": epoch, "architecture": architecture,
+        json.dump({"format": FORMAT, "epoch": epoch, "step": step, "architecture": architecture,
                    "config": dataclasses.asdict(config)}, handle)
 
 
@@ -59,10 +60,10 @@ def _read(directory, objects):
 
 
 def load(directory, architecture, model, optimizer):
-    """Restore model and optimizer from ``directory``; returns its epoch."""
+    """Restore model and optimizer from ``directory``; returns its (epoch, step)."""
     meta = read_meta(directory, architecture)
     _read(directory, _trackables(model, architecture, optimizer))
-    return meta["epoch"]
+    return meta["epoch"], meta.get("step", 0)
 
 
 def read_neutral(directory, architecture):

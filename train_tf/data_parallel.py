@@ -16,6 +16,7 @@ import tensorflow as tf
 from common import data, metrics
 from common.plan import make_plan
 from train_tf import checkpoint
+from train_tf.device import pin_gpu
 from train_tf.model import build_model, load_neutral
 from train_tf.optimizer import Optimizer
 
@@ -24,6 +25,7 @@ def init_horovod(config):
     import horovod.tensorflow as hvd
 
     hvd.init()  # Horovod: one process per rank, started by horovodrun/mpirun/srun.
+    pin_gpu(hvd.local_rank())  # Horovod: one GPU per local rank, where there are GPUs
     threads = config.threads or max(1, (os.cpu_count() or 1) // hvd.local_size())
     # Horovod: share the node's cores between its ranks (before TF runs any op).
     tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -71,13 +73,17 @@ class DataParallelRunner:
         return gradients, loss_sum, correct
 
     def _allreduce_gradients(self, gradients):
+        flag = getattr(self, "_flag", tf.zeros([1]))
         if self.config.adasum:
             # Horovod 0.28.1's grouped_allreduce breaks for Adasum (it reads an
             # unset variable), so reduce tensor by tensor there.
+            self._flag_sum = float(self.hvd.allreduce(flag, op=self.hvd.Sum, name="any_rank").numpy()[0])
             return [self.hvd.allreduce(gradient, name=f"gradient_{index}", **self._allreduce_kwargs)
                     for index, gradient in enumerate(gradients)]
-        # Horovod: sum every gradient over the ranks, in one fused group.
-        return self.hvd.grouped_allreduce(gradients, **self._allreduce_kwargs)
+        # Horovod: sum every gradient (and the stop flag) over the ranks, in one fused group.
+        *reduced, flag_sum = self.hvd.grouped_allreduce([*gradients, flag], **self._allreduce_kwargs)
+        self._flag_sum = float(flag_sum.numpy()[0])
+        return reduced
 
     def set_lr(self, value):
         self.optimizer.lr.assign(value)
@@ -117,14 +123,24 @@ class DataParallelRunner:
     def gather_state(self):
         return None  # every rank holds the whole model; rank 0 saves its own
 
-    def save_checkpoint(self, path, epoch, architecture, state):
-        checkpoint.write(path, epoch, self.model, self.optimizer, self.config, architecture)
+    def save_checkpoint(self, path, position, architecture, state):
+        checkpoint.write(path, position, self.model, self.optimizer, self.config, architecture)
 
     def load_checkpoint(self, path, architecture):
         return checkpoint.load(path, architecture, self.model, self.optimizer), None
 
     def load_weights(self, path, architecture):
         load_neutral(self.model, self.dataset.image_shape, checkpoint.read_weights(path, architecture))
+
+    def any_rank(self, flag):
+        """Horovod: True on every rank if ``flag`` is True on any (a sync point)."""
+        return bool(self.hvd.allreduce(tf.constant([float(flag)]), op=self.hvd.Sum, name="any_rank").numpy()[0])
+
+    def start_any_rank(self, flag):
+        """Like any_rank, answered by the next train_step: the flag travels in the
+        same fused allreduce as that step's gradients instead of adding a cycle."""
+        self._flag = tf.constant([float(flag)])
+        return lambda: self._flag_sum > 0
 
     def install_state(self, state):
         # Horovod: every rank starts from rank 0's variables. Keras 3 variables

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from common.pipeline import PipelineRunner
 from train_tf import checkpoint
+from train_tf.device import pin_gpu
 from train_tf.model import (build_model, build_stage, load_neutral, to_channels_first, to_channels_last,
                             to_neutral)
 from train_tf.optimizer import Optimizer, load_optimizer_neutral, optimizer_to_neutral
@@ -46,6 +47,7 @@ class TensorFlowPipelineRunner(PipelineRunner):
     checkpoint_extension = checkpoint.EXTENSION
 
     def set_threads(self, threads):
+        pin_gpu(self.local_rank)
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
 
@@ -128,15 +130,15 @@ class TensorFlowPipelineRunner(PipelineRunner):
             load_optimizer_neutral(model, shape, optimizer, model.trainable_variables, state["optimizer"])
         return model, optimizer
 
-    def save_whole(self, path, epoch, architecture, state):
+    def save_whole(self, path, position, architecture, state):
         model, optimizer = self._whole_model(state)
-        checkpoint.write(path, epoch, model, optimizer, self.config, architecture)
+        checkpoint.write(path, position, model, optimizer, self.config, architecture)
 
     def load_whole(self, path, architecture):
         model, optimizer = self._whole_model()
-        epoch = checkpoint.load(path, architecture, model, optimizer)
+        position = checkpoint.load(path, architecture, model, optimizer)
         shape = self.dataset.image_shape
-        return epoch, {"weights": to_neutral(model, shape),
+        return position, {"weights": to_neutral(model, shape),
                        "optimizer": optimizer_to_neutral(model, shape, optimizer, model.trainable_variables)}
 
     def read_weights(self, path, architecture):

@@ -15,9 +15,10 @@ EXTENSION = "pt"
 FORMAT = "cnn-parallel-torch/1"
 
 
-def write(path, epoch, model, optimizer, config, architecture):
+def write(path, position, model, optimizer, config, architecture):
+    epoch, step = position
     torch.save({
-        "format": FORMAT, "epoch": epoch, "architecture": architecture,
+        "format": FORMAT, "epoch": epoch, "step": step, "architecture": architecture,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "config": dataclasses.asdict(config),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
@@ -36,6 +37,10 @@ def load(path, architecture):
                          "move it away to resume from the previous one, or start fresh") from None
     common_checkpoint.check_architecture(state["architecture"], architecture, path)
     return state
+
+
+def position(state):
+    return state["epoch"], state.get("step", 0)
 
 
 def restore(state, model, optimizer):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from common import data, metrics
 from common.plan import make_plan
 from train_torch import checkpoint
+from train_torch.device import pick_device, to_device
 from train_torch.model import build_model, load_neutral
 from train_torch.optimizer import make_local_optimizer
 
@@ -64,7 +65,8 @@ class DataParallelRunner:
         self.data_shards, self.data_shard = self.world_size, self.rank
         self.threads = torch.get_num_threads()
         self.config, self.dataset = config, dataset
-        self.model = build_model(specs, dataset.image_shape, config.seed)
+        self.device = pick_device(self.hvd.local_rank())  # Horovod: one GPU per local rank
+        self.model = build_model(specs, dataset.image_shape, config.seed).to(self.device)
         self.optimizer = make_optimizer(self.model, config, self.hvd)
 
     def set_lr(self, value):
@@ -78,7 +80,8 @@ class DataParallelRunner:
         self.optimizer.zero_grad()
         scale = 1.0 / max(1, len(indices)) if self.config.adasum else 1.0 / global_count
         for chunk in np.array_split(indices, self.config.accumulation_steps):
-            backward_pass(self.model, torch.from_numpy(x[chunk]), torch.from_numpy(y[chunk]), scale, meter)
+            backward_pass(self.model, to_device(x[chunk], self.device), to_device(y[chunk], self.device),
+                          scale, meter)
         self.optimizer.step()  # Horovod: waits for the allreduce of every gradient.
         return meter.sums
 
@@ -88,7 +91,7 @@ class DataParallelRunner:
         meter = metrics.Meter()
         shard = data.eval_shard(len(y), self.world_size, self.rank)  # Horovod: each rank a slice.
         for indices in data.batched(shard, batch_size):
-            images, labels = torch.from_numpy(x[indices]), torch.from_numpy(y[indices])
+            images, labels = to_device(x[indices], self.device), to_device(y[indices], self.device)
             logits = self.model(images)
             meter.add(F.cross_entropy(logits, labels, reduction="sum").item(),
                       (logits.argmax(1) == labels).sum().item(), len(labels))
@@ -103,13 +106,23 @@ class DataParallelRunner:
     def gather_state(self):
         return None  # every rank holds the whole model; rank 0 saves its own
 
-    def save_checkpoint(self, path, epoch, architecture, state):
-        checkpoint.write(path, epoch, self.model, self.optimizer, self.config, architecture)
+    def save_checkpoint(self, path, position, architecture, state):
+        checkpoint.write(path, position, self.model, self.optimizer, self.config, architecture)
 
     def load_checkpoint(self, path, architecture):
         state = checkpoint.load(path, architecture)
         checkpoint.restore(state, self.model, self.optimizer)
-        return state["epoch"], None
+        return checkpoint.position(state), None
+
+    def start_any_rank(self, flag):
+        """Horovod: start summing ``flag`` over the ranks; the returned function
+        waits and says whether any rank set it. Started before a step, the
+        allreduce travels with that step's gradients instead of adding a cycle."""
+        handle = self.hvd.allreduce_async(torch.tensor([int(flag)]), op=self.hvd.Sum, name="any_rank")
+        return lambda: bool(self.hvd.synchronize(handle).item())
+
+    def any_rank(self, flag):
+        return self.start_any_rank(flag)()
 
     def load_weights(self, path, architecture):
         load_neutral(self.model, checkpoint.read_weights(path, architecture))

@@ -27,4 +27,5 @@ def load_optimizer_neutral(model, optimizer, states):
 
     for key, tensor in named_tensors(model).items():
         if key in states:
-            optimizer.state[tensor] = {name: torch.from_numpy(value.copy()) for name, value in states[key].items()}
+            optimizer.state[tensor] = {name: torch.from_numpy(value.copy()).to(tensor.device)
+                                       for name, value in states[key].items()}

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from common.pipeline import PipelineRunner
 from train_torch import checkpoint
+from train_torch.device import pick_device, to_device, to_numpy
 from train_torch.model import build_model, build_stage, load_neutral, to_neutral
 from train_torch.optimizer import load_optimizer_neutral, make_local_optimizer, optimizer_to_neutral
 
@@ -44,7 +45,8 @@ class TorchPipelineRunner(PipelineRunner):
         return measure_layer_times(self.specs, self.dataset.image_shape, batch_size)
 
     def build_stage(self, start, end):
-        self.model = build_stage(self.specs, self.dataset.image_shape, self.config.seed, start, end)
+        self.device = pick_device(self.local_rank)
+        self.model = build_stage(self.specs, self.dataset.image_shape, self.config.seed, start, end).to(self.device)
         self.parameters = list(self.model.parameters())
         self.has_parameters = bool(self.parameters)
         self.optimizer = make_local_optimizer(self.model, self.config) if self.parameters else None
@@ -70,14 +72,14 @@ class TorchPipelineRunner(PipelineRunner):
             group["lr"] = value
 
     def forward(self, m, inputs, labels, scale):
-        x = torch.from_numpy(inputs)
+        x = to_device(inputs, self.device)
         if not self.first:
             x.requires_grad_()
         out = self.model(x)
         if not self.last:
             self.stash[m] = (x, out)
-            return out.detach().numpy(), (0.0, 0.0)
-        labels = torch.from_numpy(labels)
+            return to_numpy(out), (0.0, 0.0)
+        labels = to_device(labels, self.device)
         loss_sum = F.cross_entropy(out, labels, reduction="sum")
         self.stash[m] = (x, loss_sum * scale)  # scaled once: the micro-batches add up to the batch mean
         return None, (loss_sum.item(), (out.argmax(1) == labels).sum().item())
@@ -87,8 +89,8 @@ class TorchPipelineRunner(PipelineRunner):
         if output_gradient is None:
             out.backward()
         else:
-            out.backward(torch.from_numpy(output_gradient))
-        return None if self.first else x.grad.numpy()
+            out.backward(to_device(output_gradient, self.device))
+        return None if self.first else to_numpy(x.grad)
 
     def allreduce_gradients(self):
         gradients = [parameter.grad for parameter in self.parameters]
@@ -104,7 +106,7 @@ class TorchPipelineRunner(PipelineRunner):
     @torch.no_grad()
     def predict(self, inputs):
         self.model.eval()
-        return self.model(torch.from_numpy(inputs)).numpy()
+        return to_numpy(self.model(to_device(inputs, self.device)))
 
     def stage_state(self):
         return {"weights": to_neutral(self.model),
@@ -123,15 +125,16 @@ class TorchPipelineRunner(PipelineRunner):
             load_optimizer_neutral(model, optimizer, state["optimizer"])
         return model, optimizer
 
-    def save_whole(self, path, epoch, architecture, state):
+    def save_whole(self, path, position, architecture, state):
         model, optimizer = self._whole_model(state)
-        checkpoint.write(path, epoch, model, optimizer, self.config, architecture)
+        checkpoint.write(path, position, model, optimizer, self.config, architecture)
 
     def load_whole(self, path, architecture):
         saved = checkpoint.load(path, architecture)
         model, optimizer = self._whole_model()
         checkpoint.restore(saved, model, optimizer)
-        return saved["epoch"], {"weights": to_neutral(model), "optimizer": optimizer_to_neutral(model, optimizer)}
+        return checkpoint.position(saved), {"weights": to_neutral(model),
+                                            "optimizer": optimizer_to_neutral(model, optimizer)}
 
     def read_weights(self, path, architecture):
         return checkpoint.read_weights(path, architecture)

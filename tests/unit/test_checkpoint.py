@@ -15,7 +15,7 @@ def write_bytes(content):
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
-    path = str(tmp_path / "ckpt-epoch0001.pt")
+    path = checkpoint.checkpoint_path(str(tmp_path), (1, 0), "pt")
     checkpoint.atomic_save(path, write_bytes(b"good"))
 
     def crash(temporary):
@@ -29,12 +29,14 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_list_and_prune_keep_the_newest(tmp_path):
-    for epoch in (1, 2, 3, 10):
-        checkpoint.atomic_save(checkpoint.checkpoint_path(str(tmp_path), epoch, "pt"), write_bytes(b"x"))
+    positions = [(1, 0), (2, 0), (2, 7), (3, 0), (10, 0)]
+    for position in positions:
+        checkpoint.atomic_save(checkpoint.checkpoint_path(str(tmp_path), position, "pt"), write_bytes(b"x"))
+    assert (tmp_path / "ckpt-epoch0002-step000007.pt").exists() and (tmp_path / "ckpt-epoch0003.pt").exists()
     (tmp_path / ".tmp-99-ckpt-epoch0011.pt").write_bytes(b"partial")
-    assert [epoch for epoch, _ in checkpoint.list_checkpoints(str(tmp_path), "pt")] == [1, 2, 3, 10]
+    assert [position for position, _ in checkpoint.list_checkpoints(str(tmp_path), "pt")] == positions
     checkpoint.prune(str(tmp_path), "pt", keep=2)
-    assert [epoch for epoch, _ in checkpoint.list_checkpoints(str(tmp_path), "pt")] == [3, 10]
+    assert [position for position, _ in checkpoint.list_checkpoints(str(tmp_path), "pt")] == [(3, 0), (10, 0)]
 
 
 def test_prepare_directory_never_trains_over_a_saved_run(tmp_path):
@@ -42,7 +44,7 @@ def test_prepare_directory_never_trains_over_a_saved_run(tmp_path):
     with pytest.raises(UsageError, match="no checkpoint"):
         checkpoint.prepare_directory(directory, "pt", resume=True)
     checkpoint.prepare_directory(directory, "pt", resume=False)
-    checkpoint.atomic_save(checkpoint.checkpoint_path(directory, 1, "pt"), write_bytes(b"x"))
+    checkpoint.atomic_save(checkpoint.checkpoint_path(directory, (1, 0), "pt"), write_bytes(b"x"))
     with pytest.raises(UsageError, match="already holds checkpoints; pass --resume"):
         checkpoint.prepare_directory(directory, "pt", resume=False)
     checkpoint.prepare_directory(directory, "pt", resume=True)

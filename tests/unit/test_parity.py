@@ -122,10 +122,10 @@ def test_checkpoint_round_trip_torch_tf_torch(tmp_path, name, shape):
     config = RunConfig(model=name)
 
     pt_path = str(tmp_path / "ckpt-epoch0001.pt")
-    torch_checkpoint.write(pt_path, 1, torch_net, make_local_optimizer(torch_net, config), config, architecture)
+    torch_checkpoint.write(pt_path, (1, 0), torch_net, make_local_optimizer(torch_net, config), config, architecture)
     tf_model.load_neutral(tf_net, shape, tf_checkpoint.read_weights(pt_path, architecture))
     tf_path = str(tmp_path / "ckpt-epoch0001.tf")
-    tf_checkpoint.write(tf_path, 1, tf_net, Optimizer(tf_net.trainable_variables, config), config, architecture)
+    tf_checkpoint.write(tf_path, (1, 0), tf_net, Optimizer(tf_net.trainable_variables, config), config, architecture)
     assert os.path.isfile(os.path.join(tf_path, "meta.json"))
 
     back = torch_checkpoint.read_weights(tf_path, architecture)

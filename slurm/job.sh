@@ -1,0 +1,79 @@
+# Sourced by the sbatch templates in this folder: what every launch shares.
+# Submit from the repository root (sbatch reads $SLURM_SUBMIT_DIR), e.g.
+#   FRAMEWORK=tf MODE=hybrid PP=2 sbatch slurm/cpu_mpirun.sbatch
+set -euo pipefail
+
+# --- What to train: edit here, or export before sbatch (sbatch passes the environment).
+FRAMEWORK=${FRAMEWORK:-torch}          # torch | tf
+MODE=${MODE:-data}                     # data | model | hybrid
+PP=${PP:-2}                            # model/hybrid: pipeline stages
+DP=${DP:-}                             # hybrid: replicas (default: tasks / PP)
+MICROBATCHES=${MICROBATCHES:-4}        # model/hybrid
+EPOCHS=${EPOCHS:-10}
+TRAIN_ARGS=${TRAIN_ARGS:-}             # more flags, e.g. "--dataset cifar10 --data-dir /data/cifar-10-batches-py"
+VENV=${VENV:-$SLURM_SUBMIT_DIR/.venv}
+CHECKPOINT_ROOT=${CHECKPOINT_ROOT:-$SLURM_SUBMIT_DIR/checkpoints}
+
+cd "$SLURM_SUBMIT_DIR"
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export PYTHONUNBUFFERED=1
+# Open MPI refuses root without these; harmless for other users.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+
+# One checkpoint directory per job name: a resubmitted or requeued job resumes.
+CHECKPOINT_DIR="$CHECKPOINT_ROOT/$SLURM_JOB_NAME"
+train_args=(--mode "$MODE" --epochs "$EPOCHS" --checkpoint-dir "$CHECKPOINT_DIR" --no-progress)
+if [ "$MODE" != data ]; then
+    train_args+=(--pp "$PP" --microbatches "$MICROBATCHES")
+    [ "$MODE" = hybrid ] && [ -n "$DP" ] && train_args+=(--dp "$DP")
+fi
+if compgen -G "$CHECKPOINT_DIR/ckpt-epoch*" >/dev/null; then
+    train_args+=(--resume)
+fi
+# shellcheck disable=SC2206
+TRAIN=(python "train_$FRAMEWORK/main.py" "${train_args[@]}" $TRAIN_ARGS)
+
+echo "job $SLURM_JOB_ID ($SLURM_JOB_NAME) on $SLURM_JOB_NUM_NODES node(s), $SLURM_NTASKS task(s):" \
+     "$FRAMEWORK $MODE; restart ${SLURM_RESTART_COUNT:-0}; checkpoints in $CHECKPOINT_DIR"
+
+descendants() {
+    local child
+    for child in $(pgrep -P "$1"); do echo "$child"; descendants "$child"; done
+}
+
+# Ask the training to stop: srun relays signals to every task; under mpirun or
+# horovodrun, signal the ranks on this node (one is enough: the ranks agree on
+# the stop at the next step boundary).
+signal_training() {
+    if [ "$LAUNCHER" = srun ]; then
+        kill -USR1 "$launcher_pid" 2>/dev/null || true
+        return
+    fi
+    local process
+    for process in $(descendants "$launcher_pid"); do
+        if tr '\0' ' ' <"/proc/$process/cmdline" 2>/dev/null | grep -q "train_.*/main.py"; then
+            kill -USR1 "$process" 2>/dev/null || true
+        fi
+    done
+}
+
+# Run the launcher; on the preemption/time-limit signal (#SBATCH --signal=B:USR1@...)
+# or scancel's TERM, let the training checkpoint and exit 0, then requeue the job.
+run_preemptible() {
+    "$@" &
+    launcher_pid=$!
+    preempted=0
+    trap 'preempted=1; echo "signal received: asking the training to checkpoint"; signal_training' USR1 TERM
+    local status=0
+    while :; do
+        wait "$launcher_pid" && status=0 || status=$?
+        kill -0 "$launcher_pid" 2>/dev/null || break  # else a trapped signal interrupted wait
+    done
+    trap - USR1 TERM
+    if [ "$preempted" = 1 ] && [ "$status" = 0 ]; then
+        echo "checkpoint saved; requeueing job $SLURM_JOB_ID to resume from it"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+    return "$status"
+}

@@ -1,0 +1,96 @@
+"""The sbatch templates, submitted to a real single-node Slurm started here.
+
+slurm/local_cluster.sh installs Debian's Slurm and munge when missing, starts
+slurmctld, slurmd and munged with their own config and state in a temporary
+directory, and stops them (by PID) afterwards. Job states are polled with
+scontrol (sbatch --wait's back-off adds up to 30 s per job).
+"""
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import PYTHON, REPO, job_env
+
+TEMPLATES = ("srun", "mpirun", "horovodrun")
+JOB_LIMIT = 240
+
+
+def slurm(env, *command):
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("a local Slurm needs root to install and run its daemons (CI runs as root)")
+    directory = tmp_path_factory.mktemp("slurm")
+    script = os.path.join(REPO, "slurm", "local_cluster.sh")
+    started = subprocess.run(["bash", script, "start", str(directory)], capture_output=True, text=True,
+                             timeout=600)
+    assert started.returncode == 0, started.stdout + started.stderr
+    env = job_env()
+    env.update(SLURM_CONF=str(directory / "slurm.conf"), CHECKPOINT_ROOT=str(directory / "checkpoints"),
+               VENV=os.path.dirname(os.path.dirname(PYTHON)))
+    yield directory, env
+    subprocess.run(["bash", script, "stop", str(directory)], timeout=60)
+
+
+def submit(cluster, template, name, **variables):
+    directory, env = cluster
+    env = {**env, **variables}
+    output = directory / f"{name}-%j.out"
+    job = slurm(env, "sbatch", "--parsable", f"--job-name={name}", f"--output={output}",
+                os.path.join(REPO, "slurm", template)).strip().split(";")[0]
+    return job, env, directory / f"{name}-{job}.out"
+
+
+def job_field(env, job, field):
+    match = re.search(rf"\b{field}=(\S+)", slurm(env, "scontrol", "show", "job", job))
+    return match.group(1) if match else None
+
+
+def wait_for(condition, what, limit=JOB_LIMIT):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)  # polling a job's state, not standing in for a sync
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finished(env, job):
+    return job_field(env, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
+@pytest.mark.parametrize("launcher", TEMPLATES)
+def test_cpu_template_trains(cluster, launcher):
+    job, env, output = submit(cluster, f"cpu_{launcher}.sbatch", f"test-{launcher}", EPOCHS="1",
+                              TRAIN_ARGS="--steps-per-epoch 5")
+    wait_for(lambda: finished(env, job), f"job {job}")
+    log = output.read_text()
+    assert job_field(env, job, "JobState") == "COMPLETED" and job_field(env, job, "ExitCode") == "0:0", log
+    assert "final test accuracy" in log and "x 2)" in log, log  # two ranks trained together
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes(cluster):
+    job, env, output = submit(cluster, "cpu_mpirun.sbatch", "test-preempt", EPOCHS="3",
+                              TRAIN_ARGS="--dataset synthetic --synthetic-shape 1,8,8 "
+                                         "--synthetic-samples 6000 --batch-size 16")
+    wait_for(lambda: output.exists() and "epoch 1/3" in output.read_text(), "the first epoch")
+    slurm(env, "scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@120 sends
+    wait_for(lambda: job_field(env, job, "Restarts") == "1" and job_field(env, job, "JobState") == "PENDING",
+             "the requeue")
+    slurm(env, "scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue delay
+    wait_for(lambda: finished(env, job), f"job {job} after requeue")
+
+    log = output.read_text()
+    assert job_field(env, job, "JobState") == "COMPLETED" and job_field(env, job, "ExitCode") == "0:0", log
+    assert re.search(r"stopped by SIGUSR1 after \d+ steps of epoch [23]; saved .*ckpt-epoch", log), log
+    assert "requeueing job" in log and "restart 1" in log and "resumed from" in log, log
+    assert log.count("epoch 3/3") == 1 and "final test accuracy" in log, log
+    checkpoints = cluster[0] / "checkpoints" / "test-preempt"
+    assert (checkpoints / "ckpt-epoch0003.pt").exists()

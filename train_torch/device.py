@@ -1,0 +1,20 @@
+"""Where a rank computes: the GPU of its local rank when there is one, else the CPU."""
+
+import torch
+
+
+def pick_device(local_rank):
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def to_device(array, device):
+    """A numpy batch as a tensor on ``device`` (shares memory on the CPU)."""
+    return torch.from_numpy(array).to(device, non_blocking=True)
+
+
+def to_numpy(tensor):
+    return tensor.detach().cpu().numpy()
