@@ -66,12 +66,14 @@ def _fsync_directory(directory):
         os.close(descriptor)
 
 
-def atomic_save(path, write):
+def atomic_save(path, write, before_rename=None):
     """Call ``write(temporary_path)``, then rename the result to ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
         write(temporary)
+        if before_rename is not None:
+            before_rename()
         if os.path.isfile(temporary):
             with open(temporary, "rb+") as handle:
                 os.fsync(handle.fileno())

@@ -68,6 +68,8 @@ class RunConfig:
                            "(a .pt file or a .tf directory); with --epochs 0 it only evaluates")
     metrics_file: str = _flag("", "append one JSON object per epoch to this file")
     progress: bool = _flag(True, "show a progress bar on rank 0")
+    allow_nonfinite: bool = _flag(False, "keep training when the loss is NaN or infinite (default: "
+                                  "stop, keeping the last good checkpoint)")
 
     @property
     def weak_scaling(self):

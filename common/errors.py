@@ -8,6 +8,13 @@ USAGE_EXIT_CODE = 2
 CRASH_EXIT_CODE = 1
 
 
+class RunStopped(Exception):
+    """The run cannot go on for a reason every rank agreed on (e.g. a non-finite
+    loss): one line on rank 0, exit code ``exit_code``, no traceback."""
+
+    exit_code = 3
+
+
 class UsageError(Exception):
     """Bad input the user can fix: wrong flags, missing or corrupt data, bad checkpoints.
 
@@ -37,10 +44,10 @@ def report_and_exit(error, abort_job=None):
     blocked waiting on this one are released promptly.
     """
     rank = launcher_rank()
-    if isinstance(error, UsageError):
+    if isinstance(error, (UsageError, RunStopped)):
         if rank == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(USAGE_EXIT_CODE)
+        sys.exit(error.exit_code)
     if isinstance(error, KeyboardInterrupt):
         print(f"rank {rank}: interrupted", file=sys.stderr, flush=True)
     else:

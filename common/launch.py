@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import signal
 import sys
 
 from common.errors import report_and_exit
@@ -53,6 +54,24 @@ def quiet_stderr(enabled=True):
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+TEST_FAILURE_VARIABLE = "CNN_PARALLEL_TEST_FAILURE"
+
+
+def injected_failure(rank, point):
+    """Test-only failure injection, off unless CNN_PARALLEL_TEST_FAILURE is set to
+    RANK:POINT:HOW (POINT a global step number or 'save'; HOW 'raise' or 'kill').
+    Makes ``rank`` fail at ``point``, so tests can prove one failing rank brings
+    the whole job down promptly."""
+    setting = os.environ.get(TEST_FAILURE_VARIABLE)
+    if not setting:
+        return
+    want_rank, want_point, how = setting.split(":")
+    if int(want_rank) == rank and want_point == str(point):
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected failure on rank {rank} at {point} ({TEST_FAILURE_VARIABLE})")
 
 
 def launcher_local_rank():

@@ -156,20 +156,20 @@ class PipelineRunner:
     def broadcast_object(self, value, name):
         return self.comm.bcast(value, root=self.primary_rank)
 
-    def any_rank(self, flag):
-        return self.start_any_rank(flag)()
+    def flag_sum(self, value):
+        return self.start_flag_sum(value)()
 
-    def start_any_rank(self, flag):
-        """Start a non-blocking MPI allreduce of ``flag``; the returned function
-        waits for it and says whether any rank set it."""
+    def start_flag_sum(self, value):
+        """Start a non-blocking MPI sum of ``value`` over the ranks; the returned
+        function waits for it and returns the sum."""
         from mpi4py import MPI
 
-        mine, total = np.array([int(flag)], dtype=np.int32), np.zeros(1, dtype=np.int32)
-        request = self.comm.Iallreduce(mine, total, op=MPI.MAX)
+        mine, total = np.array([int(value)], dtype=np.int64), np.zeros(1, dtype=np.int64)
+        request = self.comm.Iallreduce(mine, total, op=MPI.SUM)
 
         def answer():
             request.Wait()
-            return bool(total[0])
+            return int(total[0])
         return answer
 
     # --- whole-model state: checkpoints are the same files as in data mode ------

@@ -15,8 +15,8 @@ train_tf/data_parallel.py) with this interface:
     allreduce_sums(sums, name)                 -> sums over all ranks
     broadcast_object(value, name)              -> the primary's value on every rank
     checkpoint_extension                       'pt' or 'tf'
-    any_rank(flag)                             collective; True everywhere if True anywhere
-    start_any_rank(flag)                       the same, answered by a function called after the
+    flag_sum(value)                            collective; the sum of ``value`` over the ranks
+    start_flag_sum(value)                      the same, answered by a function called after the
                                                next train_step (so it can travel with that step)
     gather_state()                             collective; the whole model's state, on the primary
     save_checkpoint(path, position, architecture, state) -> None (primary only; path is temporary)
@@ -27,6 +27,7 @@ train_tf/data_parallel.py) with this interface:
                                                primary's state (None: keep its own, synchronised)
 """
 
+import math
 import os
 import signal
 
@@ -34,7 +35,8 @@ from tqdm import tqdm
 
 from common import checkpoint, data, lr, metrics, models
 from common.plan import check_batch
-from common.errors import UsageError
+from common.errors import RunStopped, UsageError
+from common.launch import injected_failure
 
 
 def on_primary_for_all(runner, action, name):
@@ -61,11 +63,7 @@ def restore(runner, config, architecture):
     start, state = (0, 0), None
     if config.resume:
         def load_latest():
-            path = checkpoint.list_checkpoints(config.checkpoint_dir, extension)[-1][1]
-            position, loaded = runner.load_checkpoint(path, architecture)
-            epoch, step = position
-            metrics.log(f"resumed from {path} ({f'{step} steps into epoch {epoch + 1}' if step else f'after epoch {epoch}'})")
-            return position, loaded
+            return load_newest_valid(runner, config.checkpoint_dir, architecture)
         start, state = on_primary_for_all(runner, load_latest, "resume") or (None, None)
         start = tuple(runner.broadcast_object(start, "start"))
     elif config.init_from:
@@ -75,13 +73,34 @@ def restore(runner, config, architecture):
     return start
 
 
+def load_newest_valid(runner, directory, architecture):
+    """The newest checkpoint that loads, saying which; older ones only if newer fail."""
+    problems = []
+    for _, path in reversed(checkpoint.list_checkpoints(directory, runner.checkpoint_extension)):
+        try:
+            position, loaded = runner.load_checkpoint(path, architecture)
+        except UsageError as error:
+            if "holds model" in str(error):
+                raise  # the wrong architecture is the user's mistake, not a damaged file
+            problems.append(str(error))
+            metrics.log(f"skipping {path}: it does not load")
+            continue
+        epoch, step = position
+        where = f"{step} steps into epoch {epoch + 1}" if step else f"after epoch {epoch}"
+        metrics.log(f"resumed from {path} ({where})")
+        return position, loaded
+    raise UsageError(problems[0] if len(problems) == 1 else
+                     f"no checkpoint in {directory} loads ({len(problems)} tried; newest: {problems[0]})")
+
+
 def save(runner, config, position, architecture):
     """Checkpoint at ``position`` = (completed epochs, steps into the next); collective."""
     state = runner.gather_state()  # every stage hands its part to the primary
     if not runner.primary:
         return None
     path = checkpoint.checkpoint_path(config.checkpoint_dir, position, runner.checkpoint_extension)
-    checkpoint.atomic_save(path, lambda temporary: runner.save_checkpoint(temporary, position, architecture, state))
+    checkpoint.atomic_save(path, lambda temporary: runner.save_checkpoint(temporary, position, architecture, state),
+                           before_rename=lambda: injected_failure(runner.rank, "save"))
     checkpoint.prune(config.checkpoint_dir, runner.checkpoint_extension, config.keep_checkpoints)
     return path
 
@@ -108,12 +127,39 @@ class StopRequest:
         return self.signal_name is not None
 
 
+class Health:
+    """What each rank tells the others at every step boundary, as one number to
+    sum: 1 if it was asked to stop, world_size + 1 if it saw a non-finite loss
+    (so any such rank makes the sum exceed world_size)."""
+
+    def __init__(self, stop, world_size, allow_nonfinite):
+        self.stop, self.world_size, self.allow_nonfinite = stop, world_size, allow_nonfinite
+        self.nonfinite_at = None
+
+    def check_loss(self, sums, epoch, step):
+        if not self.allow_nonfinite and self.nonfinite_at is None and not math.isfinite(sums[0]):
+            self.nonfinite_at = (epoch, step)
+
+    def code(self):
+        return (self.world_size + 1 if self.nonfinite_at else 0) + (1 if self.stop.requested else 0)
+
+    def verdict(self, total, epoch, step):
+        """'nonfinite', 'stop' or None from the summed codes; raises on a non-finite loss."""
+        if total > self.world_size:
+            where = (f"epoch {self.nonfinite_at[0] + 1}, step {self.nonfinite_at[1] + 1}" if self.nonfinite_at
+                     else f"epoch {epoch + 1}, step {step + 1} (seen on another rank)")
+            raise RunStopped(f"the loss became NaN or infinite at {where}; stopped without saving, so the "
+                             "newest checkpoint is the last good one. Lower --lr (or pass --allow-nonfinite)")
+        return "stop" if total > 0 else None
+
+
 def run(config, dataset, specs, runner):
     """Train and evaluate; returns (test loss, test accuracy)."""
     world, primary = runner.world_size, runner.primary
     check_batch(config, runner.plan)
     architecture = checkpoint.architecture(config.model, dataset.image_shape, dataset.num_classes)
     stop = StopRequest()
+    health = Health(stop, world, config.allow_nonfinite)
     start_epoch, start_step = restore(runner, config, architecture)
     global_batch = config.global_batch_size(runner.data_shards)
     steps = data.steps_per_epoch(len(dataset.y_train), global_batch, config.steps_per_epoch)
@@ -127,9 +173,12 @@ def run(config, dataset, specs, runner):
     writer = metrics.JsonLinesWriter(config.metrics_file if primary else "")
     test = None
     for epoch in range(start_epoch, config.epochs):
-        train = train_epoch(runner, dataset, config, epoch, steps, start_step if epoch == start_epoch else 0, stop)
+        train = train_epoch(runner, dataset, config, epoch, steps, start_step if epoch == start_epoch else 0,
+                            health)
         if train["stopped_after"] is not None:
             return stop_now(runner, config, (epoch, train["stopped_after"]), architecture, stop)
+        # Before saving: never let a non-finite last step overwrite a good checkpoint.
+        stopping = health.verdict(runner.flag_sum(health.code()), epoch, steps - 1) == "stop"
         test = metrics.Meter.results(runner.allreduce_sums(runner.evaluate(dataset.x_test, dataset.y_test),
                                                            "eval_sums"))
         record = metrics.epoch_record(epoch + 1, train["results"], test, train["throughput"], world,
@@ -138,7 +187,7 @@ def run(config, dataset, specs, runner):
             metrics.log(metrics.format_epoch(record, config.epochs))
             writer.write(record)
         path = save(runner, config, (epoch + 1, 0), architecture) if config.checkpoint_dir else None
-        if epoch + 1 < config.epochs and runner.any_rank(stop.requested):
+        if stopping and epoch + 1 < config.epochs:
             return report_stop(runner, stop, (epoch + 1, 0), path)
     if test is None:
         test = metrics.Meter.results(runner.allreduce_sums(runner.evaluate(dataset.x_test, dataset.y_test),
@@ -171,8 +220,9 @@ def describe(plan, config):
             f"micro-batches, {config.schedule}")
 
 
-def train_epoch(runner, dataset, config, epoch, steps, first_step, stop):
-    """Steps first_step.. of ``epoch``; stops early (every rank together) on a stop request."""
+def train_epoch(runner, dataset, config, epoch, steps, first_step, health):
+    """Steps first_step.. of ``epoch``; stops early, every rank together, on a stop
+    request (returning where) or a non-finite loss (raising RunStopped)."""
     world, shards = runner.world_size, runner.data_shards
     batches = data.rank_batches(len(dataset.y_train), config.global_batch_size(shards), shards,
                                 runner.data_shard, config.seed, epoch, config.steps_per_epoch)
@@ -183,13 +233,15 @@ def train_epoch(runner, dataset, config, epoch, steps, first_step, stop):
     for step, (indices, global_count) in enumerate(progress, start=first_step):
         step_lr = lr.lr_at(epoch * steps + step, steps, config, shards)
         runner.set_lr(step_lr)
-        # A sync point: a signal may have reached only some ranks.
-        stop_agreed = runner.start_any_rank(stop.requested)
+        # A sync point: a signal or a non-finite loss may have reached only some ranks.
+        agreed = runner.start_flag_sum(health.code())
+        injected_failure(runner.rank, epoch * steps + step)
         sums = runner.train_step(indices, global_count)
+        health.check_loss(sums, epoch, step)
         meter.sums += sums
         images += global_count
         progress.set_postfix(loss=f"{sums[0] / max(1, sums[2]):.3f}", refresh=False)
-        if stop_agreed() and step + 1 < len(batches):
+        if health.verdict(agreed(), epoch, step) == "stop" and step + 1 < len(batches):
             stopped_after = step + 1
             break
     progress.close()

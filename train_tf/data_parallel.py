@@ -77,7 +77,7 @@ class DataParallelRunner:
         if self.config.adasum:
             # Horovod 0.28.1's grouped_allreduce breaks for Adasum (it reads an
             # unset variable), so reduce tensor by tensor there.
-            self._flag_sum = float(self.hvd.allreduce(flag, op=self.hvd.Sum, name="any_rank").numpy()[0])
+            self._flag_sum = float(self.hvd.allreduce(flag, op=self.hvd.Sum, name="flag_sum").numpy()[0])
             return [self.hvd.allreduce(gradient, name=f"gradient_{index}", **self._allreduce_kwargs)
                     for index, gradient in enumerate(gradients)]
         # Horovod: sum every gradient (and the stop flag) over the ranks, in one fused group.
@@ -132,15 +132,15 @@ class DataParallelRunner:
     def load_weights(self, path, architecture):
         load_neutral(self.model, self.dataset.image_shape, checkpoint.read_weights(path, architecture))
 
-    def any_rank(self, flag):
-        """Horovod: True on every rank if ``flag`` is True on any (a sync point)."""
-        return bool(self.hvd.allreduce(tf.constant([float(flag)]), op=self.hvd.Sum, name="any_rank").numpy()[0])
+    def flag_sum(self, value):
+        """Horovod: the sum of ``value`` over the ranks (a sync point)."""
+        return int(self.hvd.allreduce(tf.constant([float(value)]), op=self.hvd.Sum, name="flag_sum").numpy()[0])
 
-    def start_any_rank(self, flag):
-        """Like any_rank, answered by the next train_step: the flag travels in the
+    def start_flag_sum(self, value):
+        """Like flag_sum, answered by the next train_step: the value travels in the
         same fused allreduce as that step's gradients instead of adding a cycle."""
-        self._flag = tf.constant([float(flag)])
-        return lambda: self._flag_sum > 0
+        self._flag = tf.constant([float(value)])
+        return lambda: int(round(self._flag_sum))
 
     def install_state(self, state):
         # Horovod: every rank starts from rank 0's variables. Keras 3 variables

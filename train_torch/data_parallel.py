@@ -114,15 +114,15 @@ class DataParallelRunner:
         checkpoint.restore(state, self.model, self.optimizer)
         return checkpoint.position(state), None
 
-    def start_any_rank(self, flag):
-        """Horovod: start summing ``flag`` over the ranks; the returned function
-        waits and says whether any rank set it. Started before a step, the
-        allreduce travels with that step's gradients instead of adding a cycle."""
-        handle = self.hvd.allreduce_async(torch.tensor([int(flag)]), op=self.hvd.Sum, name="any_rank")
-        return lambda: bool(self.hvd.synchronize(handle).item())
+    def start_flag_sum(self, value):
+        """Horovod: start summing ``value`` over the ranks; the returned function
+        waits for the sum. Started before a step, the allreduce travels with that
+        step's gradients instead of adding a cycle."""
+        handle = self.hvd.allreduce_async(torch.tensor([int(value)]), op=self.hvd.Sum, name="flag_sum")
+        return lambda: int(self.hvd.synchronize(handle).item())
 
-    def any_rank(self, flag):
-        return self.start_any_rank(flag)()
+    def flag_sum(self, value):
+        return self.start_flag_sum(value)()
 
     def load_weights(self, path, architecture):
         load_neutral(self.model, checkpoint.read_weights(path, architecture))

@@ -1,0 +1,81 @@
+"""Failures: one failing rank brings the whole job down promptly; a kill during
+a save never costs a good checkpoint; a non-finite loss stops the run."""
+
+import os
+import re
+import time
+
+import pytest
+
+from tests.helpers import assert_ok, run_training
+
+LAYOUTS = {"data": ([], 2), "model": (["--mode", "model", "--pp", 2], 2),
+           "hybrid": (["--mode", "hybrid", "--pp", 2, "--dp", 2], 4)}
+FAILURES = [(framework, layout, how) for framework in ("torch", "tf") for layout in LAYOUTS
+            for how in ("raise", "kill") if how == "raise" or (framework, layout) in
+            {("torch", "data"), ("tf", "model"), ("torch", "hybrid")}]
+
+
+@pytest.mark.parametrize("framework,layout,how", FAILURES)
+def test_one_failing_rank_ends_the_job_within_30_seconds(framework, layout, how):
+    args, np_ = LAYOUTS[layout]
+    os.environ["CNN_PARALLEL_TEST_FAILURE"] = f"1:5:{how}"  # rank 1 fails at its 6th step
+    try:
+        started = time.monotonic()
+        result = run_training(["--epochs", 3, *args], np_=np_, framework=framework, timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        del os.environ["CNN_PARALLEL_TEST_FAILURE"]
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and elapsed < 30, f"exit {result.returncode} after {elapsed:.0f}s\n{output}"
+    assert "final test accuracy" not in output
+    if how == "raise":
+        assert "rank 1: crashed" in output and "injected failure on rank 1 at 5" in output, output
+    else:
+        assert re.search(r"rank 1 .* exited on signal 9", output), output
+
+
+def training_with(tmp_path, framework, *extra, failure=None):
+    if failure:
+        os.environ["CNN_PARALLEL_TEST_FAILURE"] = failure
+    try:
+        return run_training(["--steps-per-epoch", 3, "--checkpoint-dir", tmp_path, *extra], np_=2,
+                            framework=framework)
+    finally:
+        os.environ.pop("CNN_PARALLEL_TEST_FAILURE", None)
+
+
+@pytest.mark.parametrize("framework", ["torch", "tf"])
+def test_a_kill_during_save_keeps_the_previous_checkpoint(tmp_path, framework):
+    assert_ok(training_with(tmp_path, framework, "--epochs", 1))
+    extension = "pt" if framework == "torch" else "tf"
+    # Killed after writing epoch 2's checkpoint, before renaming it into place.
+    killed = training_with(tmp_path, framework, "--epochs", 2, "--resume", failure="0:save:kill")
+    assert killed.returncode != 0
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("ckpt-")) == \
+        [f"ckpt-epoch0001.{extension}"]
+    resumed = assert_ok(training_with(tmp_path, framework, "--epochs", 2, "--resume"))
+    assert f"resumed from {tmp_path}/ckpt-epoch0001.{extension} (after epoch 1)" in resumed.stdout
+    assert "epoch 2/2" in resumed.stdout
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path):
+    assert_ok(training_with(tmp_path, "torch", "--epochs", 1))
+    (tmp_path / "ckpt-epoch0002.pt").write_bytes(b"damaged by a disk error")
+    resumed = assert_ok(training_with(tmp_path, "torch", "--epochs", 2, "--resume"))
+    assert f"skipping {tmp_path}/ckpt-epoch0002.pt" in resumed.stdout
+    assert f"resumed from {tmp_path}/ckpt-epoch0001.pt (after epoch 1)" in resumed.stdout
+
+
+@pytest.mark.parametrize("framework", ["torch", "tf"])
+def test_a_nonfinite_loss_stops_without_saving(tmp_path, framework):
+    assert_ok(training_with(tmp_path, framework, "--epochs", 1))
+    before = sorted(os.listdir(tmp_path))
+    diverged = training_with(tmp_path, framework, "--epochs", 3, "--resume", "--lr", "1e6")
+    assert diverged.returncode == 3, diverged.stdout + diverged.stderr
+    errors = [line for line in diverged.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(r"NaN or infinite at epoch 2, step \d", errors[0]), diverged.stderr
+    assert "Traceback" not in diverged.stderr
+    assert sorted(os.listdir(tmp_path)) == before  # the last good checkpoint is still the newest
+    allowed = training_with(tmp_path, framework, "--epochs", 2, "--resume", "--lr", "1e6", "--allow-nonfinite")
+    assert allowed.returncode == 0 and "final test accuracy: " in allowed.stdout
