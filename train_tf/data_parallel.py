@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import data, metrics
-from common.plan import make_plan
+from common.data_parallel import HorovodDataParallel
 from train_tf import checkpoint
 from train_tf.device import pin_gpu
 from train_tf.model import build_model, load_neutral
@@ -37,16 +37,13 @@ def nhwc(images):
     return tf.constant(np.ascontiguousarray(images.transpose(0, 2, 3, 1)))
 
 
-class DataParallelRunner:
+class DataParallelRunner(HorovodDataParallel):
     framework = "tensorflow"
-    checkpoint_extension = checkpoint.EXTENSION
+    checkpoints = checkpoint
 
     def __init__(self, config, dataset, specs):
-        self.hvd, self.threads = init_horovod(config)
-        self.rank, self.world_size = self.hvd.rank(), self.hvd.size()
-        self.plan = make_plan(config, self.world_size)
-        self.primary = self.rank == 0  # Horovod: rank 0 alone logs and saves.
-        self.data_shards, self.data_shard = self.world_size, self.rank
+        hvd, self.threads = init_horovod(config)
+        self.set_layout(hvd, config)
         self.config, self.dataset = config, dataset
         self.model = build_model(specs, dataset.image_shape, config.seed)
         self.variables = self.model.trainable_variables
@@ -116,15 +113,6 @@ class DataParallelRunner:
 
     def allreduce_sums(self, sums, name):
         return self.hvd.allreduce(tf.constant(sums), op=self.hvd.Sum, name=name).numpy()
-
-    def broadcast_object(self, value, name):
-        return self.hvd.broadcast_object(value, root_rank=0, name=name)
-
-    def gather_state(self):
-        return None  # every rank holds the whole model; rank 0 saves its own
-
-    def save_checkpoint(self, path, position, architecture, state):
-        checkpoint.write(path, position, self.model, self.optimizer, self.config, architecture)
 
     def load_checkpoint(self, path, architecture):
         return checkpoint.load(path, architecture, self.model, self.optimizer), None

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from common import data, metrics
-from common.plan import make_plan
+from common.data_parallel import HorovodDataParallel
 from train_torch import checkpoint
 from train_torch.device import pick_device, to_device
 from train_torch.model import build_model, load_neutral
@@ -53,16 +53,12 @@ def backward_pass(model, images, labels, scale, meter):
     meter.add(loss_sum.item(), (logits.argmax(1) == labels).sum().item(), len(labels))
 
 
-class DataParallelRunner:
+class DataParallelRunner(HorovodDataParallel):
     framework = "pytorch"
-    checkpoint_extension = checkpoint.EXTENSION
+    checkpoints = checkpoint
 
     def __init__(self, config, dataset, specs):
-        self.hvd = init_horovod(config)
-        self.rank, self.world_size = self.hvd.rank(), self.hvd.size()
-        self.plan = make_plan(config, self.world_size)
-        self.primary = self.rank == 0  # Horovod: rank 0 alone logs and saves.
-        self.data_shards, self.data_shard = self.world_size, self.rank
+        self.set_layout(init_horovod(config), config)
         self.threads = torch.get_num_threads()
         self.config, self.dataset = config, dataset
         self.device = pick_device(self.hvd.local_rank())  # Horovod: one GPU per local rank
@@ -99,15 +95,6 @@ class DataParallelRunner:
 
     def allreduce_sums(self, sums, name):
         return self.hvd.allreduce(torch.from_numpy(sums), op=self.hvd.Sum, name=name).numpy()
-
-    def broadcast_object(self, value, name):
-        return self.hvd.broadcast_object(value, root_rank=0, name=name)
-
-    def gather_state(self):
-        return None  # every rank holds the whole model; rank 0 saves its own
-
-    def save_checkpoint(self, path, position, architecture, state):
-        checkpoint.write(path, position, self.model, self.optimizer, self.config, architecture)
 
     def load_checkpoint(self, path, architecture):
         state = checkpoint.load(path, architecture)

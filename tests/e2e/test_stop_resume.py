@@ -10,7 +10,7 @@ from tests.helpers import (assert_ok, checkpoint_path, checkpoint_weights, relat
                            run_and_signal_one_rank, run_training)
 
 # Long enough epochs that the signal lands while training, whatever the machine's load.
-ARGS = ["--dataset", "synthetic", "--synthetic-shape", "1,8,8", "--synthetic-samples", 6000,
+ARGS = ["--dataset", "synthetic", "--synthetic-shape", "1,8,8", "--synthetic-samples", 2000,
         "--batch-size", 16, "--epochs", 3]
 SYNTHETIC = {"model": "cnn", "input_shape": [1, 8, 8], "num_classes": 10}
 

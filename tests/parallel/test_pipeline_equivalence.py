@@ -18,8 +18,11 @@ from tests.helpers import (FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_we
 TOLERANCE = 1e-5
 STEPS = ["--epochs", 1, "--steps-per-epoch", 2, "--lr", 0.1, "--momentum", 0.9, "--batch-size", 48]
 RESNET = {"model": "resnet", "input_shape": [1, 8, 8], "num_classes": 10}
-PIPELINES = [(schedule, microbatches, pp) for schedule in ("gpipe", "1f1b")
-             for microbatches in (1, 2, 4) for pp in (2, 3)]
+# PyTorch: pp in {2, 3}; TensorFlow runs the same common/ pipeline code with pp 2
+# here, and pp 3 in the BatchNorm test below.
+PIPELINES = [(framework, schedule, microbatches, pp) for framework in FRAMEWORKS
+             for schedule in ("gpipe", "1f1b") for microbatches in (1, 2, 4) for pp in (2, 3)
+             if framework == "torch" or pp == 2]
 
 
 def weights_after(tmp_path, framework, name, extra, np_=None, architecture=None):
@@ -42,8 +45,7 @@ def single_process_cnn(tmp_path_factory):
     return {framework: weights_after(directory, framework, "single", []) for framework in FRAMEWORKS}
 
 
-@pytest.mark.parametrize("schedule,microbatches,pp", PIPELINES)
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework,schedule,microbatches,pp", PIPELINES)
 def test_pipeline_equals_single_process(tmp_path, single_process_cnn, framework, schedule, microbatches, pp):
     pipelined = weights_after(tmp_path, framework, "pipeline", ["--mode", "model", "--pp", pp, "--microbatches",
                                                                 microbatches, "--schedule", schedule], np_=pp)
