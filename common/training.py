@@ -144,7 +144,7 @@ class Health:
         return (self.world_size + 1 if self.nonfinite_at else 0) + (1 if self.stop.requested else 0)
 
     def verdict(self, total, epoch, step):
-        """'nonfinite', 'stop' or None from the summed codes; raises on a non-finite loss."""
+        """'stop' or None from the summed codes; raises RunStopped on a non-finite loss."""
         if total > self.world_size:
             where = (f"epoch {self.nonfinite_at[0] + 1}, step {self.nonfinite_at[1] + 1}" if self.nonfinite_at
                      else f"epoch {epoch + 1}, step {step + 1} (seen on another rank)")
