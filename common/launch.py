@@ -72,13 +72,3 @@ def injected_failure(rank, point):
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure on rank {rank} at {point} ({TEST_FAILURE_VARIABLE})")
-
-
-def launcher_local_rank():
-    """This process's rank on its node, as any of the usual launchers report it."""
-    for name in ("HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID",
-                 "PMI_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0

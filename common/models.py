@@ -181,11 +181,3 @@ def layer_costs(specs, input_shape):
 
 def total_params(specs, input_shape):
     return sum(params for _, _, params, _ in layer_costs(specs, input_shape))
-
-
-def summary(specs, input_shape):
-    lines = [f"{'layer':<16}{'output':<16}{'params':>10}{'MFLOPs':>10}"]
-    for name, shape, params, flops in layer_costs(specs, input_shape):
-        lines.append(f"{name:<16}{str(shape):<16}{params:>10}{flops / 1e6:>10.3f}")
-    lines.append(f"{'total':<32}{total_params(specs, input_shape):>10}")
-    return "\n".join(lines)
