@@ -34,9 +34,20 @@ import signal
 from tqdm import tqdm
 
 from common import checkpoint, data, lr, metrics, models
-from common.plan import check_batch
+from common.config import parse_config
+from common.plan import check_batch, check_stages
 from common.errors import RunStopped, UsageError
 from common.launch import injected_failure
+
+
+def load_run(argv, prog):
+    """What both entry scripts do before any framework import: the flags, the
+    data and the model's layer specs, each checked (UsageError on bad input)."""
+    config = parse_config(argv, prog=prog)
+    dataset = data.load_dataset(config)
+    specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes)
+    check_stages(config, specs)
+    return config, dataset, specs
 
 
 def on_primary_for_all(runner, action, name):

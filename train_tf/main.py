@@ -13,16 +13,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import data, models, plan, training  # noqa: E402
-from common.config import parse_config  # noqa: E402
+from common import training  # noqa: E402
 from common.launch import quiet_stderr, run_entry  # noqa: E402
 
 
 def main(argv=None):
-    config = parse_config(argv, prog="train_tf/main.py")
-    dataset = data.load_dataset(config)
-    specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes)
-    plan.check_stages(config, specs)
+    config, dataset, specs = training.load_run(argv, "train_tf/main.py")
     verbose = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3") != "3"
     with quiet_stderr(enabled=not verbose):  # TF logs to fd 2 before honouring the level
         import tensorflow  # noqa: F401

@@ -7,7 +7,6 @@ order. Nothing here knows about distribution.
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from common import models, weights
@@ -145,12 +144,7 @@ class SpecModel(keras.Model):
 def build_model(specs, input_shape, seed):
     """Model for NCHW ``input_shape`` (fed NHWC), with common/weights.py's initial
     weights for ``seed`` (the same weights on every rank and in both frameworks)."""
-    keras.utils.set_random_seed(seed)
-    model = SpecModel(specs, input_shape)
-    channels, height, width = input_shape
-    model(tf.zeros((1, height, width, channels)))  # create the variables
-    load_neutral(model, input_shape, weights.initial_weights(specs, input_shape, seed))
-    return model
+    return build_stage(specs, input_shape, seed, 0, len(specs))
 
 
 # --- The neutral weight layout (common/weights.py) ------------------------------
@@ -220,7 +214,8 @@ def build_stage(specs, input_shape, seed, start, end):
     """Layers start..end-1 of the model, holding exactly the whole model's initial weights."""
     shapes = models.layer_shapes(specs, input_shape)
     stage = SpecModel(specs[start:end], shapes[start])
-    stage(tf.zeros((1, *to_channels_last(np.zeros((1, *shapes[start]))).shape[1:])))  # create the variables
+    channels_last = shapes[start][1:] + shapes[start][:1] if len(shapes[start]) == 3 else shapes[start]
+    stage(tf.zeros((1, *channels_last)))  # create the variables
     load_neutral(stage, shapes[start],
                  weights.stage_arrays(weights.initial_weights(specs, input_shape, seed), start, end))
     return stage

@@ -11,16 +11,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import data, models, plan, training  # noqa: E402
-from common.config import parse_config  # noqa: E402
+from common import training  # noqa: E402
 from common.launch import run_entry  # noqa: E402
 
 
 def main(argv=None):
-    config = parse_config(argv, prog="train_torch/main.py")
-    dataset = data.load_dataset(config)
-    specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes)
-    plan.check_stages(config, specs)
+    config, dataset, specs = training.load_run(argv, "train_torch/main.py")
     if config.mode == "data":  # heavy imports only once the input is valid
         from train_torch.data_parallel import DataParallelRunner as Runner
     else:

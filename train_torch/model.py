@@ -93,11 +93,7 @@ def build_stage(specs, input_shape, seed, start, end):
 def build_model(specs, input_shape, seed):
     """nn.Sequential of the specs, with common/weights.py's initial weights for ``seed``
     (the same weights on every rank and in both frameworks)."""
-    torch.manual_seed(seed)
-    shapes = models.layer_shapes(specs, input_shape)
-    model = nn.Sequential(*(build_layer(spec, shapes[i]) for i, spec in enumerate(specs)))
-    load_neutral(model, weights.initial_weights(specs, input_shape, seed))
-    return model
+    return build_stage(specs, input_shape, seed, 0, len(specs))
 
 
 # --- The neutral weight layout (common/weights.py) ------------------------------
