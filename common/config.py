@@ -70,6 +70,11 @@ class RunConfig:
     progress: bool = _flag(True, "show a progress bar on rank 0")
     allow_nonfinite: bool = _flag(False, "keep training when the loss is NaN or infinite (default: "
                                   "stop, keeping the last good checkpoint)")
+    elastic: bool = _flag(False, "PyTorch data mode: Horovod elastic training, workers may leave and "
+                          "join (launch with horovodrun --min-np/--max-np --host-discovery-script); "
+                          "the global batch and LR stay fixed")
+    elastic_commit_steps: int = _flag(20, "--elastic: commit the training state every N steps (a "
+                                      "failed worker costs at most N steps of redone work)")
 
     @property
     def weak_scaling(self):
@@ -93,7 +98,7 @@ class RunConfig:
 
 _POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples", "num_classes",
              "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints", "pp", "dp",
-             "microbatches")
+             "microbatches", "elastic_commit_steps")
 
 
 def validate(config):
@@ -101,7 +106,8 @@ def validate(config):
     for name in _POSITIVE:
         if getattr(config, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative (got {getattr(config, name)})")
-    for name in ("accumulation_steps", "keep_checkpoints", "num_classes", "synthetic_samples", "microbatches"):
+    for name in ("accumulation_steps", "keep_checkpoints", "num_classes", "synthetic_samples", "microbatches",
+                 "elastic_commit_steps"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if config.num_classes < 2:
@@ -126,6 +132,11 @@ def validate(config):
                          "add --mode hybrid --pp K (or drop them)")
     if config.mode == "model" and config.dp > 1:
         raise UsageError("--dp is for --mode hybrid; --mode model runs one pipeline")
+    if config.elastic and config.mode != "data":
+        raise UsageError("--elastic is for --mode data (a pipeline cannot lose a stage); drop --elastic")
+    if config.elastic and config.weak_scaling:
+        raise UsageError("--elastic keeps the global batch fixed while workers come and go; use "
+                         "--batch-size instead of --batch-size-per-rank")
     if config.adasum and config.fp16_allreduce:
         raise UsageError("--adasum and --fp16-allreduce cannot be combined; drop one")
     if config.resume and not config.checkpoint_dir:

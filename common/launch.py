@@ -61,14 +61,16 @@ TEST_FAILURE_VARIABLE = "CNN_PARALLEL_TEST_FAILURE"
 
 def injected_failure(rank, point):
     """Test-only failure injection, off unless CNN_PARALLEL_TEST_FAILURE is set to
-    RANK:POINT:HOW (POINT a global step number or 'save'; HOW 'raise' or 'kill').
-    Makes ``rank`` fail at ``point``, so tests can prove one failing rank brings
-    the whole job down promptly."""
+    WHO:POINT:HOW (WHO a rank, or the host name Horovod elastic gave the worker;
+    POINT a global step number or 'save'; HOW 'raise' or 'kill'). Makes that
+    process fail at ``point``, so tests can prove one failing rank brings the
+    whole job down promptly (or, elastic, that the others go on)."""
     setting = os.environ.get(TEST_FAILURE_VARIABLE)
     if not setting:
         return
-    want_rank, want_point, how = setting.split(":")
-    if int(want_rank) == rank and want_point == str(point):
+    who, want_point, how = setting.split(":")
+    me = str(rank) if who.isdigit() else os.environ.get("HOROVOD_HOSTNAME")
+    if who == me and want_point == str(point):
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure on rank {rank} at {point} ({TEST_FAILURE_VARIABLE})")

@@ -25,6 +25,10 @@ train_tf/data_parallel.py) with this interface:
     load_weights(path, architecture)           -> state (primary only; any framework's checkpoint)
     install_state(state)                       collective; every rank takes its part of the
                                                primary's state (None: keep its own, synchronised)
+    run_elastic(start, train_from)             --elastic only (PyTorch data mode): the first
+                                               workers call start() (collective: resume/init ->
+                                               position), then train_from(position, commit), again
+                                               from the last commit whenever workers leave or join
 """
 
 import math
@@ -40,10 +44,13 @@ from common.errors import RunStopped, UsageError
 from common.launch import injected_failure
 
 
-def load_run(argv, prog):
+def load_run(argv, prog, elastic_supported=False):
     """What both entry scripts do before any framework import: the flags, the
     data and the model's layer specs, each checked (UsageError on bad input)."""
     config = parse_config(argv, prog=prog)
+    if config.elastic and not elastic_supported:
+        raise UsageError(f"--elastic uses Horovod's PyTorch elastic API: run train_torch/main.py "
+                         f"({prog} trains on a fixed set of ranks; drop --elastic)")
     dataset = data.load_dataset(config)
     specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes)
     check_stages(config, specs)
@@ -143,9 +150,13 @@ class Health:
     sum: 1 if it was asked to stop, world_size + 1 if it saw a non-finite loss
     (so any such rank makes the sum exceed world_size)."""
 
-    def __init__(self, stop, world_size, allow_nonfinite):
-        self.stop, self.world_size, self.allow_nonfinite = stop, world_size, allow_nonfinite
+    def __init__(self, stop, runner, allow_nonfinite):
+        self.stop, self.runner, self.allow_nonfinite = stop, runner, allow_nonfinite
         self.nonfinite_at = None
+
+    @property
+    def world_size(self):
+        return self.runner.world_size  # read each time: elastic training changes it
 
     def check_loss(self, sums, epoch, step):
         if not self.allow_nonfinite and self.nonfinite_at is None and not math.isfinite(sums[0]):
@@ -166,46 +177,66 @@ class Health:
 
 def run(config, dataset, specs, runner):
     """Train and evaluate; returns (test loss, test accuracy)."""
-    world, primary = runner.world_size, runner.primary
     check_batch(config, runner.plan)
     architecture = checkpoint.architecture(config.model, dataset.image_shape, dataset.num_classes)
     stop = StopRequest()
-    health = Health(stop, world, config.allow_nonfinite)
-    start_epoch, start_step = restore(runner, config, architecture)
     global_batch = config.global_batch_size(runner.data_shards)
     steps = data.steps_per_epoch(len(dataset.y_train), global_batch, config.steps_per_epoch)
-    if primary:
+    if runner.primary:
         metrics.log(f"{runner.framework}: {config.model} ({models.total_params(specs, dataset.image_shape):,} "
                     f"params) on {dataset.name} {len(dataset.y_train)} train / {len(dataset.y_test)} test "
                     f"{'x'.join(map(str, dataset.image_shape))}; {describe(runner.plan, config)}, "
                     f"global batch {global_batch}, {steps} steps/epoch, {runner.threads} threads/rank")
         for line in getattr(runner, "layout", []):
             metrics.log(line)
-    writer = metrics.JsonLinesWriter(config.metrics_file if primary else "")
+    writer = metrics.JsonLinesWriter(config.metrics_file if runner.primary else "")
+
+    def train_from(position, commit=None):
+        return train_epochs(runner, config, dataset, position, steps, architecture, stop, writer, commit)
+
+    def start():
+        return restore(runner, config, architecture)
+
+    if config.elastic:
+        return runner.run_elastic(start, train_from)
+    return train_from(start())
+
+
+def train_epochs(runner, config, dataset, start, steps, architecture, stop, writer, commit=None):
+    """Epochs from ``start`` = (epoch, step) to the end; returns the test (loss, accuracy),
+    or None when stopped early. ``commit(epoch, step)``, if given, is told each position
+    reached (elastic training keeps its recoverable state with it)."""
+    start_epoch, start_step = start
+    health = Health(stop, runner, config.allow_nonfinite)
     test = None
     for epoch in range(start_epoch, config.epochs):
         train = train_epoch(runner, dataset, config, epoch, steps, start_step if epoch == start_epoch else 0,
-                            health)
+                            health, commit)
         if train["stopped_after"] is not None:
             return stop_now(runner, config, (epoch, train["stopped_after"]), architecture, stop)
         # Before saving: never let a non-finite last step overwrite a good checkpoint.
         stopping = health.verdict(runner.flag_sum(health.code()), epoch, steps - 1) == "stop"
-        test = metrics.Meter.results(runner.allreduce_sums(runner.evaluate(dataset.x_test, dataset.y_test),
-                                                           "eval_sums"))
-        record = metrics.epoch_record(epoch + 1, train["results"], test, train["throughput"], world,
+        test = evaluate(runner, dataset)
+        record = metrics.epoch_record(epoch + 1, train["results"], test, train["throughput"], runner.world_size,
                                       config, runner.framework, train["seconds"], train["lr"])
-        if primary:
+        if runner.primary:
             metrics.log(metrics.format_epoch(record, config.epochs))
             writer.write(record)
         path = save(runner, config, (epoch + 1, 0), architecture) if config.checkpoint_dir else None
+        if commit:
+            commit(epoch + 1, 0)
         if stopping and epoch + 1 < config.epochs:
             return report_stop(runner, stop, (epoch + 1, 0), path)
     if test is None:
-        test = metrics.Meter.results(runner.allreduce_sums(runner.evaluate(dataset.x_test, dataset.y_test),
-                                                           "eval_sums"))
-    if primary:
+        test = evaluate(runner, dataset)
+    if runner.primary:
         metrics.log(f"final test accuracy: {test[1]:.4f}  (test loss {test[0]:.4f})")
     return test
+
+
+def evaluate(runner, dataset):
+    return metrics.Meter.results(runner.allreduce_sums(runner.evaluate(dataset.x_test, dataset.y_test),
+                                                       "eval_sums"))
 
 
 def stop_now(runner, config, position, architecture, stop):
@@ -231,7 +262,7 @@ def describe(plan, config):
             f"micro-batches, {config.schedule}")
 
 
-def train_epoch(runner, dataset, config, epoch, steps, first_step, health):
+def train_epoch(runner, dataset, config, epoch, steps, first_step, health, commit=None):
     """Steps first_step.. of ``epoch``; stops early, every rank together, on a stop
     request (returning where) or a non-finite loss (raising RunStopped)."""
     world, shards = runner.world_size, runner.data_shards
@@ -255,6 +286,8 @@ def train_epoch(runner, dataset, config, epoch, steps, first_step, health):
         if health.verdict(agreed(), epoch, step) == "stop" and step + 1 < len(batches):
             stopped_after = step + 1
             break
+        if commit and step + 1 < len(batches):
+            commit(epoch, step + 1)
     progress.close()
     seconds = stopwatch.seconds()
     return {"results": metrics.Meter.results(runner.allreduce_sums(meter.sums, "train_sums")),

@@ -114,6 +114,40 @@ class DataParallelRunner(HorovodDataParallel):
     def load_weights(self, path, architecture):
         load_neutral(self.model, checkpoint.read_weights(path, architecture))
 
+    def run_elastic(self, start, train_from):
+        """Horovod elastic: run ``train_from`` until it returns, restarting it from the
+        last commit when a worker fails and from the current step when workers join or
+        leave. The global batch and LR are fixed, so the world size only changes how
+        each batch is split (common/data.rank_batches), not what a step computes."""
+        hvd = self.hvd
+        state = hvd.elastic.TorchState(self.model, self.optimizer, epoch=0, step=0, started=False)
+        every = self.config.elastic_commit_steps
+
+        def commit(epoch, step):
+            state.epoch, state.step = epoch, step
+            if step % every == 0:  # includes the end of every epoch (step 0 of the next)
+                state.commit()  # Horovod: keep a copy to roll back to; raises if hosts changed
+
+        def on_reset():
+            previous = self.world_size
+            self.set_layout(hvd, self.config)  # Horovod: new ranks and world size
+            if self.primary:
+                metrics.log(f"elastic: {previous} -> {self.world_size} workers; continuing at epoch "
+                            f"{state.epoch + 1}, step {state.step + 1}")
+
+        state.register_reset_callbacks([on_reset])
+
+        @hvd.elastic.run
+        def train(state):
+            # Horovod: the first call syncs every worker to rank 0's state, so a worker
+            # that joins later sees started=True and must skip start()'s collectives.
+            if not state.started:
+                (state.epoch, state.step), state.started = start(), True
+                state.commit()
+            return train_from((state.epoch, state.step), commit)
+
+        return train(state)
+
     def install_state(self, state):
         # Horovod: every rank starts from rank 0's weights and optimizer state.
         self.hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)

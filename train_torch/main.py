@@ -4,6 +4,8 @@
     horovodrun -np 2 python train_torch/main.py                 # data parallel, two ranks
     mpirun -np 2 python train_torch/main.py --mode model --pp 2 --microbatches 4
     mpirun -np 4 python train_torch/main.py --mode hybrid --pp 2 --dp 2
+    horovodrun -np 3 --min-np 2 --max-np 4 --host-discovery-script common/discover_hosts.sh \
+        python train_torch/main.py --elastic                    # workers may leave and join
 """
 
 import os
@@ -16,7 +18,7 @@ from common.launch import run_entry  # noqa: E402
 
 
 def main(argv=None):
-    config, dataset, specs = training.load_run(argv, "train_torch/main.py")
+    config, dataset, specs = training.load_run(argv, "train_torch/main.py", elastic_supported=True)
     if config.mode == "data":  # heavy imports only once the input is valid
         from train_torch.data_parallel import DataParallelRunner as Runner
     else:

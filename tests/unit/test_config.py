@@ -37,6 +37,9 @@ def test_flags_parse_into_the_config():
     (["--batch-szie", "3"], "unrecognized arguments"),
     (["--epochs", "two"], "invalid int value"),
     (["--adasum", "--fp16-allreduce"], "cannot be combined"),
+    (["--elastic", "--mode", "model", "--pp", "2"], "--elastic is for --mode data"),
+    (["--elastic", "--batch-size-per-rank", "32"], "keeps the global batch fixed"),
+    (["--elastic-commit-steps", "0"], "--elastic-commit-steps must be at least 1"),
     (["--metrics-file", "/nonexistent/dir/m.jsonl"], "does not exist"),
 ])
 def test_bad_flags_raise_a_usage_error(argv, message):
@@ -60,3 +63,11 @@ def test_lr_rules():
     assert ramp[0] == pytest.approx(0.1 + 0.3 / 10) and ramp[9] == pytest.approx(0.4)
     assert all(a < b for a, b in zip(ramp[:9], ramp[1:10])) and ramp[11] == pytest.approx(0.4)
     assert lr.lr_at(0, 10, weak, 1) == pytest.approx(0.1)  # one rank: nothing to warm up
+
+
+def test_elastic_is_refused_by_the_tensorflow_entry_and_accepted_by_pytorch():
+    from common import training
+
+    with pytest.raises(UsageError, match="--elastic uses Horovod's PyTorch elastic API"):
+        training.load_run(["--elastic"], "train_tf/main.py")
+    assert training.load_run(["--elastic"], "train_torch/main.py", elastic_supported=True)[0].elastic
