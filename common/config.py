@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from common.errors import UsageError
 
-MODES = ("data", "model", "hybrid")
+MODES = ("data", "model", "hybrid", "ps")
 SCHEDULES = ("gpipe", "1f1b")
 BALANCES = ("flops", "params", "time")
 DATASETS = ("digits", "cifar10", "synthetic")
@@ -27,7 +27,9 @@ def _flag(default, help, **argparse_kwargs):
 @dataclass
 class RunConfig:
     mode: str = _flag("data", "parallelism: data (Horovod allreduce), model (pipeline of --pp "
-                      "stages over MPI) or hybrid (--dp replicas of a --pp stage pipeline)", choices=MODES)
+                      "stages over MPI), hybrid (--dp replicas of a --pp stage pipeline) or ps "
+                      "(parameter server over MPI: rank 0 updates, the others compute gradients)",
+                      choices=MODES)
     pp: int = _flag(0, "pipeline stages (model: = ranks; hybrid: ranks = pp x dp)")
     dp: int = _flag(0, "hybrid: data-parallel replicas of the pipeline (0: ranks / pp)")
     microbatches: int = _flag(1, "model/hybrid: micro-batches per replica per step")
@@ -120,7 +122,15 @@ def validate(config):
         raise UsageError(f"--momentum must be in [0, 1) (got {config.momentum})")
     if config.weight_decay < 0:
         raise UsageError("--weight-decay must not be negative")
-    if config.mode != "data":
+    if config.mode == "ps":
+        for flag, value in (("--pp", config.pp > 1), ("--dp", config.dp), ("--microbatches", config.microbatches > 1),
+                            ("--split", config.split), ("--adasum", config.adasum),
+                            ("--fp16-allreduce", config.fp16_allreduce),
+                            ("--accumulation-steps", config.accumulation_steps > 1)):
+            if value:
+                raise UsageError(f"{flag} does not apply to --mode ps (one server, the other ranks "
+                                 "workers); drop it")
+    elif config.mode != "data":
         if config.pp < 1:
             raise UsageError(f"--mode {config.mode} needs --pp K, the number of pipeline stages")
         for flag, value in (("--adasum", config.adasum), ("--fp16-allreduce", config.fp16_allreduce),

@@ -17,10 +17,11 @@ class ParallelPlan:
     mode: str
     pp: int = 1
     dp: int = 1
+    servers: int = 0  # --mode ps: one parameter-server rank beside the dp workers
 
     @property
     def world_size(self):
-        return self.pp * self.dp
+        return self.pp * self.dp + self.servers
 
     @property
     def pipelined(self):
@@ -56,6 +57,11 @@ def make_plan(config, world_size):
         if config.pp not in (0, 1):
             raise UsageError(f"--pp {config.pp} needs --mode model or --mode hybrid")
         return ParallelPlan("data", 1, world_size)
+    if config.mode == "ps":
+        if world_size < 2:
+            raise UsageError(f"--mode ps needs at least 2 ranks (rank 0 serves the parameters, the others "
+                             f"compute gradients), got {world_size}; launch with -np 3 (1 server + 2 workers)")
+        return ParallelPlan("ps", 1, world_size - 1, servers=1)
     pp = config.pp
     if pp < 1:
         raise UsageError(f"--mode {config.mode} needs --pp K (number of pipeline stages, >= 1)")

@@ -256,6 +256,8 @@ def report_stop(runner, stop, position, path):
 
 
 def describe(plan, config):
+    if plan.mode == "ps":
+        return f"parameter server: rank 0 serves {plan.dp} worker(s)"
     if not plan.pipelined:
         return f"data parallel on {plan.world_size} rank(s)"
     return (f"{plan.mode} parallel: {plan.pp} stages x {plan.dp} replica(s), {config.microbatches} "

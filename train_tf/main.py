@@ -4,6 +4,7 @@
     horovodrun -np 2 python train_tf/main.py                 # data parallel, two ranks
     mpirun -np 2 python train_tf/main.py --mode model --pp 2 --microbatches 4
     mpirun -np 4 python train_tf/main.py --mode hybrid --pp 2 --dp 2
+    mpirun -np 3 python train_tf/main.py --mode ps         # parameter server + 2 workers
 
 TensorFlow's start-up log lines are hidden; set TF_CPP_MIN_LOG_LEVEL=0 to see them.
 """
@@ -24,6 +25,8 @@ def main(argv=None):
         import tensorflow  # noqa: F401
         if config.mode == "data":
             from train_tf.data_parallel import DataParallelRunner as Runner
+        elif config.mode == "ps":
+            from train_tf.parameter_server import TensorFlowParameterServerRunner as Runner
         else:
             from train_tf.pipeline import TensorFlowPipelineRunner as Runner
     training.run(config, dataset, specs, Runner(config, dataset, specs))

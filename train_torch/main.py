@@ -4,6 +4,7 @@
     horovodrun -np 2 python train_torch/main.py                 # data parallel, two ranks
     mpirun -np 2 python train_torch/main.py --mode model --pp 2 --microbatches 4
     mpirun -np 4 python train_torch/main.py --mode hybrid --pp 2 --dp 2
+    mpirun -np 3 python train_torch/main.py --mode ps         # parameter server + 2 workers
     horovodrun -np 3 --min-np 2 --max-np 4 --host-discovery-script common/discover_hosts.sh \
         python train_torch/main.py --elastic                    # workers may leave and join
 """
@@ -21,6 +22,8 @@ def main(argv=None):
     config, dataset, specs = training.load_run(argv, "train_torch/main.py", elastic_supported=True)
     if config.mode == "data":  # heavy imports only once the input is valid
         from train_torch.data_parallel import DataParallelRunner as Runner
+    elif config.mode == "ps":
+        from train_torch.parameter_server import TorchParameterServerRunner as Runner
     else:
         from train_torch.pipeline import TorchPipelineRunner as Runner
     training.run(config, dataset, specs, Runner(config, dataset, specs))

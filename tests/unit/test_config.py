@@ -39,6 +39,7 @@ def test_flags_parse_into_the_config():
     (["--adasum", "--fp16-allreduce"], "cannot be combined"),
     (["--elastic", "--mode", "model", "--pp", "2"], "--elastic is for --mode data"),
     (["--elastic", "--batch-size-per-rank", "32"], "keeps the global batch fixed"),
+    (["--mode", "ps", "--microbatches", "4"], "--microbatches does not apply to --mode ps"),
     (["--elastic-commit-steps", "0"], "--elastic-commit-steps must be at least 1"),
     (["--metrics-file", "/nonexistent/dir/m.jsonl"], "does not exist"),
 ])

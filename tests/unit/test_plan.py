@@ -20,6 +20,8 @@ def test_make_plan_per_mode():
     assert make_plan(RunConfig(mode="model", pp=3), 3) == ParallelPlan("model", 3, 1)
     assert make_plan(RunConfig(mode="hybrid", pp=2, dp=2), 4) == ParallelPlan("hybrid", 2, 2)
     assert make_plan(RunConfig(mode="hybrid", pp=2), 6) == ParallelPlan("hybrid", 2, 3)
+    ps = make_plan(RunConfig(mode="ps"), 3)
+    assert ps == ParallelPlan("ps", 1, 2, servers=1) and ps.world_size == 3 and not ps.pipelined
 
 
 @pytest.mark.parametrize("config,world,message", [
@@ -28,6 +30,7 @@ def test_make_plan_per_mode():
     (RunConfig(mode="hybrid", pp=2), 3, "multiple of 2 ranks but 3 were launched; launch with -np 2 or -np 4"),
     (RunConfig(mode="hybrid", pp=4), 2, "multiple of 4 ranks but 2 were launched; launch with -np 4 or -np 8"),
     (RunConfig(mode="data", pp=2), 2, "needs --mode model"),
+    (RunConfig(mode="ps"), 1, "--mode ps needs at least 2 ranks .* launch with -np 3"),
 ])
 def test_impossible_layouts_name_the_fix(config, world, message):
     with pytest.raises(UsageError, match=message):
