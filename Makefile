@@ -1,5 +1,6 @@
 # Quickstart:  make train   (installs what is missing, then trains the default job)
 #              make test
+# Also:        make bench  (throughput of every mode beside DDP, pipelining, MultiWorkerMirrored; ~10 min)
 # Variables:   FRAMEWORK=torch|tf  NP=2  ARGS="--epochs 5 ..."  GPU=1 (CUDA install)
 
 SHELL := /bin/bash
@@ -11,13 +12,14 @@ ARGS ?=
 GPU ?= 0
 REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu.txt,requirements.txt)
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 # Keep TensorFlow's C++ log lines out of the user's way (set to 0 to see them).
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install train test test-unit clean help
+.PHONY: install train test test-unit bench clean help
 
 help:
-	@sed -n '1,4p' Makefile
+	@sed -n '1,5p' Makefile
 
 install: $(VENV)/.horovod-installed
 
@@ -40,6 +42,9 @@ train: install
 
 test: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+bench: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) benchmarks/run.py $(BENCH_ARGS)
 
 test-unit: install
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)

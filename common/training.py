@@ -41,13 +41,14 @@ from common import checkpoint, data, lr, metrics, models
 from common.config import parse_config
 from common.plan import check_batch, check_stages
 from common.errors import RunStopped, UsageError
-from common.launch import injected_failure
+from common.launch import apply_tuned_defaults, injected_failure
 
 
 def load_run(argv, prog, elastic_supported=False):
     """What both entry scripts do before any framework import: the flags, the
     data and the model's layer specs, each checked (UsageError on bad input)."""
     config = parse_config(argv, prog=prog)
+    apply_tuned_defaults()  # read when MPI starts, which is later (in the runner)
     if config.elastic and not elastic_supported:
         raise UsageError(f"--elastic uses Horovod's PyTorch elastic API: run train_torch/main.py "
                          f"({prog} trains on a fixed set of ranks; drop --elastic)")

@@ -1,0 +1,157 @@
+"""Tables and plot from benchmarks/run.py's results (pure: no measuring here)."""
+
+FRAMEWORKS = ("pytorch", "tensorflow")
+PEERS = {"pytorch": "DDP np2 (torchrun, gloo)", "tensorflow": "MultiWorkerMirroredStrategy, 2 workers"}
+
+
+def find(results, name, framework):
+    for case in results["cases"]:
+        if case["name"] == name and case["framework"] == framework:
+            return case["median"]
+    return None
+
+
+def ratio(numerator, denominator, scale=1.0):
+    if numerator is None or not denominator:
+        return None
+    return numerator / (denominator * scale)
+
+
+def pipeline_bound(microbatches, stages=2):
+    """The fraction of time a stage computes under a GPipe/1F1B schedule: M / (M + K - 1)."""
+    return microbatches / (microbatches + stages - 1)
+
+
+def derived(results):
+    """(measure, {framework: value}) rows: ratios the README quotes."""
+    rows = []
+
+    def row(label, value_of):
+        rows.append((label, {framework: value_of(framework) for framework in FRAMEWORKS}))
+
+    row("scaling efficiency: data np2 / (2 x data np1)",
+        lambda f: ratio(find(results, "data np2", f), find(results, "data np1", f), 2))
+    row("Horovod data np2, shipped defaults / peer (DDP; MultiWorkerMirrored)",
+        lambda f: ratio(find(results, "data np2", f), find(results, PEERS[f], f + " (peer)")))
+    row("Horovod data np2, Horovod's own defaults / peer",
+        lambda f: ratio(find(results, "data np2, Horovod defaults", f), find(results, PEERS[f], f + " (peer)")))
+    for schedule in ("gpipe", "1f1b"):
+        for microbatches in (1, 4, 8):
+            name = f"model pp2, {schedule} M{microbatches}"
+            row(f"pipeline efficiency {schedule} M{microbatches}: pp2 / (2 x np1) "
+                f"(bound {pipeline_bound(microbatches):.2f})",
+                lambda f, n=name: ratio(find(results, n, f), find(results, "data np1", f), 2))
+    for schedule in ("gpipe", "1f1b"):
+        for microbatches in (4, 8):
+            peer = f"torch.distributed.pipelining pp2, {schedule} M{microbatches}"
+            row(f"our pp2 {schedule} M{microbatches} / torch.distributed.pipelining",
+                lambda f, p=peer, n=f"model pp2, {schedule} M{microbatches}":
+                ratio(find(results, n, f), find(results, p, "pytorch (peer)")) if f == "pytorch" else None)
+    row("parameter server (1 + 2 workers) / ring allreduce np2",
+        lambda f: ratio(find(results, "ps 1 server + 2 workers", f), find(results, "data np2", f)))
+    row("parameter server (1 + 2 workers) / ring allreduce np3 (same 3 processes)",
+        lambda f: ratio(find(results, "ps 1 server + 2 workers", f), find(results, "data np3", f)))
+    return rows
+
+
+def _number(value, digits=2):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(results):
+    machine, settings = results["machine"], results["settings"]
+    lines = [f"Measured {machine['date']} on `{machine['host']}`: {machine['cores']} cores "
+             f"({machine['cpu'] or 'unknown CPU'}), Python {machine['python']}, {machine.get('gpu') or 'no GPU'}. "
+             f"Workload: the {settings['model']}, synthetic {settings['image_shape']} images, global batch "
+             f"{settings['global_batch']}, {settings['threads_per_rank']} thread per rank; images/sec is the "
+             f"median of {settings['windows'] - 1} timed windows of {settings['steps_per_window']} steps after "
+             "a warm-up window, with the spread (min–max). * = more processes than cores.", "",
+             "| case | framework | ranks | images/sec | spread | per rank |", "|---|---|---|---|---|---|"]
+    for case in results["cases"]:
+        flag = " *" if case["oversubscribed"] else ""
+        lines.append(f"| {case['name']}{flag} | {case['framework']} | {case['ranks']} | {case['median']:,.0f} | "
+                     f"{case['min']:,.0f}–{case['max']:,.0f} | {case['median'] / case['ranks']:,.0f} |")
+    lines += ["", "| measure | PyTorch | TensorFlow |", "|---|---|---|"]
+    for label, values in derived(results):
+        if any(value is not None for value in values.values()):
+            lines.append(f"| {label} | {_number(values['pytorch'])} | {_number(values['tensorflow'])} |")
+    for label, run in results["allreduce"].items():
+        lines += ["", f"Allreduce bandwidth, {run['world_size']} ranks ({label.replace('_', ' ')}): "
+                  "bytes / median seconds, MB/s", "", "| size | mpi4py Allreduce | Horovod allreduce |",
+                  "|---|---|---|"]
+        for size in run["sizes"]:
+            lines.append(f"| {_size(size['bytes'])} | {size['mpi4py_bytes_per_sec'] / 1e6:,.0f} | "
+                         f"{size['horovod_bytes_per_sec'] / 1e6:,.0f} |")
+    lines += ["", *gpu_markdown(results.get("gpu") or {})]
+    return "\n".join(lines) + "\n"
+
+
+def gpu_markdown(gpu):
+    if not gpu.get("gpu"):
+        return [f"GPU section (benchmarks/gpu.py: ResNet-50 224x224 and our models, fp32 vs bf16 AMP): not run "
+                f"here, {gpu.get('reason', 'no CUDA device')}."]
+    lines = [f"GPU section: {gpu['gpu']}, torch {gpu['torch']}, one device.", "",
+             "| model | precision | batch | images/sec | spread |", "|---|---|---|---|---|"]
+    for case in gpu["cases"]:
+        lines.append(f"| {case['name']} | {case['precision']} | {case['batch']} | {case['median']:,.0f} | "
+                     f"{case['min']:,.0f}–{case['max']:,.0f} |")
+    return lines
+
+
+def _size(count):
+    for unit, scale in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if count >= scale:
+            return f"{count // scale} {unit}"
+    return f"{count} B"
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (bars, efficiency, bandwidth) = plt.subplots(1, 3, figsize=(20, 8),
+                                                           gridspec_kw={"width_ratios": [2.2, 1.3, 1]})
+    cases = results["cases"]
+    labels = [f"{case['framework']}: {case['name']}{' *' if case['oversubscribed'] else ''}" for case in cases]
+    colours = ["tab:blue" if case["framework"] == "pytorch" else "tab:orange" if case["framework"] == "tensorflow"
+               else "tab:gray" for case in cases]
+    positions = range(len(cases))
+    medians = [case["median"] for case in cases]
+    spreads = [[case["median"] - case["min"] for case in cases], [case["max"] - case["median"] for case in cases]]
+    bars.barh(positions, medians, xerr=spreads, color=colours)
+    bars.set_yticks(list(positions), labels, fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlabel("images/sec (median, min-max)")
+    bars.set_title("Throughput (blue PyTorch, orange TensorFlow, grey peers)")
+
+    rows = [(label, values) for label, values in derived(results) if any(v is not None for v in values.values())]
+    for offset, framework, colour in ((-0.2, "pytorch", "tab:blue"), (0.2, "tensorflow", "tab:orange")):
+        efficiency.barh([i + offset for i in range(len(rows))], [values[framework] or 0 for _, values in rows],
+                        height=0.4, color=colour, label=framework)
+    for i, (label, _) in enumerate(rows):
+        if "bound" in label:
+            bound = float(label.split("bound ")[1].rstrip(")"))
+            efficiency.plot([bound, bound], [i - 0.45, i + 0.45], color="black")
+    efficiency.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=6)
+    efficiency.invert_yaxis()
+    efficiency.axvline(1.0, color="gray", linestyle=":")
+    efficiency.set_title("Ratios (black ticks: bubble bound M/(M+K-1))")
+    efficiency.legend(fontsize=7)
+
+    for label, run in results["allreduce"].items():
+        sizes = [size["bytes"] for size in run["sizes"]]
+        bandwidth.loglog(sizes, [size["horovod_bytes_per_sec"] / 1e6 for size in run["sizes"]], marker="o",
+                         label=f"Horovod ({label.replace('_', ' ')})")
+        if label == "shipped":
+            bandwidth.loglog(sizes, [size["mpi4py_bytes_per_sec"] / 1e6 for size in run["sizes"]], marker="s",
+                             label="mpi4py Allreduce")
+    bandwidth.set_xlabel("message size (bytes)")
+    bandwidth.set_ylabel("MB/s")
+    bandwidth.set_title("Allreduce bandwidth, 2 ranks")
+    bandwidth.legend(fontsize=7)
+    figure.suptitle(f"{results['machine']['date']}, {results['machine']['cores']} cores")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

@@ -1,0 +1,223 @@
+"""Throughput of every mode in both frameworks beside the tools users would pick
+instead, on the same model, batch, threads and machine (see benchmarks/README.md).
+
+    python benchmarks/run.py                      # the full suite (make bench), ~10 min on 2 cores
+    python benchmarks/run.py --quick --out DIR    # a smoke run: two tiny cases (make test)
+
+Writes DIR/results.json (every window of every case), DIR/results.md (the
+tables the README shows) and DIR/results.png (throughput, efficiencies,
+allreduce bandwidth). Each case runs as its own job; its throughput is the
+median over timed windows after a warm-up window, with the spread (min-max).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+from benchmarks import report  # noqa: E402
+
+PYTHON = sys.executable
+BIN = os.path.dirname(PYTHON)
+TIMEOUT = 300
+
+
+class Settings:
+    """One workload for every case: the seed CNN on synthetic 3x32x32 images."""
+
+    def __init__(self, quick):
+        self.shape, self.batch, self.threads = "3,32,32", 128, 1
+        self.windows, self.steps = (2, 2) if quick else (6, 10)  # the first window is the warm-up
+
+    def entry_flags(self):
+        return ["--dataset", "synthetic", "--synthetic-shape", self.shape, "--synthetic-samples",
+                self.batch * self.steps, "--batch-size", self.batch, "--steps-per-epoch", self.steps,
+                "--epochs", self.windows, "--threads", self.threads, "--lr", 0.01, "--no-progress"]
+
+    def peer_flags(self):
+        return ["--shape", self.shape, "--batch-size", self.batch, "--windows", self.windows,
+                "--steps", self.steps, "--threads", self.threads, "--lr", 0.01]
+
+
+def job_env(extra=None):
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    env.update(extra or {})
+    return env
+
+
+def mpirun(np_, env_names=()):
+    oversubscribe = ["--oversubscribe"] if np_ > (os.cpu_count() or 1) else []
+    forwarded = [part for name in env_names for part in ("-x", name)]
+    return ["mpirun", "-np", str(np_), *oversubscribe, *forwarded]
+
+
+def run(command, env, cwd=REPO):
+    result = subprocess.run([str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(map(str, command))} exited {result.returncode}:\n"
+                           f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return result.stdout
+
+
+def summary(rates):
+    timed = rates[1:] or rates  # drop the warm-up window
+    return {"median": statistics.median(timed), "min": min(timed), "max": max(timed), "windows": rates}
+
+
+def entry_case(settings, framework, np_, flags=(), env=None):
+    """One of our entry scripts; each epoch (--steps-per-epoch steps) is a timed window."""
+    with tempfile.TemporaryDirectory() as scratch:
+        metrics = os.path.join(scratch, "metrics.jsonl")
+        launcher = mpirun(np_, (env or {}).keys()) if np_ > 1 else []
+        run([*launcher, PYTHON, os.path.join(REPO, f"train_{framework}", "main.py"), *settings.entry_flags(),
+             *flags, "--metrics-file", metrics], job_env(env))
+        with open(metrics) as lines:
+            return summary([json.loads(line)["images_per_sec"] for line in lines])
+
+
+def peer_result(stdout):
+    line = next(line for line in stdout.splitlines() if line.startswith("BENCH_RESULT "))
+    return json.loads(line[len("BENCH_RESULT "):])
+
+
+def torchrun_case(settings, script, np_, flags=()):
+    command = [os.path.join(BIN, "torchrun"), "--nproc_per_node", np_, "--master_port", free_port(),
+               os.path.join(HERE, "peers", script), *settings.peer_flags(), *flags]
+    return summary(peer_result(run(command, job_env({"OMP_NUM_THREADS": "1"}), cwd=os.path.join(HERE, "peers")))
+                   ["images_per_sec"])
+
+
+def multiworker_case(settings, workers=2):
+    ports = [free_port() for _ in range(workers)]
+    processes = []
+    for index in range(workers):
+        config = {"cluster": {"worker": [f"localhost:{port}" for port in ports]},
+                  "task": {"type": "worker", "index": index}}
+        processes.append(subprocess.Popen(
+            [PYTHON, os.path.join(HERE, "peers", "tf_multiworker.py"), *map(str, settings.peer_flags())],
+            cwd=os.path.join(HERE, "peers"), env=job_env({"TF_CONFIG": json.dumps(config)}),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=TIMEOUT) for process in processes]
+    if any(process.returncode for process in processes):
+        raise RuntimeError("tf_multiworker.py failed:\n" + "\n".join(err[-2000:] for _, err in outputs))
+    return summary(peer_result(outputs[0][0])["images_per_sec"])
+
+
+def allreduce_case(quick, env=None):
+    command = [*mpirun(2, (env or {}).keys()), PYTHON, os.path.join(HERE, "allreduce.py"),
+               *(["--quick"] if quick else [])]
+    return peer_result(run(command, job_env(env)))
+
+
+def gpu_case(quick):
+    """benchmarks/gpu.py in this environment: a record saying why when there is no CUDA device."""
+    return peer_result(run([PYTHON, os.path.join(HERE, "gpu.py"), *(["--quick"] if quick else [])], job_env()))
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+HOROVOD_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "0"}  # undo our shipped default (common/launch.py)
+
+
+def cases(settings, quick):
+    """(name, group, framework, ranks, oversubscribed, function) for every case."""
+    if quick:
+        return [("data np1", "data", "pytorch", 1, False, lambda: entry_case(settings, "torch", 1)),
+                ("data np2", "data", "pytorch", 2, False, lambda: entry_case(settings, "torch", 2))]
+    listed = []
+    for framework, name in (("torch", "pytorch"), ("tf", "tensorflow")):
+        def ours(np_, flags=(), env=None, framework=framework):
+            return lambda: entry_case(settings, framework, np_, flags, env)
+        listed += [
+            ("data np1", "data", name, 1, False, ours(1)),
+            ("data np2", "data", name, 2, False, ours(2)),
+            ("data np2, Horovod defaults", "data", name, 2, False, ours(2, env=HOROVOD_DEFAULTS)),
+            ("data np3", "ps", name, 3, True, ours(3)),
+            ("ps 1 server + 2 workers", "ps", name, 3, True, ours(3, ["--mode", "ps"])),
+            ("hybrid dp2 x pp2, 1f1b M4", "hybrid", name, 4, True,
+             ours(4, ["--mode", "hybrid", "--pp", 2, "--dp", 2, "--microbatches", 4])),
+        ]
+        for schedule in ("gpipe", "1f1b"):
+            for microbatches in (1, 4, 8):
+                listed.append((f"model pp2, {schedule} M{microbatches}", "model", name, 2, False,
+                               ours(2, ["--mode", "model", "--pp", 2, "--schedule", schedule,
+                                        "--microbatches", microbatches])))
+    listed += [("DDP np2 (torchrun, gloo)", "data", "pytorch (peer)", 2, False,
+                lambda: torchrun_case(settings, "ddp.py", 2)),
+               ("MultiWorkerMirroredStrategy, 2 workers", "data", "tensorflow (peer)", 2, False,
+                lambda: multiworker_case(settings))]
+    for schedule in ("gpipe", "1f1b"):
+        for microbatches in (4, 8):
+            listed.append((f"torch.distributed.pipelining pp2, {schedule} M{microbatches}", "model",
+                           "pytorch (peer)", 2, False,
+                           lambda s=schedule, m=microbatches: torchrun_case(
+                               settings, "torch_pipelining.py", 2, ["--schedule", s, "--microbatches", m])))
+    return listed
+
+
+def machine():
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"host": socket.gethostname(), "cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--quick", action="store_true", help="a smoke run: two tiny cases")
+    parser.add_argument("--only", default="", help="run only cases whose name matches this regex")
+    args = parser.parse_args(argv)
+    settings = Settings(args.quick)
+    results = {"machine": machine(), "settings": {"model": "seed CNN", "image_shape": settings.shape,
+                                                  "global_batch": settings.batch, "threads_per_rank": settings.threads,
+                                                  "windows": settings.windows, "steps_per_window": settings.steps},
+               "cases": [], "allreduce": {}}
+    for name, group, framework, ranks, oversubscribed, measure in cases(settings, args.quick):
+        if args.only and not re.search(args.only, name):
+            continue
+        print(f"{framework:18s} {name} ...", end=" ", flush=True)
+        throughput = measure()
+        print(f"{throughput['median']:,.0f} img/s", flush=True)
+        results["cases"].append({"name": name, "group": group, "framework": framework, "ranks": ranks,
+                                 "oversubscribed": oversubscribed, **throughput})
+    for label, env in (("shipped", None), ("horovod_defaults", None if args.quick else HOROVOD_DEFAULTS)):
+        if args.quick and label != "shipped":
+            continue
+        print(f"allreduce bandwidth ({label}) ...", flush=True)
+        results["allreduce"][label] = allreduce_case(args.quick, env)
+    print("GPU section ...", flush=True)
+    results["gpu"] = gpu_case(args.quick)
+    results["machine"]["gpu"] = results["gpu"].get("gpu")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as out:
+        json.dump(results, out, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w") as out:
+        out.write(report.markdown(results))
+    report.plot(results, os.path.join(args.out, "results.png"))
+    print(f"wrote {args.out}/results.json, results.md, results.png")
+
+
+if __name__ == "__main__":
+    main()

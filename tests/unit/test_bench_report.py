@@ -1,0 +1,39 @@
+"""The benchmark report's arithmetic, on made-up numbers (benchmarks/report.py is pure)."""
+
+import pytest
+
+from benchmarks import report
+
+
+def case(name, framework, median, ranks=2):
+    return {"name": name, "framework": framework, "ranks": ranks, "oversubscribed": False,
+            "median": median, "min": median, "max": median}
+
+
+RESULTS = {"machine": {"date": "today", "host": "h", "cores": 2, "cpu": "", "python": "3"},
+           "settings": {"model": "seed CNN", "image_shape": "3,32,32", "global_batch": 128, "threads_per_rank": 1,
+                        "windows": 6, "steps_per_window": 10},
+           "cases": [case("data np1", "pytorch", 1000, 1), case("data np2", "pytorch", 1800),
+                     case("DDP np2 (torchrun, gloo)", "pytorch (peer)", 1500),
+                     case("model pp2, gpipe M4", "pytorch", 1200)],
+           "allreduce": {}}
+
+
+def test_bubble_bound():
+    assert report.pipeline_bound(1) == 0.5 and report.pipeline_bound(4) == pytest.approx(0.8)
+    assert report.pipeline_bound(8, stages=4) == pytest.approx(8 / 11)
+
+
+def test_derived_ratios():
+    rows = dict(report.derived(RESULTS))
+    assert rows["scaling efficiency: data np2 / (2 x data np1)"]["pytorch"] == pytest.approx(0.9)
+    assert rows["Horovod data np2, shipped defaults / peer (DDP; MultiWorkerMirrored)"]["pytorch"] == \
+        pytest.approx(1.2)
+    assert rows["pipeline efficiency gpipe M4: pp2 / (2 x np1) (bound 0.80)"]["pytorch"] == pytest.approx(0.6)
+    assert rows["scaling efficiency: data np2 / (2 x data np1)"]["tensorflow"] is None
+
+
+def test_markdown_lists_every_case_and_skips_empty_ratios():
+    table = report.markdown(RESULTS)
+    assert table.count("| pytorch |") == 3 and "| DDP np2 (torchrun, gloo) | pytorch (peer) | 2 | 1,500 |" in table
+    assert "parameter server" not in table  # no PS case measured, no PS row
