@@ -164,12 +164,12 @@ class PipelineRunner:
         function waits for it and returns the sum."""
         from mpi4py import MPI
 
-        mine, total = np.array([int(value)], dtype=np.int64), np.zeros(1, dtype=np.int64)
-        request = self.comm.Iallreduce(mine, total, op=MPI.SUM)
+        buffers = np.array([int(value)], dtype=np.int64), np.zeros(1, dtype=np.int64)
+        request = self.comm.Iallreduce(buffers[0], buffers[1], op=MPI.SUM)
 
         def answer():
-            request.Wait()
-            return int(total[0])
+            request.Wait()  # both buffers must live until here: MPI reads/writes them meanwhile
+            return int(buffers[1][0])
         return answer
 
     # --- whole-model state: checkpoints are the same files as in data mode ------

@@ -1,11 +1,18 @@
 """The TensorFlow stage of a pipeline (model-parallel and hybrid modes).
 
 common/pipeline.py runs the schedule, the transport and the state exchange;
-this class does one stage's arithmetic. Each micro-batch's forward runs under
-its own GradientTape, kept until its backward, which asks that tape for the
-input and parameter gradients given the next stage's output gradients
-(``output_gradients``). Activations travel channel-first, as in common/, so
-a TF stage and a PyTorch stage exchange the same arrays.
+this class does one stage's arithmetic, each part a compiled tf.function (run
+eagerly, a small CNN's micro-batches spent most of their time in TF's per-op
+overhead). A tape cannot outlive a tf.function, so:
+- the last stage computes a micro-batch's loss and all its gradients in one
+  call at its forward and keeps them for its backward;
+- other stages run the forward alone, keep the input, and at the backward
+  recompute the forward under a tape and ask it for the input and parameter
+  gradients given the next stage's output gradients (``output_gradients``).
+  The recomputation leaves BatchNorm's running statistics alone (they moved
+  once, at the forward), so the results equal the eager tape's.
+Activations travel channel-first, as in common/, so a TF stage and a PyTorch
+stage exchange the same arrays.
 """
 
 import time
@@ -16,8 +23,8 @@ import tensorflow as tf
 from common.pipeline import PipelineRunner
 from train_tf import checkpoint
 from train_tf.device import pin_gpu
-from train_tf.model import (build_model, build_stage, load_neutral, to_channels_first, to_channels_last,
-                            to_neutral)
+from train_tf.model import (build_model, build_stage, frozen_batch_norm_statistics, load_neutral,
+                            to_channels_first, to_channels_last, to_neutral)
 from train_tf.optimizer import Optimizer, load_optimizer_neutral, optimizer_to_neutral
 
 
@@ -60,7 +67,31 @@ class TensorFlowPipelineRunner(PipelineRunner):
         self.has_parameters = bool(self.variables)
         self.optimizer = Optimizer(self.variables, self.config)
         self._apply = tf.function(lambda gradients: self.optimizer.apply(gradients, self.variables))
+        self._forward = tf.function(lambda x: self.model(x, training=True), reduce_retracing=True)
+        self._recompute_backward = tf.function(self._gradients_given_output_gradients, reduce_retracing=True)
+        self._loss_backward = tf.function(self._loss_and_gradients, reduce_retracing=True)
         self.stash, self.gradients = {}, []
+
+    def _gradients_given_output_gradients(self, x, upstream, accumulated):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            with frozen_batch_norm_statistics():  # they moved at the forward
+                out = self.model(x, training=True)
+        gradients = tape.gradient(out, [x] + list(self.variables), output_gradients=upstream,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return gradients[0], [total + gradient for total, gradient in zip(accumulated, gradients[1:])]
+
+    def _loss_and_gradients(self, x, labels, scale, accumulated):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = self.model(x, training=True)
+            loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, out))
+            target = loss_sum * scale  # scaled once: the micro-batches add up to the batch mean
+        gradients = tape.gradient(target, [x] + list(self.variables),
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(out, 1, output_type=labels.dtype), labels), tf.float32))
+        return (loss_sum, correct, gradients[0],
+                [total + gradient for total, gradient in zip(accumulated, gradients[1:])])
 
     def init_stage_allreduce(self, stage_ranks):
         import horovod.tensorflow as hvd
@@ -80,27 +111,21 @@ class TensorFlowPipelineRunner(PipelineRunner):
 
     def forward(self, m, inputs, labels, scale):
         x = tf.constant(to_channels_last(inputs))
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            out = self.model(x, training=True)
-            if self.last:
-                labels = tf.constant(labels)
-                loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, out))
-                target = loss_sum * scale  # scaled once: the micro-batches add up to the batch mean
         if not self.last:
-            self.stash[m] = (tape, x, out)
-            return np.ascontiguousarray(to_channels_first(out.numpy())), (0.0, 0.0)
-        self.stash[m] = (tape, x, target)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(out, 1), labels), tf.float32))
+            self.stash[m] = x
+            return np.ascontiguousarray(to_channels_first(self._forward(x).numpy())), (0.0, 0.0)
+        loss_sum, correct, input_gradient, self.gradients = self._loss_backward(
+            x, tf.constant(labels), tf.constant(scale, tf.float32), self.gradients)
+        self.stash[m] = input_gradient
         return None, (float(loss_sum), float(correct))
 
     def backward(self, m, output_gradient):
-        tape, x, out = self.stash.pop(m)
-        upstream = None if output_gradient is None else tf.constant(to_channels_last(output_gradient))
-        gradients = tape.gradient(out, [x] + list(self.variables), output_gradients=upstream,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        self.gradients = [total + gradient for total, gradient in zip(self.gradients, gradients[1:])]
-        return None if self.first else np.ascontiguousarray(to_channels_first(gradients[0].numpy()))
+        if self.last:
+            input_gradient = self.stash.pop(m)  # computed with the loss, at the forward
+        else:
+            upstream = tf.constant(to_channels_last(output_gradient))
+            input_gradient, self.gradients = self._recompute_backward(self.stash.pop(m), upstream, self.gradients)
+        return None if self.first else np.ascontiguousarray(to_channels_first(input_gradient.numpy()))
 
     def allreduce_gradients(self):
         # Horovod: sum this stage's gradients over its replicas.
