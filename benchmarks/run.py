@@ -1,7 +1,7 @@
 """Throughput of every mode in both frameworks beside the tools users would pick
 instead, on the same model, batch, threads and machine (see benchmarks/README.md).
 
-    python benchmarks/run.py                      # the full suite (make bench), ~10 min on 2 cores
+    python benchmarks/run.py                      # the full suite (make bench), ~4 min on 2 cores
     python benchmarks/run.py --quick --out DIR    # a smoke run: two tiny cases (make test)
 
 Writes DIR/results.json (every window of every case), DIR/results.md (the
