@@ -18,19 +18,20 @@ class TorchParameterServerRunner(ParameterServerRunner, TorchPipelineRunner):
                                    for p in self.parameters]))
 
     def set_gradient_vector(self, vector):
-        offset = 0
-        for parameter in self.parameters:
-            piece = to_device(vector[offset:offset + parameter.numel()], self.device)
-            parameter.grad = piece.reshape(parameter.shape).clone()
-            offset += parameter.numel()
+        for parameter, piece in self._pieces(vector):
+            parameter.grad = piece.clone()
 
     def parameter_vector(self):
         return to_numpy(parameters_to_vector(self.parameters).detach())
 
     @torch.no_grad()
     def set_parameter_vector(self, vector):
+        for parameter, piece in self._pieces(vector):
+            parameter.copy_(piece)
+
+    def _pieces(self, vector):
         offset = 0
         for parameter in self.parameters:
             piece = to_device(vector[offset:offset + parameter.numel()], self.device)
-            parameter.copy_(piece.reshape(parameter.shape))
+            yield parameter, piece.reshape(parameter.shape)
             offset += parameter.numel()
