@@ -57,8 +57,9 @@ class ParameterServerRunner(PipelineRunner):
         self.start, self.end = 0, len(specs)
         self.in_shape = dataset.image_shape
         self.build_stage(self.start, self.end)
-        size = self.parameter_vector().size
-        self.layout = [f"parameter server: rank {SERVER} sums the gradients and updates {size:,} parameters; "
+        self.parameter_count = self.parameter_vector().size  # the length of every message
+        self.layout = [f"parameter server: rank {SERVER} sums the gradients and updates "
+                       f"{self.parameter_count:,} parameters; "
                        f"workers {self.workers} compute gradients on {len(self.workers)} shares of each batch"]
 
     def train_step(self, indices, global_count):
@@ -74,7 +75,7 @@ class ParameterServerRunner(PipelineRunner):
         # An empty share (last batch smaller than the workers) sends a zero gradient.
         self.comm.Send(np.ascontiguousarray(self.gradient_vector(), dtype=np.float32), dest=SERVER,
                        tag=GRADIENT_TAG)
-        parameters = np.empty_like(self.parameter_vector())
+        parameters = np.empty(self.parameter_count, dtype=np.float32)
         self.comm.Recv(parameters, source=SERVER, tag=PARAMETER_TAG)
         self.set_parameter_vector(parameters)
         return meter.sums
@@ -82,11 +83,10 @@ class ParameterServerRunner(PipelineRunner):
     def _serve_step(self):
         from mpi4py import MPI
 
-        size = self.parameter_vector().size
-        buffers = {worker: np.empty(size, dtype=np.float32) for worker in self.workers}
+        buffers = {worker: np.empty(self.parameter_count, dtype=np.float32) for worker in self.workers}
         requests = [self.comm.Irecv(buffers[worker], source=worker, tag=GRADIENT_TAG) for worker in self.workers]
         MPI.Request.Waitall(requests)
-        total = np.zeros(size, dtype=np.float32)
+        total = np.zeros(self.parameter_count, dtype=np.float32)
         for worker in self.workers:  # a fixed order: the same sum every run
             total += buffers[worker]
         self.zero_grad()

@@ -59,6 +59,7 @@ class DataParallelRunner(HorovodDataParallel):
         compression = self.hvd.Compression.fp16 if config.fp16_allreduce else self.hvd.Compression.none
         self._allreduce_kwargs = {"op": self.hvd.Adasum if config.adasum else self.hvd.Sum,
                                   "compression": compression}
+        self._flag = tf.zeros([1])  # what start_flag_sum sends with the next step's gradients
 
     def _chunk_gradients_eager(self, images, labels, scale):
         with tf.GradientTape() as tape:
@@ -70,7 +71,7 @@ class DataParallelRunner(HorovodDataParallel):
         return gradients, loss_sum, correct
 
     def _allreduce_gradients(self, gradients):
-        flag = getattr(self, "_flag", tf.zeros([1]))
+        flag = self._flag
         if self.config.adasum:
             # Horovod 0.28.1's grouped_allreduce breaks for Adasum (it reads an
             # unset variable), so reduce tensor by tensor there.

@@ -52,10 +52,9 @@ class TorchBatchNorm(keras.layers.Layer):
         mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
         count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
         unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
-        if _Statistics.frozen:
-            return tf.nn.batch_normalization(x, mean, variance, self.beta, self.gamma, BN_EPSILON)
-        self.moving_mean.assign((1 - BN_MOMENTUM) * self.moving_mean + BN_MOMENTUM * mean)
-        self.moving_var.assign((1 - BN_MOMENTUM) * self.moving_var + BN_MOMENTUM * unbiased)
+        if not _Statistics.frozen:
+            self.moving_mean.assign((1 - BN_MOMENTUM) * self.moving_mean + BN_MOMENTUM * mean)
+            self.moving_var.assign((1 - BN_MOMENTUM) * self.moving_var + BN_MOMENTUM * unbiased)
         return tf.nn.batch_normalization(x, mean, variance, self.beta, self.gamma, BN_EPSILON)
 
 
