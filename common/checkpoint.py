@@ -1,54 +1,107 @@
-"""Checkpoint files: naming, atomic saves, keep-last-N, and finding the newest.
+"""One checkpoint format for both frameworks and every mode, written and read here.
 
-A checkpoint is written under a temporary name and renamed into place, so a
-kill at any moment leaves either the previous set or the new complete file,
-never a half-written one under a checkpoint name. The framework folders
-decide what goes inside (torch.save, tf.train.Checkpoint).
+A checkpoint is a directory ``ckpt-epochNNNN[-stepNNNNNN]/`` holding
+
+    shard-000.safetensors ...   tensors in the neutral layout (common/weights.py), whole-model
+                                names: ``weights/3.conv.kernel``, ``optimizer/3.conv.kernel/exp_avg``
+    meta.json                   format, position, architecture, optimizer, config, RNG state
+    COMPLETE                    written last: the checkpoint counts only once every shard is in place
+
+Data mode writes one shard; a pipeline writes one per stage, each from the rank
+that holds the stage (replica 0), into a shared temporary directory that the
+primary renames into place after the last shard: a kill at any moment leaves
+the previous checkpoints and either the new complete one or nothing.
+
+Nothing here can run code from a file: safetensors holds raw arrays and a JSON
+header, meta.json is JSON, and every tensor's name and shape is checked
+against what the run builds before its bytes are read (a crafted header cannot
+make us allocate more than the model's own size).
 """
 
+from __future__ import annotations
+
+import json
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from common.errors import UsageError
 
-# ckpt-epoch0003.pt: after 3 epochs; ckpt-epoch0003-step000010.pt: 10 steps into the
-# 4th epoch (written when a stop signal arrived mid-epoch).
-_NAME = re.compile(r"^ckpt-epoch(\d{4,})(?:-step(\d{6,}))?\.(\w+)$")
+FORMAT = "cnn-parallel/2"
+META, COMPLETE = "meta.json", "COMPLETE"
+MAX_META_BYTES = 1 << 20
+# ckpt-epoch0003: after 3 epochs; ckpt-epoch0003-step000010: 10 steps into the 4th epoch.
+_NAME = re.compile(r"^ckpt-epoch(\d{4,})(?:-step(\d{6,}))?$")
+_TEMPORARY_PREFIX = ".tmp-"
+WEIGHTS, OPTIMIZER = "weights", "optimizer"
+# What each optimizer keeps per parameter (torch.optim's names); "step" is a scalar.
+OPTIMIZER_SLOTS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq", "step")}
+
+Position = tuple  # (completed epochs, steps done in the next epoch)
 
 
-def checkpoint_path(directory, position, extension):
-    """``position`` is (completed epochs, steps done in the next epoch)."""
+class CheckpointMismatch(UsageError):
+    """The checkpoint is sound but does not fit this run: the user's mistake, not a damaged file."""
+
+
+class ArchitectureMismatch(CheckpointMismatch):
+    """It holds another model (or the same for other inputs or classes)."""
+
+
+class OptimizerMismatch(CheckpointMismatch):
+    """It holds another optimizer's state (resuming needs the same --optimizer)."""
+
+
+@dataclass
+class NeutralState:
+    """Weights (BatchNorm statistics included) and optimizer state of some layers,
+    in the neutral layout: {key: array} and {key: {slot: array}}."""
+    weights: dict = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
+
+    def shifted(self, offset: int) -> "NeutralState":
+        """Layer indices moved by ``offset``: a stage's own keys <-> the whole model's."""
+        from common.weights import shift_keys
+        return NeutralState(shift_keys(self.weights, offset), shift_keys(self.optimizer, offset))
+
+
+# --- names and directories ------------------------------------------------------
+
+def checkpoint_path(directory: str, position: Position) -> str:
     epoch, step = position
     suffix = f"-step{step:06d}" if step else ""
-    return os.path.join(directory, f"ckpt-epoch{epoch:04d}{suffix}.{extension}")
+    return os.path.join(directory, f"ckpt-epoch{epoch:04d}{suffix}")
 
 
-def list_checkpoints(directory, extension):
-    """[((epoch, step), path)] of complete checkpoints in ``directory``, oldest first."""
+def list_checkpoints(directory: str) -> list:
+    """[((epoch, step), path)] of the checkpoints in ``directory``, oldest first."""
     if not os.path.isdir(directory):
         return []
     found = []
     for name in os.listdir(directory):
         match = _NAME.match(name)
-        if match and match.group(3) == extension:
+        if match:
             found.append(((int(match.group(1)), int(match.group(2) or 0)), os.path.join(directory, name)))
     return sorted(found)
 
 
-def prepare_directory(directory, extension, resume):
-    """Create the checkpoint directory; refuse to train over existing checkpoints.
-
-    Without --resume, a new run would overwrite the epochs already saved there.
-    """
-    if resume and not list_checkpoints(directory, extension):
-        raise UsageError(f"--resume: no checkpoint (ckpt-epochNNNN[-stepNNNNNN].{extension}) in {directory}; "
+def prepare_directory(directory: str, resume: bool) -> None:
+    """Create the checkpoint directory and clear what a killed save left; refuse to
+    train over existing checkpoints (without --resume a new run would overwrite them)."""
+    if resume and not list_checkpoints(directory):
+        raise UsageError(f"--resume: no checkpoint (ckpt-epochNNNN[-stepNNNNNN]) in {directory}; "
                          "drop --resume to start fresh or point --checkpoint-dir at the run to continue")
-    if not resume and list_checkpoints(directory, extension):
+    if not resume and list_checkpoints(directory):
         raise UsageError(f"{directory} already holds checkpoints; pass --resume to continue that run "
                          "or choose an empty --checkpoint-dir")
     try:
         os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(directory):
+            if name.startswith(_TEMPORARY_PREFIX + "ckpt-"):
+                _remove(os.path.join(directory, name))
         probe = os.path.join(directory, f".write-test-{os.getpid()}")
         with open(probe, "w"):
             pass
@@ -58,52 +111,243 @@ def prepare_directory(directory, extension, resume):
                          "choose a writable --checkpoint-dir") from None
 
 
-def _fsync_directory(directory):
-    descriptor = os.open(directory, os.O_RDONLY)
+def temporary_path(path: str) -> str:
+    """Where every shard of ``path`` is written before the rename (the same name on every rank)."""
+    return os.path.join(os.path.dirname(path), _TEMPORARY_PREFIX + os.path.basename(path))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def prune(directory: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for _, path in list_checkpoints(directory)[:-keep]:
+        _remove(path)
+
+
+# --- writing ----------------------------------------------------------------------
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
 
 
-def atomic_save(path, write, before_rename=None):
-    """Call ``write(temporary_path)``, then rename the result to ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        write(temporary)
-        if before_rename is not None:
-            before_rename()
-        if os.path.isfile(temporary):
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        _fsync_directory(directory)
-    finally:
-        if os.path.isdir(temporary):
-            shutil.rmtree(temporary, ignore_errors=True)
-        elif os.path.exists(temporary):
-            os.remove(temporary)
+def shard_name(index: int) -> str:
+    return f"shard-{index:03d}.safetensors"
 
 
-def prune(directory, extension, keep):
-    """Delete all but the newest ``keep`` checkpoints."""
-    for _, path in list_checkpoints(directory, extension)[:-keep]:
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+def to_tensors(state: NeutralState) -> dict:
+    """The flat {name: array} a shard stores."""
+    tensors = {f"{WEIGHTS}/{key}": value for key, value in state.weights.items()}
+    for key, slots in state.optimizer.items():
+        tensors.update({f"{OPTIMIZER}/{key}/{slot}": value for slot, value in slots.items()})
+    return {name: np.asarray(value, dtype=np.float32, order="C") for name, value in tensors.items()}  # keeps 0-d
 
 
-def architecture(model_name, input_shape, num_classes):
+def write_shard(temporary: str, index: int, state: NeutralState) -> None:
+    """One rank's part of a checkpoint, into the shared temporary directory."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(temporary, exist_ok=True)
+    path = os.path.join(temporary, shard_name(index))
+    save_file(to_tensors(state), path)
+    _fsync(path)
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def commit(temporary: str, path: str, meta: dict, before_rename=None) -> None:
+    """Primary only, after every shard is written: meta, the COMPLETE marker, then
+    the rename that makes the checkpoint visible."""
+    missing = [shard_name(i) for i in range(meta["shards"]) if not os.path.isfile(os.path.join(temporary,
+                                                                                              shard_name(i)))]
+    if missing:
+        raise RuntimeError(f"checkpoint {path}: shards {missing} were not written")
+    _write_json(os.path.join(temporary, META), meta)
+    _write_json(os.path.join(temporary, COMPLETE), {"format": FORMAT})
+    _fsync(temporary)
+    if before_rename is not None:
+        before_rename()
+    if os.path.exists(path):  # the same position saved again (e.g. a resumed run stopped at once)
+        _remove(path)
+    os.replace(temporary, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+
+
+def abandon(temporary: str) -> None:
+    _remove(temporary)
+
+
+def make_meta(position: Position, architecture: dict, config: dict, shards: int, framework: str,
+              layout: dict, rng: dict) -> dict:
+    epoch, step = position
+    return {"format": FORMAT, "epoch": int(epoch), "step": int(step), "architecture": architecture,
+            "optimizer": config["optimizer"], "config": config, "shards": int(shards), "written_by": framework,
+            "layout": layout, "rng": rng}
+
+
+# --- reading ----------------------------------------------------------------------
+
+def architecture(model_name: str, input_shape, num_classes: int) -> dict:
     """What a checkpoint's weights fit; checked before loading them."""
     return {"model": model_name, "input_shape": list(input_shape), "num_classes": int(num_classes)}
 
 
-def check_architecture(saved, expected, path):
+def check_architecture(saved: dict, expected: dict, path: str) -> None:
     if saved != expected:
-        raise UsageError(f"checkpoint {path} holds model {saved.get('model')!r} for input "
-                         f"{tuple(saved.get('input_shape', ()))} with {saved.get('num_classes')} classes, "
-                         f"but this run builds {expected['model']!r} for input "
-                         f"{tuple(expected['input_shape'])} with {expected['num_classes']} classes; "
-                         "use matching --model/--dataset flags or another checkpoint")
+        raise ArchitectureMismatch(
+            f"checkpoint {path} holds model {saved.get('model')!r} for input "
+            f"{tuple(saved.get('input_shape', ()))} with {saved.get('num_classes')} classes, "
+            f"but this run builds {expected['model']!r} for input "
+            f"{tuple(expected['input_shape'])} with {expected['num_classes']} classes; "
+            "use matching --model/--dataset flags or another checkpoint")
+
+
+class _Unusable(Exception):
+    """Why a checkpoint cannot be read; becomes one UsageError line naming the file."""
+
+
+class Checkpoint:
+    """A complete checkpoint, opened and checked: meta, marker, shards, and the name
+    and shape of every tensor this run needs. Reads tensors by name, any layout."""
+
+    def __init__(self, path: str, expected_architecture: dict, expected_shapes: dict):
+        self.path = path
+        try:
+            self.meta = self._read_meta()
+            check_architecture(self.meta["architecture"], expected_architecture, path)
+            self._where = self._index_shards()
+            self._check_weights(expected_shapes)
+        except UsageError:
+            raise
+        except Exception as error:  # truncated, corrupt or foreign files
+            detail = str(error).splitlines()[0] if str(error) else ""
+            reason = detail if isinstance(error, _Unusable) else f"{type(error).__name__}: {detail}"
+            raise UsageError(f"cannot load checkpoint {path} ({reason}); move it away to resume from the "
+                             "previous one, or start fresh") from None
+        self.expected_shapes = expected_shapes
+
+    @property
+    def position(self) -> Position:
+        return self.meta["epoch"], self.meta["step"]
+
+    def _read_meta(self) -> dict:
+        if not os.path.isdir(self.path):
+            raise _Unusable(f"not a {FORMAT} checkpoint directory; files of earlier versions (.pt, .tf) are "
+                            "not read, since loading them could run code")
+        if not os.path.isfile(os.path.join(self.path, COMPLETE)):
+            raise _Unusable(f"incomplete: no {COMPLETE} marker, the save did not finish")
+        meta_path = os.path.join(self.path, META)
+        if os.path.getsize(meta_path) > MAX_META_BYTES:
+            raise _Unusable(f"{META} is larger than {MAX_META_BYTES} bytes")
+        with open(meta_path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise _Unusable(f"{META} does not describe a {FORMAT} checkpoint")
+        for key, kind in (("epoch", int), ("step", int), ("shards", int), ("architecture", dict),
+                          ("optimizer", str)):
+            if not isinstance(meta.get(key), kind):
+                raise _Unusable(f"{META} has no valid {key!r}")
+        if not 1 <= meta["shards"] <= 4096:
+            raise _Unusable(f"{META} names {meta['shards']} shards")
+        return meta
+
+    def _index_shards(self) -> dict:
+        """{tensor name: (shard path, shape)} from the shards' headers alone."""
+        from safetensors import safe_open
+
+        where = {}
+        for index in range(self.meta["shards"]):
+            shard = os.path.join(self.path, shard_name(index))
+            if not os.path.isfile(shard):
+                raise _Unusable(f"{shard_name(index)} is missing")
+            with safe_open(shard, framework="numpy") as handle:
+                for name in handle.keys():
+                    where[name] = (shard, tuple(handle.get_slice(name).get_shape()))
+        return where
+
+    def _check_weights(self, expected_shapes: dict) -> None:
+        for key, shape in expected_shapes.items():
+            found = self._where.get(f"{WEIGHTS}/{key}")
+            if found is None:
+                raise _Unusable(f"it has no tensor {key!r}")
+            if found[1] != tuple(shape):
+                raise _Unusable(f"tensor {key!r} has shape {found[1]}, expected {tuple(shape)}")
+
+    def _read(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        shard, _ = self._where[name]
+        with safe_open(shard, framework="numpy") as handle:
+            return handle.get_tensor(name)
+
+    def weights(self, keys) -> dict:
+        """The named weights (whole-model keys), shapes already checked."""
+        return {key: self._read(f"{WEIGHTS}/{key}") for key in keys}
+
+    def check_optimizer(self, optimizer: str) -> None:
+        if self.meta["optimizer"] != optimizer:
+            raise OptimizerMismatch(f"checkpoint {self.path} holds {self.meta['optimizer']} optimizer state but this "
+                             f"run uses --optimizer {optimizer}; pass --optimizer {self.meta['optimizer']} to "
+                             "resume it, or start a new run from its weights with --init-from")
+
+    def optimizer_state(self, keys, optimizer: str) -> dict:
+        """{key: {slot: array}} for the named parameters; refuses another optimizer's state."""
+        self.check_optimizer(optimizer)
+        states = {}
+        for key in keys:
+            slots = {}
+            for slot in OPTIMIZER_SLOTS[optimizer]:
+                name = f"{OPTIMIZER}/{key}/{slot}"
+                if name not in self._where:
+                    continue  # e.g. plain SGD without momentum keeps nothing
+                expected = () if slot == "step" else tuple(self.expected_shapes[key])
+                if self._where[name][1] != expected:
+                    raise UsageError(f"cannot load checkpoint {self.path} (optimizer tensor {name!r} has shape "
+                                     f"{self._where[name][1]}, expected {expected}); move it away or start fresh")
+                slots[slot] = self._read(name)
+            if slots:
+                states[key] = slots
+        return states
+
+    def state(self, keys, optimizer: str | None) -> NeutralState:
+        """Weights and, if ``optimizer`` is given, that optimizer's state for ``keys``."""
+        return NeutralState(self.weights(keys), self.optimizer_state(keys, optimizer) if optimizer else {})
+
+
+# --- RNG state as plain numbers -----------------------------------------------------
+
+def rng_state() -> dict:
+    """numpy's and Python's global generators (the frameworks' draw nothing in training:
+    weights and data order come from the seed)."""
+    import random
+
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"numpy": {"keys": [int(k) for k in keys], "pos": int(position), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+            "python": {"version": version, "internal": list(internal), "gauss": gauss}}
+
+
+def restore_rng(state: dict) -> None:
+    import random
+
+    try:
+        numpy_state, python_state = state["numpy"], state["python"]
+        np.random.set_state(("MT19937", np.array(numpy_state["keys"], dtype=np.uint32), numpy_state["pos"],
+                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss"]))
+    except (KeyError, TypeError, ValueError):
+        pass  # a checkpoint without usable RNG state: training draws nothing from these generators

@@ -66,8 +66,8 @@ class RunConfig:
     checkpoint_dir: str = _flag("", "save a checkpoint here after every epoch (rank 0, atomic)")
     keep_checkpoints: int = _flag(3, "how many recent checkpoints to keep")
     resume: bool = _flag(False, "continue from the newest checkpoint in --checkpoint-dir")
-    init_from: str = _flag("", "start from the weights of this checkpoint, from either framework "
-                           "(a .pt file or a .tf directory); with --epochs 0 it only evaluates")
+    init_from: str = _flag("", "start from the weights of this checkpoint directory (ckpt-epochNNNN, "
+                           "written by either framework in any mode); with --epochs 0 it only evaluates")
     metrics_file: str = _flag("", "append one JSON object per epoch to this file")
     progress: bool = _flag(True, "show a progress bar on rank 0")
     allow_nonfinite: bool = _flag(False, "keep training when the loss is NaN or infinite (default: "
@@ -155,8 +155,8 @@ def validate(config):
         raise UsageError("--init-from and --resume exclude each other: --resume continues a run "
                          "(weights, optimizer, epoch), --init-from starts a new one from weights")
     if config.init_from and not os.path.exists(config.init_from):
-        raise UsageError(f"--init-from: {config.init_from} does not exist; pass a ckpt-epochNNNN.pt "
-                         "file or ckpt-epochNNNN.tf directory")
+        raise UsageError(f"--init-from: {config.init_from} does not exist; pass a checkpoint directory "
+                         "(ckpt-epochNNNN) from a --checkpoint-dir")
     if config.dataset == "cifar10" and not config.data_dir:
         raise UsageError("--dataset cifar10 needs --data-dir DIR holding data_batch_1..5 and "
                          "test_batch (the python version from https://www.cs.toronto.edu/~kriz/cifar.html)")

@@ -3,9 +3,11 @@
 Images are channel-first here; the TensorFlow side transposes to NHWC.
 """
 
+import io
 import os
 import pickle
 from dataclasses import dataclass
+from math import prod
 
 import numpy as np
 
@@ -56,13 +58,78 @@ def load_digits(test_fraction=0.2):
     return Dataset("digits", x_train, y_train, x_test, y_test, num_classes=10)
 
 
+MAX_CIFAR_FILE_BYTES = 512 << 20  # a CIFAR-10 batch is 31 MB, CIFAR-100's train file 158 MB
+
+
+class CifarFileRefused(Exception):
+    """The file asks the unpickler for something CIFAR's python batches never hold."""
+
+
+def _empty_array(subtype, shape, dtype):
+    # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') and then sets its
+    # state from the bytes in the file: only that exact empty form is admitted, so
+    # a crafted file cannot ask for a huge allocation up front.
+    if subtype is not np.ndarray or prod(tuple(shape)) != 0:
+        raise CifarFileRefused("array reconstruction with another type or a non-empty shape")
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _plain_dtype(*args):
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise CifarFileRefused("an object dtype")
+    return dtype
+
+
+def _latin1_bytes(text, encoding):
+    # How Python 3 writes bytes at pickle protocol 2: _codecs.encode(str, 'latin1').
+    if not isinstance(text, str) or encoding != "latin1":
+        raise CifarFileRefused("a codec call other than latin-1 bytes")
+    return text.encode("latin1")
+
+
+def _array_from_bytes(buffer, dtype, shape, order):
+    # numpy's protocol-5 pickles: an array over bytes that are in the file.
+    return np.frombuffer(buffer, dtype=_plain_dtype(dtype)).reshape(shape, order=order)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR's python batches (dicts of bytes, ints, lists and uint8 arrays) and
+    nothing else: any other global (a function to call, a class to build) is refused,
+    so a crafted file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _empty_array,
+               ("numpy._core.multiarray", "_reconstruct"): _empty_array,
+               ("numpy.core.numeric", "_frombuffer"): _array_from_bytes,
+               ("numpy._core.numeric", "_frombuffer"): _array_from_bytes,
+               ("numpy", "ndarray"): np.ndarray,
+               ("_codecs", "encode"): _latin1_bytes,
+               ("numpy", "dtype"): _plain_dtype}
+
+    def find_class(self, module, name):
+        found = self.ALLOWED.get((module, name))
+        if found is None:
+            raise CifarFileRefused(f"it asks to load {module}.{name}, which CIFAR-10 files never hold")
+        return found
+
+
+def read_cifar_pickle(path):
+    """One CIFAR python batch as a dict, through CifarUnpickler (bounded in size)."""
+    size = os.path.getsize(path)
+    if size > MAX_CIFAR_FILE_BYTES:
+        raise CifarFileRefused(f"{size} bytes, more than any CIFAR batch ({MAX_CIFAR_FILE_BYTES})")
+    with open(path, "rb") as handle:
+        return CifarUnpickler(io.BytesIO(handle.read()), encoding="bytes").load()
+
+
 def _read_cifar_batch(path):
     if not os.path.isfile(path):
         raise UsageError(f"cifar10: {path} is missing; download {CIFAR10_URL}, extract it and "
                          "pass the cifar-10-batches-py directory as --data-dir")
     try:
-        with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+        batch = read_cifar_pickle(path)
+        if not isinstance(batch, dict):
+            raise ValueError(f"it holds a {type(batch).__name__}, not a dict")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):

@@ -1,33 +1,38 @@
 """What the Horovod data-parallel runners of both frameworks share.
 
 Every rank is a replica holding the whole model; rank 0 logs and saves. The
-subclasses (train_torch/data_parallel.py, train_tf/data_parallel.py) supply
-the framework's Horovod module, model, optimizer and checkpoint module; the
-methods here only use Horovod's framework-neutral calls.
+runners (train_torch/data_parallel.py, train_tf/data_parallel.py) call these
+with their framework's Horovod module and model state; only Horovod's
+framework-neutral calls are used here.
 """
 
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from common.checkpoint import NeutralState
+from common.config import RunConfig
 from common.plan import make_plan
+from common.runner import OpenCheckpoint
 
 
-class HorovodDataParallel:
-    checkpoints = None  # the framework's checkpoint module (write/EXTENSION)
+def apply_data_layout(runner, hvd, config: RunConfig) -> None:
+    """Set the runner's place from Horovod (again after an elastic reset)."""
+    runner.rank, runner.world_size = hvd.rank(), hvd.size()
+    runner.plan = make_plan(config, runner.world_size)
+    runner.primary = runner.rank == 0  # Horovod: rank 0 alone logs and saves.
+    runner.data_shards, runner.data_shard = runner.world_size, runner.rank
 
-    def set_layout(self, hvd, config):
-        self.hvd = hvd
-        self.rank, self.world_size = hvd.rank(), hvd.size()
-        self.plan = make_plan(config, self.world_size)
-        self.primary = self.rank == 0  # Horovod: rank 0 alone logs and saves.
-        self.data_shards, self.data_shard = self.world_size, self.rank
 
-    @property
-    def checkpoint_extension(self):
-        return self.checkpoints.EXTENSION
+def primary_shard(primary: bool, state: Callable[[], NeutralState]) -> Optional[tuple[int, NeutralState]]:
+    """Every rank holds the whole model: rank 0 writes it as the only shard."""
+    return (0, state()) if primary else None
 
-    def broadcast_object(self, value, name):
-        return self.hvd.broadcast_object(value, root_rank=0, name=name)
 
-    def gather_state(self):
-        return None  # every rank holds the whole model; rank 0 saves its own
+def read_on_primary(primary: bool, open_checkpoint: Optional[OpenCheckpoint], keys,
+                    optimizer: Optional[str]) -> Optional[NeutralState]:
+    """The checkpoint's state on rank 0 (which then broadcasts it), None elsewhere."""
+    if not primary or open_checkpoint is None:
+        return None
+    return open_checkpoint().state(keys, optimizer)
 
-    def save_checkpoint(self, path, position, architecture, state):
-        self.checkpoints.write(path, position, self.model, self.optimizer, self.config, architecture)

@@ -4,11 +4,24 @@ Meters hold sums (loss sum, correct count, sample count), never averages, so
 reducing them across ranks is a plain sum and uneven shards count correctly.
 """
 
+from __future__ import annotations
+
 import json
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+
+
+def softmax_cross_entropy_sums(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(summed loss, correct count) of a batch of logits, in float64."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = -log_probabilities[np.arange(len(labels)), labels].sum()
+    return float(loss), float((logits.argmax(axis=1) == labels).sum())
 
 
 class Meter:
@@ -35,12 +48,6 @@ class Stopwatch:
         return time.perf_counter() - self.start
 
 
-def throughput(images, seconds, world_size):
-    """Images/sec in total and per rank."""
-    total = images / seconds if seconds > 0 else 0.0
-    return total, total / world_size
-
-
 class JsonLinesWriter:
     """Appends one JSON object per line; a no-op when ``path`` is empty."""
 
@@ -54,17 +61,28 @@ class JsonLinesWriter:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def epoch_record(epoch, train, test, images_per_sec, world_size, config, framework, seconds, lr):
+@dataclass
+class EpochResult:
+    """One epoch's training, over all ranks."""
+    loss: float
+    accuracy: float
+    images_per_sec: float            # all ranks together
+    seconds: float
+    lr: float                        # at the epoch's last step
+    stopped_after: Optional[int] = None  # steps done, when every rank agreed to stop early
+
+
+def epoch_record(epoch: int, train: EpochResult, test: tuple, world_size: int, config,
+                 framework: str) -> dict:
     """The metrics-file record for one epoch, identical in shape for both frameworks."""
-    (train_loss, train_accuracy), (test_loss, test_accuracy) = train, test
-    total, per_rank = images_per_sec
+    test_loss, test_accuracy = test
     return {
-        "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
+        "epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy,
         "test_loss": test_loss, "test_accuracy": test_accuracy,
-        "images_per_sec": total, "images_per_sec_per_rank": per_rank, "epoch_seconds": seconds,
-        "world_size": world_size, "mode": config.mode, "framework": framework,
+        "images_per_sec": train.images_per_sec, "images_per_sec_per_rank": train.images_per_sec / world_size,
+        "epoch_seconds": train.seconds, "world_size": world_size, "mode": config.mode, "framework": framework,
         "dataset": config.dataset, "model": config.model,
-        "global_batch_size": config.global_batch_size(world_size), "lr": lr,
+        "global_batch_size": config.global_batch_size(world_size), "lr": train.lr,
     }
 
 

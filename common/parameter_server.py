@@ -1,4 +1,4 @@
-"""Parameter-server data parallelism (--mode ps) over mpi4py: the runner for common/training.py.
+"""Parameter-server data parallelism (--mode ps) over mpi4py (a common/runner.py Runner).
 
 The design ring-allreduce replaced, kept so users can measure why: rank 0 (the
 server) holds the optimizer; every other rank (a worker) computes the gradient
@@ -15,72 +15,77 @@ statistics live on the workers, and checkpoints take the model from worker 1
 (parameters identical on every rank, statistics those of one replica, as data
 mode saves rank 0's) and the optimizer state from the server.
 
-A framework's stage class (train_torch/pipeline.py, train_tf/pipeline.py)
-supplies the arithmetic; besides the stage interface of common/pipeline.py
-this mode uses:
-
-    gradient_vector() / set_gradient_vector(v)     all parameter gradients as one float32 vector
-    parameter_vector() / set_parameter_vector(v)   all parameters as one float32 vector
+The runner holds a framework Stage (train_torch/stage.py, train_tf/stage.py)
+covering the whole model; the server and workers exchange its flat vectors
+(Stage.gradient_vector / parameter_vector and their setters).
 """
 
-import os
+from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
-from common import data, metrics, plan
-from common.pipeline import PipelineRunner, softmax_cross_entropy_sums
+from common import data, metrics, plan, weights
+from common.checkpoint import NeutralState
+from common.config import RunConfig
+from common.data import Dataset
+from common.runner import MpiCollectives, OpenCheckpoint, StageFactory, StagePlace, node_placement
 
 SERVER = 0
 GRADIENT_TAG, PARAMETER_TAG = 11, 12
 
 
-class ParameterServerRunner(PipelineRunner):
-    def __init__(self, config, dataset, specs):
+class ParameterServerRunner:
+    checkpoint_shards = 1
+
+    def __init__(self, config: RunConfig, dataset: Dataset, specs, stage_factory: StageFactory):
         from mpi4py import MPI
 
+        self.framework = stage_factory.framework
         self.comm = MPI.COMM_WORLD
         self.rank, self.world_size = self.comm.rank, self.comm.size
         self.plan = plan.make_plan(config, self.world_size)
         self.server = self.rank == SERVER
-        self.primary_rank, self.primary = SERVER, self.server  # the server logs and saves
+        self.primary = self.server  # the server logs and saves
         self.workers = list(range(1, self.world_size))
         self.data_shards, self.data_shard = len(self.workers), max(0, self.rank - 1)
         self.config, self.dataset, self.specs = config, dataset, specs
+        self.collectives = MpiCollectives(self.comm, SERVER)
 
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_rank = node.rank
-        self.threads = config.threads or max(1, (os.cpu_count() or 1) // node.size)
-        self.set_threads(self.threads)
-
-        # The whole model is one "stage" on every rank.
-        self.stage, self.replica, self.first, self.last = 0, self.data_shard, True, True
-        self.start, self.end = 0, len(specs)
-        self.in_shape = dataset.image_shape
-        self.build_stage(self.start, self.end)
-        self.parameter_count = self.parameter_vector().size  # the length of every message
+        local_rank, self.threads = node_placement(self.comm, config)
+        stage_factory.set_threads(self.threads, local_rank)
+        # The whole model is one stage on every rank.
+        self.stage = stage_factory(StagePlace(tuple(specs), dataset.image_shape, 0, len(specs), True, True,
+                                              config, local_rank))
+        self.parameter_count = self.stage.parameter_vector().size  # the length of every message
         self.layout = [f"parameter server: rank {SERVER} sums the gradients and updates "
                        f"{self.parameter_count:,} parameters; "
                        f"workers {self.workers} compute gradients on {len(self.workers)} shares of each batch"]
 
-    def train_step(self, indices, global_count):
+    def set_lr(self, value: float) -> None:
+        self.stage.set_lr(value)
+
+    def train_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
         if self.server:
             return self._serve_step()
-        self.zero_grad()
+        stage = self.stage
+        stage.zero_grad()
         meter = metrics.Meter()
         if len(indices):
-            _, (loss_sum, correct) = self.forward(0, self.dataset.x_train[indices], self.dataset.y_train[indices],
-                                                  1.0 / global_count)
-            self.backward(0, None)
+            _, (loss_sum, correct) = stage.forward(0, self.dataset.x_train[indices], self.dataset.y_train[indices],
+                                                   1.0 / global_count)
+            stage.backward(0, None)
             meter.add(loss_sum, correct, len(indices))
         # An empty share (last batch smaller than the workers) sends a zero gradient.
-        self.comm.Send(np.ascontiguousarray(self.gradient_vector(), dtype=np.float32), dest=SERVER,
+        self.comm.Send(np.ascontiguousarray(stage.gradient_vector(), dtype=np.float32), dest=SERVER,
                        tag=GRADIENT_TAG)
         parameters = np.empty(self.parameter_count, dtype=np.float32)
         self.comm.Recv(parameters, source=SERVER, tag=PARAMETER_TAG)
-        self.set_parameter_vector(parameters)
+        stage.set_parameter_vector(parameters)
         return meter.sums
 
-    def _serve_step(self):
+    def _serve_step(self) -> np.ndarray:
         from mpi4py import MPI
 
         buffers = {worker: np.empty(self.parameter_count, dtype=np.float32) for worker in self.workers}
@@ -89,29 +94,36 @@ class ParameterServerRunner(PipelineRunner):
         total = np.zeros(self.parameter_count, dtype=np.float32)
         for worker in self.workers:  # a fixed order: the same sum every run
             total += buffers[worker]
-        self.zero_grad()
-        self.set_gradient_vector(total)
-        self.step()
-        parameters = np.ascontiguousarray(self.parameter_vector(), dtype=np.float32)
+        self.stage.zero_grad()
+        self.stage.set_gradient_vector(total)
+        self.stage.step()
+        parameters = np.ascontiguousarray(self.stage.parameter_vector(), dtype=np.float32)
         MPI.Request.Waitall([self.comm.Isend(parameters, dest=worker, tag=PARAMETER_TAG)
                              for worker in self.workers])
         return metrics.Meter().sums
 
-    def evaluate(self, x, y, batch_size=512):
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> np.ndarray:
         meter = metrics.Meter()
         if self.server:
             return meter.sums
         for indices in data.batched(data.eval_shard(len(y), len(self.workers), self.data_shard), batch_size):
-            logits = self.predict(x[indices])
-            meter.add(*softmax_cross_entropy_sums(logits, y[indices]), len(indices))
+            logits = self.stage.predict(x[indices])
+            meter.add(*metrics.softmax_cross_entropy_sums(logits, y[indices]), len(indices))
         return meter.sums
 
-    def gather_state(self):
-        """The server's optimizer state with worker 1's model (its BatchNorm statistics included)."""
+    def checkpoint_shard(self) -> Optional[tuple[int, NeutralState]]:
+        """The server writes its optimizer state with worker 1's model (its BatchNorm statistics included)."""
         if self.rank == self.workers[0]:
-            self.comm.send(self.stage_state()["weights"], dest=SERVER, tag=PARAMETER_TAG)
-        if not self.primary:
+            self.comm.send(self.stage.state().weights, dest=SERVER, tag=PARAMETER_TAG)
+        if not self.server:
             return None
         model = self.comm.recv(source=self.workers[0], tag=PARAMETER_TAG)
-        return {"weights": model, "optimizer": self.stage_state()["optimizer"]}
+        return 0, NeutralState(model, self.stage.state().optimizer)
 
+    def load_state(self, open_checkpoint: Optional[OpenCheckpoint], with_optimizer: bool) -> None:
+        """Every rank reads the whole model; the server also the optimizer state it keeps."""
+        if open_checkpoint is None:
+            return  # every rank already holds the seed's initial weights
+        keys = weights.expected_keys(self.specs, self.dataset.image_shape)
+        optimizer = self.config.optimizer if with_optimizer and self.server else None
+        self.stage.load_state(open_checkpoint().state(keys, optimizer))

@@ -32,15 +32,30 @@ def _prefixed_parts(specs, input_shape):
             yield f"{index}.{name + '.' if name else ''}", part, part_in
 
 
+def expected_shapes(specs, input_shape):
+    """{key: shape} of every array a full model's layout holds (what a checkpoint must match)."""
+    shapes = {}
+    for prefix, part, part_in in _prefixed_parts(specs, input_shape):
+        if isinstance(part, models.Dense):
+            shapes.update({prefix + "kernel": (part.units, part_in[0]), prefix + "bias": (part.units,)})
+            continue
+        kernel = (part.filters, part_in[0], part.kernel, part.kernel)
+        if isinstance(part, models.ConvBN):
+            shapes[prefix + "conv.kernel"] = kernel
+            shapes.update({prefix + "bn." + key: (part.filters,) for key in BN_KEYS})
+        else:
+            shapes.update({prefix + "kernel": kernel, prefix + "bias": (part.filters,)})
+    return shapes
+
+
 def expected_keys(specs, input_shape):
     """Every array name a full model's layout holds, e.g. '3.first.conv.kernel'."""
-    keys = []
-    for prefix, part, _ in _prefixed_parts(specs, input_shape):
-        if isinstance(part, models.ConvBN):
-            keys += [prefix + "conv.kernel"] + [prefix + "bn." + key for key in BN_KEYS]
-        else:
-            keys += [prefix + key for key in CONV_KEYS]
-    return keys
+    return list(expected_shapes(specs, input_shape))
+
+
+def layer_keys(keys, start, end):
+    """The keys of layers start..end-1 among a whole model's ``keys``."""
+    return [key for key in keys if start <= _layer_index(key) < end]
 
 
 def conv_kernel_to_tf(kernel):

@@ -1,6 +1,7 @@
 """Launch helpers for the parallel and end-to-end tiers."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -56,34 +57,37 @@ def relative_difference(a, b):
 
 
 FRAMEWORKS = ("torch", "tf")
-EXTENSION = {"torch": "pt", "tf": "tf"}
 DIGITS_CNN = {"model": "cnn", "input_shape": [1, 8, 8], "num_classes": 10}
 
 
-def checkpoint_path(directory, epoch, framework):
-    return directory / f"ckpt-epoch{epoch:04d}.{EXTENSION[framework]}"
+def checkpoint_path(directory, epoch, step=0):
+    """Where a run saves after ``epoch`` epochs (and ``step`` steps into the next)."""
+    from common.checkpoint import checkpoint_path as path
+
+    return pathlib.Path(path(str(directory), (epoch, step)))
+
+
+def _open(path, architecture):
+    from common import checkpoint, models, weights
+
+    architecture = architecture or DIGITS_CNN
+    specs = models.model_specs(architecture["model"], tuple(architecture["input_shape"]),
+                               architecture["num_classes"])
+    return checkpoint.Checkpoint(str(path), architecture,
+                                 weights.expected_shapes(specs, tuple(architecture["input_shape"])))
 
 
 def checkpoint_weights(path, architecture=None):
-    """Neutral-layout model weights of a checkpoint of either framework."""
-    from train_torch.checkpoint import read_weights
+    """Neutral-layout model weights of a checkpoint (either framework's: there is one format)."""
+    opened = _open(path, architecture)
+    return opened.weights(opened.expected_shapes)
 
-    return read_weights(str(path), architecture or DIGITS_CNN)
 
-
-def optimizer_arrays(path, framework):
-    """The optimizer's state arrays of a checkpoint, in a stable order."""
-    if framework == "torch":
-        import torch
-
-        state = torch.load(path, weights_only=False)["optimizer"]["state"]
-        return [value.numpy() for key in sorted(state) for value in state[key].values()
-                if hasattr(value, "numpy") and value.ndim > 0]
-    import tensorflow as tf
-
-    reader = tf.train.load_checkpoint(str(path / "state"))
-    names = sorted(name for name in reader.get_variable_to_shape_map() if name.startswith("optimizer/"))
-    return [reader.get_tensor(name) for name in names if reader.get_tensor(name).ndim > 0]
+def optimizer_arrays(path, architecture=None):
+    """The optimizer's per-parameter state of a checkpoint, {key/slot: array}."""
+    opened = _open(path, architecture)
+    states = opened.optimizer_state(opened.expected_shapes, opened.meta["optimizer"])
+    return {f"{key}/{slot}": value for key, slots in states.items() for slot, value in slots.items()}
 
 
 def run_and_signal_one_rank(args, np_, framework, after_line, signal_number):

@@ -1,4 +1,4 @@
-"""Data-parallel training with Horovod ring-allreduce (the runner for common/training.py).
+"""Data-parallel training with Horovod ring-allreduce (a common/runner.py Runner).
 
 Lines that differ from single-process training are marked "# Horovod:".
 As in train_torch: each rank divides its summed loss by the global batch size
@@ -13,11 +13,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from common import data, metrics
-from common.data_parallel import HorovodDataParallel
-from train_tf import checkpoint
+from common import data, metrics, weights
+from common.data_parallel import apply_data_layout, primary_shard, read_on_primary
+from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
-from train_tf.model import build_model, load_neutral
+from train_tf.model import build_model
 from train_tf.optimizer import Optimizer
 
 
@@ -37,14 +37,45 @@ def nhwc(images):
     return tf.constant(np.ascontiguousarray(images.transpose(0, 2, 3, 1)))
 
 
-class DataParallelRunner(HorovodDataParallel):
-    framework = "tensorflow"
-    checkpoints = checkpoint
+class HorovodCollectives:
+    """The trainer's collectives over Horovod (TF tensors). The per-step stop/NaN flag
+    rides in the same fused allreduce as the step's gradients (the runner's
+    _allreduce_gradients reads ``pending_flag`` and sets ``flag_total``)."""
+
+    def __init__(self, hvd):
+        self.hvd = hvd
+        self.pending_flag = tf.zeros([1])
+        self.flag_total = 0.0
+
+    def allreduce_sums(self, sums, name):
+        return self.hvd.allreduce(tf.constant(sums), op=self.hvd.Sum, name=name).numpy()
+
+    def broadcast_object(self, value, name):
+        return self.hvd.broadcast_object(value, root_rank=0, name=name)
+
+    def flag_sum(self, value):
+        """Horovod: the sum of ``value`` over the ranks (a sync point)."""
+        return int(self.hvd.allreduce(tf.constant([float(value)]), op=self.hvd.Sum, name="flag_sum").numpy()[0])
+
+    def start_flag_sum(self, value):
+        """Like flag_sum, answered by the next train_step: the value travels in the
+        same fused allreduce as that step's gradients instead of adding a cycle."""
+        self.pending_flag = tf.constant([float(value)])
+        return lambda: int(round(self.flag_total))
+
+
+class DataParallelRunner:
+    framework = "tf"
+    checkpoint_shards = 1
+    layout = ()
 
     def __init__(self, config, dataset, specs):
         hvd, self.threads = init_horovod(config)
-        self.set_layout(hvd, config)
+        self.hvd = hvd
+        apply_data_layout(self, hvd, config)
+        self.collectives = HorovodCollectives(hvd)
         self.config, self.dataset = config, dataset
+        self.keys = weights.expected_keys(specs, dataset.image_shape)
         self.model = build_model(specs, dataset.image_shape, config.seed)
         self.variables = self.model.trainable_variables
         self.optimizer = Optimizer(self.variables, config)
@@ -59,7 +90,6 @@ class DataParallelRunner(HorovodDataParallel):
         compression = self.hvd.Compression.fp16 if config.fp16_allreduce else self.hvd.Compression.none
         self._allreduce_kwargs = {"op": self.hvd.Adasum if config.adasum else self.hvd.Sum,
                                   "compression": compression}
-        self._flag = tf.zeros([1])  # what start_flag_sum sends with the next step's gradients
 
     def _chunk_gradients_eager(self, images, labels, scale):
         with tf.GradientTape() as tape:
@@ -71,16 +101,17 @@ class DataParallelRunner(HorovodDataParallel):
         return gradients, loss_sum, correct
 
     def _allreduce_gradients(self, gradients):
-        flag = self._flag
+        collectives = self.collectives
+        flag = collectives.pending_flag
         if self.config.adasum:
             # Horovod 0.28.1's grouped_allreduce breaks for Adasum (it reads an
             # unset variable), so reduce tensor by tensor there.
-            self._flag_sum = float(self.hvd.allreduce(flag, op=self.hvd.Sum, name="flag_sum").numpy()[0])
+            collectives.flag_total = float(self.hvd.allreduce(flag, op=self.hvd.Sum, name="flag_sum").numpy()[0])
             return [self.hvd.allreduce(gradient, name=f"gradient_{index}", **self._allreduce_kwargs)
                     for index, gradient in enumerate(gradients)]
         # Horovod: sum every gradient (and the stop flag) over the ranks, in one fused group.
         *reduced, flag_sum = self.hvd.grouped_allreduce([*gradients, flag], **self._allreduce_kwargs)
-        self._flag_sum = float(flag_sum.numpy()[0])
+        collectives.flag_total = float(flag_sum.numpy()[0])
         return reduced
 
     def set_lr(self, value):
@@ -112,26 +143,15 @@ class DataParallelRunner(HorovodDataParallel):
             meter.add(float(loss_sum), float(correct), len(indices))
         return meter.sums
 
-    def allreduce_sums(self, sums, name):
-        return self.hvd.allreduce(tf.constant(sums), op=self.hvd.Sum, name=name).numpy()
+    def checkpoint_shard(self):
+        return primary_shard(self.primary, lambda: neutral_state(self.model, self.dataset.image_shape,
+                                                                 self.optimizer))
 
-    def load_checkpoint(self, path, architecture):
-        return checkpoint.load(path, architecture, self.model, self.optimizer), None
-
-    def load_weights(self, path, architecture):
-        load_neutral(self.model, self.dataset.image_shape, checkpoint.read_weights(path, architecture))
-
-    def flag_sum(self, value):
-        """Horovod: the sum of ``value`` over the ranks (a sync point)."""
-        return int(self.hvd.allreduce(tf.constant([float(value)]), op=self.hvd.Sum, name="flag_sum").numpy()[0])
-
-    def start_flag_sum(self, value):
-        """Like flag_sum, answered by the next train_step: the value travels in the
-        same fused allreduce as that step's gradients instead of adding a cycle."""
-        self._flag = tf.constant([float(value)])
-        return lambda: int(round(self._flag_sum))
-
-    def install_state(self, state):
+    def load_state(self, open_checkpoint, with_optimizer):
+        state = read_on_primary(self.primary, open_checkpoint, self.keys,
+                                self.config.optimizer if with_optimizer else None)
+        if state is not None:
+            load_neutral_state(self.model, self.dataset.image_shape, self.optimizer, state)
         # Horovod: every rank starts from rank 0's variables. Keras 3 variables
         # are not tf.Variables: broadcast their underlying .value.
         self.hvd.broadcast_variables([variable.value for variable in self.model.variables]

@@ -1,71 +1,32 @@
-"""PyTorch checkpoints: torch.save of model, optimizer, epoch, RNG and config."""
+"""PyTorch model and optimizer <-> the neutral state that common/checkpoint.py stores.
 
-import dataclasses
-import os
-import random
+The files themselves are written and read by common/checkpoint.py (safetensors +
+JSON, the same for both frameworks); this only converts tensors to and from it.
+"""
 
-import numpy as np
 import torch
 
-from common import checkpoint as common_checkpoint
-from common import models
-from common.errors import UsageError
-
-EXTENSION = "pt"
-FORMAT = "cnn-parallel-torch/1"
+from common.checkpoint import NeutralState
+from train_torch.model import load_neutral, named_tensors, to_neutral
 
 
-def write(path, position, model, optimizer, config, architecture):
-    epoch, step = position
-    torch.save({
-        "format": FORMAT, "epoch": epoch, "step": step, "architecture": architecture,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "config": dataclasses.asdict(config),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                "python": random.getstate()},
-    }, path)
+def neutral_state(model, optimizer=None) -> NeutralState:
+    """Weights and BatchNorm statistics, and torch.optim's per-parameter state, by neutral key."""
+    slots = {}
+    for key, tensor in named_tensors(model).items():
+        state = optimizer.state.get(tensor) if optimizer is not None else None
+        if state:
+            slots[key] = {name: value.detach().cpu().numpy().copy() for name, value in state.items()}
+    return NeutralState(to_neutral(model), slots)
 
 
-def load(path, architecture):
-    """The checkpoint dict at ``path``; UsageError naming the file if it is unusable."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} checkpoint")
-    except Exception as error:  # truncated, corrupt or foreign file
-        raise UsageError(f"cannot load checkpoint {path} ({type(error).__name__}: {error}); "
-                         "move it away to resume from the previous one, or start fresh") from None
-    common_checkpoint.check_architecture(state["architecture"], architecture, path)
-    return state
-
-
-def position(state):
-    return state["epoch"], state.get("step", 0)
-
-
-def restore(state, model, optimizer):
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-
-
-def read_neutral(path, architecture):
-    """The model weights of a .pt checkpoint in the neutral layout (common/weights.py)."""
-    from train_torch.model import build_model, to_neutral
-
-    state = load(path, architecture)
-    shape = tuple(architecture["input_shape"])
-    model = build_model(models.model_specs(architecture["model"], shape, architecture["num_classes"]),
-                        shape, seed=0)
-    model.load_state_dict(state["model"])
-    return to_neutral(model)
-
-
-def read_weights(path, architecture):
-    """Neutral weights from a checkpoint of either framework."""
-    if os.path.isdir(path):
-        from train_tf.checkpoint import read_neutral as read_tensorflow
-        return read_tensorflow(path, architecture)
-    return read_neutral(path, architecture)
+@torch.no_grad()
+def load_neutral_state(model, optimizer, state: NeutralState) -> None:
+    """Copy ``state`` into the model (and, where it has optimizer state, the optimizer)."""
+    load_neutral(model, state.weights)
+    for key, tensor in named_tensors(model).items():
+        if optimizer is not None and key in state.optimizer:
+            # As torch.optim's own load_state_dict: Adam's step counter stays on the CPU.
+            optimizer.state[tensor] = {name: torch.from_numpy(value.copy()).to("cpu" if name == "step" else
+                                                                               tensor.device)
+                                       for name, value in state.optimizer[key].items()}

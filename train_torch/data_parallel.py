@@ -1,4 +1,4 @@
-"""Data-parallel training with Horovod ring-allreduce (the runner for common/training.py).
+"""Data-parallel training with Horovod ring-allreduce (a common/runner.py Runner).
 
 Lines that differ from single-process training are marked "# Horovod:".
 Gradients are SUMMED across ranks (not averaged) and every rank divides its
@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import data, metrics
-from common.data_parallel import HorovodDataParallel
-from train_torch import checkpoint
+from common import data, metrics, weights
+from common.data_parallel import apply_data_layout, primary_shard, read_on_primary
+from train_torch.checkpoint import load_neutral_state, neutral_state
 from train_torch.device import pick_device, to_device
-from train_torch.model import build_model, load_neutral
+from train_torch.model import build_model
 from train_torch.optimizer import make_local_optimizer
 
 
@@ -53,14 +53,41 @@ def backward_pass(model, images, labels, scale, meter):
     meter.add(loss_sum.item(), (logits.argmax(1) == labels).sum().item(), len(labels))
 
 
-class DataParallelRunner(HorovodDataParallel):
-    framework = "pytorch"
-    checkpoints = checkpoint
+class HorovodCollectives:
+    """The trainer's collectives over Horovod (torch tensors)."""
+
+    def __init__(self, hvd):
+        self.hvd = hvd
+
+    def allreduce_sums(self, sums, name):
+        return self.hvd.allreduce(torch.from_numpy(sums), op=self.hvd.Sum, name=name).numpy()
+
+    def broadcast_object(self, value, name):
+        return self.hvd.broadcast_object(value, root_rank=0, name=name)
+
+    def flag_sum(self, value):
+        return self.start_flag_sum(value)()
+
+    def start_flag_sum(self, value):
+        """Horovod: start summing ``value`` over the ranks; the returned function
+        waits for the sum. Started before a step, the allreduce travels with that
+        step's gradients instead of adding a cycle."""
+        handle = self.hvd.allreduce_async(torch.tensor([int(value)]), op=self.hvd.Sum, name="flag_sum")
+        return lambda: int(self.hvd.synchronize(handle).item())
+
+
+class DataParallelRunner:
+    framework = "torch"
+    checkpoint_shards = 1
+    layout = ()
 
     def __init__(self, config, dataset, specs):
-        self.set_layout(init_horovod(config), config)
+        self.hvd = init_horovod(config)
+        apply_data_layout(self, self.hvd, config)
+        self.collectives = HorovodCollectives(self.hvd)
         self.threads = torch.get_num_threads()
         self.config, self.dataset = config, dataset
+        self.keys = weights.expected_keys(specs, dataset.image_shape)
         self.device = pick_device(self.hvd.local_rank())  # Horovod: one GPU per local rank
         self.model = build_model(specs, dataset.image_shape, config.seed).to(self.device)
         self.optimizer = make_optimizer(self.model, config, self.hvd)
@@ -93,26 +120,17 @@ class DataParallelRunner(HorovodDataParallel):
                       (logits.argmax(1) == labels).sum().item(), len(labels))
         return meter.sums
 
-    def allreduce_sums(self, sums, name):
-        return self.hvd.allreduce(torch.from_numpy(sums), op=self.hvd.Sum, name=name).numpy()
+    def checkpoint_shard(self):
+        return primary_shard(self.primary, lambda: neutral_state(self.model, self.optimizer))
 
-    def load_checkpoint(self, path, architecture):
-        state = checkpoint.load(path, architecture)
-        checkpoint.restore(state, self.model, self.optimizer)
-        return checkpoint.position(state), None
-
-    def start_flag_sum(self, value):
-        """Horovod: start summing ``value`` over the ranks; the returned function
-        waits for the sum. Started before a step, the allreduce travels with that
-        step's gradients instead of adding a cycle."""
-        handle = self.hvd.allreduce_async(torch.tensor([int(value)]), op=self.hvd.Sum, name="flag_sum")
-        return lambda: int(self.hvd.synchronize(handle).item())
-
-    def flag_sum(self, value):
-        return self.start_flag_sum(value)()
-
-    def load_weights(self, path, architecture):
-        load_neutral(self.model, checkpoint.read_weights(path, architecture))
+    def load_state(self, open_checkpoint, with_optimizer):
+        state = read_on_primary(self.primary, open_checkpoint, self.keys,
+                                self.config.optimizer if with_optimizer else None)
+        if state is not None:
+            load_neutral_state(self.model, self.optimizer, state)
+        # Horovod: every rank starts from rank 0's weights and optimizer state.
+        self.hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        self.hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
 
     def run_elastic(self, start, train_from):
         """Horovod elastic: run ``train_from`` until it returns, restarting it from the
@@ -130,7 +148,7 @@ class DataParallelRunner(HorovodDataParallel):
 
         def on_reset():
             previous = self.world_size
-            self.set_layout(hvd, self.config)  # Horovod: new ranks and world size
+            apply_data_layout(self, hvd, self.config)  # Horovod: new ranks and world size
             if self.primary:
                 metrics.log(f"elastic: {previous} -> {self.world_size} workers; continuing at epoch "
                             f"{state.epoch + 1}, step {state.step + 1}")
@@ -147,8 +165,3 @@ class DataParallelRunner(HorovodDataParallel):
             return train_from((state.epoch, state.step), commit)
 
         return train(state)
-
-    def install_state(self, state):
-        # Horovod: every rank starts from rank 0's weights and optimizer state.
-        self.hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
-        self.hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)

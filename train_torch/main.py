@@ -14,19 +14,26 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import training  # noqa: E402
+from common import trainer  # noqa: E402
 from common.launch import run_entry  # noqa: E402
 
 
+def make_runner(config, dataset, specs):
+    """The runner for --mode; heavy imports only once the input is valid."""
+    if config.mode == "data":
+        from train_torch.data_parallel import DataParallelRunner
+        return DataParallelRunner(config, dataset, specs)
+    from train_torch.stage import TorchStage
+    if config.mode == "ps":
+        from common.parameter_server import ParameterServerRunner
+        return ParameterServerRunner(config, dataset, specs, TorchStage)
+    from common.pipeline import PipelineRunner
+    return PipelineRunner(config, dataset, specs, TorchStage)
+
+
 def main(argv=None):
-    config, dataset, specs = training.load_run(argv, "train_torch/main.py", elastic_supported=True)
-    if config.mode == "data":  # heavy imports only once the input is valid
-        from train_torch.data_parallel import DataParallelRunner as Runner
-    elif config.mode == "ps":
-        from train_torch.parameter_server import TorchParameterServerRunner as Runner
-    else:
-        from train_torch.pipeline import TorchPipelineRunner as Runner
-    training.run(config, dataset, specs, Runner(config, dataset, specs))
+    config, dataset, specs = trainer.load_run(argv, "train_torch/main.py", elastic_supported=True)
+    trainer.run(config, dataset, specs, make_runner(config, dataset, specs))
 
 
 if __name__ == "__main__":

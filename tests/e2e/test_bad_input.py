@@ -7,18 +7,16 @@ import re
 
 import pytest
 
-from tests.helpers import EXTENSION, FRAMEWORKS, assert_ok, run_training
+from tests.helpers import FRAMEWORKS, assert_ok, run_training
 from tests.unit.test_data import write_cifar_dir
 
 
 def fake_checkpoint(directory, framework, content):
-    """A file (torch) or directory (tf) under a checkpoint name, holding ``content``."""
-    path = directory / f"ckpt-epoch0001.{EXTENSION[framework]}"
-    if framework == "tf":
-        path.mkdir()
-        (path / "meta.json").write_bytes(content)
-    else:
-        path.write_bytes(content)
+    """A checkpoint directory whose meta.json holds ``content`` (marked complete)."""
+    path = directory / "ckpt-epoch0001"
+    path.mkdir()
+    (path / "meta.json").write_bytes(content)
+    (path / "COMPLETE").write_text("{}")
     return path
 
 
@@ -93,7 +91,7 @@ def test_wrong_architecture_checkpoint_is_refused_and_kept(tmp_path, framework):
                            framework=framework))
     before = snapshot(tmp_path)
     for flag in ("--resume", "--init-from"):
-        target = [] if flag == "--resume" else [tmp_path / f"ckpt-epoch0001.{EXTENSION[framework]}"]
+        target = [] if flag == "--resume" else [tmp_path / "ckpt-epoch0001"]
         directory = ["--checkpoint-dir", tmp_path] if flag == "--resume" else []
         result = run_training(["--epochs", 2, "--model", "resnet", *directory, flag, *target],
                               framework=framework)

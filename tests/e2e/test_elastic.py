@@ -70,7 +70,7 @@ def test_elastic_three_to_two_to_three_equals_uninterrupted(tmp_path):
     assert_ok(run_training([*ARGS, "--checkpoint-dir", tmp_path / "straight"]))
 
     def weights_after(run, epoch):
-        return checkpoint_weights(checkpoint_path(tmp_path / run, epoch, "torch"))
+        return checkpoint_weights(checkpoint_path(tmp_path / run, epoch))
 
     # Rolled back to the last commit and redone on two workers: the epoch that
     # held the failure ends exactly where the uninterrupted run's does.

@@ -22,7 +22,7 @@ def test_pipelines_learn_digits_and_data_mode_of_the_other_framework_agrees(tmp_
     assert accuracy >= 0.95
     assert "stage 1: layers" in result.stdout
     # The whole-model checkpoint a pipeline writes evaluates the same in data mode, other framework.
-    evaluated = assert_ok(run_training(["--epochs", 0, "--init-from", checkpoint_path(tmp_path, 10, framework)],
+    evaluated = assert_ok(run_training(["--epochs", 0, "--init-from", checkpoint_path(tmp_path, 10)],
                                        framework=OTHER[framework]))
     assert abs(final_accuracy(evaluated.stdout) - accuracy) <= 0.001
 
@@ -42,7 +42,7 @@ def three_epochs(tmp_path_factory):
     for framework in FRAMEWORKS:
         directory = tmp_path_factory.mktemp(f"straight-{framework}")
         assert_ok(run_training([*STEPS, "--epochs", 3, "--checkpoint-dir", directory], framework=framework))
-        weights[framework] = checkpoint_weights(checkpoint_path(directory, 3, framework))
+        weights[framework] = checkpoint_weights(checkpoint_path(directory, 3))
     return weights
 
 
@@ -59,7 +59,7 @@ def test_checkpoints_resume_in_any_layout(tmp_path, three_epochs, framework, fir
                                       "--resume"], np_=then_np, framework=framework))
     assert "resumed from" in resumed.stdout and "epoch 3/3" in resumed.stdout
     straight = three_epochs[framework]
-    moved = checkpoint_weights(checkpoint_path(tmp_path / "moved", 3, framework))
+    moved = checkpoint_weights(checkpoint_path(tmp_path / "moved", 3))
     for key, value in straight.items():
         assert relative_difference(moved[key], value) <= 1e-5, key
 

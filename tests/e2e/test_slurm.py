@@ -95,7 +95,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(cluster):
     assert "requeueing job" in log and "restart 1" in log and "resumed from" in log, log
     assert log.count("epoch 3/3") == 1 and "final test accuracy" in log, log
     checkpoints = cluster[0] / "checkpoints" / "test-preempt"
-    assert (checkpoints / "ckpt-epoch0003.pt").exists()
+    assert (checkpoints / "ckpt-epoch0003" / "COMPLETE").exists()
 
 
 @pytest.mark.parametrize("launcher", TEMPLATES)

@@ -30,7 +30,7 @@ def train_few_steps(tmp_path, framework, case, np_):
     assert_ok(run_training(["--epochs", 1, "--steps-per-epoch", 3, "--lr", 0.1, "--checkpoint-dir",
                             directory, "--metrics-file", metrics_file, *CASES[case]],
                            np_=np_, framework=framework))
-    return (checkpoint_weights(checkpoint_path(directory, 1, framework)),
+    return (checkpoint_weights(checkpoint_path(directory, 1)),
             json.loads(metrics_file.read_text().splitlines()[-1]))
 
 
@@ -62,7 +62,7 @@ def test_parameter_server_step_equals_allreduce_step_and_one_process(tmp_path, f
     for name, layout, np_ in (("single", [], None), ("allreduce", [], 2), ("ps", ["--mode", "ps"], 3)):
         directory = tmp_path / name
         assert_ok(run_training([*args, *layout, "--checkpoint-dir", directory], np_=np_, framework=framework))
-        results[name] = checkpoint_weights(checkpoint_path(directory, 1, framework))
+        results[name] = checkpoint_weights(checkpoint_path(directory, 1))
     for name, value in results["single"].items():
         assert relative_difference(results["allreduce"][name], value) <= TOLERANCE, name
         assert relative_difference(results["ps"][name], value) <= TOLERANCE, name

@@ -29,7 +29,7 @@ def weights_after(tmp_path, framework, name, extra, np_=None, architecture=None)
     directory = tmp_path / f"{framework}-{name}"
     assert_ok(run_training([*STEPS, "--checkpoint-dir", directory, *extra], np_=np_, framework=framework,
                            timeout=180))
-    return checkpoint_weights(checkpoint_path(directory, 1, framework), architecture)
+    return checkpoint_weights(checkpoint_path(directory, 1), architecture)
 
 
 def assert_same_weights(actual, expected):

@@ -1,66 +1,154 @@
+import json
 import os
 
 import numpy as np
 import pytest
 
-from common import checkpoint, metrics
+from common import checkpoint, metrics, models, weights
+from common.checkpoint import NeutralState
 from common.errors import UsageError
 
-
-def write_bytes(content):
-    def write(path):
-        with open(path, "wb") as handle:
-            handle.write(content)
-    return write
+SHAPE = (1, 8, 8)
+SPECS = models.model_specs("cnn", SHAPE, 10)
+ARCHITECTURE = checkpoint.architecture("cnn", SHAPE, 10)
+SHAPES = weights.expected_shapes(SPECS, SHAPE)
 
 
-def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
-    path = checkpoint.checkpoint_path(str(tmp_path), (1, 0), "pt")
-    checkpoint.atomic_save(path, write_bytes(b"good"))
+def whole_state(optimizer="sgd"):
+    arrays = weights.initial_weights(SPECS, SHAPE, seed=3)
+    slots = ({key: {"momentum_buffer": value + 1} for key, value in arrays.items()} if optimizer == "sgd" else
+             {key: {"exp_avg": value, "exp_avg_sq": value * value, "step": np.array(7.0, np.float32)}
+              for key, value in arrays.items()})
+    return NeutralState(arrays, slots)
 
-    def crash(temporary):
-        write_bytes(b"half")(temporary)
-        raise RuntimeError("killed mid-save")
 
-    with pytest.raises(RuntimeError):
-        checkpoint.atomic_save(path, crash)
-    assert open(path, "rb").read() == b"good"
-    assert os.listdir(tmp_path) == ["ckpt-epoch0001.pt"]
+def save(directory, position, states, optimizer="sgd", before_rename=None):
+    """Write ``states`` (one per shard, whole-model keys) the way the trainer does."""
+    path = checkpoint.checkpoint_path(str(directory), position)
+    temporary = checkpoint.temporary_path(path)
+    for index, state in enumerate(states):
+        checkpoint.write_shard(temporary, index, state)
+    config = {"optimizer": optimizer}
+    meta = checkpoint.make_meta(position, ARCHITECTURE, config, len(states), "torch", {}, checkpoint.rng_state())
+    checkpoint.commit(temporary, path, meta, before_rename)
+    return path
+
+
+def split(state, ranges):
+    """The state cut into stages by layer ranges, as pipeline stages write it."""
+    keys = list(state.weights)
+    return [NeutralState({k: state.weights[k] for k in weights.layer_keys(keys, a, b)},
+                         {k: state.optimizer[k] for k in weights.layer_keys(keys, a, b)}) for a, b in ranges]
+
+
+def test_shards_written_by_stages_read_back_by_name_in_any_layout(tmp_path):
+    state = whole_state("adam")
+    path = save(tmp_path, (2, 5), split(state, [(0, 3), (3, len(SPECS))]), optimizer="adam")
+    assert os.path.basename(path) == "ckpt-epoch0002-step000005"
+    assert sorted(os.listdir(path)) == ["COMPLETE", "meta.json", "shard-000.safetensors", "shard-001.safetensors"]
+    opened = checkpoint.Checkpoint(path, ARCHITECTURE, SHAPES)
+    assert opened.position == (2, 5) and opened.meta["optimizer"] == "adam"
+    # A three-stage reader takes layers 2..4, which straddle both shards.
+    keys = weights.layer_keys(list(SHAPES), 2, 5)
+    read = opened.state(keys, "adam")
+    assert sorted(read.weights) == sorted(keys)
+    for key in keys:
+        np.testing.assert_array_equal(read.weights[key], state.weights[key])
+        assert read.optimizer[key]["step"].shape == () and float(read.optimizer[key]["step"]) == 7.0
+        np.testing.assert_array_equal(read.optimizer[key]["exp_avg_sq"], state.optimizer[key]["exp_avg_sq"])
+
+
+def test_a_kill_before_the_rename_keeps_the_previous_checkpoint(tmp_path):
+    save(tmp_path, (1, 0), [whole_state()])
+
+    def killed():
+        raise KeyboardInterrupt("killed before the rename")
+
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, (2, 0), [whole_state()], before_rename=killed)
+    assert [position for position, _ in checkpoint.list_checkpoints(str(tmp_path))] == [(1, 0)]
+    checkpoint.prepare_directory(str(tmp_path), resume=True)  # clears the half-made save
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-epoch0001"]
+
+
+def test_commit_refuses_while_a_shard_is_missing(tmp_path):
+    path = checkpoint.checkpoint_path(str(tmp_path), (1, 0))
+    temporary = checkpoint.temporary_path(path)
+    checkpoint.write_shard(temporary, 0, whole_state())
+    meta = checkpoint.make_meta((1, 0), ARCHITECTURE, {"optimizer": "sgd"}, 2, "tf", {}, {})
+    with pytest.raises(RuntimeError, match="shard-001"):
+        checkpoint.commit(temporary, path, meta)
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda p: os.remove(os.path.join(p, "COMPLETE")), "incomplete: no COMPLETE marker"),
+    (lambda p: open(os.path.join(p, "meta.json"), "w").write("{"), "JSONDecodeError"),
+    (lambda p: open(os.path.join(p, "shard-000.safetensors"), "wb").write(b"\x08\x00"), "Error"),
+    (lambda p: os.remove(os.path.join(p, "shard-000.safetensors")), "shard-000.safetensors is missing"),
+])
+def test_damaged_checkpoints_are_one_usage_error(tmp_path, damage, reason):
+    path = save(tmp_path, (1, 0), [whole_state()])
+    damage(path)
+    with pytest.raises(UsageError, match=f"cannot load checkpoint .*ckpt-epoch0001 .*{reason}"):
+        checkpoint.Checkpoint(path, ARCHITECTURE, SHAPES)
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused_before_it_is_read(tmp_path):
+    state = whole_state()
+    key = next(iter(state.weights))
+    state.weights[key] = np.zeros((10 ** 6,), np.float32)
+    path = save(tmp_path, (1, 0), [state])
+    with pytest.raises(UsageError, match=f"tensor '{key}' has shape"):
+        checkpoint.Checkpoint(path, ARCHITECTURE, SHAPES)
+
+
+def test_mismatches_are_their_own_exception_types(tmp_path):
+    path = save(tmp_path, (1, 0), [whole_state("sgd")])
+    with pytest.raises(checkpoint.ArchitectureMismatch, match="holds model 'cnn'.*builds 'resnet'"):
+        checkpoint.Checkpoint(path, checkpoint.architecture("resnet", SHAPE, 10), SHAPES)
+    opened = checkpoint.Checkpoint(path, ARCHITECTURE, SHAPES)
+    with pytest.raises(checkpoint.OptimizerMismatch, match="holds sgd optimizer state.*--optimizer adam"):
+        opened.state(list(SHAPES), "adam")
+    assert opened.state(list(SHAPES), None).optimizer == {}  # --init-from reads weights only
+
+
+def test_meta_is_plain_json_with_position_config_and_rng(tmp_path):
+    path = save(tmp_path, (3, 0), [whole_state()])
+    meta = json.loads(open(os.path.join(path, "meta.json")).read())
+    assert (meta["format"], meta["epoch"], meta["step"], meta["shards"]) == ("cnn-parallel/2", 3, 0, 1)
+    state = np.random.get_state()
+    np.random.random(5)
+    checkpoint.restore_rng(meta["rng"])
+    assert np.random.get_state()[2] == state[2]
 
 
 def test_list_and_prune_keep_the_newest(tmp_path):
     positions = [(1, 0), (2, 0), (2, 7), (3, 0), (10, 0)]
     for position in positions:
-        checkpoint.atomic_save(checkpoint.checkpoint_path(str(tmp_path), position, "pt"), write_bytes(b"x"))
-    assert (tmp_path / "ckpt-epoch0002-step000007.pt").exists() and (tmp_path / "ckpt-epoch0003.pt").exists()
-    (tmp_path / ".tmp-99-ckpt-epoch0011.pt").write_bytes(b"partial")
-    assert [position for position, _ in checkpoint.list_checkpoints(str(tmp_path), "pt")] == positions
-    checkpoint.prune(str(tmp_path), "pt", keep=2)
-    assert [position for position, _ in checkpoint.list_checkpoints(str(tmp_path), "pt")] == [(3, 0), (10, 0)]
+        save(tmp_path, position, [whole_state()])
+    (tmp_path / ".tmp-ckpt-epoch0011").mkdir()
+    assert [position for position, _ in checkpoint.list_checkpoints(str(tmp_path))] == positions
+    checkpoint.prune(str(tmp_path), keep=2)
+    assert [position for position, _ in checkpoint.list_checkpoints(str(tmp_path))] == [(3, 0), (10, 0)]
 
 
 def test_prepare_directory_never_trains_over_a_saved_run(tmp_path):
     directory = str(tmp_path / "run")
     with pytest.raises(UsageError, match="no checkpoint"):
-        checkpoint.prepare_directory(directory, "pt", resume=True)
-    checkpoint.prepare_directory(directory, "pt", resume=False)
-    checkpoint.atomic_save(checkpoint.checkpoint_path(directory, (1, 0), "pt"), write_bytes(b"x"))
+        checkpoint.prepare_directory(directory, resume=True)
+    checkpoint.prepare_directory(directory, resume=False)
+    save(directory, (1, 0), [whole_state()])
     with pytest.raises(UsageError, match="already holds checkpoints; pass --resume"):
-        checkpoint.prepare_directory(directory, "pt", resume=False)
-    checkpoint.prepare_directory(directory, "pt", resume=True)
+        checkpoint.prepare_directory(directory, resume=False)
+    checkpoint.prepare_directory(directory, resume=True)
 
 
 def test_unwritable_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(UsageError, match="cannot write checkpoints"):
-        checkpoint.prepare_directory(str(blocker / "sub"), "pt", resume=False)
-
-
-def test_architecture_mismatch_names_both():
-    saved = checkpoint.architecture("cnn", (1, 8, 8), 10)
-    with pytest.raises(UsageError, match="holds model 'cnn'.*builds 'resnet'"):
-        checkpoint.check_architecture(saved, checkpoint.architecture("resnet", (1, 8, 8), 10), "p")
+        checkpoint.prepare_directory(str(blocker / "sub"), resume=False)
 
 
 def test_meter_results_are_weighted():

@@ -67,8 +67,8 @@ def test_lr_rules():
 
 
 def test_elastic_is_refused_by_the_tensorflow_entry_and_accepted_by_pytorch():
-    from common import training
+    from common import trainer
 
     with pytest.raises(UsageError, match="--elastic uses Horovod's PyTorch elastic API"):
-        training.load_run(["--elastic"], "train_tf/main.py")
-    assert training.load_run(["--elastic"], "train_torch/main.py", elastic_supported=True)[0].elastic
+        trainer.load_run(["--elastic"], "train_tf/main.py")
+    assert trainer.load_run(["--elastic"], "train_torch/main.py", elastic_supported=True)[0].elastic

@@ -9,13 +9,14 @@ from common.config import RunConfig
 from common.errors import UsageError
 
 
-def write_cifar_dir(directory, per_batch=6):
+def write_cifar_dir(directory, per_batch=6, protocol=2):
+    """CIFAR-10's python batches, pickled as the real files are (protocol 2, numpy arrays)."""
     rng = np.random.default_rng(0)
     for name in (*data.CIFAR10_TRAIN_FILES, data.CIFAR10_TEST_FILE):
         batch = {b"data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
                  b"labels": rng.integers(0, 10, size=per_batch).tolist()}
         with open(os.path.join(directory, name), "wb") as handle:
-            pickle.dump(batch, handle)
+            pickle.dump(batch, handle, protocol=protocol)
 
 
 def test_digits_split_and_shapes():
@@ -28,8 +29,9 @@ def test_digits_split_and_shapes():
     assert set(np.unique(dataset.y_test)) == set(range(10))
 
 
-def test_cifar10_loads_the_python_format(tmp_path):
-    write_cifar_dir(tmp_path)
+@pytest.mark.parametrize("protocol", [2, 5])  # the real files' protocol, and today's numpy pickles
+def test_cifar10_loads_the_python_format(tmp_path, protocol):
+    write_cifar_dir(tmp_path, protocol=protocol)
     dataset = data.load_cifar10(str(tmp_path))
     assert dataset.x_train.shape == (30, 3, 32, 32) and dataset.x_test.shape == (6, 3, 32, 32)
     with open(tmp_path / "data_batch_2", "rb") as handle:
@@ -38,6 +40,18 @@ def test_cifar10_loads_the_python_format(tmp_path):
     expected = (first - data.CIFAR10_MEAN[0]) / data.CIFAR10_STD[0]
     np.testing.assert_allclose(dataset.x_train[6], expected, rtol=1e-5, atol=1e-5)
     assert dataset.y_train[6] == raw[b"labels"][0]
+
+
+@pytest.mark.parametrize("content", [
+    {b"data": np.array([1, "a"], dtype=object)},  # an object array holds arbitrary objects
+    {b"data": len},                                # a builtin function
+    {b"data": np.ma.masked_array([1, 2])},         # another array class
+])
+def test_cifar_unpickler_refuses_what_cifar_files_never_hold(tmp_path, content):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(content, protocol=2))
+    with pytest.raises(data.CifarFileRefused):
+        data.read_cifar_pickle(str(path))
 
 
 def test_cifar10_missing_directory_says_where_to_get_it(tmp_path):

@@ -5,8 +5,6 @@ mode), the same loss gradients, the same optimizer steps; checkpoints move
 between the frameworks without changing a single value.
 """
 
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -113,25 +111,48 @@ def test_same_gradients_and_optimizer_steps(name, shape, optimizer, steps):
             assert relative_difference(after_tf[key] - before[key], change) <= TOLERANCE, key
 
 
-@pytest.mark.parametrize("name,shape", [("resnet", (1, 8, 8))])
-def test_checkpoint_round_trip_torch_tf_torch(tmp_path, name, shape):
-    specs, torch_net, tf_net = twin_models(name, shape)
-    torch_step(torch_net, make_local_optimizer(torch_net, RunConfig()), *batch(shape))  # non-trivial BN stats
-    original = torch_model.to_neutral(torch_net)
+def save_and_open(directory, state, name, shape, optimizer):
+    """``state`` through the one checkpoint format: a shard, meta, commit, then read back whole."""
     architecture = checkpoint.architecture(name, shape, 10)
-    config = RunConfig(model=name)
+    path = checkpoint.checkpoint_path(str(directory), (1, 0))
+    checkpoint.write_shard(checkpoint.temporary_path(path), 0, state)
+    checkpoint.commit(checkpoint.temporary_path(path), path, checkpoint.make_meta(
+        (1, 0), architecture, {"optimizer": optimizer}, 1, "either", {}, {}))
+    shapes = weights.expected_shapes(models.model_specs(name, shape, 10), shape)
+    return checkpoint.Checkpoint(path, architecture, shapes).state(list(shapes), optimizer)
 
-    pt_path = str(tmp_path / "ckpt-epoch0001.pt")
-    torch_checkpoint.write(pt_path, (1, 0), torch_net, make_local_optimizer(torch_net, config), config, architecture)
-    tf_model.load_neutral(tf_net, shape, tf_checkpoint.read_weights(pt_path, architecture))
-    tf_path = str(tmp_path / "ckpt-epoch0001.tf")
-    tf_checkpoint.write(tf_path, (1, 0), tf_net, Optimizer(tf_net.trainable_variables, config), config, architecture)
-    assert os.path.isfile(os.path.join(tf_path, "meta.json"))
 
-    back = torch_checkpoint.read_weights(tf_path, architecture)
-    assert sorted(back) == sorted(original)
-    for key, value in original.items():
-        assert np.array_equal(back[key], value), key
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_checkpoint_round_trip_torch_tf_torch(tmp_path, optimizer):
+    name, shape = "resnet", (1, 8, 8)
+    config = RunConfig(model=name, optimizer=optimizer)
+    specs, torch_net, tf_net = twin_models(name, shape)
+    torch_optimizer = make_local_optimizer(torch_net, config)
+    torch_step(torch_net, torch_optimizer, *batch(shape))  # non-trivial BN statistics and optimizer state
+    original = torch_checkpoint.neutral_state(torch_net, torch_optimizer)
+    assert original.optimizer
+
+    tf_optimizer = Optimizer(tf_net.trainable_variables, config)
+    tf_checkpoint.load_neutral_state(tf_net, shape, tf_optimizer,
+                                     save_and_open(tmp_path / "torch", original, name, shape, optimizer))
+    through_tf = tf_checkpoint.neutral_state(tf_net, shape, tf_optimizer)
+    back_net = torch_model.build_model(specs, shape, seed=5)
+    back_optimizer = make_local_optimizer(back_net, config)
+    torch_checkpoint.load_neutral_state(back_net, back_optimizer,
+                                        save_and_open(tmp_path / "tf", through_tf, name, shape, optimizer))
+    back = torch_checkpoint.neutral_state(back_net, back_optimizer)
+    assert sorted(back.weights) == sorted(original.weights) and sorted(back.optimizer) == sorted(original.optimizer)
+    for key, value in original.weights.items():
+        assert np.array_equal(back.weights[key], value), key
+    for key, slots in original.optimizer.items():
+        for slot, value in slots.items():
+            assert np.array_equal(back.optimizer[key][slot], value), (key, slot)
+    # The restored optimizer steps on exactly as the original would.
+    x, y = batch(shape)
+    torch_step(torch_net, torch_optimizer, x, y)
+    torch_step(back_net, back_optimizer, x, y)
+    for key, value in torch_model.to_neutral(torch_net).items():
+        assert np.array_equal(torch_model.to_neutral(back_net)[key], value), key
 
 
 def torch_stage_pass(stage, x, upstream):

@@ -79,10 +79,10 @@ def test_explicit_split_and_too_many_stages():
 
 
 def test_balance_by_measured_time_cuts_valid_stages():
-    from train_torch.pipeline import measure_layer_times
+    from train_torch.stage import TorchStage
 
     specs = models.model_specs("resnet", (1, 8, 8), 10)
-    times = measure_layer_times(specs, (1, 8, 8), batch_size=8, repeats=1)
+    times = TorchStage.measure_layer_times(specs, (1, 8, 8), batch_size=8, repeats=1)
     assert len(times) == len(specs) and all(t > 0 for t in times)
     ranges = partition(times, 3)
     assert [a for a, _ in ranges] == [0, ranges[0][1], ranges[1][1]] and ranges[-1][1] == len(specs)

@@ -1,7 +1,6 @@
-"""The TensorFlow stage of a pipeline (model-parallel and hybrid modes).
-
-common/pipeline.py runs the schedule, the transport and the state exchange;
-this class does one stage's arithmetic, each part a compiled tf.function (run
+"""The TensorFlow stage: one pipeline stage's arithmetic (model/hybrid), or the
+whole model's (ps). The runners in common/ (pipeline.py, parameter_server.py)
+hold one and drive it; see common/runner.py's Stage. Each part is a compiled tf.function (run
 eagerly, a small CNN's micro-batches spent most of their time in TF's per-op
 overhead). A tape cannot outlive a tf.function, so:
 - the last stage computes a micro-batch's loss and all its gradients in one
@@ -20,52 +19,53 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from common.pipeline import PipelineRunner
-from train_tf import checkpoint
+from common import models
+from common.checkpoint import NeutralState
+from common.runner import StagePlace
+from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
-from train_tf.model import (build_model, build_stage, frozen_batch_norm_statistics, load_neutral,
-                            to_channels_first, to_channels_last, to_neutral)
-from train_tf.optimizer import Optimizer, load_optimizer_neutral, optimizer_to_neutral
+from train_tf.model import (build_model, build_stage, frozen_batch_norm_statistics, to_channels_first,
+                            to_channels_last)
+from train_tf.optimizer import Optimizer
 
 
-def measure_layer_times(specs, input_shape, batch_size, repeats=3):
-    """Seconds for forward + backward of each layer on a random batch (--balance time)."""
-    model = build_model(specs, input_shape, seed=0)
-    x = tf.constant(to_channels_last(np.random.default_rng(0).standard_normal(
-        (batch_size, *input_shape)).astype(np.float32)))
-    times = []
-    for layer in model.layers_:
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                out = layer(x, training=True)
-                total = tf.reduce_sum(out)
-            tape.gradient(total, [x] + layer.trainable_variables)
-            best = min(best, time.perf_counter() - start)
-        times.append(best)
-        x = out
-    return times
+class TfStage:
+    framework = "tf"
 
-
-class TensorFlowPipelineRunner(PipelineRunner):
-    framework = "tensorflow"
-    checkpoint_extension = checkpoint.EXTENSION
-
-    def set_threads(self, threads):
-        pin_gpu(self.local_rank)
+    @staticmethod
+    def set_threads(threads, local_rank):
+        pin_gpu(local_rank)
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
 
-    def measure_layer_times(self, batch_size):
-        return measure_layer_times(self.specs, self.dataset.image_shape, batch_size)
+    @staticmethod
+    def measure_layer_times(specs, input_shape, batch_size, repeats=3):
+        """Seconds for forward + backward of each layer on a random batch (--balance time)."""
+        model = build_model(specs, input_shape, seed=0)
+        x = tf.constant(to_channels_last(np.random.default_rng(0).standard_normal(
+            (batch_size, *input_shape)).astype(np.float32)))
+        times = []
+        for layer in model.layers_:
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    out = layer(x, training=True)
+                    total = tf.reduce_sum(out)
+                tape.gradient(total, [x] + layer.trainable_variables)
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+            x = out
+        return times
 
-    def build_stage(self, start, end):
-        self.model = build_stage(self.specs, self.dataset.image_shape, self.config.seed, start, end)
+    def __init__(self, place: StagePlace):
+        self.first, self.last = place.first, place.last
+        self.in_shape = models.layer_shapes(place.specs, place.input_shape)[place.start]
+        self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start, place.end)
         self.variables = self.model.trainable_variables
         self.has_parameters = bool(self.variables)
-        self.optimizer = Optimizer(self.variables, self.config)
+        self.optimizer = Optimizer(self.variables, place.config)
         self._apply = tf.function(lambda gradients: self.optimizer.apply(gradients, self.variables))
         self._forward = tf.function(lambda x: self.model(x, training=True), reduce_retracing=True)
         self._recompute_backward = tf.function(self._gradients_given_output_gradients, reduce_retracing=True)
@@ -93,7 +93,7 @@ class TensorFlowPipelineRunner(PipelineRunner):
         return (loss_sum, correct, gradients[0],
                 [total + gradient for total, gradient in zip(accumulated, gradients[1:])])
 
-    def init_stage_allreduce(self, stage_ranks):
+    def init_replica_allreduce(self, stage_ranks, stage):
         import horovod.tensorflow as hvd
         from mpi4py import MPI
 
@@ -101,7 +101,7 @@ class TensorFlowPipelineRunner(PipelineRunner):
         # every rank); each stage's replicas allreduce their gradients inside it.
         sets = [hvd.ProcessSet(ranks) for ranks in stage_ranks]
         hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
-        self.hvd, self.stage_set = hvd, sets[self.stage]
+        self.hvd, self.stage_set = hvd, sets[stage]
 
     def zero_grad(self):
         self.gradients = [tf.zeros_like(variable) for variable in self.variables]
@@ -138,33 +138,30 @@ class TensorFlowPipelineRunner(PipelineRunner):
     def predict(self, inputs):
         return to_channels_first(self.model(tf.constant(to_channels_last(inputs)), training=False).numpy())
 
-    def stage_state(self):
-        return {"weights": to_neutral(self.model, self.in_shape),
-                "optimizer": optimizer_to_neutral(self.model, self.in_shape, self.optimizer, self.variables)}
+    def state(self) -> NeutralState:
+        return neutral_state(self.model, self.in_shape, self.optimizer)
 
-    def load_stage_state(self, state):
-        load_neutral(self.model, self.in_shape, state["weights"])
-        load_optimizer_neutral(self.model, self.in_shape, self.optimizer, self.variables, state["optimizer"])
+    def load_state(self, state: NeutralState):
+        load_neutral_state(self.model, self.in_shape, self.optimizer, state)
 
-    def _whole_model(self, state=None):
-        shape = self.dataset.image_shape
-        model = build_model(self.specs, shape, self.config.seed)
-        optimizer = Optimizer(model.trainable_variables, self.config)
-        if state is not None:
-            load_neutral(model, shape, state["weights"])
-            load_optimizer_neutral(model, shape, optimizer, model.trainable_variables, state["optimizer"])
-        return model, optimizer
+    # --- flat vectors for --mode ps ---------------------------------------------------
 
-    def save_whole(self, path, position, architecture, state):
-        model, optimizer = self._whole_model(state)
-        checkpoint.write(path, position, model, optimizer, self.config, architecture)
+    def gradient_vector(self):
+        return np.concatenate([np.asarray(gradient).reshape(-1) for gradient in self.gradients])
 
-    def load_whole(self, path, architecture):
-        model, optimizer = self._whole_model()
-        position = checkpoint.load(path, architecture, model, optimizer)
-        shape = self.dataset.image_shape
-        return position, {"weights": to_neutral(model, shape),
-                       "optimizer": optimizer_to_neutral(model, shape, optimizer, model.trainable_variables)}
+    def set_gradient_vector(self, vector):
+        self.gradients = [tf.constant(piece) for piece in self._pieces(vector)]
 
-    def read_weights(self, path, architecture):
-        return checkpoint.read_weights(path, architecture)
+    def parameter_vector(self):
+        return np.concatenate([variable.numpy().reshape(-1) for variable in self.variables])
+
+    def set_parameter_vector(self, vector):
+        for variable, piece in zip(self.variables, self._pieces(vector)):
+            variable.assign(piece)
+
+    def _pieces(self, vector):
+        offset = 0
+        for variable in self.variables:
+            size = int(np.prod(variable.shape))
+            yield vector[offset:offset + size].reshape(tuple(variable.shape))
+            offset += size

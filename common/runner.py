@@ -1,0 +1,186 @@
+"""The contracts between the trainer, the runners and the frameworks' stages, as types.
+
+    Trainer (common/trainer.py)  --uses-->  Runner: one rank's part of a step, evaluation,
+                                            checkpoint shards, and its Collectives
+    Runner  (data: train_*/data_parallel.py; model/hybrid: common/pipeline.py;
+             ps: common/parameter_server.py)
+    PipelineRunner, ParameterServerRunner  --hold-->  Stage: a framework's arithmetic for
+                                            layers start..end-1 (train_torch/stage.py, train_tf/stage.py)
+
+Nothing here imports a framework or MPI.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+import numpy as np
+
+from common.checkpoint import Checkpoint, NeutralState
+from common.config import RunConfig
+from common.plan import ParallelPlan
+
+OpenCheckpoint = Callable[[], Checkpoint]
+
+
+class Collectives(Protocol):
+    """What every rank calls together; the trainer's only way to talk to the other ranks."""
+
+    def allreduce_sums(self, sums: np.ndarray, name: str) -> np.ndarray: ...
+
+    def broadcast_object(self, value, name: str): ...
+
+    def flag_sum(self, value: int) -> int:
+        """The sum of ``value`` over the ranks (a sync point)."""
+
+    def start_flag_sum(self, value: int) -> Callable[[], int]:
+        """The same, answered by the returned function after the next train_step (so it
+        can travel with that step's communication instead of adding a round trip)."""
+
+
+class Runner(Protocol):
+    framework: str                   # "torch" or "tf"
+    rank: int
+    world_size: int
+    threads: int
+    primary: bool                    # the one rank that logs, writes metrics and commits checkpoints
+    data_shards: int                 # data-parallel replicas sharing each global batch
+    data_shard: int                  # this rank's replica
+    plan: ParallelPlan
+    layout: Sequence[str]            # lines describing the placement, logged once
+    collectives: Collectives
+    checkpoint_shards: int           # how many shards this layout's checkpoints have
+
+    def set_lr(self, value: float) -> None: ...
+
+    def train_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
+        """One optimizer step on this rank's ``indices`` of a global batch of ``global_count``;
+        this rank's (loss sum, correct, count)."""
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(loss sum, correct, count) over this rank's slice of ``x``."""
+
+    def checkpoint_shard(self) -> Optional[tuple[int, NeutralState]]:
+        """Collective: (shard index, state under whole-model keys) on the ranks that write one."""
+
+    def load_state(self, open_checkpoint: Optional[OpenCheckpoint], with_optimizer: bool) -> None:
+        """Collective: every rank takes its part of the checkpoint (None: keep the seed's
+        weights, synchronised)."""
+
+
+class ElasticRunner(Runner, Protocol):
+    def run_elastic(self, start: Callable[[], tuple], train_from: Callable) -> object:
+        """--elastic: run ``train_from(position, commit)`` from ``start()``'s position, again
+        from the last commit whenever workers leave or join."""
+
+
+@dataclass(frozen=True)
+class StagePlace:
+    """Which layers a stage holds and what it may need to know about its neighbours."""
+    specs: tuple
+    input_shape: tuple               # the whole model's input (C, H, W)
+    start: int
+    end: int
+    first: bool
+    last: bool
+    config: RunConfig
+    local_rank: int                  # picks this rank's GPU, where there are GPUs
+
+
+class Stage(Protocol):
+    """A framework's arithmetic for one pipeline stage (or, in ps mode, the whole model)."""
+
+    has_parameters: bool
+
+    def zero_grad(self) -> None: ...
+
+    def set_lr(self, value: float) -> None: ...
+
+    def forward(self, microbatch: int, inputs: np.ndarray, labels: Optional[np.ndarray],
+                scale: float) -> tuple[Optional[np.ndarray], tuple[float, float]]:
+        """(output for the next stage, or None on the last; (loss sum, correct) on the last).
+        Labels and scale (1 / global batch) only on the last stage."""
+
+    def backward(self, microbatch: int, output_gradient: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """The gradient for the previous stage (None on the first)."""
+
+    def init_replica_allreduce(self, stage_ranks: list, stage: int) -> None:
+        """Hybrid: join Horovod with one process set per stage."""
+
+    def allreduce_gradients(self) -> None: ...
+
+    def step(self) -> None: ...
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray: ...
+
+    def state(self) -> NeutralState:
+        """Weights and optimizer state under the stage's own keys (layer 0 = its first)."""
+
+    def load_state(self, state: NeutralState) -> None: ...
+
+    # --mode ps: the server and workers exchange flat float32 vectors.
+    def gradient_vector(self) -> np.ndarray: ...
+
+    def set_gradient_vector(self, vector: np.ndarray) -> None: ...
+
+    def parameter_vector(self) -> np.ndarray: ...
+
+    def set_parameter_vector(self, vector: np.ndarray) -> None: ...
+
+
+class StageFactory(Protocol):
+    """A framework's stage class: builds stages, and what must happen before any is built."""
+
+    framework: str
+
+    def __call__(self, place: StagePlace) -> Stage: ...
+
+    @staticmethod
+    def set_threads(threads: int, local_rank: int) -> None: ...
+
+    @staticmethod
+    def measure_layer_times(specs: Sequence, input_shape: tuple, batch_size: int) -> list:
+        """Forward + backward seconds of each layer (--balance time)."""
+
+
+# --- MPI pieces shared by the pipeline and parameter-server runners -----------------
+
+def node_placement(comm, config: RunConfig) -> tuple[int, int]:
+    """(local rank, compute threads) of this rank on its node."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    return node.rank, config.threads or max(1, (os.cpu_count() or 1) // node.size)
+
+
+class MpiCollectives:
+    """Collectives over an mpi4py communicator, ``root`` answering broadcasts."""
+
+    def __init__(self, comm, root: int):
+        self.comm, self.root = comm, root
+
+    def allreduce_sums(self, sums: np.ndarray, name: str) -> np.ndarray:
+        from mpi4py import MPI
+
+        total = np.zeros_like(sums)
+        self.comm.Allreduce(np.ascontiguousarray(sums), total, op=MPI.SUM)
+        return total
+
+    def broadcast_object(self, value, name: str):
+        return self.comm.bcast(value, root=self.root)
+
+    def flag_sum(self, value: int) -> int:
+        return self.start_flag_sum(value)()
+
+    def start_flag_sum(self, value: int) -> Callable[[], int]:
+        from mpi4py import MPI
+
+        buffers = np.array([int(value)], dtype=np.int64), np.zeros(1, dtype=np.int64)
+        request = self.comm.Iallreduce(buffers[0], buffers[1], op=MPI.SUM)
+
+        def answer():
+            request.Wait()  # both buffers must live until here: MPI reads/writes them meanwhile
+            return int(buffers[1][0])
+        return answer

@@ -1,0 +1,312 @@
+"""The training loop shared by both frameworks and every mode.
+
+The Trainer owns everything that is not framework arithmetic or parallel
+layout: the epoch and step loop, the data order, the LR rule, the stop/NaN
+agreement between ranks, progress, logs, the metrics file, checkpoints and
+resume. A Runner (common/runner.py) does one rank's part of each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+from typing import Callable, Optional
+
+from tqdm import tqdm
+
+from common import checkpoint, data, lr, metrics, models, weights
+from common.config import RunConfig, parse_config
+from common.errors import RunStopped, UsageError
+from common.launch import apply_tuned_defaults, injected_failure
+from common.plan import check_batch, check_stages
+from common.runner import Runner
+
+Position = tuple  # (completed epochs, steps done in the next epoch)
+
+
+def load_run(argv, prog: str, elastic_supported: bool = False):
+    """What both entry scripts do before any framework import: the flags, the
+    data and the model's layer specs, each checked (UsageError on bad input)."""
+    config = parse_config(argv, prog=prog)
+    apply_tuned_defaults()  # read when MPI starts, which is later (in the runner)
+    if config.elastic and not elastic_supported:
+        raise UsageError(f"--elastic uses Horovod's PyTorch elastic API: run train_torch/main.py "
+                         f"({prog} trains on a fixed set of ranks; drop --elastic)")
+    dataset = data.load_dataset(config)
+    specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes)
+    check_stages(config, specs)
+    return config, dataset, specs
+
+
+class StopRequest:
+    """SIGUSR1/SIGTERM ask for a graceful stop: the ranks agree at the next step
+    boundary, save a checkpoint and exit 0 (Slurm sends these before preemption
+    or the time limit). A second signal ends the process at once."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self):
+        self.signal_name = None
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, number, frame):
+        if self.signal_name is not None:
+            os._exit(128 + number)
+        self.signal_name = signal.Signals(number).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+class Health:
+    """What each rank tells the others at every step boundary, as one number to
+    sum: 1 if it was asked to stop, world_size + 1 if it saw a non-finite loss
+    (so any such rank makes the sum exceed world_size)."""
+
+    def __init__(self, stop: StopRequest, runner: Runner, allow_nonfinite: bool):
+        self.stop, self.runner, self.allow_nonfinite = stop, runner, allow_nonfinite
+        self.nonfinite_at = None
+
+    @property
+    def world_size(self) -> int:
+        return self.runner.world_size  # read each time: elastic training changes it
+
+    def check_loss(self, loss_sum: float, position: Position) -> None:
+        if not self.allow_nonfinite and self.nonfinite_at is None and not math.isfinite(loss_sum):
+            self.nonfinite_at = position
+
+    def code(self) -> int:
+        return (self.world_size + 1 if self.nonfinite_at else 0) + (1 if self.stop.requested else 0)
+
+    def stop_agreed(self, total: int, position: Position) -> bool:
+        """Whether the summed codes ask every rank to stop; RunStopped on a non-finite loss."""
+        if total > self.world_size:
+            epoch, step = self.nonfinite_at or position
+            seen = "" if self.nonfinite_at else " (seen on another rank)"
+            raise RunStopped(f"the loss became NaN or infinite at epoch {epoch + 1}, step {step + 1}{seen}; "
+                             "stopped without saving, so the newest checkpoint is the last good one. "
+                             "Lower --lr (or pass --allow-nonfinite)")
+        return total > 0
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, dataset: data.Dataset, specs, runner: Runner):
+        check_batch(config, runner.plan)
+        self.config, self.dataset, self.specs, self.runner = config, dataset, specs, runner
+        self.collectives = runner.collectives
+        self.architecture = checkpoint.architecture(config.model, dataset.image_shape, dataset.num_classes)
+        self.expected_shapes = weights.expected_shapes(specs, dataset.image_shape)
+        self.stop = StopRequest()
+        self.health = Health(self.stop, runner, config.allow_nonfinite)
+        self.global_batch = config.global_batch_size(runner.data_shards)
+        self.steps = data.steps_per_epoch(len(dataset.y_train), self.global_batch, config.steps_per_epoch)
+        self.writer = metrics.JsonLinesWriter(config.metrics_file if runner.primary else "")
+
+    def run(self) -> Optional[tuple]:
+        """Train and evaluate; the test (loss, accuracy), or None when stopped early."""
+        self._log_start()
+        if self.config.elastic:
+            return self.runner.run_elastic(self.restore, self.train_from)
+        return self.train_from(self.restore())
+
+    # --- the loop, top to bottom ----------------------------------------------------
+
+    def train_from(self, start: Position, commit: Optional[Callable] = None) -> Optional[tuple]:
+        """Epochs from ``start`` to the end. ``commit(epoch, step)``, if given, is told each
+        position reached (elastic training keeps its recoverable state with it)."""
+        start_epoch, start_step = start
+        test = None
+        for epoch in range(start_epoch, self.config.epochs):
+            train = self.train_epoch(epoch, start_step if epoch == start_epoch else 0, commit)
+            if train.stopped_after is not None:
+                return self.stop_at((epoch, train.stopped_after))
+            # Before saving: never let a non-finite last step overwrite a good checkpoint.
+            stopping = self.health.stop_agreed(self.collectives.flag_sum(self.health.code()),
+                                               (epoch, self.steps - 1))
+            test = self.evaluate()
+            self.record(epoch, train, test)
+            path = self.save((epoch + 1, 0))
+            if commit:
+                commit(epoch + 1, 0)
+            if stopping and epoch + 1 < self.config.epochs:
+                return self.report_stop((epoch + 1, 0), path)
+        if test is None:
+            test = self.evaluate()
+        if self.runner.primary:
+            metrics.log(f"final test accuracy: {test[1]:.4f}  (test loss {test[0]:.4f})")
+        return test
+
+    def train_epoch(self, epoch: int, first_step: int, commit: Optional[Callable] = None) -> metrics.EpochResult:
+        """Steps first_step.. of ``epoch``; stops early, every rank together, on a stop
+        request (saying after how many steps) or a non-finite loss (raising RunStopped)."""
+        runner, config = self.runner, self.config
+        batches = data.rank_batches(len(self.dataset.y_train), config.global_batch_size(runner.data_shards),
+                                    runner.data_shards, runner.data_shard, config.seed, epoch, config.steps_per_epoch)
+        meter, images, step_lr, stopped_after = metrics.Meter(), 0, config.lr, None
+        progress = tqdm(batches[first_step:], desc=f"epoch {epoch + 1}", leave=False, mininterval=0.5,
+                        disable=not (config.progress and runner.primary))
+        stopwatch = metrics.Stopwatch()
+        for step, (indices, global_count) in enumerate(progress, start=first_step):
+            step_lr = lr.lr_at(epoch * self.steps + step, self.steps, config, runner.data_shards)
+            runner.set_lr(step_lr)
+            # A sync point: a signal or a non-finite loss may have reached only some ranks.
+            agreed = self.collectives.start_flag_sum(self.health.code())
+            injected_failure(runner.rank, epoch * self.steps + step)
+            sums = runner.train_step(indices, global_count)
+            self.health.check_loss(sums[0], (epoch, step))
+            meter.sums += sums
+            images += global_count
+            progress.set_postfix(loss=f"{sums[0] / max(1, sums[2]):.3f}", refresh=False)
+            if self.health.stop_agreed(agreed(), (epoch, step)) and step + 1 < len(batches):
+                stopped_after = step + 1
+                break
+            if commit and step + 1 < len(batches):
+                commit(epoch, step + 1)
+        progress.close()
+        seconds = stopwatch.seconds()
+        loss, accuracy = metrics.Meter.results(self.collectives.allreduce_sums(meter.sums, "train_sums"))
+        return metrics.EpochResult(loss, accuracy, images / seconds if seconds > 0 else 0.0, seconds, step_lr,
+                                   stopped_after)
+
+    def evaluate(self) -> tuple:
+        sums = self.runner.evaluate(self.dataset.x_test, self.dataset.y_test)
+        return metrics.Meter.results(self.collectives.allreduce_sums(sums, "eval_sums"))
+
+    def record(self, epoch: int, train: metrics.EpochResult, test: tuple) -> None:
+        if not self.runner.primary:
+            return
+        record = metrics.epoch_record(epoch + 1, train, test, self.runner.world_size, self.config,
+                                      self.runner.framework)
+        metrics.log(metrics.format_epoch(record, self.config.epochs))
+        self.writer.write(record)
+
+    # --- stopping ---------------------------------------------------------------------
+
+    def stop_at(self, position: Position) -> None:
+        """Every rank agreed to stop after ``position``: save it and report."""
+        return self.report_stop(position, self.save(position))
+
+    def report_stop(self, position: Position, path: Optional[str]) -> None:
+        if self.runner.primary:
+            epoch, step = position
+            where = f"after {step} steps of epoch {epoch + 1}" if step else f"after epoch {epoch}"
+            cause = self.stop.signal_name or "a signal to another rank"
+            saved = f"saved {path}; continue with --resume" if path else "nothing saved (no --checkpoint-dir)"
+            metrics.log(f"stopped by {cause} {where}; {saved}")
+        return None
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def save(self, position: Position) -> Optional[str]:
+        """Collective: each writing rank stores its shard, then the primary commits."""
+        if not self.config.checkpoint_dir:
+            return None
+        path = checkpoint.checkpoint_path(self.config.checkpoint_dir, position)
+        temporary = checkpoint.temporary_path(path)
+        shard = self.runner.checkpoint_shard()
+        failed = 0
+        if shard is not None:
+            try:
+                checkpoint.write_shard(temporary, *shard)
+            except OSError as error:
+                failed = 1
+                metrics.log(f"rank {self.runner.rank}: cannot write {temporary} ({error.strerror})")
+        # A sync point: every shard is on disk (or some rank failed) before the commit.
+        if self.collectives.flag_sum(failed):
+            if self.runner.primary:
+                checkpoint.abandon(temporary)
+            raise UsageError(f"could not save checkpoint {path}; the previous checkpoints are intact. "
+                             "Free space in --checkpoint-dir or choose another, then --resume")
+        if not self.runner.primary:
+            return path
+        meta = checkpoint.make_meta(position, self.architecture, dataclasses.asdict(self.config),
+                                    self.runner.checkpoint_shards, self.runner.framework,
+                                    {"mode": self.runner.plan.mode, "pp": self.runner.plan.pp,
+                                     "dp": self.runner.plan.dp}, checkpoint.rng_state())
+        checkpoint.commit(temporary, path, meta, before_rename=lambda: injected_failure(self.runner.rank, "save"))
+        checkpoint.prune(self.config.checkpoint_dir, self.config.keep_checkpoints)
+        return path
+
+    def restore(self) -> Position:
+        """Resume or initialise weights as the flags ask; returns where to start."""
+        config = self.config
+        if config.checkpoint_dir:
+            self.on_primary_for_all(lambda: checkpoint.prepare_directory(config.checkpoint_dir, config.resume),
+                                    "checkpoint_dir")
+        path, start, rng = None, (0, 0), None
+        if config.resume:
+            path, start, rng = self.on_primary_for_all(self._newest_valid, "resume")
+        elif config.init_from:
+            path = config.init_from
+            self.on_primary_for_all(lambda: self.open_checkpoint(path) and None, "init_from")  # checks it loads
+        if rng:
+            checkpoint.restore_rng(rng)
+        self.runner.load_state((lambda: self.open_checkpoint(path)) if path else None, with_optimizer=config.resume)
+        return tuple(start)
+
+    def open_checkpoint(self, path: str) -> checkpoint.Checkpoint:
+        return checkpoint.Checkpoint(path, self.architecture, self.expected_shapes)
+
+    def _newest_valid(self) -> tuple:
+        """(path, position, RNG state) of the newest checkpoint that loads, saying which;
+        older ones only if newer ones fail."""
+        problems = []
+        for _, path in reversed(checkpoint.list_checkpoints(self.config.checkpoint_dir)):
+            try:
+                opened = self.open_checkpoint(path)
+                opened.check_optimizer(self.config.optimizer)
+            except checkpoint.CheckpointMismatch:
+                raise  # the wrong model or optimizer is the user's mistake, not a damaged file
+            except UsageError as error:
+                problems.append(str(error))
+                metrics.log(f"skipping {path}: it does not load")
+                continue
+            epoch, step = opened.position
+            where = f"{step} steps into epoch {epoch + 1}" if step else f"after epoch {epoch}"
+            metrics.log(f"resumed from {path} ({where})")
+            return path, opened.position, opened.meta.get("rng")
+        raise UsageError(problems[0] if len(problems) == 1 else
+                         f"no checkpoint in {self.config.checkpoint_dir} loads ({len(problems)} tried; "
+                         f"newest: {problems[0]})")
+
+    def on_primary_for_all(self, action: Callable, name: str):
+        """Run ``action`` on the primary rank only and share its result, or the
+        UsageError it raised, so every rank goes on (or ends) together."""
+        result, problem = None, None
+        if self.runner.primary:
+            try:
+                result = action()
+            except UsageError as error:
+                problem = str(error)
+        problem, result = self.collectives.broadcast_object((problem, result), name)
+        if problem:
+            raise UsageError(problem)
+        return result
+
+    def _log_start(self) -> None:
+        runner, config, dataset = self.runner, self.config, self.dataset
+        if not runner.primary:
+            return
+        metrics.log(f"{runner.framework}: {config.model} ({models.total_params(self.specs, dataset.image_shape):,} "
+                    f"params) on {dataset.name} {len(dataset.y_train)} train / {len(dataset.y_test)} test "
+                    f"{'x'.join(map(str, dataset.image_shape))}; {describe(runner.plan, config)}, "
+                    f"global batch {self.global_batch}, {self.steps} steps/epoch, {runner.threads} threads/rank")
+        for line in runner.layout:
+            metrics.log(line)
+
+
+def describe(plan, config: RunConfig) -> str:
+    if plan.mode == "ps":
+        return f"parameter server: rank 0 serves {plan.dp} worker(s)"
+    if not plan.pipelined:
+        return f"data parallel on {plan.world_size} rank(s)"
+    return (f"{plan.mode} parallel: {plan.pp} stages x {plan.dp} replica(s), {config.microbatches} "
+            f"micro-batches, {config.schedule}")
+
+
+def run(config: RunConfig, dataset: data.Dataset, specs, runner: Runner) -> Optional[tuple]:
+    return Trainer(config, dataset, specs, runner).run()

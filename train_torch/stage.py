@@ -1,0 +1,140 @@
+"""The PyTorch stage: one pipeline stage's arithmetic (model/hybrid), or the whole
+model's (ps), with torch autograd. The runners in common/ (pipeline.py,
+parameter_server.py) hold one and drive it; see common/runner.py's Stage.
+"""
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector
+
+from common.checkpoint import NeutralState
+from common.runner import StagePlace
+from train_torch.checkpoint import load_neutral_state, neutral_state
+from train_torch.device import pick_device, to_device, to_numpy
+from train_torch.model import build_model, build_stage
+from train_torch.optimizer import make_local_optimizer
+
+
+class TorchStage:
+    framework = "torch"
+
+    @staticmethod
+    def set_threads(threads, local_rank):
+        torch.set_num_threads(threads)
+
+    @staticmethod
+    def measure_layer_times(specs, input_shape, batch_size, repeats=3):
+        """Seconds for forward + backward of each layer on a random batch (--balance time)."""
+        model = build_model(specs, input_shape, seed=0)
+        x = torch.randn(batch_size, *input_shape)
+        times = []
+        for layer in model:
+            best = float("inf")
+            for _ in range(repeats):
+                inputs = x.detach().requires_grad_()
+                start = time.perf_counter()
+                out = layer(inputs)
+                out.sum().backward()
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+            x = out.detach()
+        return times
+
+    def __init__(self, place: StagePlace):
+        self.first, self.last = place.first, place.last
+        self.device = pick_device(place.local_rank)
+        self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start,
+                                 place.end).to(self.device)
+        self.parameters = list(self.model.parameters())
+        self.has_parameters = bool(self.parameters)
+        self.optimizer = make_local_optimizer(self.model, place.config) if self.parameters else None
+        self.stash = {}
+
+    def init_replica_allreduce(self, stage_ranks, stage):
+        import horovod.torch as hvd
+        from mpi4py import MPI
+
+        # Horovod: one process set per stage (the same list, in the same order, on
+        # every rank); each stage's replicas allreduce their gradients inside it.
+        sets = [hvd.ProcessSet(ranks) for ranks in stage_ranks]
+        hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
+        self.hvd, self.stage_set, self.stage_name = hvd, sets[stage], f"stage{stage}_gradients"
+
+    def zero_grad(self):
+        self.model.train()
+        if self.optimizer:
+            self.optimizer.zero_grad(set_to_none=False)
+
+    def set_lr(self, value):
+        for group in (self.optimizer.param_groups if self.optimizer else []):
+            group["lr"] = value
+
+    def forward(self, m, inputs, labels, scale):
+        x = to_device(inputs, self.device)
+        if not self.first:
+            x.requires_grad_()
+        out = self.model(x)
+        if not self.last:
+            self.stash[m] = (x, out)
+            return to_numpy(out), (0.0, 0.0)
+        labels = to_device(labels, self.device)
+        loss_sum = F.cross_entropy(out, labels, reduction="sum")
+        self.stash[m] = (x, loss_sum * scale)  # scaled once: the micro-batches add up to the batch mean
+        return None, (loss_sum.item(), (out.argmax(1) == labels).sum().item())
+
+    def backward(self, m, output_gradient):
+        x, out = self.stash.pop(m)
+        if output_gradient is None:
+            out.backward()
+        else:
+            out.backward(to_device(output_gradient, self.device))
+        return None if self.first else to_numpy(x.grad)
+
+    def allreduce_gradients(self):
+        gradients = [parameter.grad for parameter in self.parameters]
+        # Horovod: sum this stage's gradients over its replicas.
+        reduced = self.hvd.grouped_allreduce(gradients, op=self.hvd.Sum, process_set=self.stage_set,
+                                             name=self.stage_name)
+        for parameter, gradient in zip(self.parameters, reduced):
+            parameter.grad.copy_(gradient)
+
+    def step(self):
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def predict(self, inputs):
+        self.model.eval()
+        return to_numpy(self.model(to_device(inputs, self.device)))
+
+    def state(self) -> NeutralState:
+        return neutral_state(self.model, self.optimizer)
+
+    def load_state(self, state: NeutralState):
+        load_neutral_state(self.model, self.optimizer, state)
+
+    # --- flat vectors for --mode ps ---------------------------------------------------
+
+    def gradient_vector(self):
+        return to_numpy(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                   for p in self.parameters]))
+
+    def set_gradient_vector(self, vector):
+        for parameter, piece in self._pieces(vector):
+            parameter.grad = piece.clone()
+
+    def parameter_vector(self):
+        return to_numpy(parameters_to_vector(self.parameters).detach())
+
+    @torch.no_grad()
+    def set_parameter_vector(self, vector):
+        for parameter, piece in self._pieces(vector):
+            parameter.copy_(piece)
+
+    def _pieces(self, vector):
+        offset = 0
+        for parameter in self.parameters:
+            piece = to_device(vector[offset:offset + parameter.numel()], self.device)
+            yield parameter, piece.reshape(parameter.shape)
+            offset += parameter.numel()
