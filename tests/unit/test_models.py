@@ -39,6 +39,40 @@ def test_flop_counts():
     assert all(flops > 0 for _, _, _, flops in costs)
 
 
+def counted_flops(module, shape):
+    """FLOPs PyTorch's own counter sees in one sample's forward (convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        module(torch.zeros(1, *shape))
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("spec,shape", [(models.Conv(16, 3, 1, relu=False), (3, 17, 13)),
+                                        (models.Conv(8, 3, 2, relu=False), (4, 9, 9)),
+                                        (models.Conv(8, 1, 1, relu=False), (5, 6, 6))])
+def test_convolution_flops_equal_torchs_count(spec, shape):
+    model = build_model([spec, models.GlobalAvgPool()], shape, seed=0)
+    assert spec.flops(shape) == counted_flops(model[0], shape)
+
+
+@pytest.mark.parametrize("name", sorted(models.ARCHITECTURES))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_flops_agree_with_torchs_count(name, shape):
+    """Per layer, ours = torch's count of the convolutions and matmuls plus the
+    element-wise work it leaves out (ReLU, BatchNorm, pooling, residual adds:
+    at most a few operations per element and part), never less than torch's count."""
+    specs = models.model_specs(name, shape, 10)
+    model = build_model(specs, shape, seed=0)
+    shapes = models.layer_shapes(specs, shape)
+    for layer, spec, in_shape, out_shape in zip(model, specs, shapes, shapes[1:]):
+        counted, ours = counted_flops(layer, in_shape), spec.flops(in_shape)
+        elements = max(models.prod(in_shape), models.prod(out_shape))
+        assert counted <= ours <= counted + 16 * elements, spec
+    total = sum(spec.flops(in_shape) for spec, in_shape in zip(specs, shapes))
+    assert counted_flops(model, shape) <= total <= 1.05 * counted_flops(model, shape)
+
+
 def test_unknown_model_and_too_small_images():
     with pytest.raises(UsageError, match="unknown model 'vgg'"):
         models.model_specs("vgg", (1, 8, 8), 10)
