@@ -1,7 +1,7 @@
 """Tables and plot from benchmarks/run.py's results (pure: no measuring here)."""
 
-FRAMEWORKS = ("pytorch", "tensorflow")
-PEERS = {"pytorch": "DDP np2 (torchrun, gloo)", "tensorflow": "MultiWorkerMirroredStrategy, 2 workers"}
+FRAMEWORKS = ("torch", "tf")
+PEERS = {"torch": "DDP np2 (torchrun, gloo)", "tf": "MultiWorkerMirroredStrategy, 2 workers"}
 
 
 def find(results, name, framework):
@@ -46,7 +46,7 @@ def derived(results):
             peer = f"torch.distributed.pipelining pp2, {schedule} M{microbatches}"
             row(f"our pp2 {schedule} M{microbatches} / torch.distributed.pipelining",
                 lambda f, p=peer, n=f"model pp2, {schedule} M{microbatches}":
-                ratio(find(results, n, f), find(results, p, "pytorch (peer)")) if f == "pytorch" else None)
+                ratio(find(results, n, f), find(results, p, "torch (peer)")) if f == "torch" else None)
     row("parameter server (1 + 2 workers) / ring allreduce np2",
         lambda f: ratio(find(results, "ps 1 server + 2 workers", f), find(results, "data np2", f)))
     row("parameter server (1 + 2 workers) / ring allreduce np3 (same 3 processes)",
@@ -74,7 +74,7 @@ def markdown(results):
     lines += ["", "| measure | PyTorch | TensorFlow |", "|---|---|---|"]
     for label, values in derived(results):
         if any(value is not None for value in values.values()):
-            lines.append(f"| {label} | {_number(values['pytorch'])} | {_number(values['tensorflow'])} |")
+            lines.append(f"| {label} | {_number(values['torch'])} | {_number(values['tf'])} |")
     for label, run in results["allreduce"].items():
         lines += ["", f"Allreduce bandwidth, {run['world_size']} ranks ({label.replace('_', ' ')}): "
                   "bytes / median seconds, MB/s", "", "| size | mpi4py Allreduce | Horovod allreduce |",
@@ -115,7 +115,7 @@ def plot(results, path):
                                                            gridspec_kw={"width_ratios": [2.2, 1.3, 1]})
     cases = results["cases"]
     labels = [f"{case['framework']}: {case['name']}{' *' if case['oversubscribed'] else ''}" for case in cases]
-    colours = ["tab:blue" if case["framework"] == "pytorch" else "tab:orange" if case["framework"] == "tensorflow"
+    colours = ["tab:blue" if case["framework"] == "torch" else "tab:orange" if case["framework"] == "tf"
                else "tab:gray" for case in cases]
     positions = range(len(cases))
     medians = [case["median"] for case in cases]
@@ -127,7 +127,7 @@ def plot(results, path):
     bars.set_title("Throughput (blue PyTorch, orange TensorFlow, grey peers)")
 
     rows = [(label, values) for label, values in derived(results) if any(v is not None for v in values.values())]
-    for offset, framework, colour in ((-0.2, "pytorch", "tab:blue"), (0.2, "tensorflow", "tab:orange")):
+    for offset, framework, colour in ((-0.2, "torch", "tab:blue"), (0.2, "tf", "tab:orange")):
         efficiency.barh([i + offset for i in range(len(rows))], [values[framework] or 0 for _, values in rows],
                         height=0.4, color=colour, label=framework)
     for i, (label, _) in enumerate(rows):

@@ -139,34 +139,34 @@ HOROVOD_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "0"}  # undo our shipped def
 def cases(settings, quick):
     """(name, group, framework, ranks, oversubscribed, function) for every case."""
     if quick:
-        return [("data np1", "data", "pytorch", 1, False, lambda: entry_case(settings, "torch", 1)),
-                ("data np2", "data", "pytorch", 2, False, lambda: entry_case(settings, "torch", 2))]
+        return [("data np1", "data", "torch", 1, False, lambda: entry_case(settings, "torch", 1)),
+                ("data np2", "data", "torch", 2, False, lambda: entry_case(settings, "torch", 2))]
     listed = []
-    for framework, name in (("torch", "pytorch"), ("tf", "tensorflow")):
+    for framework in ("torch", "tf"):
         def ours(np_, flags=(), env=None, framework=framework):
             return lambda: entry_case(settings, framework, np_, flags, env)
         listed += [
-            ("data np1", "data", name, 1, False, ours(1)),
-            ("data np2", "data", name, 2, False, ours(2)),
-            ("data np2, Horovod defaults", "data", name, 2, False, ours(2, env=HOROVOD_DEFAULTS)),
-            ("data np3", "ps", name, 3, True, ours(3)),
-            ("ps 1 server + 2 workers", "ps", name, 3, True, ours(3, ["--mode", "ps"])),
-            ("hybrid dp2 x pp2, 1f1b M4", "hybrid", name, 4, True,
+            ("data np1", "data", framework, 1, False, ours(1)),
+            ("data np2", "data", framework, 2, False, ours(2)),
+            ("data np2, Horovod defaults", "data", framework, 2, False, ours(2, env=HOROVOD_DEFAULTS)),
+            ("data np3", "ps", framework, 3, True, ours(3)),
+            ("ps 1 server + 2 workers", "ps", framework, 3, True, ours(3, ["--mode", "ps"])),
+            ("hybrid dp2 x pp2, 1f1b M4", "hybrid", framework, 4, True,
              ours(4, ["--mode", "hybrid", "--pp", 2, "--dp", 2, "--microbatches", 4])),
         ]
         for schedule in ("gpipe", "1f1b"):
             for microbatches in (1, 4, 8):
-                listed.append((f"model pp2, {schedule} M{microbatches}", "model", name, 2, False,
+                listed.append((f"model pp2, {schedule} M{microbatches}", "model", framework, 2, False,
                                ours(2, ["--mode", "model", "--pp", 2, "--schedule", schedule,
                                         "--microbatches", microbatches])))
-    listed += [("DDP np2 (torchrun, gloo)", "data", "pytorch (peer)", 2, False,
+    listed += [("DDP np2 (torchrun, gloo)", "data", "torch (peer)", 2, False,
                 lambda: torchrun_case(settings, "ddp.py", 2)),
-               ("MultiWorkerMirroredStrategy, 2 workers", "data", "tensorflow (peer)", 2, False,
+               ("MultiWorkerMirroredStrategy, 2 workers", "data", "tf (peer)", 2, False,
                 lambda: multiworker_case(settings))]
     for schedule in ("gpipe", "1f1b"):
         for microbatches in (4, 8):
             listed.append((f"torch.distributed.pipelining pp2, {schedule} M{microbatches}", "model",
-                           "pytorch (peer)", 2, False,
+                           "torch (peer)", 2, False,
                            lambda s=schedule, m=microbatches: torchrun_case(
                                settings, "torch_pipelining.py", 2, ["--schedule", s, "--microbatches", m])))
     return listed

@@ -21,5 +21,5 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     gpu = results["gpu"]  # measured where CUDA is, else a record of why not
     assert gpu["gpu"] is None and "no CUDA device" in gpu["reason"] or gpu["cases"], gpu
     table = (tmp_path / "results.md").read_text()
-    assert "| data np2 | pytorch | 2 |" in table and "scaling efficiency" in table
+    assert "| data np2 | torch | 2 |" in table and "scaling efficiency" in table
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,9 +13,9 @@ def case(name, framework, median, ranks=2):
 RESULTS = {"machine": {"date": "today", "host": "h", "cores": 2, "cpu": "", "python": "3"},
            "settings": {"model": "seed CNN", "image_shape": "3,32,32", "global_batch": 128, "threads_per_rank": 1,
                         "windows": 6, "steps_per_window": 10},
-           "cases": [case("data np1", "pytorch", 1000, 1), case("data np2", "pytorch", 1800),
-                     case("DDP np2 (torchrun, gloo)", "pytorch (peer)", 1500),
-                     case("model pp2, gpipe M4", "pytorch", 1200)],
+           "cases": [case("data np1", "torch", 1000, 1), case("data np2", "torch", 1800),
+                     case("DDP np2 (torchrun, gloo)", "torch (peer)", 1500),
+                     case("model pp2, gpipe M4", "torch", 1200)],
            "allreduce": {}}
 
 
@@ -26,14 +26,14 @@ def test_bubble_bound():
 
 def test_derived_ratios():
     rows = dict(report.derived(RESULTS))
-    assert rows["scaling efficiency: data np2 / (2 x data np1)"]["pytorch"] == pytest.approx(0.9)
-    assert rows["Horovod data np2, shipped defaults / peer (DDP; MultiWorkerMirrored)"]["pytorch"] == \
+    assert rows["scaling efficiency: data np2 / (2 x data np1)"]["torch"] == pytest.approx(0.9)
+    assert rows["Horovod data np2, shipped defaults / peer (DDP; MultiWorkerMirrored)"]["torch"] == \
         pytest.approx(1.2)
-    assert rows["pipeline efficiency gpipe M4: pp2 / (2 x np1) (bound 0.80)"]["pytorch"] == pytest.approx(0.6)
-    assert rows["scaling efficiency: data np2 / (2 x data np1)"]["tensorflow"] is None
+    assert rows["pipeline efficiency gpipe M4: pp2 / (2 x np1) (bound 0.80)"]["torch"] == pytest.approx(0.6)
+    assert rows["scaling efficiency: data np2 / (2 x data np1)"]["tf"] is None
 
 
 def test_markdown_lists_every_case_and_skips_empty_ratios():
     table = report.markdown(RESULTS)
-    assert table.count("| pytorch |") == 3 and "| DDP np2 (torchrun, gloo) | pytorch (peer) | 2 | 1,500 |" in table
+    assert table.count("| torch |") == 3 and "| DDP np2 (torchrun, gloo) | torch (peer) | 2 | 1,500 |" in table
     assert "parameter server" not in table  # no PS case measured, no PS row
