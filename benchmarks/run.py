@@ -1,5 +1,5 @@
 """Throughput of every mode in both frameworks beside the tools users would pick
-instead, on the same model, batch, threads and machine (see benchmarks/README.md).
+instead, on the same model, batch, threads and machine (see README.md, "Benchmarks").
 
     python benchmarks/run.py                      # the full suite (make bench), ~4 min on 2 cores
     python benchmarks/run.py --quick --out DIR    # a smoke run: two tiny cases (make test)

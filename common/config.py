@@ -5,6 +5,8 @@ parser from the fields, so train_torch/main.py and train_tf/main.py accept
 exactly the same command line.
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import os
@@ -103,7 +105,7 @@ _POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples",
              "microbatches", "elastic_commit_steps")
 
 
-def validate(config):
+def validate(config: RunConfig) -> RunConfig:
     """Checks that need no data and no other rank; raises UsageError naming the fix."""
     for name in _POSITIVE:
         if getattr(config, name) < 0:
@@ -175,7 +177,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def build_parser(prog=None):
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="Train a CNN data parallel (Horovod), model parallel (pipeline "
                      "over MPI) or hybrid. Launch with horovodrun, mpirun or srun; runs as one process too.",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -192,6 +194,6 @@ def build_parser(prog=None):
     return parser
 
 
-def parse_config(argv=None, prog=None):
+def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunConfig:
     namespace = build_parser(prog).parse_args(argv)
     return validate(RunConfig(**vars(namespace)))

@@ -3,15 +3,22 @@
 Images are channel-first here; the TensorFlow side transposes to NHWC.
 """
 
+from __future__ import annotations
+
 import io
 import os
 import pickle
 from dataclasses import dataclass
 from math import prod
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from common.errors import UsageError
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
+
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -34,7 +41,7 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-def load_dataset(config):
+def load_dataset(config: RunConfig) -> Dataset:
     if config.dataset == "digits":
         return load_digits()
     if config.dataset == "cifar10":
@@ -45,7 +52,7 @@ def load_dataset(config):
     raise UsageError(f"unknown dataset {config.dataset!r}; choose digits, cifar10 or synthetic")
 
 
-def load_digits(test_fraction=0.2):
+def load_digits(test_fraction: float = 0.2) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 images), split 80/20 stratified, fixed."""
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
@@ -113,7 +120,7 @@ class CifarUnpickler(pickle.Unpickler):
         return found
 
 
-def read_cifar_pickle(path):
+def read_cifar_pickle(path: str) -> object:
     """One CIFAR python batch as a dict, through CifarUnpickler (bounded in size)."""
     size = os.path.getsize(path)
     if size > MAX_CIFAR_FILE_BYTES:
@@ -155,7 +162,7 @@ def load_cifar10(data_dir):
     return Dataset("cifar10", x_train, y_train, x_test, y_test, num_classes=10)
 
 
-def make_synthetic(image_shape, train_samples, num_classes, seed):
+def make_synthetic(image_shape: tuple, train_samples: int, num_classes: int, seed: int) -> Dataset:
     """Random images with random labels: for throughput, not for accuracy."""
     rng = np.random.default_rng(seed + 12345)
     test_samples = max(1, train_samples // 4)
@@ -174,23 +181,24 @@ def make_synthetic(image_shape, train_samples, num_classes, seed):
 # padded or duplicated, and every rank runs the same number of steps (a rank
 # whose share of the last batch is empty still joins that step's allreduce).
 
-def steps_per_epoch(num_samples, global_batch, step_limit=0):
+def steps_per_epoch(num_samples: int, global_batch: int, step_limit: int = 0) -> int:
     steps = -(-num_samples // global_batch)
     return min(steps, step_limit) if step_limit else steps
 
 
-def epoch_permutation(num_samples, seed, epoch):
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
 
-def split_evenly(indices, parts, part):
+def split_evenly(indices: np.ndarray, parts: int, part: int) -> np.ndarray:
     """Part ``part`` of ``indices`` cut into ``parts`` contiguous near-equal pieces."""
     base, extra = divmod(len(indices), parts)
     start = part * base + min(part, extra)
     return indices[start:start + base + (1 if part < extra else 0)]
 
 
-def rank_batches(num_samples, global_batch, world_size, rank, seed, epoch, step_limit=0):
+def rank_batches(num_samples: int, global_batch: int, world_size: int, rank: int, seed: int, epoch: int,
+                 step_limit: int = 0) -> list[tuple[np.ndarray, int]]:
     """The sample indices this rank trains on at each step of ``epoch``.
 
     Returns a list (one entry per step) of (rank_indices, global_batch_count):
@@ -205,11 +213,11 @@ def rank_batches(num_samples, global_batch, world_size, rank, seed, epoch, step_
     return batches
 
 
-def eval_shard(num_samples, world_size, rank):
+def eval_shard(num_samples: int, world_size: int, rank: int) -> np.ndarray:
     """This rank's contiguous slice of an evaluation set (all samples, once)."""
     return split_evenly(np.arange(num_samples), world_size, rank)
 
 
-def batched(indices, batch_size):
+def batched(indices: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(indices), batch_size):
         yield indices[start:start + batch_size]

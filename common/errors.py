@@ -1,8 +1,11 @@
 """User-facing errors: one clear line, a documented exit code, no traceback."""
 
+from __future__ import annotations
+
 import os
 import sys
 import traceback
+from typing import Callable, NoReturn
 
 USAGE_EXIT_CODE = 2
 CRASH_EXIT_CODE = 1
@@ -26,7 +29,7 @@ class UsageError(Exception):
     exit_code = USAGE_EXIT_CODE
 
 
-def launcher_rank():
+def launcher_rank() -> int:
     """This process's global rank as the launcher reports it, before any init."""
     for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
         value = os.environ.get(name, "")
@@ -35,7 +38,7 @@ def launcher_rank():
     return 0
 
 
-def report_and_exit(error, abort_job=None):
+def report_and_exit(error: BaseException, abort_job: Callable[[int], None] | None = None) -> NoReturn:
     """Print ``error`` and end this process; never returns.
 
     A UsageError is raised by every rank alike, so only rank 0 prints its one

@@ -1,9 +1,12 @@
 """Process-level glue shared by the entry scripts: error handling and job abort."""
 
+from __future__ import annotations
+
 import contextlib
 import os
 import signal
 import sys
+from typing import Callable, Iterator, MutableMapping, NoReturn
 
 from common.errors import report_and_exit
 
@@ -19,13 +22,13 @@ TUNED_ENVIRONMENT = {
 }
 
 
-def apply_tuned_defaults(environment=os.environ):
+def apply_tuned_defaults(environment: MutableMapping[str, str] = os.environ) -> None:
     """Before MPI starts in this process: our defaults for what the user left unset."""
     for name, value in TUNED_ENVIRONMENT.items():
         environment.setdefault(name, value)
 
 
-def launcher_world_size():
+def launcher_world_size() -> int:
     for name in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
         value = os.environ.get(name, "")
         if value.isdigit():
@@ -33,7 +36,7 @@ def launcher_world_size():
     return 1
 
 
-def abort_job(exit_code):
+def abort_job(exit_code: int) -> NoReturn:
     """Bring every rank of the job down now (MPI_Abort), so none hangs on this one."""
     if launcher_world_size() > 1:
         try:
@@ -45,7 +48,7 @@ def abort_job(exit_code):
     os._exit(exit_code)
 
 
-def run_entry(main, argv=None):
+def run_entry(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run ``main(argv)``; turn every failure into one clear report and an exit code."""
     try:
         main(argv)
@@ -57,7 +60,7 @@ def run_entry(main, argv=None):
 
 
 @contextlib.contextmanager
-def quiet_stderr(enabled=True):
+def quiet_stderr(enabled: bool = True) -> Iterator[None]:
     """Silence file descriptor 2 (C++ libraries' logging) for the duration."""
     if not enabled:
         yield

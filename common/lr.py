@@ -1,7 +1,14 @@
 """Learning-rate rules shared by both frameworks (pure functions of the step)."""
 
+from __future__ import annotations
 
-def warmup_epochs(config, world_size):
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
+
+
+def warmup_epochs(config: RunConfig, world_size: int) -> float:
     if config.warmup_epochs >= 0:
         return config.warmup_epochs
     # Weak scaling multiplies the LR by the world size; ramp up to it as Goyal
@@ -9,12 +16,12 @@ def warmup_epochs(config, world_size):
     return 1.0 if config.weak_scaling and world_size > 1 else 0.0
 
 
-def peak_lr(config, world_size):
+def peak_lr(config: RunConfig, world_size: int) -> float:
     """--lr is for the global batch; with --batch-size-per-rank it scales with the ranks."""
     return config.lr * world_size if config.weak_scaling else config.lr
 
 
-def lr_at(step, steps_per_epoch, config, world_size):
+def lr_at(step: int, steps_per_epoch: int, config: RunConfig, world_size: int) -> float:
     """LR for global optimizer step ``step`` (0-based): linear warmup, then constant."""
     peak = peak_lr(config, world_size)
     warmup_steps = warmup_epochs(config, world_size) * steps_per_epoch

@@ -86,7 +86,7 @@ def epoch_record(epoch: int, train: EpochResult, test: tuple, world_size: int, c
     }
 
 
-def format_epoch(record, epochs):
+def format_epoch(record: dict, epochs: int) -> str:
     return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.4f}  test loss {record['test_loss']:.4f} "
             f"acc {record['test_accuracy']:.4f}  {record['images_per_sec']:.0f} img/s "
@@ -94,7 +94,7 @@ def format_epoch(record, epochs):
             f"{record['epoch_seconds']:.1f}s")
 
 
-def log(message):
+def log(message: str) -> None:
     """Write one whole line at once: launchers that tag output per write (mpirun
     --tag-output, horovodrun) would otherwise tag a lone trailing newline."""
     sys.stdout.write(message + "\n")

@@ -7,8 +7,11 @@ multiply-add as two and are forward-pass, per sample; pipeline balancing uses
 them as the cost of each layer.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from math import prod
+from typing import Sequence, Union
 
 from common.errors import UsageError
 
@@ -137,13 +140,17 @@ class Dense:
         return 2 * shape[0] * self.units + (self.units if self.relu else 0)
 
 
-def seed_cnn(num_classes):
+# Any one layer spec (each has out_shape, params and flops of an input shape).
+Spec = Union[Conv, ConvBN, ResidualBlock, MaxPool, GlobalAvgPool, Flatten, Dense]
+
+
+def seed_cnn(num_classes: int) -> list[Spec]:
     """The seed's CIFAR CNN: conv32-3x3, pool, conv64-3x3, pool, dense64, dense (ReLU)."""
     return [Conv(32), MaxPool(2), Conv(64), MaxPool(2), Flatten(), Dense(64, relu=True),
             Dense(num_classes)]
 
 
-def small_resnet(num_classes):
+def small_resnet(num_classes: int) -> list[Spec]:
     """A ResNet-8-style network: stem, three residual stages (16, 32, 64), pooled head."""
     return [ConvBN(16), ResidualBlock(16), ResidualBlock(32, stride=2),
             ResidualBlock(64, stride=2), GlobalAvgPool(), Dense(num_classes)]
@@ -152,7 +159,7 @@ def small_resnet(num_classes):
 ARCHITECTURES = {"cnn": seed_cnn, "resnet": small_resnet}
 
 
-def model_specs(name, input_shape, num_classes):
+def model_specs(name: str, input_shape: tuple, num_classes: int) -> list[Spec]:
     """The layer specs of model ``name`` for images of ``input_shape`` (C, H, W)."""
     if name not in ARCHITECTURES:
         raise UsageError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -164,7 +171,7 @@ def model_specs(name, input_shape, num_classes):
     return specs
 
 
-def layer_shapes(specs, input_shape):
+def layer_shapes(specs: Sequence[Spec], input_shape: tuple) -> list[tuple]:
     """Input shape followed by each layer's output shape."""
     shapes = [tuple(input_shape)]
     for spec in specs:
@@ -172,12 +179,12 @@ def layer_shapes(specs, input_shape):
     return shapes
 
 
-def layer_costs(specs, input_shape):
+def layer_costs(specs: Sequence[Spec], input_shape: tuple) -> list[tuple]:
     """Per layer: (name, output shape, parameters, forward FLOPs per sample)."""
     shapes = layer_shapes(specs, input_shape)
     return [(type(spec).__name__, shapes[i + 1], spec.params(shapes[i]), spec.flops(shapes[i]))
             for i, spec in enumerate(specs)]
 
 
-def total_params(specs, input_shape):
+def total_params(specs: Sequence[Spec], input_shape: tuple) -> int:
     return sum(params for _, _, params, _ in layer_costs(specs, input_shape))

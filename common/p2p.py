@@ -7,12 +7,14 @@ sharding. All receives of a step are posted up front and sends never block,
 so communication overlaps compute and no send/send cycle can deadlock.
 """
 
+from __future__ import annotations
+
 import numpy as np
 
 ACTIVATION, GRADIENT = 0, 1
 
 
-def tag(kind, microbatch):
+def tag(kind: int, microbatch: int) -> int:
     """One tag per (message kind, micro-batch); MPI keeps same-tag messages in order."""
     return 2 * microbatch + kind
 

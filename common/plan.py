@@ -7,9 +7,15 @@ stays local, while the once-per-step allreduce between replicas of a stage
 crosses nodes.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 from common.errors import UsageError
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class ParallelPlan:
         return previous, following
 
 
-def make_plan(config, world_size):
+def make_plan(config: RunConfig, world_size: int) -> ParallelPlan:
     """The plan for ``config`` on ``world_size`` ranks; UsageError naming the fix."""
     if config.mode == "data":
         if config.pp not in (0, 1):
@@ -85,7 +91,7 @@ def make_plan(config, world_size):
     return ParallelPlan("hybrid", pp, dp)
 
 
-def check_stages(config, specs):
+def check_stages(config: RunConfig, specs: Sequence) -> None:
     """Checks of --pp/--split against the model, before any rank is counted."""
     if config.mode != "data" and config.pp > len(specs):
         raise UsageError(f"--pp {config.pp} is more stages than the model's {len(specs)} layers; "
@@ -94,7 +100,7 @@ def check_stages(config, specs):
         parse_split(config.split, len(specs), config.pp)
 
 
-def check_batch(config, plan):
+def check_batch(config: RunConfig, plan: ParallelPlan) -> None:
     """The global batch must give every replica's micro-batches at least one sample."""
     global_batch = config.global_batch_size(plan.dp)
     if plan.pipelined:
@@ -109,7 +115,7 @@ def check_batch(config, plan):
 
 # --- Partition of layers into contiguous stages -----------------------------------
 
-def parse_split(text, num_layers, stages):
+def parse_split(text: str, num_layers: int, stages: int) -> list[int]:
     """'2,4' -> stage boundaries [2, 4]: stage 0 = layers 0-1, stage 1 = 2-3, stage 2 = 4-."""
     try:
         bounds = [int(part) for part in text.split(",")]
@@ -124,7 +130,7 @@ def parse_split(text, num_layers, stages):
     return bounds
 
 
-def balanced_split(costs, stages):
+def balanced_split(costs: Sequence[float], stages: int) -> list[int]:
     """Boundaries cutting ``costs`` into ``stages`` contiguous non-empty parts
     that minimise the most expensive part (exact dynamic programme)."""
     count = len(costs)
@@ -152,13 +158,13 @@ def balanced_split(costs, stages):
     return sorted(bounds)
 
 
-def stage_ranges(bounds, num_layers):
+def stage_ranges(bounds: Sequence[int], num_layers: int) -> list[tuple[int, int]]:
     """[(start, end)] layer index ranges of each stage."""
     edges = [0, *bounds, num_layers]
     return list(zip(edges[:-1], edges[1:]))
 
 
-def partition(costs, stages, split=""):
+def partition(costs: Sequence[float], stages: int, split: str = "") -> list[tuple[int, int]]:
     """Layer ranges per stage: from --split if given, else balanced by ``costs``."""
     if stages > len(costs):
         raise UsageError(f"--pp {stages} is more stages than the model's {len(costs)} layers; "

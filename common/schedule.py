@@ -7,6 +7,8 @@ receives in schedule order, so a schedule is deadlock-free exactly when
 ``simulate`` completes it; the unit tests check that for every layout.
 """
 
+from __future__ import annotations
+
 from collections import namedtuple
 
 Action = namedtuple("Action", "kind microbatch")
@@ -17,13 +19,13 @@ RECV_ACTIVATION, SEND_ACTIVATION = "recv_act", "send_act"
 RECV_GRADIENT, SEND_GRADIENT = "recv_grad", "send_grad"
 
 
-def gpipe(stage, stages, microbatches):
+def gpipe(stage: int, stages: int, microbatches: int) -> list[Action]:
     """GPipe: every forward, then every backward; holds all M activations."""
     return ([Action(FORWARD, m) for m in range(microbatches)]
             + [Action(BACKWARD, m) for m in range(microbatches)])
 
 
-def one_f_one_b(stage, stages, microbatches):
+def one_f_one_b(stage: int, stages: int, microbatches: int) -> list[Action]:
     """1F1B (PipeDream-flush): stages - stage - 1 warm-up forwards, then one
     forward / one backward, then the remaining backwards; at most
     stages - stage activations are held at once."""
@@ -37,11 +39,11 @@ def one_f_one_b(stage, stages, microbatches):
     return actions
 
 
-def compute_actions(schedule, stage, stages, microbatches):
+def compute_actions(schedule: str, stage: int, stages: int, microbatches: int) -> list[Action]:
     return {"gpipe": gpipe, "1f1b": one_f_one_b}[schedule](stage, stages, microbatches)
 
 
-def with_communication(actions, stage, stages):
+def with_communication(actions: list[Action], stage: int, stages: int) -> list[Action]:
     """Insert the receives before and the sends after each compute action."""
     first, last = stage == 0, stage == stages - 1
     full = []
@@ -56,12 +58,12 @@ def with_communication(actions, stage, stages):
     return full
 
 
-def stage_schedules(schedule, stages, microbatches):
+def stage_schedules(schedule: str, stages: int, microbatches: int) -> list[list[Action]]:
     return [with_communication(compute_actions(schedule, s, stages, microbatches), s, stages)
             for s in range(stages)]
 
 
-def peak_activations(actions):
+def peak_activations(actions: list[Action]) -> int:
     """Most micro-batches whose forward has run but whose backward has not."""
     held = peak = 0
     for action in actions:
@@ -70,7 +72,7 @@ def peak_activations(actions):
     return peak
 
 
-def simulate(schedules):
+def simulate(schedules: list[list[Action]]) -> bool:
     """Run the stages' action lists with non-blocking sends and blocking receives.
 
     Returns the global order of executed actions as (stage, action); raises

@@ -26,7 +26,8 @@ from common.runner import Runner
 Position = tuple  # (completed epochs, steps done in the next epoch)
 
 
-def load_run(argv, prog: str, elastic_supported: bool = False):
+def load_run(argv: list[str] | None, prog: str,
+             elastic_supported: bool = False) -> tuple[RunConfig, data.Dataset, list]:
     """What both entry scripts do before any framework import: the flags, the
     data and the model's layer specs, each checked (UsageError on bad input)."""
     config = parse_config(argv, prog=prog)

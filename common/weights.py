@@ -7,6 +7,10 @@ to and from their own layouts (TensorFlow: conv (kh, kw, in, out), dense
 (in, out)); nothing here imports either framework.
 """
 
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
 import numpy as np
 
 from common import models
@@ -15,7 +19,7 @@ CONV_KEYS = ("kernel", "bias")
 BN_KEYS = ("gamma", "beta", "mean", "var")
 
 
-def layer_parts(spec, in_shape):
+def layer_parts(spec: models.Spec, in_shape: tuple) -> list[tuple]:
     """Parameterised parts of one layer: [(name, part_spec, part_input_shape)]."""
     if isinstance(spec, models.ResidualBlock):
         names = ("first", "second", "projection")
@@ -32,7 +36,7 @@ def _prefixed_parts(specs, input_shape):
             yield f"{index}.{name + '.' if name else ''}", part, part_in
 
 
-def expected_shapes(specs, input_shape):
+def expected_shapes(specs: Sequence[models.Spec], input_shape: tuple) -> dict[str, tuple]:
     """{key: shape} of every array a full model's layout holds (what a checkpoint must match)."""
     shapes = {}
     for prefix, part, part_in in _prefixed_parts(specs, input_shape):
@@ -48,25 +52,25 @@ def expected_shapes(specs, input_shape):
     return shapes
 
 
-def expected_keys(specs, input_shape):
+def expected_keys(specs: Sequence[models.Spec], input_shape: tuple) -> list[str]:
     """Every array name a full model's layout holds, e.g. '3.first.conv.kernel'."""
     return list(expected_shapes(specs, input_shape))
 
 
-def layer_keys(keys, start, end):
+def layer_keys(keys: Iterable[str], start: int, end: int) -> list[str]:
     """The keys of layers start..end-1 among a whole model's ``keys``."""
     return [key for key in keys if start <= _layer_index(key) < end]
 
 
-def conv_kernel_to_tf(kernel):
+def conv_kernel_to_tf(kernel: np.ndarray) -> np.ndarray:
     return np.transpose(kernel, (2, 3, 1, 0))
 
 
-def conv_kernel_from_tf(kernel):
+def conv_kernel_from_tf(kernel: np.ndarray) -> np.ndarray:
     return np.transpose(kernel, (3, 2, 0, 1))
 
 
-def dense_kernel_to_tf(kernel):
+def dense_kernel_to_tf(kernel: np.ndarray) -> np.ndarray:
     return np.transpose(kernel)
 
 
@@ -79,7 +83,7 @@ def _fan_in_uniform(rng, shape, fan_in):
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
-def initial_weights(specs, input_shape, seed):
+def initial_weights(specs: Sequence[models.Spec], input_shape: tuple, seed: int) -> dict[str, np.ndarray]:
     """Seeded initial weights in the neutral layout, the same for both frameworks."""
     rng = np.random.default_rng([seed, 0xC0FFEE])
     arrays = {}
@@ -107,12 +111,12 @@ def _layer_index(key):
     return int(key.split(".", 1)[0])
 
 
-def shift_keys(arrays, offset):
+def shift_keys(arrays: dict, offset: int) -> dict:
     """Renumber layer indices: a stage's local keys <-> the whole model's keys."""
     return {f"{_layer_index(key) + offset}.{key.split('.', 1)[1]}": value for key, value in arrays.items()}
 
 
-def stage_arrays(arrays, start, end):
+def stage_arrays(arrays: dict, start: int, end: int) -> dict:
     """The arrays of layers start..end-1 of a whole model, keyed as that stage's own."""
     return shift_keys({key: value for key, value in arrays.items() if start <= _layer_index(key) < end},
                       -start)

@@ -1,4 +1,5 @@
-"""The README cannot go stale silently: every file it names exists."""
+"""Docs cannot go stale silently: every file the README, the Makefile or a
+docstring or comment in the code names exists."""
 
 import os
 import re
@@ -15,9 +16,24 @@ def exists(path):
     return os.path.exists(os.path.join(REPO, path)) or os.path.exists(os.path.join(REPO, module))
 
 
-def test_every_file_the_readme_names_exists():
+def documents():
+    yield "README.md"
+    yield "Makefile"
+    for folder in ("common", "train_torch", "train_tf", "slurm", "benchmarks", "tests"):
+        for root, _, names in os.walk(os.path.join(REPO, folder)):
+            yield from (os.path.relpath(os.path.join(root, name), REPO) for name in names
+                        if name.endswith((".py", ".sh", ".sbatch")))
+
+
+def test_every_file_the_docs_name_exists():
+    missing = []
+    for document in documents():
+        with open(os.path.join(REPO, document), encoding="utf-8") as handle:
+            named = set(NAMED.findall(handle.read()))
+        missing += [f"{document}: {path}" for path in sorted(named) if not exists(path)]
+    assert not missing, f"files named but missing: {missing}"
+
+
+def test_the_readme_names_the_files_it_explains():
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
-        named = set(NAMED.findall(handle.read()))
-    assert len(named) > 20
-    missing = sorted(path for path in named if not exists(path))
-    assert not missing, f"README.md names files that do not exist: {missing}"
+        assert len(set(NAMED.findall(handle.read()))) > 20
