@@ -24,9 +24,15 @@ def neutral_state(model, optimizer=None) -> NeutralState:
 def load_neutral_state(model, optimizer, state: NeutralState) -> None:
     """Copy ``state`` into the model (and, where it has optimizer state, the optimizer)."""
     load_neutral(model, state.weights)
+    if optimizer is not None:
+        load_optimizer_state(model, optimizer, state.optimizer)
+
+
+def load_optimizer_state(model, optimizer, slots: dict) -> None:
+    """torch.optim's per-parameter state from {neutral key: {slot: array}}."""
     for key, tensor in named_tensors(model).items():
-        if optimizer is not None and key in state.optimizer:
+        if key in slots:
             # As torch.optim's own load_state_dict: Adam's step counter stays on the CPU.
             optimizer.state[tensor] = {name: torch.from_numpy(value.copy()).to("cpu" if name == "step" else
                                                                                tensor.device)
-                                       for name, value in state.optimizer[key].items()}
+                                       for name, value in slots[key].items()}

@@ -41,5 +41,7 @@ def test_a_run_moved_between_frameworks_and_layouts_ends_where_it_would_have(tmp
     for key, value in expected.items():
         assert relative_difference(actual[key], value) <= tolerance, key
     assert expected_slots.keys() == actual_slots.keys() and expected_slots
+    steps = [value for key, value in actual_slots.items() if key.endswith("/step")]
+    assert all(float(step) == 4 * len(legs) for step in steps)  # Adam counted each step once, no more
     for key, value in expected_slots.items():
         assert relative_difference(actual_slots[key], value) <= tolerance, key
