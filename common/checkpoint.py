@@ -229,7 +229,7 @@ class Checkpoint:
             self.meta = self._read_meta()
             check_architecture(self.meta["architecture"], expected_architecture, path)
             self._where = self._index_shards()
-            self._check_weights(expected_shapes)
+            self._check_tensors(expected_shapes)
         except UsageError:
             raise
         except Exception as error:  # truncated, corrupt or foreign files
@@ -237,7 +237,7 @@ class Checkpoint:
             reason = detail if isinstance(error, _Unusable) else f"{type(error).__name__}: {detail}"
             raise UsageError(f"cannot load checkpoint {path} ({reason}); move it away to resume from the "
                              "previous one, or start fresh") from None
-        self.expected_shapes = expected_shapes
+        self.expected_shapes = expected_shapes  # what this run builds: every key it may ask for
 
     @property
     def position(self) -> Position:
@@ -278,53 +278,63 @@ class Checkpoint:
                     where[name] = (shard, tuple(handle.get_slice(name).get_shape()))
         return where
 
-    def _check_weights(self, expected_shapes: dict) -> None:
+    def _check_tensors(self, expected_shapes: dict) -> None:
+        """Every weight this run needs is there with its shape, and the optimizer state
+        there is has the shapes its parameters give it (before a byte of data is read)."""
+        slots = OPTIMIZER_SLOTS.get(self.meta["optimizer"], ())
         for key, shape in expected_shapes.items():
             found = self._where.get(f"{WEIGHTS}/{key}")
             if found is None:
                 raise _Unusable(f"it has no tensor {key!r}")
             if found[1] != tuple(shape):
                 raise _Unusable(f"tensor {key!r} has shape {found[1]}, expected {tuple(shape)}")
+            for slot in slots:
+                name = f"{OPTIMIZER}/{key}/{slot}"
+                expected = () if slot == "step" else tuple(shape)
+                if name in self._where and self._where[name][1] != expected:
+                    raise _Unusable(f"optimizer tensor {name!r} has shape {self._where[name][1]}, "
+                                    f"expected {expected}")
 
-    def _read(self, name: str) -> np.ndarray:
+    def _read(self, names) -> dict:
+        """{name: array}, opening each shard once."""
         from safetensors import safe_open
 
-        shard, _ = self._where[name]
-        with safe_open(shard, framework="numpy") as handle:
-            return handle.get_tensor(name)
-
-    def weights(self, keys) -> dict:
-        """The named weights (whole-model keys), shapes already checked."""
-        return {key: self._read(f"{WEIGHTS}/{key}") for key in keys}
+        by_shard = {}
+        for name in names:
+            by_shard.setdefault(self._where[name][0], []).append(name)
+        arrays = {}
+        for shard, group in by_shard.items():
+            with safe_open(shard, framework="numpy") as handle:
+                arrays.update({name: handle.get_tensor(name) for name in group})
+        return arrays
 
     def check_optimizer(self, optimizer: str) -> None:
         if self.meta["optimizer"] != optimizer:
             raise OptimizerMismatch(f"checkpoint {self.path} holds {self.meta['optimizer']} optimizer state but this "
-                             f"run uses --optimizer {optimizer}; pass --optimizer {self.meta['optimizer']} to "
-                             "resume it, or start a new run from its weights with --init-from")
-
-    def optimizer_state(self, keys, optimizer: str) -> dict:
-        """{key: {slot: array}} for the named parameters; refuses another optimizer's state."""
-        self.check_optimizer(optimizer)
-        states = {}
-        for key in keys:
-            slots = {}
-            for slot in OPTIMIZER_SLOTS[optimizer]:
-                name = f"{OPTIMIZER}/{key}/{slot}"
-                if name not in self._where:
-                    continue  # e.g. plain SGD without momentum keeps nothing
-                expected = () if slot == "step" else tuple(self.expected_shapes[key])
-                if self._where[name][1] != expected:
-                    raise UsageError(f"cannot load checkpoint {self.path} (optimizer tensor {name!r} has shape "
-                                     f"{self._where[name][1]}, expected {expected}); move it away or start fresh")
-                slots[slot] = self._read(name)
-            if slots:
-                states[key] = slots
-        return states
+                                    f"run uses --optimizer {optimizer}; pass --optimizer {self.meta['optimizer']} "
+                                    "to resume it, or start a new run from its weights with --init-from")
 
     def state(self, keys, optimizer: str | None) -> NeutralState:
-        """Weights and, if ``optimizer`` is given, that optimizer's state for ``keys``."""
-        return NeutralState(self.weights(keys), self.optimizer_state(keys, optimizer) if optimizer else {})
+        """Weights (whole-model keys) and, if ``optimizer`` is given, that optimizer's state
+        for ``keys``; refuses another optimizer's state. Shapes were checked on opening."""
+        keys = list(keys)
+        slot_names = {}
+        if optimizer:
+            self.check_optimizer(optimizer)
+            slot_names = {(key, slot): f"{OPTIMIZER}/{key}/{slot}" for key in keys
+                          for slot in OPTIMIZER_SLOTS[optimizer]
+                          if f"{OPTIMIZER}/{key}/{slot}" in self._where}  # plain SGD keeps nothing
+        read = self._read([f"{WEIGHTS}/{key}" for key in keys] + list(slot_names.values()))
+        slots = {}
+        for (key, slot), name in slot_names.items():
+            slots.setdefault(key, {})[slot] = read[name]
+        return NeutralState({key: read[f"{WEIGHTS}/{key}"] for key in keys}, slots)
+
+    def weights(self, keys) -> dict:
+        return self.state(keys, None).weights
+
+    def optimizer_state(self, keys, optimizer: str) -> dict:
+        return self.state(keys, optimizer).optimizer
 
 
 # --- RNG state as plain numbers -----------------------------------------------------

@@ -21,7 +21,7 @@ from common.config import RunConfig, parse_config
 from common.errors import RunStopped, UsageError
 from common.launch import apply_tuned_defaults, injected_failure
 from common.plan import check_batch, check_stages
-from common.runner import Runner
+from common.runner import Runner, StageFactory
 
 Position = tuple  # (completed epochs, steps done in the next epoch)
 
@@ -307,6 +307,19 @@ def describe(plan, config: RunConfig) -> str:
         return f"data parallel on {plan.world_size} rank(s)"
     return (f"{plan.mode} parallel: {plan.pp} stages x {plan.dp} replica(s), {config.microbatches} "
             f"micro-batches, {config.schedule}")
+
+
+def make_runner(config: RunConfig, dataset: data.Dataset, specs, data_parallel_runner: Callable[[], type],
+                stage_factory: Callable[[], StageFactory]) -> Runner:
+    """The runner --mode asks for. A framework passes functions that return its Horovod
+    runner class and its stage class, so only the mode in use imports them (heavily)."""
+    if config.mode == "data":
+        return data_parallel_runner()(config, dataset, specs)
+    if config.mode == "ps":
+        from common.parameter_server import ParameterServerRunner
+        return ParameterServerRunner(config, dataset, specs, stage_factory())
+    from common.pipeline import PipelineRunner
+    return PipelineRunner(config, dataset, specs, stage_factory())
 
 
 def run(config: RunConfig, dataset: data.Dataset, specs, runner: Runner) -> Optional[tuple]:

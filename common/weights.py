@@ -83,27 +83,22 @@ def _fan_in_uniform(rng, shape, fan_in):
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
+# BatchNorm starts as the identity (PyTorch's and Keras' defaults).
+BN_INITIAL = {"bn.gamma": 1.0, "bn.beta": 0.0, "bn.mean": 0.0, "bn.var": 1.0}
+
+
 def initial_weights(specs: Sequence[models.Spec], input_shape: tuple, seed: int) -> dict[str, np.ndarray]:
     """Seeded initial weights in the neutral layout, the same for both frameworks."""
     rng = np.random.default_rng([seed, 0xC0FFEE])
-    arrays = {}
-    for prefix, part, part_in in _prefixed_parts(specs, input_shape):
-        if isinstance(part, models.Dense):
-            fan_in = part_in[0]
-            arrays[prefix + "kernel"] = _fan_in_uniform(rng, (part.units, fan_in), fan_in)
-            arrays[prefix + "bias"] = _fan_in_uniform(rng, (part.units,), fan_in)
+    arrays, fan_in = {}, 1
+    for key, shape in expected_shapes(specs, input_shape).items():
+        constant = next((value for name, value in BN_INITIAL.items() if key.endswith("." + name)), None)
+        if constant is not None:
+            arrays[key] = np.full(shape, constant, np.float32)
             continue
-        fan_in = part_in[0] * part.kernel * part.kernel
-        kernel = _fan_in_uniform(rng, (part.filters, part_in[0], part.kernel, part.kernel), fan_in)
-        if isinstance(part, models.ConvBN):
-            arrays[prefix + "conv.kernel"] = kernel
-            arrays.update({prefix + "bn.gamma": np.ones(part.filters, np.float32),
-                           prefix + "bn.beta": np.zeros(part.filters, np.float32),
-                           prefix + "bn.mean": np.zeros(part.filters, np.float32),
-                           prefix + "bn.var": np.ones(part.filters, np.float32)})
-        else:
-            arrays[prefix + "kernel"] = kernel
-            arrays[prefix + "bias"] = _fan_in_uniform(rng, (part.filters,), fan_in)
+        if key.endswith("kernel"):
+            fan_in = int(np.prod(shape[1:]))  # (out, in) or (out, in, kh, kw); its bias follows it
+        arrays[key] = _fan_in_uniform(rng, shape, fan_in)
     return arrays
 
 

@@ -18,26 +18,14 @@ from common import trainer  # noqa: E402
 from common.launch import quiet_stderr, run_entry  # noqa: E402
 
 
-def make_runner(config, dataset, specs):
-    """The runner for --mode; heavy imports only once the input is valid."""
-    if config.mode == "data":
-        from train_tf.data_parallel import DataParallelRunner
-        return DataParallelRunner(config, dataset, specs)
-    from train_tf.stage import TfStage
-    if config.mode == "ps":
-        from common.parameter_server import ParameterServerRunner
-        return ParameterServerRunner(config, dataset, specs, TfStage)
-    from common.pipeline import PipelineRunner
-    return PipelineRunner(config, dataset, specs, TfStage)
-
-
 def main(argv=None):
     config, dataset, specs = trainer.load_run(argv, "train_tf/main.py")
     verbose = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3") != "3"
     with quiet_stderr(enabled=not verbose):  # TF logs to fd 2 before honouring the level
-        import tensorflow  # noqa: F401
-        from train_tf import data_parallel, stage  # noqa: F401  (TF's import-time log lines)
-    trainer.run(config, dataset, specs, make_runner(config, dataset, specs))
+        from train_tf import data_parallel, stage  # heavy imports only once the input is valid
+    runner = trainer.make_runner(config, dataset, specs, lambda: data_parallel.DataParallelRunner,
+                                 lambda: stage.TfStage)
+    trainer.run(config, dataset, specs, runner)
 
 
 if __name__ == "__main__":

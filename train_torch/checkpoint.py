@@ -12,12 +12,17 @@ from train_torch.model import load_neutral, named_tensors, to_neutral
 
 def neutral_state(model, optimizer=None) -> NeutralState:
     """Weights and BatchNorm statistics, and torch.optim's per-parameter state, by neutral key."""
+    return NeutralState(to_neutral(model), optimizer_slots(model, optimizer) if optimizer is not None else {})
+
+
+def optimizer_slots(model, optimizer) -> dict:
+    """torch.optim's per-parameter state as {neutral key: {slot: array}}."""
     slots = {}
     for key, tensor in named_tensors(model).items():
-        state = optimizer.state.get(tensor) if optimizer is not None else None
+        state = optimizer.state.get(tensor)
         if state:
             slots[key] = {name: value.detach().cpu().numpy().copy() for name, value in state.items()}
-    return NeutralState(to_neutral(model), slots)
+    return slots
 
 
 @torch.no_grad()

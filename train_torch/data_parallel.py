@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from common import data, metrics, weights
 from common.data_parallel import apply_data_layout, primary_shard, read_on_primary
-from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state
+from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
 from train_torch.device import pick_device, to_device
 from train_torch.model import build_model
 from train_torch.optimizer import make_local_optimizer
@@ -134,7 +134,7 @@ class DataParallelRunner:
         # applies weight decay once (the run would no longer equal one process's).
         self.hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
         slots = self.collectives.broadcast_object(
-            neutral_state(self.model, self.optimizer).optimizer if self.primary else None, "optimizer_state")
+            optimizer_slots(self.model, self.optimizer) if self.primary else None, "optimizer_state")
         if not self.primary:
             load_optimizer_state(self.model, self.optimizer, slots)
 

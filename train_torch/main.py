@@ -11,6 +11,7 @@
 
 import os
 import sys
+from importlib import import_module
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -18,22 +19,12 @@ from common import trainer  # noqa: E402
 from common.launch import run_entry  # noqa: E402
 
 
-def make_runner(config, dataset, specs):
-    """The runner for --mode; heavy imports only once the input is valid."""
-    if config.mode == "data":
-        from train_torch.data_parallel import DataParallelRunner
-        return DataParallelRunner(config, dataset, specs)
-    from train_torch.stage import TorchStage
-    if config.mode == "ps":
-        from common.parameter_server import ParameterServerRunner
-        return ParameterServerRunner(config, dataset, specs, TorchStage)
-    from common.pipeline import PipelineRunner
-    return PipelineRunner(config, dataset, specs, TorchStage)
-
-
 def main(argv=None):
     config, dataset, specs = trainer.load_run(argv, "train_torch/main.py", elastic_supported=True)
-    trainer.run(config, dataset, specs, make_runner(config, dataset, specs))
+    runner = trainer.make_runner(config, dataset, specs,
+                                 lambda: import_module("train_torch.data_parallel").DataParallelRunner,
+                                 lambda: import_module("train_torch.stage").TorchStage)
+    trainer.run(config, dataset, specs, runner)
 
 
 if __name__ == "__main__":

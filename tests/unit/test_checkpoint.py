@@ -103,6 +103,15 @@ def test_a_tensor_of_the_wrong_shape_is_refused_before_it_is_read(tmp_path):
         checkpoint.Checkpoint(path, ARCHITECTURE, SHAPES)
 
 
+def test_optimizer_state_of_the_wrong_shape_is_refused_on_opening(tmp_path):
+    state = whole_state("adam")
+    key = next(iter(state.optimizer))
+    state.optimizer[key]["step"] = np.zeros(3, np.float32)
+    path = save(tmp_path, (1, 0), [state], optimizer="adam")
+    with pytest.raises(UsageError, match=f"optimizer tensor 'optimizer/{key}/step' has shape \\(3,\\), expected"):
+        checkpoint.Checkpoint(path, ARCHITECTURE, SHAPES)
+
+
 def test_mismatches_are_their_own_exception_types(tmp_path):
     path = save(tmp_path, (1, 0), [whole_state("sgd")])
     with pytest.raises(checkpoint.ArchitectureMismatch, match="holds model 'cnn'.*builds 'resnet'"):
