@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -200,19 +201,25 @@ def make_meta(position: Position, architecture: dict, config: dict, shards: int,
 
 # --- reading ----------------------------------------------------------------------
 
-def architecture(model_name: str, input_shape, num_classes: int) -> dict:
-    """What a checkpoint's weights fit; checked before loading them."""
-    return {"model": model_name, "input_shape": list(input_shape), "num_classes": int(num_classes)}
+def architecture(model_name: str, input_shape, num_classes: int, stem: Optional[str] = None) -> dict:
+    """What a checkpoint's weights fit; checked before loading them. ``stem`` ('cifar' or
+    'imagenet') is recorded for the networks that have one: MobileNetV2's two stems
+    hold tensors of the same shapes but compute different things."""
+    found = {"model": model_name, "input_shape": list(input_shape), "num_classes": int(num_classes)}
+    return {**found, "stem": stem} if stem else found
+
+
+def _describe(architecture: dict) -> str:
+    stem = f" ({architecture['stem']} stem)" if architecture.get("stem") else ""
+    return (f"model {architecture.get('model')!r}{stem} for input {tuple(architecture.get('input_shape', ()))} "
+            f"with {architecture.get('num_classes')} classes")
 
 
 def check_architecture(saved: dict, expected: dict, path: str) -> None:
     if saved != expected:
         raise ArchitectureMismatch(
-            f"checkpoint {path} holds model {saved.get('model')!r} for input "
-            f"{tuple(saved.get('input_shape', ()))} with {saved.get('num_classes')} classes, "
-            f"but this run builds {expected['model']!r} for input "
-            f"{tuple(expected['input_shape'])} with {expected['num_classes']} classes; "
-            "use matching --model/--dataset flags or another checkpoint")
+            f"checkpoint {path} holds {_describe(saved)}, but this run builds {_describe(expected)}; "
+            "use matching --model/--stem/--dataset flags or another checkpoint")
 
 
 class _Unusable(Exception):

@@ -12,13 +12,15 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from common import models
 from common.errors import UsageError
 
 MODES = ("data", "model", "hybrid", "ps")
 SCHEDULES = ("gpipe", "1f1b")
 BALANCES = ("flops", "params", "time")
 DATASETS = ("digits", "cifar10", "synthetic")
-MODELS = ("cnn", "resnet")
+MODELS = (*models.ARCHITECTURES, *models.ALIASES)
+AMP_MODES = ("off", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -46,8 +48,18 @@ class RunConfig:
     synthetic_shape: str = _flag("3,32,32", "synthetic image shape as C,H,W")
     synthetic_samples: int = _flag(2048, "synthetic training-set size (test set: a quarter of it)")
     num_classes: int = _flag(10, "synthetic number of classes")
-    model: str = _flag("cnn", "cnn (conv32-pool-conv64-pool-dense64-dense) or resnet (small, BatchNorm)",
+    model: str = _flag("cnn", "cnn (the seed's conv32-pool-conv64-pool-dense64-dense), resnet8 (small, "
+                       "BatchNorm; alias resnet), or torchvision's resnet18/34/50, vgg11/16[_bn], mobilenet_v2",
                        choices=MODELS)
+    stem: str = _flag("auto", "resnet18+/vgg/mobilenet_v2: imagenet stem (7x7/2 conv + max-pool; VGG "
+                      "pools to 7x7) or cifar stem (3x3/1 conv, no pool); auto: cifar for images up to "
+                      f"{models.SMALL_INPUT} px", choices=models.STEMS)
+    sync_bn: bool = _flag(False, "BatchNorm statistics over the global batch: across all ranks (data) or "
+                          "a stage's replicas (hybrid); one extra allreduce per BatchNorm layer per step")
+    amp: str = _flag("off", "mixed precision: bf16 autocast (CPU and GPU; --amp alone) or fp16 with "
+                     "dynamic loss scaling (GPU, --mode data); weights, optimizer and checkpoints stay fp32",
+                     choices=AMP_MODES, nargs="?", const="bf16")
+    channels_last: bool = _flag(False, "PyTorch on GPU: NHWC memory format (faster convolutions with --amp)")
     epochs: int = _flag(10, "training epochs (0: only evaluate)")
     batch_size: int = _flag(64, "GLOBAL batch size, shared by all ranks; --lr applies to it")
     batch_size_per_rank: int = _flag(0, "instead of --batch-size: per-rank batch (Horovod's weak "
@@ -151,6 +163,7 @@ def validate(config: RunConfig) -> RunConfig:
                          "--batch-size instead of --batch-size-per-rank")
     if config.adasum and config.fp16_allreduce:
         raise UsageError("--adasum and --fp16-allreduce cannot be combined; drop one")
+    _validate_model_options(config)
     if config.resume and not config.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir DIR to resume from")
     if config.init_from and config.resume:
@@ -169,6 +182,18 @@ def validate(config: RunConfig) -> RunConfig:
         if not os.path.isdir(parent):
             raise UsageError(f"--metrics-file: directory {parent} does not exist; create it first")
     return config
+
+
+def _validate_model_options(config: RunConfig) -> None:
+    config.model = models.canonical_name(config.model)  # checkpoints record one name per network
+    if config.sync_bn and config.mode in ("model", "ps"):
+        raise UsageError(f"--sync-bn synchronises BatchNorm across data-parallel replicas; --mode "
+                         f"{config.mode} has none (use --mode data or hybrid, or drop --sync-bn)")
+    if config.amp == "fp16" and config.mode != "data":
+        raise UsageError("--amp fp16 scales the loss of one whole model (--mode data); pipelines and the "
+                         "parameter server take --amp bf16, which needs no loss scaling")
+    if config.amp == "fp16" and config.adasum:
+        raise UsageError("--amp fp16 and --adasum cannot be combined (Adasum needs unscaled gradients); drop one")
 
 
 class _Parser(argparse.ArgumentParser):

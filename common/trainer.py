@@ -36,7 +36,7 @@ def load_run(argv: list[str] | None, prog: str,
         raise UsageError(f"--elastic uses Horovod's PyTorch elastic API: run train_torch/main.py "
                          f"({prog} trains on a fixed set of ranks; drop --elastic)")
     dataset = data.load_dataset(config)
-    specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes)
+    specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes, config.stem)
     check_stages(config, specs)
     return config, dataset, specs
 
@@ -99,7 +99,9 @@ class Trainer:
         check_batch(config, runner.plan)
         self.config, self.dataset, self.specs, self.runner = config, dataset, specs, runner
         self.collectives = runner.collectives
-        self.architecture = checkpoint.architecture(config.model, dataset.image_shape, dataset.num_classes)
+        self.architecture = checkpoint.architecture(
+            config.model, dataset.image_shape, dataset.num_classes,
+            models.resolved_stem(config.model, config.stem, dataset.image_shape))
         self.expected_shapes = weights.expected_shapes(specs, dataset.image_shape)
         self.stop = StopRequest()
         self.health = Health(self.stop, runner, config.allow_nonfinite)

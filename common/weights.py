@@ -21,9 +21,8 @@ BN_KEYS = ("gamma", "beta", "mean", "var")
 
 def layer_parts(spec: models.Spec, in_shape: tuple) -> list[tuple]:
     """Parameterised parts of one layer: [(name, part_spec, part_input_shape)]."""
-    if isinstance(spec, models.ResidualBlock):
-        names = ("first", "second", "projection")
-        return [(name, part, shape) for name, (part, shape) in zip(names, spec.parts(in_shape))]
+    if isinstance(spec, models.BLOCKS):
+        return spec.parts(in_shape)
     if isinstance(spec, (models.Conv, models.ConvBN, models.Dense)):
         return [("", spec, in_shape)]
     return []
@@ -43,11 +42,13 @@ def expected_shapes(specs: Sequence[models.Spec], input_shape: tuple) -> dict[st
         if isinstance(part, models.Dense):
             shapes.update({prefix + "kernel": (part.units, part_in[0]), prefix + "bias": (part.units,)})
             continue
-        kernel = (part.filters, part_in[0], part.kernel, part.kernel)
         if isinstance(part, models.ConvBN):
-            shapes[prefix + "conv.kernel"] = kernel
+            shapes[prefix + "conv.kernel"] = part.kernel_shape(part_in)
+            if part.bias:
+                shapes[prefix + "conv.bias"] = (part.filters,)
             shapes.update({prefix + "bn." + key: (part.filters,) for key in BN_KEYS})
         else:
+            kernel = (part.filters, part_in[0], part.kernel, part.kernel)
             shapes.update({prefix + "kernel": kernel, prefix + "bias": (part.filters,)})
     return shapes
 
@@ -75,6 +76,14 @@ def dense_kernel_to_tf(kernel: np.ndarray) -> np.ndarray:
 
 
 dense_kernel_from_tf = dense_kernel_to_tf
+
+
+def depthwise_kernel_to_tf(kernel: np.ndarray) -> np.ndarray:
+    """(C, 1, kh, kw) -> Keras DepthwiseConv2D's (kh, kw, C, 1); its own inverse."""
+    return np.transpose(kernel, (2, 3, 0, 1))
+
+
+depthwise_kernel_from_tf = depthwise_kernel_to_tf
 
 
 def _fan_in_uniform(rng, shape, fan_in):

@@ -34,7 +34,17 @@ def frozen_batch_norm_statistics():
 
 class TorchBatchNorm(keras.layers.Layer):
     """BatchNorm as PyTorch defines it: normalise with the biased batch variance,
-    track the unbiased one (Keras' own layer tracks the biased variance)."""
+    track the unbiased one (Keras' own layer tracks the biased variance). Always
+    computes in float32, also under mixed precision.
+
+    With ``reduce_sums`` set (a differentiable sum over the data-parallel replicas,
+    see set_batch_norm_reduction), training uses the statistics of the GLOBAL batch,
+    with train_torch/model.py's BatchNorm's maths (sums around the running mean)."""
+
+    reduce_sums = None
+
+    def __init__(self, **kwargs):
+        super().__init__(dtype="float32", **kwargs)
 
     def build(self, input_shape):
         channels = input_shape[-1]
@@ -49,49 +59,88 @@ class TorchBatchNorm(keras.layers.Layer):
         if not training:
             return tf.nn.batch_normalization(x, self.moving_mean, self.moving_var, self.beta,
                                              self.gamma, BN_EPSILON)
-        mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
-        count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
+        if self.reduce_sums is None:
+            mean = tf.reduce_mean(x, [0, 1, 2])
+            variance = tf.reduce_mean(tf.square(x - mean), [0, 1, 2])
+            count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), x.dtype)
+        else:
+            mean, variance, count = self._global_moments(x)
         unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
         if not _Statistics.frozen:
             self.moving_mean.assign((1 - BN_MOMENTUM) * self.moving_mean + BN_MOMENTUM * mean)
             self.moving_var.assign((1 - BN_MOMENTUM) * self.moving_var + BN_MOMENTUM * unbiased)
-        return tf.nn.batch_normalization(x, mean, variance, self.beta, self.gamma, BN_EPSILON)
+        # (x - mean) * scale, not tf.nn.batch_normalization's x * scale - mean * scale,
+        # whose cancellation costs digits in the gradients when |mean| >> std.
+        return (x - mean) * (tf.math.rsqrt(variance + BN_EPSILON) * self.gamma) + self.beta
+
+    def _global_moments(self, x):
+        shift = tf.identity(self.moving_mean)
+        centred = x - shift
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)
+        total = self.reduce_sums(tf.concat([tf.reduce_sum(centred, [0, 1, 2]),
+                                            tf.reduce_sum(tf.square(centred), [0, 1, 2]), [count]], 0))
+        channels = tf.shape(shift)[0]
+        samples = total[-1]
+        shifted_mean = total[:channels] / samples
+        variance = total[channels:2 * channels] / samples - tf.square(shifted_mean)
+        return shifted_mean + shift, variance, samples
+
+
+ACTIVATIONS = {"relu": tf.nn.relu, "relu6": tf.nn.relu6, "": None}
 
 
 def _conv2d(spec, use_bias):
     # Explicit symmetric padding: Keras' 'same' pads asymmetrically at stride 2.
+    if getattr(spec, "depthwise", False):
+        return keras.layers.DepthwiseConv2D(spec.kernel, strides=spec.stride, padding="valid",
+                                            use_bias=use_bias)
     return keras.layers.Conv2D(spec.filters, spec.kernel, strides=spec.stride, padding="valid",
                                use_bias=use_bias)
 
 
 class ConvLayer(keras.layers.Layer):
-    def __init__(self, spec, batch_norm=False, **kwargs):
+    """A Conv spec (bias, optional ReLU) or a ConvBN spec (BatchNorm, activation)."""
+
+    def __init__(self, spec, **kwargs):
         super().__init__(**kwargs)
+        batch_norm = isinstance(spec, models.ConvBN)
         self.pad = spec.kernel // 2
-        self.conv = _conv2d(spec, use_bias=not batch_norm)
+        self.conv = _conv2d(spec, use_bias=spec.bias if batch_norm else True)
         self.bn = TorchBatchNorm() if batch_norm else None
-        self.relu = spec.relu
+        self.activation = spec.activation if batch_norm else ("relu" if spec.relu else "")
 
     def call(self, x, training=False):
         if self.pad:
             x = tf.pad(x, [[0, 0], [self.pad, self.pad], [self.pad, self.pad], [0, 0]])
         x = self.conv(x)
         if self.bn is not None:
-            x = self.bn(x, training=training)
-        return tf.nn.relu(x) if self.relu else x
+            x = tf.cast(self.bn(x, training=training), x.dtype)
+        return ACTIVATIONS[self.activation](x) if self.activation else x
 
 
-class ResidualLayer(keras.layers.Layer):
+class BlockLayer(keras.layers.Layer):
+    """Any common/models.py block: its path of ConvBN parts in order, plus the
+    shortcut (projection, identity or none), then ReLU if the block has one."""
+
     def __init__(self, spec, in_shape, **kwargs):
         super().__init__(**kwargs)
-        parts = spec.parts(in_shape)
-        self.first = ConvLayer(parts[0][0], batch_norm=True)
-        self.second = ConvLayer(parts[1][0], batch_norm=True)
-        self.projection = ConvLayer(parts[2][0], batch_norm=True) if len(parts) == 3 else None
+        self.path_names = [name for name, _ in spec.path(in_shape)]
+        for name, part, _ in spec.parts(in_shape):
+            setattr(self, name, ConvLayer(part))
+        if spec.projection(in_shape) is None:
+            self.projection = None
+        self.identity = spec.identity(in_shape)
+        self.final_relu = spec.final_relu
 
     def call(self, x, training=False):
-        shortcut = x if self.projection is None else self.projection(x, training=training)
-        return tf.nn.relu(self.second(self.first(x, training=training), training=training) + shortcut)
+        out = x
+        for name in self.path_names:
+            out = getattr(self, name)(out, training=training)
+        if self.projection is not None:
+            out = out + self.projection(x, training=training)
+        elif self.identity:
+            out = out + x
+        return tf.nn.relu(out) if self.final_relu else out
 
 
 class DenseLayer(keras.layers.Layer):
@@ -115,10 +164,25 @@ class ChannelFirstFlatten(keras.layers.Layer):
 class MaxPoolLayer(keras.layers.Layer):
     def __init__(self, spec, **kwargs):
         super().__init__(**kwargs)
-        self.size = spec.size
+        self.size, self.stride, self.pad = spec.size, spec.stride or spec.size, spec.padding
 
     def call(self, x, training=False):
-        return tf.nn.max_pool2d(x, self.size, self.size, "VALID")
+        if self.pad:  # padding never wins the max, as in PyTorch
+            x = tf.pad(x, [[0, 0], [self.pad, self.pad], [self.pad, self.pad], [0, 0]],
+                       constant_values=float("-inf"))
+        return tf.nn.max_pool2d(x, self.size, self.stride, "VALID")
+
+
+class AdaptiveAvgPoolLayer(keras.layers.Layer):
+    """PyTorch's AdaptiveAvgPool2d: a fixed averaging matrix along each axis."""
+
+    def __init__(self, spec, in_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.rows = tf.constant(models.adaptive_pool_matrix(in_shape[1], spec.size), tf.float32)
+        self.cols = tf.constant(models.adaptive_pool_matrix(in_shape[2], spec.size), tf.float32)
+
+    def call(self, x, training=False):
+        return tf.einsum("nhwc,ih,jw->nijc", x, tf.cast(self.rows, x.dtype), tf.cast(self.cols, x.dtype))
 
 
 class GlobalAvgPoolLayer(keras.layers.Layer):
@@ -130,11 +194,13 @@ def build_layer(spec, in_shape):
     if isinstance(spec, models.Conv):
         return ConvLayer(spec)
     if isinstance(spec, models.ConvBN):
-        return ConvLayer(spec, batch_norm=True)
-    if isinstance(spec, models.ResidualBlock):
-        return ResidualLayer(spec, in_shape)
+        return ConvLayer(spec)
+    if isinstance(spec, models.BLOCKS):
+        return BlockLayer(spec, in_shape)
     if isinstance(spec, models.MaxPool):
         return MaxPoolLayer(spec)
+    if isinstance(spec, models.AdaptiveAvgPool):
+        return AdaptiveAvgPoolLayer(spec, in_shape)
     if isinstance(spec, models.GlobalAvgPool):
         return GlobalAvgPoolLayer()
     if isinstance(spec, models.Flatten):
@@ -159,6 +225,14 @@ class SpecModel(keras.Model):
         return x
 
 
+def set_batch_norm_reduction(model, reduce_sums):
+    """Give every BatchNorm layer ``reduce_sums`` (a differentiable sum of a 1-D tensor
+    over the replicas that share a batch), or None for per-replica statistics."""
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, TorchBatchNorm):
+            layer.reduce_sums = reduce_sums
+
+
 def build_model(specs, input_shape, seed):
     """Model for NCHW ``input_shape`` (fed NHWC), with common/weights.py's initial
     weights for ``seed`` (the same weights on every rank and in both frameworks)."""
@@ -169,7 +243,7 @@ def build_model(specs, input_shape, seed):
 
 def _part_layers(layer, spec, in_shape):
     parts = weights.layer_parts(spec, in_shape)
-    if isinstance(spec, models.ResidualBlock):
+    if isinstance(spec, models.BLOCKS):
         return [(name, getattr(layer, name), part) for name, part, _ in parts]
     return [(name, layer, part) for name, part, _ in parts]
 
@@ -179,12 +253,16 @@ def _part_arrays(layer, part):
         kernel, bias = layer.linear.kernel, layer.linear.bias
         return {"kernel": (kernel, weights.dense_kernel_to_tf, weights.dense_kernel_from_tf),
                 "bias": (bias, None, None)}
-    conv = {"kernel": (layer.conv.kernel, weights.conv_kernel_to_tf, weights.conv_kernel_from_tf)}
-    if layer.bn is None:
+    if getattr(part, "depthwise", False):
+        conv = {"kernel": (layer.conv.kernel, weights.depthwise_kernel_to_tf, weights.depthwise_kernel_from_tf)}
+    else:
+        conv = {"kernel": (layer.conv.kernel, weights.conv_kernel_to_tf, weights.conv_kernel_from_tf)}
+    if layer.conv.use_bias:
         conv["bias"] = (layer.conv.bias, None, None)
+    if layer.bn is None:
         return conv
     bn = layer.bn
-    return {"conv.kernel": conv["kernel"], "bn.gamma": (bn.gamma, None, None),
+    return {**{"conv." + key: entry for key, entry in conv.items()}, "bn.gamma": (bn.gamma, None, None),
             "bn.beta": (bn.beta, None, None), "bn.mean": (bn.moving_mean, None, None),
             "bn.var": (bn.moving_var, None, None)}
 

@@ -10,6 +10,13 @@ from torch import nn
 from common import models, weights
 
 
+ACTIVATIONS = {"relu": torch.relu, "relu6": nn.functional.relu6, "": None}
+
+
+def _activate(x, name):
+    return ACTIVATIONS[name](x) if name else x
+
+
 class ConvLayer(nn.Module):
     def __init__(self, spec, in_channels):
         super().__init__()
@@ -22,30 +29,72 @@ class ConvLayer(nn.Module):
         return torch.relu(x) if self.relu else x
 
 
+class BatchNorm(nn.BatchNorm2d):
+    """PyTorch's BatchNorm2d. With ``reduce_sums`` set (a differentiable sum over the
+    data-parallel replicas, see set_batch_norm_reduction), training normalises with the
+    mean and variance of the GLOBAL batch: each replica sums its share, one allreduce
+    adds them up, and autograd's backward allreduces the gradients of those sums.
+    The sums are taken around the running mean (the same on every replica), which
+    keeps E[x^2] - E[x]^2 from cancelling when the batch mean is large."""
+
+    reduce_sums = None
+
+    def forward(self, x):
+        if self.reduce_sums is None or not self.training:
+            return super().forward(x)
+        channels = x.shape[1]
+        shift = self.running_mean.clone().view(1, -1, 1, 1)
+        centred = x.float() - shift
+        count = torch.full((1,), x.numel() / channels, dtype=torch.float32, device=x.device)
+        total = self.reduce_sums(torch.cat([centred.sum((0, 2, 3)), centred.square().sum((0, 2, 3)), count]))
+        samples = total[-1]
+        shifted_mean = total[:channels] / samples
+        variance = total[channels:2 * channels] / samples - shifted_mean.square()
+        with torch.no_grad():
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * (shifted_mean + shift.view(-1)))
+            unbiased = variance * samples / torch.clamp(samples - 1, min=1)
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased)
+            self.num_batches_tracked.add_(1)
+        scale = (torch.rsqrt(variance + self.eps) * self.weight).view(1, -1, 1, 1)
+        normalised = (centred - shifted_mean.view(1, -1, 1, 1)) * scale + self.bias.view(1, -1, 1, 1)
+        return normalised.to(x.dtype)
+
+
 class ConvBNLayer(nn.Module):
     def __init__(self, spec, in_channels):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, spec.filters, spec.kernel, spec.stride,
-                              padding=spec.kernel // 2, bias=False)
-        self.bn = nn.BatchNorm2d(spec.filters)
-        self.relu = spec.relu
+        self.conv = nn.Conv2d(in_channels, spec.filters, spec.kernel, spec.stride, padding=spec.kernel // 2,
+                              groups=in_channels if spec.depthwise else 1, bias=spec.bias)
+        self.bn = BatchNorm(spec.filters)
+        self.activation = spec.activation
 
     def forward(self, x):
-        x = self.bn(self.conv(x))
-        return torch.relu(x) if self.relu else x
+        return _activate(self.bn(self.conv(x)), self.activation)
 
 
-class ResidualLayer(nn.Module):
+class BlockLayer(nn.Module):
+    """Any common/models.py block: its path of ConvBN parts in order, plus the
+    shortcut (projection, identity or none), then ReLU if the block has one."""
+
     def __init__(self, spec, in_shape):
         super().__init__()
-        parts = spec.parts(in_shape)
-        self.first = ConvBNLayer(parts[0][0], in_shape[0])
-        self.second = ConvBNLayer(parts[1][0], spec.filters)
-        self.projection = ConvBNLayer(parts[2][0], in_shape[0]) if len(parts) == 3 else None
+        self.path_names = [name for name, _ in spec.path(in_shape)]
+        for name, part, part_in in spec.parts(in_shape):
+            self.add_module(name, ConvBNLayer(part, part_in[0]))
+        if spec.projection(in_shape) is None:
+            self.projection = None
+        self.identity = spec.identity(in_shape)
+        self.final_relu = spec.final_relu
 
     def forward(self, x):
-        shortcut = x if self.projection is None else self.projection(x)
-        return torch.relu(self.second(self.first(x)) + shortcut)
+        out = x
+        for name in self.path_names:
+            out = getattr(self, name)(out)
+        if self.projection is not None:
+            out = out + self.projection(x)
+        elif self.identity:
+            out = out + x
+        return torch.relu(out) if self.final_relu else out
 
 
 class DenseLayer(nn.Module):
@@ -69,10 +118,12 @@ def build_layer(spec, in_shape):
         return ConvLayer(spec, in_shape[0])
     if isinstance(spec, models.ConvBN):
         return ConvBNLayer(spec, in_shape[0])
-    if isinstance(spec, models.ResidualBlock):
-        return ResidualLayer(spec, in_shape)
+    if isinstance(spec, models.BLOCKS):
+        return BlockLayer(spec, in_shape)
     if isinstance(spec, models.MaxPool):
-        return nn.MaxPool2d(spec.size)
+        return nn.MaxPool2d(spec.size, spec.stride or spec.size, spec.padding)
+    if isinstance(spec, models.AdaptiveAvgPool):
+        return nn.AdaptiveAvgPool2d(spec.size)
     if isinstance(spec, models.GlobalAvgPool):
         return GlobalAvgPoolLayer()
     if isinstance(spec, models.Flatten):
@@ -90,6 +141,14 @@ def build_stage(specs, input_shape, seed, start, end):
     return stage
 
 
+def set_batch_norm_reduction(model, reduce_sums):
+    """Give every BatchNorm layer ``reduce_sums`` (a differentiable sum of a 1-D tensor
+    over the replicas that share a batch), or None for per-replica statistics."""
+    for module in model.modules():
+        if isinstance(module, BatchNorm):
+            module.reduce_sums = reduce_sums
+
+
 def build_model(specs, input_shape, seed):
     """nn.Sequential of the specs, with common/weights.py's initial weights for ``seed``
     (the same weights on every rank and in both frameworks)."""
@@ -103,6 +162,8 @@ def named_tensors(model):
     found = {}
     for prefix, module in model.named_modules():
         if isinstance(module, ConvBNLayer):
+            if module.conv.bias is not None:
+                found[f"{prefix}.conv.bias"] = module.conv.bias
             found.update({f"{prefix}.conv.kernel": module.conv.weight, f"{prefix}.bn.gamma": module.bn.weight,
                           f"{prefix}.bn.beta": module.bn.bias, f"{prefix}.bn.mean": module.bn.running_mean,
                           f"{prefix}.bn.var": module.bn.running_var})

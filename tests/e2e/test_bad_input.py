@@ -95,7 +95,7 @@ def test_wrong_architecture_checkpoint_is_refused_and_kept(tmp_path, framework):
         directory = ["--checkpoint-dir", tmp_path] if flag == "--resume" else []
         result = run_training(["--epochs", 2, "--model", "resnet", *directory, flag, *target],
                               framework=framework)
-        assert_one_line_error(result, "holds model 'cnn' .* but this run builds 'resnet'")
+        assert_one_line_error(result, "holds model 'cnn' .* but this run builds model 'resnet8'")
     assert snapshot(tmp_path) == before
 
 

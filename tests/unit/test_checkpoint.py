@@ -114,7 +114,7 @@ def test_optimizer_state_of_the_wrong_shape_is_refused_on_opening(tmp_path):
 
 def test_mismatches_are_their_own_exception_types(tmp_path):
     path = save(tmp_path, (1, 0), [whole_state("sgd")])
-    with pytest.raises(checkpoint.ArchitectureMismatch, match="holds model 'cnn'.*builds 'resnet'"):
+    with pytest.raises(checkpoint.ArchitectureMismatch, match="holds model 'cnn'.*builds model 'resnet'"):
         checkpoint.Checkpoint(path, checkpoint.architecture("resnet", SHAPE, 10), SHAPES)
     opened = checkpoint.Checkpoint(path, ARCHITECTURE, SHAPES)
     with pytest.raises(checkpoint.OptimizerMismatch, match="holds sgd optimizer state.*--optimizer adam"):

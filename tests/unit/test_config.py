@@ -18,7 +18,7 @@ def test_every_field_is_a_flag_with_its_default():
 def test_flags_parse_into_the_config():
     config = parse_config(["--model", "resnet", "--batch-size", "32", "--lr", "0.1", "--no-progress",
                            "--fp16-allreduce", "--accumulation-steps", "2"])
-    assert (config.model, config.batch_size, config.lr, config.progress) == ("resnet", 32, 0.1, False)
+    assert (config.model, config.batch_size, config.lr, config.progress) == ("resnet8", 32, 0.1, False)  # alias
     assert config.fp16_allreduce and config.accumulation_steps == 2
 
 
