@@ -17,7 +17,7 @@ from common import data, metrics, weights
 from common.data_parallel import apply_data_layout, primary_shard, read_on_primary
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
-from train_tf.model import build_model
+from train_tf.model import build_model, set_batch_norm_reduction
 from train_tf.optimizer import Optimizer
 
 
@@ -77,6 +77,8 @@ class DataParallelRunner:
         self.config, self.dataset = config, dataset
         self.keys = weights.expected_keys(specs, dataset.image_shape)
         self.model = build_model(specs, dataset.image_shape, config.seed)
+        if config.sync_bn:  # Horovod: BatchNorm statistics of the global batch (allreduce has a gradient)
+            set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum))
         self.variables = self.model.trainable_variables
         self.optimizer = Optimizer(self.variables, config)
         channels, height, width = dataset.image_shape
@@ -123,8 +125,9 @@ class DataParallelRunner:
         scale = 1.0 / max(1, len(indices)) if self.config.adasum else 1.0 / global_count
         total = [tf.zeros_like(variable) for variable in self.variables]
         for chunk in np.array_split(indices, self.config.accumulation_steps):
-            if len(chunk) == 0:
+            if len(chunk) == 0 and not self.config.sync_bn:
                 continue  # an empty share contributes zeros but still joins the allreduce
+            # (with --sync-bn it runs the empty batch: every BatchNorm layer's allreduce needs it)
             gradients, loss_sum, correct = self._chunk_gradients(nhwc(x[chunk]), tf.constant(y[chunk]),
                                                                  tf.constant(scale, tf.float32))
             total = [a + b for a, b in zip(total, gradients)]

@@ -24,8 +24,8 @@ from common.checkpoint import NeutralState
 from common.runner import StagePlace
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
-from train_tf.model import (build_model, build_stage, frozen_batch_norm_statistics, to_channels_first,
-                            to_channels_last)
+from train_tf.model import (build_model, build_stage, frozen_batch_norm_statistics, set_batch_norm_reduction,
+                            to_channels_first, to_channels_last)
 from train_tf.optimizer import Optimizer
 
 
@@ -61,6 +61,7 @@ class TfStage:
 
     def __init__(self, place: StagePlace):
         self.first, self.last = place.first, place.last
+        self.sync_bn = place.config.sync_bn
         self.in_shape = models.layer_shapes(place.specs, place.input_shape)[place.start]
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start, place.end)
         self.variables = self.model.trainable_variables
@@ -102,6 +103,9 @@ class TfStage:
         sets = [hvd.ProcessSet(ranks) for ranks in stage_ranks]
         hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
         self.hvd, self.stage_set = hvd, sets[stage]
+        if self.sync_bn:  # Horovod: BatchNorm over the micro-batch of every replica of this stage
+            set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum,
+                                                                            process_set=self.stage_set))
 
     def zero_grad(self):
         self.gradients = [tf.zeros_like(variable) for variable in self.variables]

@@ -17,7 +17,7 @@ from common import data, metrics, weights
 from common.data_parallel import apply_data_layout, primary_shard, read_on_primary
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
 from train_torch.device import pick_device, to_device
-from train_torch.model import build_model
+from train_torch.model import build_model, set_batch_norm_reduction
 from train_torch.optimizer import make_local_optimizer
 
 
@@ -40,8 +40,12 @@ def make_optimizer(model, config, hvd):
         op=hvd.Adasum if config.adasum else hvd.Sum)
 
 
-def backward_pass(model, images, labels, scale, meter):
+def backward_pass(model, images, labels, scale, meter, sync_bn=False):
     """Forward + backward of one chunk, loss scaled so the ranks' gradients sum to the mean."""
+    if len(labels) == 0 and sync_bn:
+        # Horovod: an empty share still joins every BatchNorm layer's allreduce (its sums are 0).
+        (model(images).sum() * 0.0).backward()
+        return
     if len(labels) == 0:
         # An empty share (last batch smaller than the ranks) still has to join
         # the allreduce that every other rank is about to start.
@@ -90,6 +94,8 @@ class DataParallelRunner:
         self.keys = weights.expected_keys(specs, dataset.image_shape)
         self.device = pick_device(self.hvd.local_rank())  # Horovod: one GPU per local rank
         self.model = build_model(specs, dataset.image_shape, config.seed).to(self.device)
+        if config.sync_bn:  # Horovod: BatchNorm statistics of the global batch (autograd-aware sum)
+            set_batch_norm_reduction(self.model, lambda sums: self.hvd.allreduce(sums, op=self.hvd.Sum))
         self.optimizer = make_optimizer(self.model, config, self.hvd)
 
     def set_lr(self, value):
@@ -104,7 +110,7 @@ class DataParallelRunner:
         scale = 1.0 / max(1, len(indices)) if self.config.adasum else 1.0 / global_count
         for chunk in np.array_split(indices, self.config.accumulation_steps):
             backward_pass(self.model, to_device(x[chunk], self.device), to_device(y[chunk], self.device),
-                          scale, meter)
+                          scale, meter, self.config.sync_bn)
         self.optimizer.step()  # Horovod: waits for the allreduce of every gradient.
         return meter.sums
 

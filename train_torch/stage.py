@@ -13,7 +13,7 @@ from common.checkpoint import NeutralState
 from common.runner import StagePlace
 from train_torch.checkpoint import load_neutral_state, neutral_state
 from train_torch.device import pick_device, to_device, to_numpy
-from train_torch.model import build_model, build_stage
+from train_torch.model import build_model, build_stage, set_batch_norm_reduction
 from train_torch.optimizer import make_local_optimizer
 
 
@@ -44,6 +44,7 @@ class TorchStage:
 
     def __init__(self, place: StagePlace):
         self.first, self.last = place.first, place.last
+        self.sync_bn = place.config.sync_bn
         self.device = pick_device(place.local_rank)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start,
                                  place.end).to(self.device)
@@ -61,6 +62,9 @@ class TorchStage:
         sets = [hvd.ProcessSet(ranks) for ranks in stage_ranks]
         hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
         self.hvd, self.stage_set, self.stage_name = hvd, sets[stage], f"stage{stage}_gradients"
+        if self.sync_bn:  # Horovod: BatchNorm over the micro-batch of every replica of this stage
+            set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum,
+                                                                            process_set=self.stage_set))
 
     def zero_grad(self):
         self.model.train()
