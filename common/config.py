@@ -59,6 +59,8 @@ class RunConfig:
     amp: str = _flag("off", "mixed precision: bf16 autocast (CPU and GPU; --amp alone) or fp16 with "
                      "dynamic loss scaling (GPU, --mode data); weights, optimizer and checkpoints stay fp32",
                      choices=AMP_MODES, nargs="?", const="bf16")
+    loss_scale: float = _flag(65536.0, "--amp fp16: the initial dynamic loss scale (halved after "
+                              "each overflow, doubled after 2000 clean steps)")
     channels_last: bool = _flag(False, "PyTorch on GPU: NHWC memory format (faster convolutions with --amp)")
     epochs: int = _flag(10, "training epochs (0: only evaluate)")
     batch_size: int = _flag(64, "GLOBAL batch size, shared by all ranks; --lr applies to it")
@@ -192,6 +194,8 @@ def _validate_model_options(config: RunConfig) -> None:
     if config.amp == "fp16" and config.mode != "data":
         raise UsageError("--amp fp16 scales the loss of one whole model (--mode data); pipelines and the "
                          "parameter server take --amp bf16, which needs no loss scaling")
+    if not config.loss_scale > 0:
+        raise UsageError(f"--loss-scale must be positive (got {config.loss_scale})")
     if config.amp == "fp16" and config.adasum:
         raise UsageError("--amp fp16 and --adasum cannot be combined (Adasum needs unscaled gradients); drop one")
 

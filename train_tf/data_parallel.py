@@ -19,6 +19,7 @@ from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
 from train_tf.model import build_model, set_batch_norm_reduction
 from train_tf.optimizer import Optimizer
+from train_tf.precision import set_precision
 
 
 def init_horovod(config):
@@ -76,6 +77,7 @@ class DataParallelRunner:
         self.collectives = HorovodCollectives(hvd)
         self.config, self.dataset = config, dataset
         self.keys = weights.expected_keys(specs, dataset.image_shape)
+        set_precision(config)
         self.model = build_model(specs, dataset.image_shape, config.seed)
         if config.sync_bn:  # Horovod: BatchNorm statistics of the global batch (allreduce has a gradient)
             set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum))
@@ -87,7 +89,7 @@ class DataParallelRunner:
         self._chunk_gradients = tf.function(self._chunk_gradients_eager, input_signature=[
             image_spec, label_spec, tf.TensorSpec([], tf.float32)])
         self._apply = tf.function(lambda gradients: self.optimizer.apply(gradients, self.variables))
-        self._logits = tf.function(lambda images: self.model(images, training=False),
+        self._logits = tf.function(lambda images: tf.cast(self.model(images, training=False), tf.float32),
                                    input_signature=[image_spec])
         compression = self.hvd.Compression.fp16 if config.fp16_allreduce else self.hvd.Compression.none
         self._allreduce_kwargs = {"op": self.hvd.Adasum if config.adasum else self.hvd.Sum,
@@ -95,7 +97,7 @@ class DataParallelRunner:
 
     def _chunk_gradients_eager(self, images, labels, scale):
         with tf.GradientTape() as tape:
-            logits = self.model(images, training=True)
+            logits = tf.cast(self.model(images, training=True), tf.float32)  # the loss in float32 (--amp)
             loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
             scaled = loss_sum * scale
         gradients = tape.gradient(scaled, self.variables)

@@ -27,6 +27,7 @@ from train_tf.device import pin_gpu
 from train_tf.model import (build_model, build_stage, frozen_batch_norm_statistics, set_batch_norm_reduction,
                             to_channels_first, to_channels_last)
 from train_tf.optimizer import Optimizer
+from train_tf.precision import set_precision
 
 
 class TfStage:
@@ -63,12 +64,15 @@ class TfStage:
         self.first, self.last = place.first, place.last
         self.sync_bn = place.config.sync_bn
         self.in_shape = models.layer_shapes(place.specs, place.input_shape)[place.start]
+        set_precision(place.config)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start, place.end)
         self.variables = self.model.trainable_variables
         self.has_parameters = bool(self.variables)
         self.optimizer = Optimizer(self.variables, place.config)
         self._apply = tf.function(lambda gradients: self.optimizer.apply(gradients, self.variables))
-        self._forward = tf.function(lambda x: self.model(x, training=True), reduce_retracing=True)
+        # float32 on the wire and into the loss, whatever --amp computes in
+        self._forward = tf.function(lambda x: tf.cast(self.model(x, training=True), tf.float32),
+                                    reduce_retracing=True)
         self._recompute_backward = tf.function(self._gradients_given_output_gradients, reduce_retracing=True)
         self._loss_backward = tf.function(self._loss_and_gradients, reduce_retracing=True)
         self.stash, self.gradients = {}, []
@@ -78,14 +82,14 @@ class TfStage:
             tape.watch(x)
             with frozen_batch_norm_statistics():  # they moved at the forward
                 out = self.model(x, training=True)
-        gradients = tape.gradient(out, [x] + list(self.variables), output_gradients=upstream,
+        gradients = tape.gradient(out, [x] + list(self.variables), output_gradients=tf.cast(upstream, out.dtype),
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return gradients[0], [total + gradient for total, gradient in zip(accumulated, gradients[1:])]
 
     def _loss_and_gradients(self, x, labels, scale, accumulated):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            out = self.model(x, training=True)
+            out = tf.cast(self.model(x, training=True), tf.float32)
             loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, out))
             target = loss_sum * scale  # scaled once: the micro-batches add up to the batch mean
         gradients = tape.gradient(target, [x] + list(self.variables),
@@ -140,7 +144,8 @@ class TfStage:
         self._apply(self.gradients)
 
     def predict(self, inputs):
-        return to_channels_first(self.model(tf.constant(to_channels_last(inputs)), training=False).numpy())
+        logits = self.model(tf.constant(to_channels_last(inputs)), training=False)
+        return to_channels_first(tf.cast(logits, tf.float32).numpy())
 
     def state(self) -> NeutralState:
         return neutral_state(self.model, self.in_shape, self.optimizer)

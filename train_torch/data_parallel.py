@@ -19,6 +19,7 @@ from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neu
 from train_torch.device import pick_device, to_device
 from train_torch.model import build_model, set_batch_norm_reduction
 from train_torch.optimizer import make_local_optimizer
+from train_torch.precision import LossScaler, autocast
 
 
 def init_horovod(config):
@@ -40,20 +41,21 @@ def make_optimizer(model, config, hvd):
         op=hvd.Adasum if config.adasum else hvd.Sum)
 
 
-def backward_pass(model, images, labels, scale, meter, sync_bn=False):
+def backward_pass(runner, images, labels, scale, meter):
     """Forward + backward of one chunk, loss scaled so the ranks' gradients sum to the mean."""
-    if len(labels) == 0 and sync_bn:
-        # Horovod: an empty share still joins every BatchNorm layer's allreduce (its sums are 0).
-        (model(images).sum() * 0.0).backward()
-        return
+    model = runner.model
     if len(labels) == 0:
-        # An empty share (last batch smaller than the ranks) still has to join
-        # the allreduce that every other rank is about to start.
-        (sum(parameter.sum() for parameter in model.parameters()) * 0.0).backward()
+        # An empty share (last batch smaller than the ranks) still has to join the
+        # allreduce that every other rank is about to start; with --sync-bn also every
+        # BatchNorm layer's, so it runs the empty batch through (its sums are 0).
+        zero = model(images).sum() if runner.config.sync_bn else sum(p.sum() for p in model.parameters())
+        (zero * 0.0).backward()
         return
-    logits = model(images)
-    loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-    (loss_sum * scale).backward()
+    with autocast(runner.config, runner.device):
+        logits = model(images)
+        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+    target = loss_sum * scale
+    (runner.scaler.scale(target) if runner.scaler else target).backward()
     meter.add(loss_sum.item(), (logits.argmax(1) == labels).sum().item(), len(labels))
 
 
@@ -93,10 +95,13 @@ class DataParallelRunner:
         self.config, self.dataset = config, dataset
         self.keys = weights.expected_keys(specs, dataset.image_shape)
         self.device = pick_device(self.hvd.local_rank())  # Horovod: one GPU per local rank
-        self.model = build_model(specs, dataset.image_shape, config.seed).to(self.device)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model = build_model(specs, dataset.image_shape, config.seed).to(self.device,
+                                                                             memory_format=self.memory_format)
         if config.sync_bn:  # Horovod: BatchNorm statistics of the global batch (autograd-aware sum)
             set_batch_norm_reduction(self.model, lambda sums: self.hvd.allreduce(sums, op=self.hvd.Sum))
         self.optimizer = make_optimizer(self.model, config, self.hvd)
+        self.scaler = LossScaler(config, self.device, self.primary) if config.amp == "fp16" else None
 
     def set_lr(self, value):
         for group in self.optimizer.param_groups:
@@ -109,10 +114,15 @@ class DataParallelRunner:
         self.optimizer.zero_grad()
         scale = 1.0 / max(1, len(indices)) if self.config.adasum else 1.0 / global_count
         for chunk in np.array_split(indices, self.config.accumulation_steps):
-            backward_pass(self.model, to_device(x[chunk], self.device), to_device(y[chunk], self.device),
-                          scale, meter, self.config.sync_bn)
-        self.optimizer.step()  # Horovod: waits for the allreduce of every gradient.
+            backward_pass(self, self.images(x[chunk]), to_device(y[chunk], self.device), scale, meter)
+        if self.scaler:
+            self.scaler.step(self.optimizer, self.optimizer.synchronize)  # Horovod: allreduce, then unscale
+        else:
+            self.optimizer.step()  # Horovod: waits for the allreduce of every gradient.
         return meter.sums
+
+    def images(self, array):
+        return to_device(array, self.device).contiguous(memory_format=self.memory_format)
 
     @torch.no_grad()
     def evaluate(self, x, y, batch_size=512):
@@ -120,8 +130,9 @@ class DataParallelRunner:
         meter = metrics.Meter()
         shard = data.eval_shard(len(y), self.world_size, self.rank)  # Horovod: each rank a slice.
         for indices in data.batched(shard, batch_size):
-            images, labels = to_device(x[indices], self.device), to_device(y[indices], self.device)
-            logits = self.model(images)
+            images, labels = self.images(x[indices]), to_device(y[indices], self.device)
+            with autocast(self.config, self.device):
+                logits = self.model(images).float()
             meter.add(F.cross_entropy(logits, labels, reduction="sum").item(),
                       (logits.argmax(1) == labels).sum().item(), len(labels))
         return meter.sums

@@ -15,6 +15,7 @@ from train_torch.checkpoint import load_neutral_state, neutral_state
 from train_torch.device import pick_device, to_device, to_numpy
 from train_torch.model import build_model, build_stage, set_batch_norm_reduction
 from train_torch.optimizer import make_local_optimizer
+from train_torch.precision import autocast
 
 
 class TorchStage:
@@ -44,7 +45,7 @@ class TorchStage:
 
     def __init__(self, place: StagePlace):
         self.first, self.last = place.first, place.last
-        self.sync_bn = place.config.sync_bn
+        self.sync_bn, self.config = place.config.sync_bn, place.config
         self.device = pick_device(place.local_rank)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start,
                                  place.end).to(self.device)
@@ -79,12 +80,13 @@ class TorchStage:
         x = to_device(inputs, self.device)
         if not self.first:
             x.requires_grad_()
-        out = self.model(x)
+        with autocast(self.config, self.device):
+            out = self.model(x)
         if not self.last:
             self.stash[m] = (x, out)
-            return to_numpy(out), (0.0, 0.0)
+            return to_numpy(out.float()), (0.0, 0.0)  # float32 on the wire, whatever --amp computes in
         labels = to_device(labels, self.device)
-        loss_sum = F.cross_entropy(out, labels, reduction="sum")
+        loss_sum = F.cross_entropy(out.float(), labels, reduction="sum")
         self.stash[m] = (x, loss_sum * scale)  # scaled once: the micro-batches add up to the batch mean
         return None, (loss_sum.item(), (out.argmax(1) == labels).sum().item())
 
@@ -93,7 +95,7 @@ class TorchStage:
         if output_gradient is None:
             out.backward()
         else:
-            out.backward(to_device(output_gradient, self.device))
+            out.backward(to_device(output_gradient, self.device).to(out.dtype))
         return None if self.first else to_numpy(x.grad)
 
     def allreduce_gradients(self):
@@ -110,7 +112,8 @@ class TorchStage:
     @torch.no_grad()
     def predict(self, inputs):
         self.model.eval()
-        return to_numpy(self.model(to_device(inputs, self.device)))
+        with autocast(self.config, self.device):
+            return to_numpy(self.model(to_device(inputs, self.device)).float())
 
     def state(self) -> NeutralState:
         return neutral_state(self.model, self.optimizer)

@@ -72,3 +72,22 @@ def test_elastic_is_refused_by_the_tensorflow_entry_and_accepted_by_pytorch():
     with pytest.raises(UsageError, match="--elastic uses Horovod's PyTorch elastic API"):
         trainer.load_run(["--elastic"], "train_tf/main.py")
     assert trainer.load_run(["--elastic"], "train_torch/main.py", elastic_supported=True)[0].elastic
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--amp", "fp16", "--mode", "model", "--pp", "2"], "--amp fp16 scales the loss of one whole model"),
+    (["--sync-bn", "--mode", "ps"], "--sync-bn synchronises BatchNorm across data-parallel replicas"),
+    (["--sync-bn", "--mode", "model", "--pp", "2"], "--mode model has none"),
+    (["--amp", "fp16", "--adasum"], "cannot be combined"),
+    (["--loss-scale", "0"], "--loss-scale must be positive"),
+    (["--amp", "fp8"], "invalid choice"),
+])
+def test_precision_and_batch_norm_flags_refuse_what_cannot_work(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_config(argv)
+
+
+def test_amp_alone_means_bf16_and_resnet_is_resnet8():
+    config = parse_config(["--amp", "--model", "resnet"])
+    assert (config.amp, config.model) == ("bf16", "resnet8")
+    assert parse_config([]).amp == "off"

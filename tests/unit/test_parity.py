@@ -249,3 +249,53 @@ def test_pipeline_stages_compute_the_same_in_both_frameworks(name, shape):
         assert sorted(tf_grads) == sorted(torch_grads)
         for key, value in torch_grads.items():
             assert relative_difference(tf_grads[key], value) <= TOLERANCE, key
+
+
+@pytest.mark.parametrize("name,shape", [("resnet8", (3, 16, 16))])
+def test_bf16_logits_and_step_agree_within_bf16_tolerance(name, shape):
+    """--amp bf16: torch.autocast and Keras' mixed_bfloat16 policy round the same
+    convolutions and matmuls to bf16 (8 bits of mantissa, ~4e-3), BatchNorm and the
+    loss in float32: the two frameworks agree to bf16's precision, and both differ
+    from float32 by more than float32 round-off (autocast really is on)."""
+    import keras
+
+    from train_torch.precision import autocast
+
+    specs = models.model_specs(name, shape, 10)
+    torch_net = torch_model.build_model(specs, shape, seed=1)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        tf_net = tf_model.build_model(specs, shape, seed=2)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    tf_model.load_neutral(tf_net, shape, torch_model.to_neutral(torch_net))
+    x, y = batch(shape, size=8)
+    config = RunConfig(optimizer="sgd", lr=1.0, momentum=0.0, amp="bf16")
+    torch_net.train()
+    with torch.no_grad():
+        full = torch_net(torch.from_numpy(x)).numpy()
+        with autocast(config, torch.device("cpu")):
+            torch_logits = torch_net(torch.from_numpy(x)).float().numpy()
+    tf_logits = tf.cast(tf_net(tf.constant(x.transpose(0, 2, 3, 1)), training=True), tf.float32).numpy()
+    assert relative_difference(torch_logits, full) > 10 * TOLERANCE
+    assert relative_difference(tf_logits, torch_logits) <= 3e-2
+
+    tf_model.load_neutral(tf_net, shape, torch_model.to_neutral(torch_net))
+    before = torch_model.to_neutral(torch_net)
+    optimizer = make_local_optimizer(torch_net, config)
+    optimizer.zero_grad()
+    with autocast(config, torch.device("cpu")):
+        loss = F.cross_entropy(torch_net(torch.from_numpy(x)).float(), torch.from_numpy(y))
+    loss.backward()
+    optimizer.step()
+    with tf.GradientTape() as tape:
+        logits = tf.cast(tf_net(tf.constant(x.transpose(0, 2, 3, 1)), training=True), tf.float32)
+        tf_loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.constant(y), logits))
+    Optimizer(tf_net.trainable_variables, config).apply(tape.gradient(tf_loss, tf_net.trainable_variables),
+                                                        tf_net.trainable_variables)
+    after_torch, after_tf = torch_model.to_neutral(torch_net), tf_model.to_neutral(tf_net, shape)
+    changes = [(after_torch[key] - value, after_tf[key] - value) for key, value in before.items()
+               if key.endswith("kernel")]
+    torch_change = np.concatenate([c.ravel() for c, _ in changes])
+    tf_change = np.concatenate([c.ravel() for _, c in changes])
+    assert relative_difference(tf_change, torch_change) <= 5e-2

@@ -1,0 +1,56 @@
+"""Every network of the zoo trains in every mode, in both frameworks (a few steps each).
+
+The maths is proven elsewhere (TF = PyTorch per network in tests/unit/test_parity.py,
+modes = one process in tests/parallel); this runs the real entry scripts so that
+each network meets data, model and hybrid parallelism: every network runs in
+two modes, and each mode sees several networks.
+"""
+
+import json
+
+import pytest
+
+from common import models
+from tests.helpers import assert_ok, checkpoint_path, relative_difference, run_training
+
+SMALL = ["--dataset", "synthetic", "--synthetic-samples", 32, "--batch-size", 8, "--epochs", 1,
+         "--steps-per-epoch", 2]
+
+
+def image_shape(name):
+    return ["--synthetic-shape", "3,32,32" if name.startswith("vgg") else "3,16,16"]  # VGG pools 5 times
+MODES = {"data": (2, []), "model": (2, ["--mode", "model", "--pp", 2]),
+         "hybrid": (4, ["--mode", "hybrid", "--pp", 2, "--sync-bn"])}
+ZOO = [name for name in models.ARCHITECTURES if name not in models.STEMLESS]
+# PyTorch runs every network as a 2x2 hybrid with --sync-bn (stages, their replicas'
+# allreduce, synchronised BatchNorm); TensorFlow, slower to start, alternates data and
+# model mode (its hybrid path is the model path plus the replica allreduce of tests/parallel).
+CASES = ([("torch", name, "hybrid") for name in ZOO]
+         + [("tf", name, ("model", "data")[index % 2]) for index, name in enumerate(ZOO)])
+
+
+@pytest.mark.parametrize("framework,name,mode", CASES)
+def test_network_trains_in_mode(tmp_path, framework, name, mode):
+    np_, layout = MODES[mode]
+    metrics_file = tmp_path / "metrics.jsonl"
+    assert_ok(run_training([*SMALL, *image_shape(name), "--model", name, *layout, "--metrics-file", metrics_file],
+                           np_=np_, framework=framework))
+    record = json.loads(metrics_file.read_text())
+    assert record["world_size"] == np_ and record["train_loss"] > 0
+
+
+def test_zoo_checkpoint_crosses_frameworks_and_modes(tmp_path):
+    """MobileNetV2 (depthwise convolutions, ReLU6, BatchNorm) trained by PyTorch in data mode
+    (bf16), evaluated by TensorFlow as a 2-stage pipeline via --init-from: the same test loss."""
+    directory = tmp_path / "torch"
+    torch_run = assert_ok(run_training([*SMALL, *image_shape("mobilenet_v2"), "--model", "mobilenet_v2", "--amp", "bf16",
+                                        "--checkpoint-dir", directory], np_=2))
+    tf_run = assert_ok(run_training([*SMALL, *image_shape("mobilenet_v2"), "--model", "mobilenet_v2", "--epochs", 0, "--mode", "model",
+                                     "--pp", 2, "--init-from", checkpoint_path(directory, 1)],
+                                    np_=2, framework="tf"))
+
+    def test_loss(stdout):
+        return float(stdout.split("final test accuracy:")[1].split("test loss")[1].split(")")[0])
+
+    # Evaluation runs in float32 in TF (no --amp), bf16 in torch: bf16's tolerance.
+    assert relative_difference(test_loss(tf_run.stdout), test_loss(torch_run.stdout)) <= 2e-2

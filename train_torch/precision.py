@@ -1,0 +1,51 @@
+"""--amp: autocast (bf16, or fp16 with dynamic loss scaling) around PyTorch's forward passes.
+
+Weights, optimizer state and checkpoints stay float32: autocast runs the
+convolutions and matmuls in the low precision and keeps reductions (the loss,
+BatchNorm's statistics) in float32. fp16's narrow range needs the loss scaled
+up before backward and the gradients scaled down before the step; a step whose
+gradients overflowed is skipped and the scale halved (torch.amp.GradScaler).
+"""
+
+import contextlib
+
+import torch
+
+from common import metrics
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(config, device):
+    """The context a forward pass runs in (a no-op without --amp)."""
+    if config.amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[config.amp])
+
+
+class LossScaler:
+    """torch.amp.GradScaler for --amp fp16 that also says when it skipped a step.
+
+    ``scale(loss)`` before backward; ``step(optimizer, synchronize)`` after it:
+    Horovod's allreduce first (so every rank sees the same overflow), then the
+    unscale, the check, and the step or its skip."""
+
+    def __init__(self, config, device, primary):
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=config.loss_scale)
+        self.primary, self.skipped = primary, 0
+
+    def scale(self, loss):
+        return self.scaler.scale(loss)
+
+    def step(self, optimizer, synchronize):
+        synchronize()
+        self.scaler.unscale_(optimizer)
+        before = self.scaler.get_scale()
+        with optimizer.skip_synchronize():
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        if self.scaler.get_scale() < before:
+            self.skipped += 1
+            if self.primary:
+                metrics.log(f"amp fp16: gradients overflowed at loss scale {before:g}; step skipped, "
+                            f"scale now {self.scaler.get_scale():g}")
