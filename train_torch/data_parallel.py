@@ -7,6 +7,7 @@ exactly the full-batch mean gradient whatever the number of ranks and however
 unevenly the last batch splits.
 """
 
+import contextlib
 import os
 
 import numpy as np
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from common import data, metrics, weights
+from common.errors import UsageError
+from common.launch import launcher_world_size
 from common.data_parallel import apply_data_layout, primary_shard, read_on_primary
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
 from train_torch.device import pick_device, to_device
@@ -22,9 +25,61 @@ from train_torch.optimizer import make_local_optimizer
 from train_torch.precision import LossScaler, autocast
 
 
-def init_horovod(config):
-    import horovod.torch as hvd
+class OneProcess:
+    """Horovod's calls for one process on a machine without a Horovod build (say, a
+    CUDA PyTorch install): rank 0 of 1, every collective the identity."""
 
+    Sum = Adasum = "sum"
+
+    class Compression:
+        none = fp16 = None
+
+    def init(self):
+        pass
+
+    def rank(self):
+        return 0
+
+    local_rank = rank
+
+    def size(self):
+        return 1
+
+    local_size = size
+
+    def allreduce(self, tensor, **kwargs):
+        return tensor
+
+    allreduce_async = allreduce
+
+    def synchronize(self, handle):
+        return handle
+
+    def broadcast_object(self, value, **kwargs):
+        return value
+
+    def broadcast_parameters(self, *args, **kwargs):
+        pass
+
+    def DistributedOptimizer(self, optimizer, **kwargs):  # noqa: N802 (Horovod's name)
+        optimizer.synchronize, optimizer.skip_synchronize = (lambda: None), contextlib.nullcontext
+        return optimizer
+
+
+def import_horovod():
+    """horovod.torch, or OneProcess for a single process where Horovod is not installed."""
+    try:
+        import horovod.torch as hvd
+    except ImportError:
+        if launcher_world_size() > 1:
+            raise UsageError("Horovod is not installed (import horovod.torch failed) but the launcher "
+                             "started several ranks; run `make install` (GPU=1 for NCCL) or train one process")
+        return OneProcess()
+    return hvd
+
+
+def init_horovod(config):
+    hvd = import_horovod()
     hvd.init()  # Horovod: one process per rank, started by horovodrun/mpirun/srun.
     threads = config.threads or max(1, (os.cpu_count() or 1) // hvd.local_size())
     torch.set_num_threads(threads)  # Horovod: share the node's cores between its ranks.

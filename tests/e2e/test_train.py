@@ -43,7 +43,7 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, framework):
     assert "resumed from" in resumed.stdout and checkpoint_path(tmp_path / "split", 2).name in resumed.stdout
     assert "epoch 1/3" not in resumed.stdout and "epoch 3/3" in resumed.stdout
 
-    architecture = {"model": "resnet", "input_shape": [1, 8, 8], "num_classes": 10}
+    architecture = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
     straight_path = checkpoint_path(tmp_path / "straight", 3)
     split_path = checkpoint_path(tmp_path / "split", 3)
     straight = checkpoint_weights(straight_path, architecture)

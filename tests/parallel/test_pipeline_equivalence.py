@@ -17,7 +17,7 @@ from tests.helpers import (FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_we
 
 TOLERANCE = 1e-5
 STEPS = ["--epochs", 1, "--steps-per-epoch", 2, "--lr", 0.1, "--momentum", 0.9, "--batch-size", 48]
-RESNET = {"model": "resnet", "input_shape": [1, 8, 8], "num_classes": 10}
+RESNET = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
 # PyTorch: pp in {2, 3}; TensorFlow runs the same common/ pipeline code with pp 2
 # here, and pp 3 in the BatchNorm test below.
 PIPELINES = [(framework, schedule, microbatches, pp) for framework in FRAMEWORKS
