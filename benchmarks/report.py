@@ -54,6 +54,61 @@ def derived(results):
     return rows
 
 
+def zoo_derived(results):
+    """(measure, {framework: value}) rows of the zoo section."""
+    rows = []
+
+    def row(label, value_of):
+        rows.append((label, {framework: value_of(framework) for framework in FRAMEWORKS}))
+
+    for size in (32, 64):
+        row(f"ResNet-18 {size}px scaling efficiency: np2 / (2 x np1)",
+            lambda f, s=size: ratio(find(results, f"resnet18 {s}px data np2", f),
+                                    find(results, f"resnet18 {s}px data np1", f), 2))
+    row("ResNet-18 32px Horovod np2 / peer (DDP; MultiWorkerMirrored)",
+        lambda f: ratio(find(results, "resnet18 32px data np2", f), find(
+            results, "resnet18 32px DDP np2" if f == "torch" else "resnet18 32px MultiWorkerMirrored np2",
+            f + " (peer)")))
+    row("ResNet-18 64px Horovod np2 / DDP np2",
+        lambda f: ratio(find(results, "resnet18 64px data np2", f), find(results, "resnet18 64px DDP np2",
+                                                                           "torch (peer)")) if f == "torch" else None)
+    row("--sync-bn cost: np2 with / np2 without",
+        lambda f: ratio(find(results, "resnet18 32px data np2 --sync-bn", f), find(results, "resnet18 32px data np2", f)))
+    row("--amp bf16 gain: np1 bf16 / np1 fp32",
+        lambda f: ratio(find(results, "resnet18 32px data np1 --amp bf16", f),
+                        find(results, "resnet18 32px data np1", f)))
+    row(f"ResNet-18 32px pipeline 1f1b M4: pp2 / (2 x np1) (bound {pipeline_bound(4):.2f})",
+        lambda f: ratio(find(results, "resnet18 32px model pp2, 1f1b M4", f),
+                        find(results, "resnet18 32px data np1", f), 2))
+    row("ResNet-18 32px our pp2 1f1b M4 / torch.distributed.pipelining",
+        lambda f: ratio(find(results, "resnet18 32px model pp2, 1f1b M4", f), find(
+            results, "resnet18 32px torch.distributed.pipelining pp2, 1f1b M4", "torch (peer)"))
+        if f == "torch" else None)
+    row("VGG-16 32px model parallel pp2 / data parallel np2",
+        lambda f: ratio(find(results, "vgg16 32px model pp2, 1f1b M4", f), find(results, "vgg16 32px data np2", f)))
+    return rows
+
+
+def _zoo_markdown(results):
+    zoo = [case for case in results["cases"] if case.get("group") == "zoo"]
+    if not zoo:
+        return []
+    lines = ["", "The zoo (one thread per rank, 2 timed windows after a warm-up):", "",
+             "| case | framework | workload | images/sec | spread |", "|---|---|---|---|---|"]
+    for case in zoo:
+        lines.append(f"| {case['name']} | {case['framework']} | {case.get('workload', '')} | "
+                     f"{case['median']:,.1f} | {case['min']:,.1f}–{case['max']:,.1f} |")
+    return lines + _measures_table("zoo measure", zoo_derived(results))
+
+
+def _measures_table(heading, rows):
+    lines = ["", f"| {heading} | PyTorch | TensorFlow |", "|---|---|---|"]
+    for label, values in rows:
+        if any(value is not None for value in values.values()):
+            lines.append(f"| {label} | {_number(values['torch'])} | {_number(values['tf'])} |")
+    return lines
+
+
 def _number(value, digits=2):
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -67,14 +122,12 @@ def markdown(results):
              f"median of {settings['windows'] - 1} timed windows of {settings['steps_per_window']} steps after "
              "a warm-up window, with the spread (min–max). * = more processes than cores.", "",
              "| case | framework | ranks | images/sec | spread | per rank |", "|---|---|---|---|---|---|"]
-    for case in results["cases"]:
+    for case in (case for case in results["cases"] if case.get("group") != "zoo"):
         flag = " *" if case["oversubscribed"] else ""
         lines.append(f"| {case['name']}{flag} | {case['framework']} | {case['ranks']} | {case['median']:,.0f} | "
                      f"{case['min']:,.0f}–{case['max']:,.0f} | {case['median'] / case['ranks']:,.0f} |")
-    lines += ["", "| measure | PyTorch | TensorFlow |", "|---|---|---|"]
-    for label, values in derived(results):
-        if any(value is not None for value in values.values()):
-            lines.append(f"| {label} | {_number(values['torch'])} | {_number(values['tf'])} |")
+    lines += _measures_table("measure", derived(results))
+    lines += _zoo_markdown(results)
     for label, run in results["allreduce"].items():
         lines += ["", f"Allreduce bandwidth, {run['world_size']} ranks ({label.replace('_', ' ')}): "
                   "bytes / median seconds, MB/s", "", "| size | mpi4py Allreduce | Horovod allreduce |",
@@ -88,7 +141,7 @@ def markdown(results):
 
 def gpu_markdown(gpu):
     if not gpu.get("gpu"):
-        return [f"GPU section (benchmarks/gpu.py: ResNet-50 224x224 and our models, fp32 vs bf16 AMP): not run "
+        return [f"GPU section (benchmarks/gpu.py: the zoo's ResNet-50/18 and the seed CNN, fp32 vs bf16 vs fp16): not run "
                 f"here, {gpu.get('reason', 'no CUDA device')}."]
     lines = [f"GPU section: {gpu['gpu']}, torch {gpu['torch']}, one device.", "",
              "| model | precision | batch | images/sec | spread |", "|---|---|---|---|---|"]
@@ -113,7 +166,7 @@ def plot(results, path):
 
     figure, (bars, efficiency, bandwidth) = plt.subplots(1, 3, figsize=(20, 8),
                                                            gridspec_kw={"width_ratios": [2.2, 1.3, 1]})
-    cases = results["cases"]
+    cases = [case for case in results["cases"] if case.get("group") != "zoo"]  # the zoo: its own scale, in the table
     labels = [f"{case['framework']}: {case['name']}{' *' if case['oversubscribed'] else ''}" for case in cases]
     colours = ["tab:blue" if case["framework"] == "torch" else "tab:orange" if case["framework"] == "tf"
                else "tab:gray" for case in cases]

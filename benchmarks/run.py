@@ -1,7 +1,8 @@
 """Throughput of every mode in both frameworks beside the tools users would pick
 instead, on the same model, batch, threads and machine (see README.md, "Benchmarks").
 
-    python benchmarks/run.py                      # the full suite (make bench), ~4 min on 2 cores
+    python benchmarks/run.py                      # the full suite (make bench), ~15 min on 2 cores
+    python benchmarks/run.py --only resnet18      # only the cases whose name matches
     python benchmarks/run.py --quick --out DIR    # a smoke run: two tiny cases (make test)
 
 Writes DIR/results.json (every window of every case), DIR/results.md (the
@@ -34,20 +35,27 @@ TIMEOUT = 300
 
 
 class Settings:
-    """One workload for every case: the seed CNN on synthetic 3x32x32 images."""
+    """A workload: a network on synthetic images, a global batch, timed windows of steps.
+    The main table's is the seed CNN on 3x32x32; the zoo section's are larger networks
+    with fewer, shorter windows (a ResNet-18 step takes ~100x a seed-CNN step)."""
 
-    def __init__(self, quick):
-        self.shape, self.batch, self.threads = "3,32,32", 128, 1
-        self.windows, self.steps = (2, 2) if quick else (6, 10)  # the first window is the warm-up
+    def __init__(self, quick, model="cnn", shape="3,32,32", batch=128, windows=6, steps=10):
+        self.model, self.shape, self.batch, self.threads = model, shape, batch, 1
+        self.windows, self.steps = (2, 2) if quick else (windows, steps)  # the first window is the warm-up
+
+    @property
+    def workload(self):
+        return f"{self.model} {self.shape.replace(',', 'x')}, batch {self.batch}"
 
     def entry_flags(self):
-        return ["--dataset", "synthetic", "--synthetic-shape", self.shape, "--synthetic-samples",
-                self.batch * self.steps, "--batch-size", self.batch, "--steps-per-epoch", self.steps,
-                "--epochs", self.windows, "--threads", self.threads, "--lr", 0.01, "--no-progress"]
+        return ["--model", self.model, "--dataset", "synthetic", "--synthetic-shape", self.shape,
+                "--synthetic-samples", self.batch * self.steps, "--batch-size", self.batch,
+                "--steps-per-epoch", self.steps, "--epochs", self.windows, "--threads", self.threads,
+                "--lr", 0.01, "--no-progress"]
 
     def peer_flags(self):
-        return ["--shape", self.shape, "--batch-size", self.batch, "--windows", self.windows,
-                "--steps", self.steps, "--threads", self.threads, "--lr", 0.01]
+        return ["--model", self.model, "--shape", self.shape, "--batch-size", self.batch, "--windows",
+                self.windows, "--steps", self.steps, "--threads", self.threads, "--lr", 0.01]
 
 
 def job_env(extra=None):
@@ -136,8 +144,51 @@ def free_port():
 HOROVOD_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "0"}  # undo our shipped default (common/launch.py)
 
 
+def zoo_cases():
+    """The zoo section: ResNet-18 at 32 and 64 px (data parallel beside DDP and
+    MultiWorkerMirrored, a 2-stage pipeline beside torch.distributed.pipelining, the
+    cost of --sync-bn and the gain of --amp bf16) and VGG-16 at 32 px, whose 19 M
+    dense parameters make model parallelism worth a look."""
+    resnet32 = Settings(False, "resnet18", "3,32,32", 32, windows=3, steps=4)
+    resnet64 = Settings(False, "resnet18", "3,64,64", 32, windows=3, steps=3)
+    vgg32 = Settings(False, "vgg16", "3,32,32", 32, windows=3, steps=4)
+    pipeline = ["--mode", "model", "--pp", 2, "--schedule", "1f1b", "--microbatches", 4]
+    listed = []
+    for framework in ("torch", "tf"):
+        def ours(settings, np_, flags=(), framework=framework):
+            return settings, lambda: entry_case(settings, framework, np_, flags)
+        listed += [
+            ("resnet18 32px data np1", "zoo", framework, 1, False, *ours(resnet32, 1)),
+            ("resnet18 32px data np2", "zoo", framework, 2, False, *ours(resnet32, 2)),
+            ("resnet18 32px data np2 --sync-bn", "zoo", framework, 2, False, *ours(resnet32, 2, ["--sync-bn"])),
+            ("resnet18 32px data np1 --amp bf16", "zoo", framework, 1, False,
+             *ours(resnet32, 1, ["--amp", "bf16"])),
+            ("resnet18 32px model pp2, 1f1b M4", "zoo", framework, 2, False, *ours(resnet32, 2, pipeline)),
+            ("resnet18 64px data np1", "zoo", framework, 1, False, *ours(resnet64, 1)),
+            ("resnet18 64px data np2", "zoo", framework, 2, False, *ours(resnet64, 2)),
+            ("vgg16 32px data np2", "zoo", framework, 2, False, *ours(vgg32, 2)),
+            ("vgg16 32px model pp2, 1f1b M4", "zoo", framework, 2, False, *ours(vgg32, 2, pipeline)),
+        ]
+    listed += [
+        ("resnet18 32px DDP np2", "zoo", "torch (peer)", 2, False, resnet32,
+         lambda: torchrun_case(resnet32, "ddp.py", 2)),
+        ("resnet18 64px DDP np2", "zoo", "torch (peer)", 2, False, resnet64,
+         lambda: torchrun_case(resnet64, "ddp.py", 2)),
+        ("resnet18 32px MultiWorkerMirrored np2", "zoo", "tf (peer)", 2, False, resnet32,
+         lambda: multiworker_case(resnet32)),
+        ("resnet18 32px torch.distributed.pipelining pp2, 1f1b M4", "zoo", "torch (peer)", 2, False, resnet32,
+         lambda: torchrun_case(resnet32, "torch_pipelining.py", 2, ["--schedule", "1f1b", "--microbatches", 4])),
+    ]
+    return listed
+
+
 def cases(settings, quick):
-    """(name, group, framework, ranks, oversubscribed, function) for every case."""
+    """(name, group, framework, ranks, oversubscribed, settings, function) for every case."""
+    return [(*case[:5], settings, case[5]) for case in main_cases(settings, quick)] + ([] if quick else zoo_cases())
+
+
+def main_cases(settings, quick):
+    """(name, group, framework, ranks, oversubscribed, function): the seed CNN's cases."""
     if quick:
         return [("data np1", "data", "torch", 1, False, lambda: entry_case(settings, "torch", 1)),
                 ("data np2", "data", "torch", 2, False, lambda: entry_case(settings, "torch", 2))]
@@ -194,14 +245,14 @@ def main(argv=None):
                                                   "global_batch": settings.batch, "threads_per_rank": settings.threads,
                                                   "windows": settings.windows, "steps_per_window": settings.steps},
                "cases": [], "allreduce": {}}
-    for name, group, framework, ranks, oversubscribed, measure in cases(settings, args.quick):
+    for name, group, framework, ranks, oversubscribed, workload, measure in cases(settings, args.quick):
         if args.only and not re.search(args.only, name):
             continue
         print(f"{framework:18s} {name} ...", end=" ", flush=True)
         throughput = measure()
         print(f"{throughput['median']:,.0f} img/s", flush=True)
         results["cases"].append({"name": name, "group": group, "framework": framework, "ranks": ranks,
-                                 "oversubscribed": oversubscribed, **throughput})
+                                 "oversubscribed": oversubscribed, "workload": workload.workload, **throughput})
     for label, env in (("shipped", None), ("horovod_defaults", None if args.quick else HOROVOD_DEFAULTS)):
         if args.quick and label != "shipped":
             continue

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import data, metrics, weights
+from common.loss_scale import DynamicLossScale
 from common.data_parallel import apply_data_layout, primary_shard, read_on_primary
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
@@ -83,6 +84,7 @@ class DataParallelRunner:
             set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum))
         self.variables = self.model.trainable_variables
         self.optimizer = Optimizer(self.variables, config)
+        self.loss_scale = DynamicLossScale(config.loss_scale) if config.amp == "fp16" else None
         channels, height, width = dataset.image_shape
         image_spec = tf.TensorSpec([None, height, width, channels], tf.float32)
         label_spec = tf.TensorSpec([None], tf.int64)
@@ -125,6 +127,8 @@ class DataParallelRunner:
         """One optimizer step on this rank's ``indices`` of a global batch of ``global_count``."""
         meter, x, y = metrics.Meter(), self.dataset.x_train, self.dataset.y_train
         scale = 1.0 / max(1, len(indices)) if self.config.adasum else 1.0 / global_count
+        if self.loss_scale:  # --amp fp16: scale the loss up so small gradients survive fp16
+            scale *= self.loss_scale.scale
         total = [tf.zeros_like(variable) for variable in self.variables]
         for chunk in np.array_split(indices, self.config.accumulation_steps):
             if len(chunk) == 0 and not self.config.sync_bn:
@@ -134,7 +138,14 @@ class DataParallelRunner:
                                                                  tf.constant(scale, tf.float32))
             total = [a + b for a, b in zip(total, gradients)]
             meter.add(float(loss_sum), float(correct), len(chunk))
-        self._apply(self._allreduce_gradients(total))
+        reduced = self._allreduce_gradients(total)
+        if self.loss_scale:
+            # Horovod: after the allreduce every rank sees the same overflow, so all skip alike.
+            reduced = [gradient / self.loss_scale.scale for gradient in reduced]
+            finite = all(bool(tf.reduce_all(tf.math.is_finite(gradient))) for gradient in reduced)
+            if not self.loss_scale.update(finite, self.primary):
+                return meter.sums
+        self._apply(reduced)
         return meter.sums
 
     def evaluate(self, x, y, batch_size=512):

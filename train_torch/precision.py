@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from common import metrics
+from common.loss_scale import BACKOFF, GROWTH, GROWTH_INTERVAL, report_skip
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,7 +31,8 @@ class LossScaler:
     unscale, the check, and the step or its skip."""
 
     def __init__(self, config, device, primary):
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=config.loss_scale)
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=config.loss_scale, growth_factor=GROWTH,
+                                           backoff_factor=BACKOFF, growth_interval=GROWTH_INTERVAL)
         self.primary, self.skipped = primary, 0
 
     def scale(self, loss):
@@ -47,5 +48,4 @@ class LossScaler:
         if self.scaler.get_scale() < before:
             self.skipped += 1
             if self.primary:
-                metrics.log(f"amp fp16: gradients overflowed at loss scale {before:g}; step skipped, "
-                            f"scale now {self.scaler.get_scale():g}")
+                report_skip(before, self.scaler.get_scale())

@@ -49,7 +49,7 @@ CASES = {
     "missing dataset dir": (lambda p, f: ["--dataset", "cifar10", "--data-dir", p / "nope"],
                             "cifar10: directory .* not found; download"),
     "corrupt cifar file": (corrupt_cifar, "cannot read .*data_batch_4"),
-    "unknown model": (lambda p, f: ["--model", "vgg16"], "invalid choice: 'vgg16'"),
+    "unknown model": (lambda p, f: ["--model", "vgg19"], "invalid choice: 'vgg19'"),
     "unknown dataset": (lambda p, f: ["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     "unknown flag": (lambda p, f: ["--learning-rate", "0.1"], "unrecognized arguments: --learning-rate"),
     "negative epochs": (lambda p, f: ["--epochs", "-3"], "--epochs must not be negative"),

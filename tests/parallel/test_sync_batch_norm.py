@@ -1,10 +1,11 @@
 """--sync-bn: BatchNorm over the global batch makes N ranks compute what one process computes.
 
 ResNet-8 (BatchNorm in every layer) on a 64-sample global batch, three momentum
-steps: one process with PyTorch's/our plain BatchNorm is the reference; 2 ranks
-(32/32) and 3 ranks (22/21/21, uneven) with --sync-bn must match it in every
-weight and running statistic. The same 2 ranks WITHOUT --sync-bn normalise by
-their own halves and land measurably elsewhere: the proof the synchronisation
+steps: one process with plain BatchNorm is the reference; 3 ranks (22/21/21,
+uneven) in data mode and a 2x2 hybrid (each stage's 2 replicas, 32 samples each,
+in one micro-batch) with --sync-bn must match it in every weight and running
+statistic. The same batch on 2 ranks WITHOUT --sync-bn, normalised by each
+rank's own half, lands measurably elsewhere: the proof that the synchronisation
 (forward sums and their gradients' allreduce) is what closes the gap.
 """
 
@@ -18,6 +19,7 @@ TOLERANCE = 2e-5
 RESNET8 = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
 ARGS = ["--model", "resnet8", "--epochs", 1, "--steps-per-epoch", 3, "--batch-size", 64, "--lr", 0.1,
         "--momentum", 0.9]
+SYNCED = {"data np3": (3, ["--sync-bn"]), "hybrid pp2 x dp2": (4, ["--sync-bn", "--mode", "hybrid", "--pp", 2])}
 
 
 def train(tmp_path, framework, name, np_, extra=()):
@@ -30,16 +32,17 @@ def train(tmp_path, framework, name, np_, extra=()):
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_sync_bn_ranks_equal_one_process_and_unsynced_ranks_do_not(tmp_path, framework):
     single, single_metrics = train(tmp_path, framework, "single", None)
-    runs = {np_: train(tmp_path, framework, f"sync{np_}", np_, ["--sync-bn"]) for np_ in (2, 3)}
+    runs = {name: train(tmp_path, framework, name.replace(" ", "-"), np_, extra)
+            for name, (np_, extra) in SYNCED.items()}
     unsynced, _ = train(tmp_path, framework, "unsynced", 2)
 
     statistics = [key for key in single if key.endswith((".bn.mean", ".bn.var"))]
     assert len(statistics) == 2 * 9  # stem + 3 blocks x 2 + 2 projections, mean and var each
-    for np_, (weights, metrics) in runs.items():
+    for name, (weights, metrics) in runs.items():
         for key, value in single.items():
-            assert relative_difference(weights[key], value) <= TOLERANCE, (np_, key)
-        assert metrics["train_loss"] == pytest.approx(single_metrics["train_loss"], rel=1e-5)
-        assert metrics["test_loss"] == pytest.approx(single_metrics["test_loss"], rel=1e-4)
+            assert relative_difference(weights[key], value) <= TOLERANCE, (name, key)
+        assert metrics["train_loss"] == pytest.approx(single_metrics["train_loss"], rel=1e-5), name
+        assert metrics["test_loss"] == pytest.approx(single_metrics["test_loss"], rel=1e-4), name
     # Per-rank statistics: the running means/variances and the trained weights drift apart.
     drift = max(relative_difference(unsynced[key], single[key]) for key in statistics)
     assert drift > 100 * TOLERANCE, drift

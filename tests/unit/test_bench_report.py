@@ -37,3 +37,21 @@ def test_markdown_lists_every_case_and_skips_empty_ratios():
     table = report.markdown(RESULTS)
     assert table.count("| torch |") == 3 and "| DDP np2 (torchrun, gloo) | torch (peer) | 2 | 1,500 |" in table
     assert "parameter server" not in table  # no PS case measured, no PS row
+
+
+def test_zoo_cases_get_their_own_table_and_ratios():
+    zoo = [{**case(name, framework, median, ranks), "group": "zoo", "workload": "resnet18 3x32x32, batch 32"}
+           for name, framework, median, ranks in [
+               ("resnet18 32px data np1", "torch", 10.0, 1), ("resnet18 32px data np2", "torch", 16.0, 2),
+               ("resnet18 32px data np2 --sync-bn", "torch", 12.0, 2),
+               ("resnet18 32px data np1 --amp bf16", "torch", 25.0, 1),
+               ("vgg16 32px data np2", "tf", 4.0, 2), ("vgg16 32px model pp2, 1f1b M4", "tf", 6.0, 2)]]
+    results = {**RESULTS, "cases": RESULTS["cases"] + zoo}
+    rows = dict(report.zoo_derived(results))
+    assert rows["ResNet-18 32px scaling efficiency: np2 / (2 x np1)"]["torch"] == pytest.approx(0.8)
+    assert rows["--sync-bn cost: np2 with / np2 without"]["torch"] == pytest.approx(0.75)
+    assert rows["--amp bf16 gain: np1 bf16 / np1 fp32"]["torch"] == pytest.approx(2.5)
+    assert rows["VGG-16 32px model parallel pp2 / data parallel np2"]["tf"] == pytest.approx(1.5)
+    table = report.markdown(results)
+    assert "| resnet18 32px data np2 --sync-bn | torch | resnet18 3x32x32, batch 32 | 12.0 |" in table
+    assert "| resnet18 32px data np1 | torch | 1 |" not in table  # not in the seed CNN's table
