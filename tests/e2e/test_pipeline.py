@@ -10,10 +10,12 @@ from tests.helpers import (FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_we
 OTHER = {"torch": "tf", "tf": "torch"}
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-@pytest.mark.parametrize("layout,np_", [
-    (["--mode", "model", "--pp", 2, "--microbatches", 4], 2),
-    (["--mode", "hybrid", "--pp", 2, "--dp", 2], 4),
+# TensorFlow's hybrid run is left to tests/parallel (hybrid = one process, both frameworks),
+# to keep the suite's time in check.
+@pytest.mark.parametrize("framework,layout,np_", [
+    ("torch", ["--mode", "model", "--pp", 2, "--microbatches", 4], 2),
+    ("tf", ["--mode", "model", "--pp", 2, "--microbatches", 4], 2),
+    ("torch", ["--mode", "hybrid", "--pp", 2, "--dp", 2], 4),
 ])
 def test_pipelines_learn_digits_and_data_mode_of_the_other_framework_agrees(tmp_path, framework, layout, np_):
     result = assert_ok(run_training(["--epochs", 10, "--checkpoint-dir", tmp_path, *layout], np_=np_,
@@ -64,8 +66,7 @@ def test_checkpoints_resume_in_any_layout(tmp_path, three_epochs, framework, fir
         assert relative_difference(moved[key], value) <= 1e-5, key
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-@pytest.mark.parametrize("args,np_,pattern", [
+IMPOSSIBLE = [
     (["--mode", "model", "--pp", 8], None, "--pp 8 is more stages than the model's 7 layers"),
     (["--mode", "hybrid", "--pp", 2], 3, "multiple of 2 ranks but 3 were launched"),
     (["--mode", "model", "--pp", 2], 3, "needs exactly 2 ranks, got 3"),
@@ -74,7 +75,13 @@ def test_checkpoints_resume_in_any_layout(tmp_path, three_epochs, framework, fir
     (["--mode", "model", "--pp", 2, "--split", 9], 2, "--split '9' is out of range"),
     (["--mode", "model"], None, "--mode model needs --pp K"),
     (["--mode", "model", "--pp", 2, "--accumulation-steps", 2], 2, "is for --mode data"),
-])
+]
+
+
+# Every check runs in common/ before any framework import, so TensorFlow's entry script
+# takes two of them (one launched as several ranks) and PyTorch's all.
+@pytest.mark.parametrize("framework,args,np_,pattern",
+                         [("torch", *case) for case in IMPOSSIBLE] + [("tf", *IMPOSSIBLE[0]), ("tf", *IMPOSSIBLE[1])])
 def test_impossible_layouts_end_every_rank_with_one_line(framework, args, np_, pattern):
     result = run_training(["--epochs", 1, *args], np_=np_, framework=framework, timeout=60)
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
