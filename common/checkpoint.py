@@ -337,12 +337,6 @@ class Checkpoint:
             slots.setdefault(key, {})[slot] = read[name]
         return NeutralState({key: read[f"{WEIGHTS}/{key}"] for key in keys}, slots)
 
-    def weights(self, keys) -> dict:
-        return self.state(keys, None).weights
-
-    def optimizer_state(self, keys, optimizer: str) -> dict:
-        return self.state(keys, optimizer).optimizer
-
 
 # --- RNG state as plain numbers -----------------------------------------------------
 

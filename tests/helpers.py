@@ -80,13 +80,13 @@ def _open(path, architecture):
 def checkpoint_weights(path, architecture=None):
     """Neutral-layout model weights of a checkpoint (either framework's: there is one format)."""
     opened = _open(path, architecture)
-    return opened.weights(opened.expected_shapes)
+    return opened.state(opened.expected_shapes, None).weights
 
 
 def optimizer_arrays(path, architecture=None):
     """The optimizer's per-parameter state of a checkpoint, {key/slot: array}."""
     opened = _open(path, architecture)
-    states = opened.optimizer_state(opened.expected_shapes, opened.meta["optimizer"])
+    states = opened.state(opened.expected_shapes, opened.meta["optimizer"]).optimizer
     return {f"{key}/{slot}": value for key, slots in states.items() for slot, value in slots.items()}
 
 

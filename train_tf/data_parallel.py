@@ -14,8 +14,8 @@ import numpy as np
 import tensorflow as tf
 
 from common import data, metrics, weights
-from common.loss_scale import DynamicLossScale
 from common.data_parallel import apply_data_layout, primary_shard, read_on_primary
+from common.loss_scale import DynamicLossScale
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
 from train_tf.model import build_model, set_batch_norm_reduction
@@ -142,7 +142,7 @@ class DataParallelRunner:
         if self.loss_scale:
             # Horovod: after the allreduce every rank sees the same overflow, so all skip alike.
             reduced = [gradient / self.loss_scale.scale for gradient in reduced]
-            finite = all(bool(tf.reduce_all(tf.math.is_finite(gradient))) for gradient in reduced)
+            finite = bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(gradient)) for gradient in reduced]))
             if not self.loss_scale.update(finite, self.primary):
                 return meter.sums
         self._apply(reduced)

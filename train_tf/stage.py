@@ -62,7 +62,7 @@ class TfStage:
 
     def __init__(self, place: StagePlace):
         self.first, self.last = place.first, place.last
-        self.sync_bn = place.config.sync_bn
+        self.config = place.config
         self.in_shape = models.layer_shapes(place.specs, place.input_shape)[place.start]
         set_precision(place.config)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start, place.end)
@@ -107,7 +107,7 @@ class TfStage:
         sets = [hvd.ProcessSet(ranks) for ranks in stage_ranks]
         hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
         self.hvd, self.stage_set = hvd, sets[stage]
-        if self.sync_bn:  # Horovod: BatchNorm over the micro-batch of every replica of this stage
+        if self.config.sync_bn:  # Horovod: BatchNorm over the micro-batch of every replica of this stage
             set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum,
                                                                             process_set=self.stage_set))
 

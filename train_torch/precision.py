@@ -33,7 +33,7 @@ class LossScaler:
     def __init__(self, config, device, primary):
         self.scaler = torch.amp.GradScaler(device.type, init_scale=config.loss_scale, growth_factor=GROWTH,
                                            backoff_factor=BACKOFF, growth_interval=GROWTH_INTERVAL)
-        self.primary, self.skipped = primary, 0
+        self.primary = primary
 
     def scale(self, loss):
         return self.scaler.scale(loss)
@@ -45,7 +45,5 @@ class LossScaler:
         with optimizer.skip_synchronize():
             self.scaler.step(optimizer)
         self.scaler.update()
-        if self.scaler.get_scale() < before:
-            self.skipped += 1
-            if self.primary:
-                report_skip(before, self.scaler.get_scale())
+        if self.primary and self.scaler.get_scale() < before:
+            report_skip(before, self.scaler.get_scale())

@@ -45,7 +45,7 @@ class TorchStage:
 
     def __init__(self, place: StagePlace):
         self.first, self.last = place.first, place.last
-        self.sync_bn, self.config = place.config.sync_bn, place.config
+        self.config = place.config
         self.device = pick_device(place.local_rank)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start,
                                  place.end).to(self.device)
@@ -63,7 +63,7 @@ class TorchStage:
         sets = [hvd.ProcessSet(ranks) for ranks in stage_ranks]
         hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
         self.hvd, self.stage_set, self.stage_name = hvd, sets[stage], f"stage{stage}_gradients"
-        if self.sync_bn:  # Horovod: BatchNorm over the micro-batch of every replica of this stage
+        if self.config.sync_bn:  # Horovod: BatchNorm over the micro-batch of every replica of this stage
             set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum,
                                                                             process_set=self.stage_set))
 
