@@ -18,7 +18,8 @@ from common.errors import UsageError
 MODES = ("data", "model", "hybrid", "ps")
 SCHEDULES = ("gpipe", "1f1b")
 BALANCES = ("flops", "params", "time")
-DATASETS = ("digits", "cifar10", "synthetic")
+DATASETS = ("digits", "cifar10", "synthetic", "folder")
+IMAGE_CHECKS = ("full", "header", "none")
 MODELS = (*models.ARCHITECTURES, *models.ALIASES)
 AMP_MODES = ("off", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam")
@@ -42,9 +43,25 @@ class RunConfig:
                          "(measured once)", choices=BALANCES)
     split: str = _flag("", "model/hybrid: explicit stage boundaries, e.g. 2,4 (first layer of "
                        "stages 1, 2, ...); overrides --balance")
-    dataset: str = _flag("digits", "digits (bundled with scikit-learn), cifar10 (from --data-dir) "
-                         "or synthetic (random images)", choices=DATASETS)
-    data_dir: str = _flag("", "directory of the CIFAR-10 python batches (cifar-10-batches-py)")
+    dataset: str = _flag("digits", "digits (bundled with scikit-learn), cifar10 (from --data-dir), "
+                         "synthetic (random images) or folder (your images in --data-dir, streamed from disk)",
+                         choices=DATASETS)
+    data_dir: str = _flag("", "cifar10: the python batches (cifar-10-batches-py); folder: DIR/<class>/*.jpg|png|bmp "
+                          "or DIR/train/<class>/* with DIR/val/<class>/*")
+    val_fraction: float = _flag(0.2, "folder without train/ and val/: the share of each class held out for "
+                                "evaluation (a fixed draw, the same whatever --seed)")
+    image_size: int = _flag(224, "folder: training crops and evaluation images are this many pixels square")
+    channels: int = _flag(0, "folder: 1 (grayscale) or 3 (RGB); 0: 1 if the images are grayscale, else 3")
+    augment: bool = _flag(True, "folder: train on random-resized crops with horizontal flips (--no-augment: "
+                          "resize + centre crop, as evaluation does)")
+    data_workers: int = _flag(-1, "folder: decoder processes per rank (-1: the CPUs per rank; 0: decode in "
+                              "the rank itself)")
+    prefetch_batches: int = _flag(2, "folder: batches decoded ahead of the one training (bounds memory)")
+    check_images: str = _flag("full", "folder: before training, decode every image (full), read every "
+                              "header (header: faster, corrupt pixels then stop the job when read) or none",
+                              choices=IMAGE_CHECKS)
+    skip_bad_images: bool = _flag(False, "folder: an image that fails to decode during training is replaced "
+                                  "by a blank one and counted, instead of stopping the job")
     synthetic_shape: str = _flag("3,32,32", "synthetic image shape as C,H,W")
     synthetic_samples: int = _flag(2048, "synthetic training-set size (test set: a quarter of it)")
     num_classes: int = _flag(10, "synthetic number of classes")
@@ -116,7 +133,7 @@ class RunConfig:
 
 _POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples", "num_classes",
              "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints", "pp", "dp",
-             "microbatches", "elastic_commit_steps")
+             "microbatches", "elastic_commit_steps", "prefetch_batches")
 
 
 def validate(config: RunConfig) -> RunConfig:
@@ -179,11 +196,30 @@ def validate(config: RunConfig) -> RunConfig:
                          "test_batch (the python version from https://www.cs.toronto.edu/~kriz/cifar.html)")
     if config.dataset == "synthetic":
         config.synthetic_image_shape()
+    if config.dataset == "folder":
+        _validate_folder_options(config)
     if config.metrics_file:
         parent = os.path.dirname(os.path.abspath(config.metrics_file))
         if not os.path.isdir(parent):
             raise UsageError(f"--metrics-file: directory {parent} does not exist; create it first")
     return config
+
+
+def _validate_folder_options(config: RunConfig) -> None:
+    if not config.data_dir:
+        raise UsageError("--dataset folder needs --data-dir DIR (DIR/<class>/*.jpg, or DIR/train/<class>/* "
+                         "with DIR/val/<class>/*)")
+    if not 0 < config.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be between 0 and 1 (got {config.val_fraction})")
+    if config.image_size < 1:
+        raise UsageError(f"--image-size must be positive (got {config.image_size})")
+    if config.channels not in (0, 1, 3):
+        raise UsageError(f"--channels must be 1 (grayscale) or 3 (RGB), or 0 to follow the images "
+                         f"(got {config.channels})")
+    if config.data_workers < -1:
+        raise UsageError(f"--data-workers must be -1 (automatic), 0 or more (got {config.data_workers})")
+    if config.prefetch_batches < 1:
+        raise UsageError("--prefetch-batches must be at least 1")
 
 
 def _validate_model_options(config: RunConfig) -> None:

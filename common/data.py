@@ -1,5 +1,7 @@
-"""Datasets as numpy arrays (NCHW float32 images, int64 labels) and exact sharding.
+"""Datasets (NCHW float32 images, int64 labels) and exact sharding.
 
+Small datasets are numpy arrays held in memory; image folders are streamed
+from disk (common/images.py) behind the same indexing, ``x_train[indices]``.
 Images are channel-first here; the TensorFlow side transposes to NHWC.
 """
 
@@ -14,7 +16,10 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from common import images
 from common.errors import UsageError
+from common.errors import launcher_rank
+from common.launch import cpus_per_rank, launcher_world_size
 
 if TYPE_CHECKING:
     from common.config import RunConfig
@@ -40,6 +45,32 @@ class Dataset:
     def image_shape(self):
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.x_train, images.StreamedImages)
+
+    def plan_train(self, order: np.ndarray, epoch: int, lookahead: int) -> None:
+        """The order this rank will read training samples in (streamed sets decode ahead)."""
+        if self.streamed:
+            self.x_train.plan(order, epoch, lookahead)
+
+    def plan_test(self, order: np.ndarray, lookahead: int) -> None:
+        if self.streamed:
+            self.x_test.plan(order, 0, lookahead)
+
+    def take_wait_seconds(self) -> float:
+        """Seconds this rank waited for streamed training images since the last call."""
+        if not self.streamed:
+            return 0.0
+        seconds = self.x_train.wait_seconds
+        self.x_train.wait_seconds = 0.0
+        return seconds
+
+    def close(self) -> None:
+        if self.streamed:
+            self.x_train.close()
+            self.x_test.close()
+
 
 def load_dataset(config: RunConfig) -> Dataset:
     if config.dataset == "digits":
@@ -49,7 +80,34 @@ def load_dataset(config: RunConfig) -> Dataset:
     if config.dataset == "synthetic":
         return make_synthetic(config.synthetic_image_shape(), config.synthetic_samples,
                               config.num_classes, config.seed)
-    raise UsageError(f"unknown dataset {config.dataset!r}; choose digits, cifar10 or synthetic")
+    if config.dataset == "folder":
+        return load_folder(config)
+    raise UsageError(f"unknown dataset {config.dataset!r}; choose digits, cifar10, synthetic or folder")
+
+
+def load_folder(config: RunConfig) -> Dataset:
+    """An image folder (common/images.py), its files checked before training: each rank
+    checks its share, so the job reads every file once."""
+    index = images.scan_folder(config.data_dir, config.val_fraction)
+    channels = config.channels or images.infer_channels(index)
+    workers = config.data_workers if config.data_workers >= 0 else cpus_per_rank()
+    pool = images.start_workers(workers)
+    every_file = index.train.paths + index.val.paths
+    share = split_evenly(np.arange(len(every_file)), launcher_world_size(), launcher_rank())
+    if config.check_images != "none":
+        try:
+            images.check_images([every_file[i] for i in share], config.check_images == "full", pool)
+        except BaseException:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    train = images.StreamedImages(index.train.paths, images.ImageTransform(config.image_size, channels,
+                                                                           config.augment, config.seed),
+                                  pool, config.skip_bad_images)
+    test = images.StreamedImages(index.val.paths, images.ImageTransform(config.image_size, channels, False),
+                                 pool, config.skip_bad_images)
+    return Dataset(f"folder {index.root} ({len(index.classes)} classes, {index.layout})", train,
+                   index.train.labels, test, index.val.labels, len(index.classes))
 
 
 def load_digits(test_fraction: float = 0.2) -> Dataset:

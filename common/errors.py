@@ -29,6 +29,12 @@ class UsageError(Exception):
     exit_code = USAGE_EXIT_CODE
 
 
+class RankUsageError(UsageError):
+    """Bad input that only this rank has seen (e.g. the image file it was about to read):
+    it prints its own line, whatever its rank, and brings the whole job down with exit
+    code 2, since the other ranks would wait for it forever."""
+
+
 def launcher_rank() -> int:
     """This process's global rank as the launcher reports it, before any init."""
     for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
@@ -47,6 +53,11 @@ def report_and_exit(error: BaseException, abort_job: Callable[[int], None] | Non
     blocked waiting on this one are released promptly.
     """
     rank = launcher_rank()
+    if isinstance(error, RankUsageError):
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        if abort_job is not None:
+            abort_job(error.exit_code)
+        sys.exit(error.exit_code)
     if isinstance(error, (UsageError, RunStopped)):
         if rank == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)

@@ -36,6 +36,26 @@ def launcher_world_size() -> int:
     return 1
 
 
+def launcher_local_size() -> int:
+    """How many ranks of this job share this node, as the launcher reports it."""
+    for name in ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def cpus_per_rank() -> int:
+    """CPUs this rank may use: its affinity set when the launcher bound it to fewer than
+    the node's CPUs, else the node's CPUs shared among the ranks on it."""
+    node = os.cpu_count() or 1
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        allowed = node
+    return max(1, allowed if allowed < node else node // launcher_local_size())
+
+
 def abort_job(exit_code: int) -> NoReturn:
     """Bring every rank of the job down now (MPI_Abort), so none hangs on this one."""
     if launcher_world_size() > 1:

@@ -70,6 +70,7 @@ class EpochResult:
     seconds: float
     lr: float                        # at the epoch's last step
     stopped_after: Optional[int] = None  # steps done, when every rank agreed to stop early
+    data_wait: float = 0.0           # share of the epoch the image-reading ranks waited for images
 
 
 def epoch_record(epoch: int, train: EpochResult, test: tuple, world_size: int, config,
@@ -83,6 +84,7 @@ def epoch_record(epoch: int, train: EpochResult, test: tuple, world_size: int, c
         "epoch_seconds": train.seconds, "world_size": world_size, "mode": config.mode, "framework": framework,
         "dataset": config.dataset, "model": config.model,
         "global_batch_size": config.global_batch_size(world_size), "lr": train.lr,
+        "data_wait_fraction": train.data_wait,
     }
 
 
@@ -91,7 +93,8 @@ def format_epoch(record: dict, epochs: int) -> str:
             f"acc {record['train_accuracy']:.4f}  test loss {record['test_loss']:.4f} "
             f"acc {record['test_accuracy']:.4f}  {record['images_per_sec']:.0f} img/s "
             f"({record['images_per_sec_per_rank']:.0f}/rank x {record['world_size']})  "
-            f"{record['epoch_seconds']:.1f}s")
+            f"{record['epoch_seconds']:.1f}s"
+            + (f"  data wait {record['data_wait_fraction']:.0%}" if record["dataset"] == "folder" else ""))
 
 
 def log(message: str) -> None:

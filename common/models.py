@@ -377,7 +377,8 @@ def small_stem(stem: str, input_shape: tuple) -> bool:
     return stem == "cifar"
 
 
-def model_specs(name: str, input_shape: tuple, num_classes: int, stem: str = "auto") -> list[Spec]:
+def model_specs(name: str, input_shape: tuple, num_classes: int, stem: str = "auto",
+                size_fix: str = "use larger images") -> list[Spec]:
     """The layer specs of model ``name`` for images of ``input_shape`` (C, H, W)."""
     name = canonical_name(name)
     if name not in ARCHITECTURES:
@@ -386,7 +387,7 @@ def model_specs(name: str, input_shape: tuple, num_classes: int, stem: str = "au
     shapes = layer_shapes(specs, input_shape)
     if any(min(shape) < 1 for shape in shapes):
         raise UsageError(f"images of shape {tuple(input_shape)} are too small for model {name!r} "
-                         "(a layer's output would be empty); use larger images")
+                         f"(a layer's output would be empty); {size_fix}")
     return specs
 
 

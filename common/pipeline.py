@@ -120,6 +120,7 @@ class PipelineRunner:
     # --- evaluation, forward only through the pipeline ---------------------------
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        self.stage.share_batch_norm_statistics()
         meter = metrics.Meter()
         for indices in data.batched(data.eval_shard(len(y), self.plan.dp, self.replica), batch_size):
             if self.first:
@@ -137,6 +138,7 @@ class PipelineRunner:
     # --- checkpoints: each stage reads and writes its own layers -----------------
 
     def checkpoint_shard(self) -> Optional[tuple[int, NeutralState]]:
+        self.stage.share_batch_norm_statistics()
         if self.replica != 0:
             return None  # replicas hold the same weights; replica 0's are saved
         return self.stage_index, self.stage.state().shifted(self.start)

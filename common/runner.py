@@ -94,6 +94,10 @@ class Stage(Protocol):
 
     has_parameters: bool
 
+    def share_batch_norm_statistics(self) -> None:
+        """Collective over the stage's replicas (hybrid): average the BatchNorm running
+        statistics, so every replica evaluates, and replica 0 saves, the same model."""
+
     def zero_grad(self) -> None: ...
 
     def set_lr(self, value: float) -> None: ...

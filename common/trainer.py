@@ -14,6 +14,7 @@ import os
 import signal
 from typing import Callable, Optional
 
+import numpy as np
 from tqdm import tqdm
 
 from common import checkpoint, data, lr, metrics, models, weights
@@ -24,6 +25,7 @@ from common.plan import check_batch, check_stages
 from common.runner import Runner, StageFactory
 
 Position = tuple  # (completed epochs, steps done in the next epoch)
+EVAL_LOOKAHEAD = 512  # streamed evaluation images decoded ahead: the runners' evaluation batch
 
 
 def load_run(argv: list[str] | None, prog: str,
@@ -35,8 +37,12 @@ def load_run(argv: list[str] | None, prog: str,
     if config.elastic and not elastic_supported:
         raise UsageError(f"--elastic uses Horovod's PyTorch elastic API: run train_torch/main.py "
                          f"({prog} trains on a fixed set of ranks; drop --elastic)")
+    size_fix = "pass a larger --image-size" if config.dataset == "folder" else "use larger images"
+    if config.dataset == "folder":  # before any image is read: a bad size is found in a moment
+        models.model_specs(config.model, (config.channels or 1, config.image_size, config.image_size), 2,
+                           config.stem, size_fix)
     dataset = data.load_dataset(config)
-    specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes, config.stem)
+    specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes, config.stem, size_fix)
     check_stages(config, specs)
     return config, dataset, specs
 
@@ -112,9 +118,12 @@ class Trainer:
     def run(self) -> Optional[tuple]:
         """Train and evaluate; the test (loss, accuracy), or None when stopped early."""
         self._log_start()
-        if self.config.elastic:
-            return self.runner.run_elastic(self.restore, self.train_from)
-        return self.train_from(self.restore())
+        try:
+            if self.config.elastic:
+                return self.runner.run_elastic(self.restore, self.train_from)
+            return self.train_from(self.restore())
+        finally:
+            self.dataset.close()
 
     # --- the loop, top to bottom ----------------------------------------------------
 
@@ -147,8 +156,12 @@ class Trainer:
         """Steps first_step.. of ``epoch``; stops early, every rank together, on a stop
         request (saying after how many steps) or a non-finite loss (raising RunStopped)."""
         runner, config = self.runner, self.config
-        batches = data.rank_batches(len(self.dataset.y_train), config.global_batch_size(runner.data_shards),
-                                    runner.data_shards, runner.data_shard, config.seed, epoch, config.steps_per_epoch)
+        global_batch = config.global_batch_size(runner.data_shards)
+        batches = data.rank_batches(len(self.dataset.y_train), global_batch, runner.data_shards, runner.data_shard,
+                                    config.seed, epoch, config.steps_per_epoch)
+        ahead = batches[first_step:]
+        self.dataset.plan_train(np.concatenate([indices for indices, _ in ahead]) if ahead else np.arange(0),
+                                epoch, config.prefetch_batches * -(-global_batch // runner.data_shards))
         meter, images, step_lr, stopped_after = metrics.Meter(), 0, config.lr, None
         progress = tqdm(batches[first_step:], desc=f"epoch {epoch + 1}", leave=False, mininterval=0.5,
                         disable=not (config.progress and runner.primary))
@@ -171,11 +184,19 @@ class Trainer:
                 commit(epoch, step + 1)
         progress.close()
         seconds = stopwatch.seconds()
-        loss, accuracy = metrics.Meter.results(self.collectives.allreduce_sums(meter.sums, "train_sums"))
+        waited = self.dataset.take_wait_seconds()
+        # One allreduce: the metric sums, and the data wait of the ranks that read images.
+        totals = self.collectives.allreduce_sums(np.append(meter.sums, (waited, 1.0 if waited else 0.0)),
+                                                 "train_sums")
+        loss, accuracy = metrics.Meter.results(totals[:3])
+        wait_share = totals[3] / max(1.0, totals[4]) / seconds if seconds > 0 else 0.0
         return metrics.EpochResult(loss, accuracy, images / seconds if seconds > 0 else 0.0, seconds, step_lr,
-                                   stopped_after)
+                                   stopped_after, wait_share)
 
     def evaluate(self) -> tuple:
+        runner, dataset = self.runner, self.dataset
+        dataset.plan_test(data.eval_shard(len(dataset.y_test), runner.data_shards, runner.data_shard),
+                          EVAL_LOOKAHEAD)
         sums = self.runner.evaluate(self.dataset.x_test, self.dataset.y_test)
         return metrics.Meter.results(self.collectives.allreduce_sums(sums, "eval_sums"))
 
@@ -298,6 +319,11 @@ class Trainer:
                     f"params) on {dataset.name} {len(dataset.y_train)} train / {len(dataset.y_test)} test "
                     f"{'x'.join(map(str, dataset.image_shape))}; {describe(runner.plan, config)}, "
                     f"global batch {self.global_batch}, {self.steps} steps/epoch, {runner.threads} threads/rank")
+        if dataset.streamed:
+            workers = dataset.x_train.workers
+            metrics.log(f"images streamed from disk: {workers or 'no'} decoder process{'es' if workers != 1 else ''}"
+                        f"/rank, {config.prefetch_batches} batches ahead, augmentation "
+                        f"{'on' if config.augment else 'off'}")
         for line in runner.layout:
             metrics.log(line)
 

@@ -60,6 +60,15 @@ FRAMEWORKS = ("torch", "tf")
 DIGITS_CNN = {"model": "cnn", "input_shape": [1, 8, 8], "num_classes": 10}
 
 
+def folder_args(root, size=16):
+    """Train on an image folder (the elpv_small fixture) at ``size`` px, augmentation on."""
+    return ["--dataset", "folder", "--data-dir", root, "--image-size", size, "--data-workers", 1]
+
+
+def folder_cnn(size=16):
+    return {"model": "cnn", "input_shape": [1, size, size], "num_classes": 2}
+
+
 def checkpoint_path(directory, epoch, step=0):
     """Where a run saves after ``epoch`` epochs (and ``step`` steps into the next)."""
     from common.checkpoint import checkpoint_path as path

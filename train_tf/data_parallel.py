@@ -18,7 +18,7 @@ from common.data_parallel import apply_data_layout, primary_shard, read_on_prima
 from common.loss_scale import DynamicLossScale
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
-from train_tf.model import build_model, set_batch_norm_reduction
+from train_tf.model import batch_norm_statistics, build_model, set_batch_norm_reduction
 from train_tf.optimizer import Optimizer
 from train_tf.precision import set_precision
 
@@ -64,6 +64,19 @@ class HorovodCollectives:
         same fused allreduce as that step's gradients instead of adding a cycle."""
         self.pending_flag = tf.constant([float(value)])
         return lambda: int(round(self.flag_total))
+
+
+def average_batch_norm_statistics(hvd, model, process_set=None) -> None:
+    """Horovod: each replica's BatchNorm running statistics replaced by their mean over the
+    replicas (train_torch/data_parallel.py says why)."""
+    statistics = batch_norm_statistics(model)
+    if not statistics:
+        return
+    kwargs = {"process_set": process_set} if process_set is not None else {}
+    reduced = hvd.grouped_allreduce([statistic.value for statistic in statistics], op=hvd.Average,
+                                    name="batch_norm_statistics", **kwargs)
+    for statistic, mean in zip(statistics, reduced):
+        statistic.assign(mean)
 
 
 class DataParallelRunner:
@@ -148,7 +161,12 @@ class DataParallelRunner:
         self._apply(reduced)
         return meter.sums
 
+    def share_batch_norm_statistics(self):
+        if self.world_size > 1 and not self.config.sync_bn:  # --sync-bn keeps them equal already
+            average_batch_norm_statistics(self.hvd, self.model)
+
     def evaluate(self, x, y, batch_size=512):
+        self.share_batch_norm_statistics()
         meter = metrics.Meter()
         shard = data.eval_shard(len(y), self.world_size, self.rank)  # Horovod: each rank a slice.
         for indices in data.batched(shard, batch_size):
@@ -160,6 +178,7 @@ class DataParallelRunner:
         return meter.sums
 
     def checkpoint_shard(self):
+        self.share_batch_norm_statistics()
         return primary_shard(self.primary, lambda: neutral_state(self.model, self.dataset.image_shape,
                                                                  self.optimizer))
 

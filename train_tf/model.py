@@ -233,6 +233,12 @@ def set_batch_norm_reduction(model, reduce_sums):
             layer.reduce_sums = reduce_sums
 
 
+def batch_norm_statistics(model) -> list:
+    """The running means and variances of every BatchNorm layer."""
+    return [variable for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, TorchBatchNorm) for variable in (layer.moving_mean, layer.moving_var)]
+
+
 def build_model(specs, input_shape, seed):
     """Model for NCHW ``input_shape`` (fed NHWC), with common/weights.py's initial
     weights for ``seed`` (the same weights on every rank and in both frameworks)."""

@@ -23,6 +23,7 @@ from common import models
 from common.checkpoint import NeutralState
 from common.runner import StagePlace
 from train_tf.checkpoint import load_neutral_state, neutral_state
+from train_tf.data_parallel import average_batch_norm_statistics
 from train_tf.device import pin_gpu
 from train_tf.model import (build_model, build_stage, frozen_batch_norm_statistics, set_batch_norm_reduction,
                             to_channels_first, to_channels_last)
@@ -110,6 +111,11 @@ class TfStage:
         if self.config.sync_bn:  # Horovod: BatchNorm over the micro-batch of every replica of this stage
             set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum,
                                                                             process_set=self.stage_set))
+
+    def share_batch_norm_statistics(self):
+        """Hybrid: this stage's replicas average their BatchNorm running statistics."""
+        if getattr(self, "stage_set", None) is not None and not self.config.sync_bn:
+            average_batch_norm_statistics(self.hvd, self.model, self.stage_set)
 
     def zero_grad(self):
         self.gradients = [tf.zeros_like(variable) for variable in self.variables]

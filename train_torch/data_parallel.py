@@ -20,7 +20,7 @@ from common.launch import launcher_world_size
 from common.data_parallel import apply_data_layout, primary_shard, read_on_primary
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
 from train_torch.device import pick_device, to_device
-from train_torch.model import build_model, set_batch_norm_reduction
+from train_torch.model import batch_norm_statistics, build_model, set_batch_norm_reduction
 from train_torch.optimizer import make_local_optimizer
 from train_torch.precision import LossScaler, autocast
 
@@ -64,6 +64,23 @@ class OneProcess:
     def DistributedOptimizer(self, optimizer, **kwargs):  # noqa: N802 (Horovod's name)
         optimizer.synchronize, optimizer.skip_synchronize = (lambda: None), contextlib.nullcontext
         return optimizer
+
+
+def average_batch_norm_statistics(hvd, model, process_set=None) -> None:
+    """Horovod: replace each replica's BatchNorm running statistics by their mean over the
+    replicas, before they are used (evaluation) or saved. Unsynchronised BatchNorm lets them
+    drift apart; the mean is what one process would have tracked over the global batch, it
+    is saved by rank 0 and evaluated by every rank alike, and since the running statistics
+    are moving averages (linear), averaging now or later gives the same later means."""
+    statistics = batch_norm_statistics(model)
+    if not statistics:
+        return
+    kwargs = {"process_set": process_set} if process_set is not None else {}
+    reduced = hvd.grouped_allreduce([statistic.detach() for statistic in statistics], op=hvd.Average,
+                                    name="batch_norm_statistics", **kwargs)
+    with torch.no_grad():
+        for statistic, mean in zip(statistics, reduced):
+            statistic.copy_(mean)
 
 
 def import_horovod():
@@ -179,8 +196,13 @@ class DataParallelRunner:
     def images(self, array):
         return to_device(array, self.device).contiguous(memory_format=self.memory_format)
 
+    def share_batch_norm_statistics(self):
+        if self.world_size > 1 and not self.config.sync_bn:  # --sync-bn keeps them equal already
+            average_batch_norm_statistics(self.hvd, self.model)
+
     @torch.no_grad()
     def evaluate(self, x, y, batch_size=512):
+        self.share_batch_norm_statistics()
         self.model.eval()
         meter = metrics.Meter()
         shard = data.eval_shard(len(y), self.world_size, self.rank)  # Horovod: each rank a slice.
@@ -193,6 +215,7 @@ class DataParallelRunner:
         return meter.sums
 
     def checkpoint_shard(self):
+        self.share_batch_norm_statistics()
         return primary_shard(self.primary, lambda: neutral_state(self.model, self.optimizer))
 
     def load_state(self, open_checkpoint, with_optimizer):

@@ -149,6 +149,12 @@ def set_batch_norm_reduction(model, reduce_sums):
             module.reduce_sums = reduce_sums
 
 
+def batch_norm_statistics(model) -> list:
+    """The running means and variances of every BatchNorm layer."""
+    return [buffer for module in model.modules() if isinstance(module, BatchNorm)
+            for buffer in (module.running_mean, module.running_var)]
+
+
 def build_model(specs, input_shape, seed):
     """nn.Sequential of the specs, with common/weights.py's initial weights for ``seed``
     (the same weights on every rank and in both frameworks)."""

@@ -12,6 +12,7 @@ from torch.nn.utils import parameters_to_vector
 from common.checkpoint import NeutralState
 from common.runner import StagePlace
 from train_torch.checkpoint import load_neutral_state, neutral_state
+from train_torch.data_parallel import average_batch_norm_statistics
 from train_torch.device import pick_device, to_device, to_numpy
 from train_torch.model import build_model, build_stage, set_batch_norm_reduction
 from train_torch.optimizer import make_local_optimizer
@@ -66,6 +67,11 @@ class TorchStage:
         if self.config.sync_bn:  # Horovod: BatchNorm over the micro-batch of every replica of this stage
             set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum,
                                                                             process_set=self.stage_set))
+
+    def share_batch_norm_statistics(self):
+        """Hybrid: this stage's replicas average their BatchNorm running statistics."""
+        if getattr(self, "stage_set", None) is not None and not self.config.sync_bn:
+            average_batch_norm_statistics(self.hvd, self.model, self.stage_set)
 
     def zero_grad(self):
         self.model.train()

@@ -11,12 +11,14 @@ import json
 import pytest
 
 from common import models, weights
-from tests.helpers import (FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights,
-                           relative_difference, run_training)
+from tests.helpers import (DIGITS_CNN, FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, folder_args,
+                           folder_cnn, relative_difference, run_training)
 
 TOLERANCE = 1e-6
 CASES = {
-    "sgd": ["--momentum", "0", "--batch-size", "64"],
+    # Real images streamed from a folder with random-resized crops and flips: each
+    # sample's draw depends on (seed, epoch, index) only, not on the rank reading it.
+    "augmented-images": ["--momentum", "0", "--batch-size", "30"],
     # 63 splits 32/31: uneven shares must still give the exact global mean;
     # momentum makes the later steps depend on the earlier ones.
     "momentum-uneven-accumulation": ["--momentum", "0.9", "--batch-size", "63",
@@ -24,23 +26,27 @@ CASES = {
 }
 
 
-def train_few_steps(tmp_path, framework, case, np_):
+def train_few_steps(tmp_path, framework, case, np_, data_args, architecture):
     directory = tmp_path / f"{framework}-{case}-np{np_}"
     metrics_file = tmp_path / f"{framework}-{case}-np{np_}.jsonl"
     assert_ok(run_training(["--epochs", 1, "--steps-per-epoch", 3, "--lr", 0.1, "--checkpoint-dir",
-                            directory, "--metrics-file", metrics_file, *CASES[case]],
+                            directory, "--metrics-file", metrics_file, *CASES[case], *data_args],
                            np_=np_, framework=framework))
-    return (checkpoint_weights(checkpoint_path(directory, 1)),
+    return (checkpoint_weights(checkpoint_path(directory, 1), architecture),
             json.loads(metrics_file.read_text().splitlines()[-1]))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path, framework, case):
-    single, single_metrics = train_few_steps(tmp_path, framework, case, None)
-    parallel, parallel_metrics = train_few_steps(tmp_path, framework, case, 2)
+def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path, request, framework, case):
+    images = case == "augmented-images"
+    data_args = folder_args(request.getfixturevalue("elpv_small")) if images else []
+    architecture = folder_cnn() if images else DIGITS_CNN
+    single, single_metrics = train_few_steps(tmp_path, framework, case, None, data_args, architecture)
+    parallel, parallel_metrics = train_few_steps(tmp_path, framework, case, 2, data_args, architecture)
 
-    initial = weights.initial_weights(models.model_specs("cnn", (1, 8, 8), 10), (1, 8, 8), seed=0)
+    shape = tuple(architecture["input_shape"])
+    initial = weights.initial_weights(models.model_specs("cnn", shape, architecture["num_classes"]), shape, seed=0)
     for name, value in single.items():
         assert relative_difference(value, initial[name]) > 1e-3, f"{name} did not train"
         assert relative_difference(parallel[name], value) <= TOLERANCE, name

@@ -1,0 +1,413 @@
+"""Image folders: scanned once, checked before training, decoded and augmented
+in worker processes, streamed to either framework as numpy batches.
+
+Layouts (torchvision ImageFolder / Keras image_dataset_from_directory):
+``DIR/train/<class>/*`` with ``DIR/val/<class>/*`` (or ``test``), or one tree
+``DIR/<class>/*`` split into train and validation by a fixed, stratified draw.
+Classes are the sorted folder names, so label indices are the same in every
+layout and framework.
+
+Every random choice of a sample's augmentation is drawn from a generator
+seeded by (seed, epoch, sample index): a sample looks the same whichever
+rank, worker or framework reads it, so N ranks compute what one rank does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+import warnings
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from common.errors import RankUsageError, UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+SPLIT_NAMES = (("train", "val"), ("train", "test"))
+SPLIT_SEED = 20240611  # the held-out files never change with --seed: a checkpoint is always judged on the same ones
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+# ImageNet's statistics (the standard recipe; grayscale images take their mean).
+RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
+EVAL_RESIZE_RATIO = 0.875  # resize to size / 0.875 (256 for 224), then centre-crop size
+SAMPLES_PER_TASK = 8
+
+
+# --- the file list ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Split:
+    paths: tuple
+    labels: np.ndarray  # int64, index into FolderIndex.classes
+
+
+@dataclass(frozen=True)
+class FolderIndex:
+    root: str
+    classes: tuple
+    train: Split
+    val: Split
+    layout: str  # "train/val", "train/test" or "split"
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _class_files(directory: str) -> dict:
+    """{class name: sorted image paths} of one class-folder tree; UsageError if it is not one."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except OSError as error:
+        raise UsageError(f"folder dataset: cannot read {directory} ({error.strerror}); check the path and "
+                         "its permissions") from None
+    classes = {}
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith("."):
+            files = []
+            for root, folders, names in os.walk(entry.path, followlinks=True):
+                folders.sort()
+                files += [os.path.join(root, name) for name in sorted(names) if _is_image_name(name)]
+            if not files:
+                raise UsageError(f"folder dataset: class folder {entry.path} holds no images "
+                                 f"({'/'.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+            classes[entry.name] = files
+    if not classes:
+        raise UsageError(f"folder dataset: {directory} has no class folders; lay it out as DIR/<class>/*.jpg "
+                         "or DIR/train/<class>/* with DIR/val/<class>/*")
+    if len(classes) < 2:
+        raise UsageError(f"folder dataset: {directory} has one class folder ({next(iter(classes))}); "
+                         "a classifier needs at least two")
+    return classes
+
+
+def _as_split(classes: tuple, files: dict) -> Split:
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        paths += files[name]
+        labels += [label] * len(files[name])
+    return Split(tuple(paths), np.asarray(labels, dtype=np.int64))
+
+
+def stratified_split(files: dict, val_fraction: float) -> tuple[dict, dict]:
+    """Per class, a fixed random ``val_fraction`` of its files (at least one, never all) held out."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    train, val = {}, {}
+    for name, paths in files.items():
+        order = rng.permutation(len(paths))
+        held = min(len(paths) - 1, max(1, round(val_fraction * len(paths)))) if len(paths) > 1 else 0
+        val[name] = [paths[i] for i in sorted(order[:held])]
+        train[name] = [paths[i] for i in sorted(order[held:])]
+    return train, val
+
+
+def scan_folder(root: str, val_fraction: float) -> FolderIndex:
+    """The file list of an image folder in either layout (UsageError naming what is wrong)."""
+    if not root:
+        raise UsageError("--dataset folder needs --data-dir DIR (DIR/<class>/*.jpg, or DIR/train and DIR/val)")
+    if not os.path.isdir(root):
+        raise UsageError(f"folder dataset: directory {root} not found; pass an existing --data-dir")
+    for train_name, val_name in SPLIT_NAMES:
+        train_dir, val_dir = os.path.join(root, train_name), os.path.join(root, val_name)
+        if os.path.isdir(train_dir) and os.path.isdir(val_dir):
+            train, val = _class_files(train_dir), _class_files(val_dir)
+            if set(train) != set(val):
+                only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+                raise UsageError(f"folder dataset: {train_dir} and {val_dir} hold different classes (only in "
+                                 f"{train_name}: {', '.join(only_train) or '-'}; only in {val_name}: "
+                                 f"{', '.join(only_val) or '-'}); give both the same class folders")
+            classes = tuple(sorted(train))
+            return FolderIndex(root, classes, _as_split(classes, train), _as_split(classes, val),
+                               f"{train_name}/{val_name}")
+    if os.path.isdir(os.path.join(root, "train")):
+        raise UsageError(f"folder dataset: {root} has train/ but no val/ (or test/) beside it; add one, or "
+                         "point --data-dir at the train folder to split it with --val-fraction")
+    files = _class_files(root)
+    classes = tuple(sorted(files))
+    train, val = stratified_split(files, val_fraction)
+    return FolderIndex(root, classes, _as_split(classes, train), _as_split(classes, val), "split")
+
+
+def infer_channels(index: FolderIndex) -> int:
+    """1 when the first image of every class is grayscale, else 3 (--channels overrides)."""
+    first = {}
+    for path, label in zip(index.train.paths, index.train.labels):
+        first.setdefault(int(label), path)
+    modes = check_images(list(first.values()), False, None)
+    return 1 if all(mode in GRAYSCALE_MODES for mode in modes) else 3
+
+
+# --- one image: decode, augment ------------------------------------------------------
+
+def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
+                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop draw: (left, top, width, height) of a crop covering
+    ``scale`` of the area with aspect ratio in ``ratio``; a centre crop after 10 misses."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_width = int(round(math.sqrt(target_area * aspect)))
+        crop_height = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(rng.integers(0, height - crop_height + 1))
+            left = int(rng.integers(0, width - crop_width + 1))
+            return left, top, crop_width, crop_height
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        crop_width, crop_height = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        crop_width, crop_height = int(round(height * ratio[1])), height
+    else:
+        crop_width, crop_height = width, height
+    return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
+
+
+def centre_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The box (in source pixels) that resizing the shorter side to size / 0.875 and
+    centre-cropping ``size`` keeps: one resample, as torchvision's Resize + CenterCrop
+    would produce up to rounding."""
+    side = min(width, height) * EVAL_RESIZE_RATIO
+    return (width - side) / 2, (height - side) / 2, side, side
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """How one file becomes one uint8 (channels, size, size) sample."""
+    size: int
+    channels: int
+    augment: bool  # training draw: random-resized crop + horizontal flip; else resize + centre crop
+    seed: int = 0
+
+    def load(self, path: str, index: int, epoch: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image = image.convert("L" if self.channels == 1 else "RGB")
+        if self.augment:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            left, top, width, height = random_resized_crop_box(rng, *image.size)
+            flip = rng.random() < 0.5
+        else:
+            left, top, width, height = centre_crop_box(*image.size, self.size)
+            flip = False
+        image = image.resize((self.size, self.size), Image.Resampling.BILINEAR,
+                             box=(left, top, left + width, top + height))
+        pixels = np.asarray(image, dtype=np.uint8)
+        pixels = pixels[:, ::-1] if flip else pixels
+        return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def normalise(batch: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (N, C, H, W) -> float32 scaled to [0, 1], minus the mean, over the std per channel."""
+    mean, std = (GRAY_MEAN, GRAY_STD) if channels == 1 else (RGB_MEAN, RGB_STD)
+    scale = np.asarray([1 / (255 * s) for s in std], dtype=np.float32).reshape(1, -1, 1, 1)
+    shift = np.asarray([m / s for m, s in zip(mean, std)], dtype=np.float32).reshape(1, -1, 1, 1)
+    return batch.astype(np.float32) * scale - shift
+
+
+# --- checking files before training --------------------------------------------------
+
+def describe_problem(error: BaseException) -> str:
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}"
+
+
+def check_image(path: str, full: bool) -> tuple[Optional[str], str]:
+    """(problem or None, mode) of one file: its header (and with ``full`` its pixels) must decode."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                mode = image.mode
+                if full:
+                    image.load()
+        return None, mode
+    except Exception as error:  # noqa: BLE001 - every failure names the file
+        return describe_problem(error), ""
+
+
+def bad_image_message(path: str, problem: str) -> str:
+    return (f"folder dataset: {path} is not a readable image ({problem}); replace or remove it "
+            "(or pass --skip-bad-images to train on without it)")
+
+
+# --- worker processes ---------------------------------------------------------------------
+
+def _become_worker() -> None:
+    """Pool initializer: die with the rank, and leave signals sent to the whole job
+    (Ctrl-C, Slurm's SIGUSR1 before preemption) to the rank."""
+    for name in ("SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    try:  # Linux: end when the rank ends, however it ends
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def decode_samples(paths: Sequence[str], transform: ImageTransform, indices: Sequence[int],
+                   epoch: int, skip_bad: bool) -> tuple[np.ndarray, list]:
+    """uint8 samples of files ``paths`` (sample numbers ``indices``) and the (path, problem)
+    of each unreadable one: with ``skip_bad`` a blank sample takes its place, else the
+    first one stops the job (RankUsageError)."""
+    out = np.zeros((len(paths), transform.channels, transform.size, transform.size), dtype=np.uint8)
+    bad = []
+    for slot, (path, index) in enumerate(zip(paths, indices)):
+        try:
+            out[slot] = transform.load(path, int(index), epoch)
+        except Exception as error:  # noqa: BLE001 - named and counted, or the job stops on it
+            if not skip_bad:
+                raise RankUsageError(bad_image_message(path, describe_problem(error))) from None
+            bad.append((path, describe_problem(error)))
+    return out, bad
+
+
+def _check_task(paths: Sequence[str], full: bool) -> list:
+    return [check_image(path, full) for path in paths]
+
+
+class DecoderPool(ProcessPoolExecutor):
+    """Decoder processes of one rank: fresh interpreters (spawned, never forked: forking an
+    MPI rank that runs framework threads is unsafe), started once and kept for the run."""
+
+    def __init__(self, workers: int):
+        import multiprocessing
+        super().__init__(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_become_worker)
+        self.workers = workers
+
+
+def start_workers(workers: int) -> Optional[DecoderPool]:
+    """``workers`` decoder processes, or None to decode in the rank itself."""
+    return DecoderPool(workers) if workers > 0 else None
+
+
+def check_images(paths: Sequence[str], full: bool, pool: Optional[DecoderPool]) -> list:
+    """Modes of the images ``paths``; RankUsageError naming the first file that fails."""
+    chunks = [paths[start:start + 64] for start in range(0, len(paths), 64)]
+    if pool is None:
+        results = [_check_task(chunk, full) for chunk in chunks]
+    else:
+        results = pool.map(_check_task, chunks, [full] * len(chunks))
+    modes = []
+    for chunk, outcomes in zip(chunks, results):
+        for path, (problem, mode) in zip(chunk, outcomes):
+            if problem:
+                raise RankUsageError(bad_image_message(path, problem))
+            modes.append(mode)
+    return modes
+
+
+# --- the stream ------------------------------------------------------------------------------
+
+class StreamedImages:
+    """An image set read from disk, indexed like the arrays of the in-memory datasets:
+    ``images[indices]`` is a float32 (N, C, H, W) batch.
+
+    ``plan(order, epoch)`` announces the order in which this rank will ask for samples;
+    from the first request on, worker processes decode up to ``lookahead`` samples
+    ahead of it, so memory is bounded by the lookahead, not by the dataset. A request
+    off the plan is decoded on demand (same bytes, no prefetch).
+    """
+
+    def __init__(self, paths: Sequence[str], transform: ImageTransform, pool: Optional[DecoderPool],
+                 skip_bad: bool = False, log=print):
+        self.paths, self.transform, self.pool, self.skip_bad, self.log = tuple(paths), transform, pool, skip_bad, log
+        self.shape = (len(self.paths), transform.channels, transform.size, transform.size)
+        self.dtype = np.dtype(np.float32)
+        self.wait_seconds = 0.0
+        self.skipped = 0
+        self.plan(np.arange(0), 0)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def workers(self) -> int:
+        return self.pool.workers if self.pool is not None else 0
+
+    def plan(self, order, epoch: int, lookahead: int = 256) -> None:
+        self._drop_pending()
+        self.order, self.epoch, self.lookahead = np.asarray(order, dtype=np.int64), epoch, max(1, lookahead)
+        self.consumed = self.submitted = 0
+        self.pending: deque = deque()  # (futures of) uint8 sample blocks, in plan order
+        self.head: Optional[np.ndarray] = None  # the partly consumed block
+
+    def __getitem__(self, key) -> np.ndarray:
+        indices = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        started = time.perf_counter()
+        end = self.consumed + len(indices)
+        if end <= len(self.order) and np.array_equal(self.order[self.consumed:end], indices):
+            samples = self._take(len(indices))
+        else:
+            samples = self._decode_now(indices)
+        batch = normalise(samples, self.transform.channels)
+        self.wait_seconds += time.perf_counter() - started
+        return batch
+
+    def close(self) -> None:
+        """Stop the decoders and free the pool's semaphores (a run ended by os._exit, as an
+        aborted MPI job is, would otherwise leave them for the resource tracker to report)."""
+        self._drop_pending()
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    # -- internals --
+
+    def _take(self, count: int) -> np.ndarray:
+        parts, needed = [], count
+        while needed:
+            self._fill(self.consumed + needed)
+            if self.head is None or len(self.head) == 0:
+                self.head = self._result(self.pending.popleft())
+            part, self.head = self.head[:needed], self.head[needed:]
+            parts.append(part)
+            needed -= len(part)
+            self.consumed += len(part)
+        self._fill(self.consumed)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _fill(self, must_reach: int) -> None:
+        """Submit blocks until ``lookahead`` samples past the consumer (and at least up
+        to ``must_reach``) are on their way."""
+        limit = min(len(self.order), max(must_reach, self.consumed + self.lookahead))
+        while self.submitted < limit:
+            block = self.order[self.submitted:min(self.submitted + SAMPLES_PER_TASK, len(self.order))]
+            self.pending.append(self._submit(block))
+            self.submitted += len(block)
+
+    def _submit(self, indices: np.ndarray):
+        paths = [self.paths[index] for index in indices]
+        if self.pool is None:
+            return decode_samples(paths, self.transform, indices, self.epoch, self.skip_bad)
+        return self.pool.submit(decode_samples, paths, self.transform, indices, self.epoch, self.skip_bad)
+
+    def _result(self, pending) -> np.ndarray:
+        samples, bad = pending.result() if isinstance(pending, Future) else pending
+        for path, problem in bad:
+            self.skipped += 1
+            self.log(f"skipped unreadable image {path} ({problem}); a blank image takes its place "
+                     f"({self.skipped} so far)")
+        return samples
+
+    def _decode_now(self, indices: np.ndarray) -> np.ndarray:
+        blocks = [self._submit(indices[start:start + SAMPLES_PER_TASK])
+                  for start in range(0, len(indices), SAMPLES_PER_TASK)]
+        shape = (0, self.transform.channels, self.transform.size, self.transform.size)
+        return np.concatenate([self._result(block) for block in blocks]) if blocks else np.zeros(shape, np.uint8)
+
+    def _drop_pending(self) -> None:
+        for pending in getattr(self, "pending", ()):
+            if isinstance(pending, Future):
+                pending.cancel()
