@@ -1,6 +1,7 @@
 # Quickstart:  make train   (installs what is missing, then trains the default job)
 #              make test
 # Also:        make bench  (throughput of every mode beside DDP, pipelining, MultiWorkerMirrored; ~4 min)
+#              make elpv   (real images: ELPV solar cells as class folders in data/elpv)
 # Variables:   FRAMEWORK=torch|tf  NP=2  ARGS="--epochs 5 ..."  GPU=1 (CUDA install)
 
 SHELL := /bin/bash
@@ -16,10 +17,10 @@ BENCH_ARGS ?=
 # Keep TensorFlow's C++ log lines out of the user's way (set to 0 to see them).
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install train test test-unit bench clean help
+.PHONY: install train test test-unit bench elpv clean help
 
 help:
-	@sed -n '1,5p' Makefile
+	@sed -n '1,6p' Makefile
 
 install: $(VENV)/.horovod-installed
 
@@ -45,6 +46,10 @@ test: install
 
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) benchmarks/run.py $(BENCH_ARGS)
+
+elpv: install
+	@test -d data/elpv || $(PYTHON) -m common.elpv data/elpv
+	@echo "train on it: make train ARGS=\"--dataset folder --data-dir data/elpv --model resnet8 --image-size 64\""
 
 test-unit: install
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)

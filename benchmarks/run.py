@@ -268,6 +268,9 @@ def main(argv=None):
         out.write(report.markdown(results))
     report.plot(results, os.path.join(args.out, "results.png"))
     print(f"wrote {args.out}/results.json, results.md, results.png")
+    if not args.quick and not args.only:
+        from benchmarks import input_pipeline  # the data section: its own table
+        input_pipeline.main(["--out", args.out])
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ class RunConfig:
     batch_size_per_rank: int = _flag(0, "instead of --batch-size: per-rank batch (Horovod's weak "
                                      "scaling); --lr is then scaled by the world size with warmup")
     lr: float = _flag(0.05, "learning rate for the global batch")
+    lr_schedule: str = _flag("constant", "after the warmup: constant, or cosine (decays to 0 at the last "
+                             "step of --epochs)", choices=("constant", "cosine"))
     warmup_epochs: float = _flag(-1.0, "linear LR warmup epochs (default: 0, or 1 with "
                                  "--batch-size-per-rank on more than one rank)")
     optimizer: str = _flag("sgd", "optimizer", choices=OPTIMIZERS)

@@ -189,28 +189,46 @@ class ImageTransform:
     def load(self, path: str, index: int, epoch: int) -> np.ndarray:
         from PIL import Image
 
+        mode = "L" if self.channels == 1 else "RGB"
         with Image.open(path) as image:
-            image = image.convert("L" if self.channels == 1 else "RGB")
-        if self.augment:
-            rng = np.random.default_rng([self.seed, epoch, index])
-            left, top, width, height = random_resized_crop_box(rng, *image.size)
-            flip = rng.random() < 0.5
-        else:
-            left, top, width, height = centre_crop_box(*image.size, self.size)
-            flip = False
-        image = image.resize((self.size, self.size), Image.Resampling.BILINEAR,
-                             box=(left, top, left + width, top + height))
-        pixels = np.asarray(image, dtype=np.uint8)
+            left, top, width, height, flip = self.crop(*image.size, index, epoch)
+            box = (left, top, left + width, top + height)
+            if image.format == "JPEG":
+                box = self._draft(image, mode, box)
+            if not (image.mode == "L" and mode == "RGB"):  # gray to RGB copies a channel: cheaper after
+                image = image.convert(mode)
+            image = image.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
+        pixels = np.asarray(image.convert(mode), dtype=np.uint8)
         pixels = pixels[:, ::-1] if flip else pixels
         return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
+    def crop(self, width: int, height: int, index: int, epoch: int) -> tuple:
+        """(left, top, width, height, flip) of this sample's view of a width x height image."""
+        if not self.augment:
+            return (*centre_crop_box(width, height, self.size), False)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return (*random_resized_crop_box(rng, width, height), bool(rng.random() < 0.5))
 
-def normalise(batch: np.ndarray, channels: int) -> np.ndarray:
-    """uint8 (N, C, H, W) -> float32 scaled to [0, 1], minus the mean, over the std per channel."""
+    def _draft(self, image, mode: str, box: tuple) -> tuple:
+        """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop keeps at least ``size``
+        pixels a side (far less work for large photos and small crops); the crop box in the
+        smaller image's pixels."""
+        full_width, full_height = image.size
+        scale = max(1e-9, min((box[2] - box[0]) / self.size, (box[3] - box[1]) / self.size))
+        image.draft(mode, (math.ceil(full_width / scale), math.ceil(full_height / scale)))
+        x_scale, y_scale = image.size[0] / full_width, image.size[1] / full_height
+        return box[0] * x_scale, box[1] * y_scale, box[2] * x_scale, box[3] * y_scale
+
+
+def normalise(batch: np.ndarray, channels: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """uint8 (N, C, H, W) -> float32 scaled to [0, 1], minus the mean, over the std per
+    channel; written into ``out`` when given (one pass, no temporaries)."""
     mean, std = (GRAY_MEAN, GRAY_STD) if channels == 1 else (RGB_MEAN, RGB_STD)
     scale = np.asarray([1 / (255 * s) for s in std], dtype=np.float32).reshape(1, -1, 1, 1)
     shift = np.asarray([m / s for m, s in zip(mean, std)], dtype=np.float32).reshape(1, -1, 1, 1)
-    return batch.astype(np.float32) * scale - shift
+    out = np.empty(batch.shape, dtype=np.float32) if out is None else out
+    np.multiply(batch, scale, out=out)
+    return np.subtract(out, shift, out=out)
 
 
 # --- checking files before training --------------------------------------------------
@@ -256,11 +274,12 @@ def _become_worker() -> None:
 
 
 def decode_samples(paths: Sequence[str], transform: ImageTransform, indices: Sequence[int],
-                   epoch: int, skip_bad: bool) -> tuple[np.ndarray, list]:
-    """uint8 samples of files ``paths`` (sample numbers ``indices``) and the (path, problem)
-    of each unreadable one: with ``skip_bad`` a blank sample takes its place, else the
-    first one stops the job (RankUsageError)."""
-    out = np.zeros((len(paths), transform.channels, transform.size, transform.size), dtype=np.uint8)
+                   epoch: int, skip_bad: bool, out: Optional[np.ndarray] = None) -> tuple[np.ndarray, list]:
+    """uint8 samples of files ``paths`` (sample numbers ``indices``), in ``out`` if given,
+    and the (path, problem) of each unreadable one: with ``skip_bad`` a blank sample takes
+    its place, else the first one stops the job (RankUsageError)."""
+    shape = (len(paths), transform.channels, transform.size, transform.size)
+    out = np.empty(shape, dtype=np.uint8) if out is None else out[:len(paths)]
     bad = []
     for slot, (path, index) in enumerate(zip(paths, indices)):
         try:
@@ -268,8 +287,26 @@ def decode_samples(paths: Sequence[str], transform: ImageTransform, indices: Seq
         except Exception as error:  # noqa: BLE001 - named and counted, or the job stops on it
             if not skip_bad:
                 raise RankUsageError(bad_image_message(path, describe_problem(error))) from None
+            out[slot] = 0
             bad.append((path, describe_problem(error)))
     return out, bad
+
+
+_attached: dict = {}  # a worker's view of the rank's shared blocks, by name
+
+
+def _decode_into_block(block_name: str, paths, transform: ImageTransform, indices, epoch: int,
+                       skip_bad: bool) -> list:
+    """In a worker: decode into the rank's shared-memory block ``block_name`` (nothing
+    but the list of bad files travels back through the pipe)."""
+    if block_name not in _attached:
+        from multiprocessing import shared_memory
+        # Attaching registers the block with the resource tracker a second time; spawned
+        # workers share the rank's tracker, so that is a no-op and the rank's unlink holds.
+        _attached[block_name] = shared_memory.SharedMemory(block_name)
+    buffer = np.ndarray((SAMPLES_PER_TASK, transform.channels, transform.size, transform.size), np.uint8,
+                        buffer=_attached[block_name].buf)
+    return decode_samples(paths, transform, indices, epoch, skip_bad, buffer)[1]
 
 
 def _check_task(paths: Sequence[str], full: bool) -> list:
@@ -309,14 +346,55 @@ def check_images(paths: Sequence[str], full: bool, pool: Optional[DecoderPool]) 
 
 # --- the stream ------------------------------------------------------------------------------
 
+class _Blocks:
+    """Shared-memory blocks of SAMPLES_PER_TASK uint8 samples: workers decode into them and
+    the rank normalises straight out of them (no pickling of pixels), as PyTorch's
+    DataLoader hands tensors over in shared memory. Reused; at most as many as tasks
+    in flight, which the lookahead bounds."""
+
+    def __init__(self, sample_shape: tuple):
+        self.sample_shape, self.free, self.every = sample_shape, [], []
+
+    def take(self):
+        if not self.free:
+            from multiprocessing import shared_memory
+            size = SAMPLES_PER_TASK * int(np.prod(self.sample_shape))
+            self.every.append(shared_memory.SharedMemory(create=True, size=size))
+            self.free.append(self.every[-1])
+        return self.free.pop()
+
+    def give_back(self, block) -> None:
+        self.free.append(block)
+
+    def view(self, block, count: int) -> np.ndarray:
+        return np.ndarray((SAMPLES_PER_TASK, *self.sample_shape), np.uint8, buffer=block.buf)[:count]
+
+    def close(self) -> None:
+        for block in self.every:
+            block.close()
+            block.unlink()
+        self.every, self.free = [], []
+
+
+@dataclass
+class _Task:
+    """One block of samples on its way: its decode (a Future, or the result when decoded in
+    the rank), its shared block (None in the rank), how many of its samples are consumed."""
+    pending: object
+    block: object
+    count: int
+    used: int = 0
+    samples: Optional[np.ndarray] = None
+
+
 class StreamedImages:
     """An image set read from disk, indexed like the arrays of the in-memory datasets:
     ``images[indices]`` is a float32 (N, C, H, W) batch.
 
     ``plan(order, epoch)`` announces the order in which this rank will ask for samples;
     from the first request on, worker processes decode up to ``lookahead`` samples
-    ahead of it, so memory is bounded by the lookahead, not by the dataset. A request
-    off the plan is decoded on demand (same bytes, no prefetch).
+    ahead of it (at least two blocks per worker), so memory is bounded by the lookahead,
+    not by the dataset. A request off the plan is decoded on demand (same bytes).
     """
 
     def __init__(self, paths: Sequence[str], transform: ImageTransform, pool: Optional[DecoderPool],
@@ -324,8 +402,10 @@ class StreamedImages:
         self.paths, self.transform, self.pool, self.skip_bad, self.log = tuple(paths), transform, pool, skip_bad, log
         self.shape = (len(self.paths), transform.channels, transform.size, transform.size)
         self.dtype = np.dtype(np.float32)
+        self.blocks = _Blocks(self.shape[1:])
         self.wait_seconds = 0.0
         self.skipped = 0
+        self.pending: deque = deque()
         self.plan(np.arange(0), 0)
 
     def __len__(self) -> int:
@@ -337,77 +417,107 @@ class StreamedImages:
 
     def plan(self, order, epoch: int, lookahead: int = 256) -> None:
         self._drop_pending()
-        self.order, self.epoch, self.lookahead = np.asarray(order, dtype=np.int64), epoch, max(1, lookahead)
+        self.order, self.epoch = np.asarray(order, dtype=np.int64), epoch
+        self.lookahead = max(1, lookahead, 2 * self.workers * SAMPLES_PER_TASK)
         self.consumed = self.submitted = 0
-        self.pending: deque = deque()  # (futures of) uint8 sample blocks, in plan order
-        self.head: Optional[np.ndarray] = None  # the partly consumed block
 
     def __getitem__(self, key) -> np.ndarray:
         indices = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
         started = time.perf_counter()
+        out = np.empty((len(indices), *self.shape[1:]), dtype=np.float32)
         end = self.consumed + len(indices)
         if end <= len(self.order) and np.array_equal(self.order[self.consumed:end], indices):
-            samples = self._take(len(indices))
+            self._take_into(out)
         else:
-            samples = self._decode_now(indices)
-        batch = normalise(samples, self.transform.channels)
+            self._decode_now(indices, out)
         self.wait_seconds += time.perf_counter() - started
-        return batch
+        return out
 
     def close(self) -> None:
-        """Stop the decoders and free the pool's semaphores (a run ended by os._exit, as an
-        aborted MPI job is, would otherwise leave them for the resource tracker to report)."""
+        """Stop the decoders, free the shared blocks and the pool's semaphores (a run ended
+        by os._exit, as an aborted MPI job is, would leave them to the resource tracker)."""
         self._drop_pending()
-        self.pending.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+        self.blocks.close()
 
     # -- internals --
 
-    def _take(self, count: int) -> np.ndarray:
-        parts, needed = [], count
-        while needed:
-            self._fill(self.consumed + needed)
-            if self.head is None or len(self.head) == 0:
-                self.head = self._result(self.pending.popleft())
-            part, self.head = self.head[:needed], self.head[needed:]
-            parts.append(part)
-            needed -= len(part)
-            self.consumed += len(part)
+    def _take_into(self, out: np.ndarray) -> None:
+        filled = 0
+        while filled < len(out):
+            self._fill(self.consumed + len(out) - filled)
+            task = self.pending[0]
+            samples = self._samples(task)
+            part = min(len(out) - filled, task.count - task.used)
+            normalise(samples[task.used:task.used + part], self.transform.channels, out[filled:filled + part])
+            task.used += part
+            filled += part
+            self.consumed += part
+            if task.used == task.count:
+                self._release(self.pending.popleft())
         self._fill(self.consumed)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _fill(self, must_reach: int) -> None:
         """Submit blocks until ``lookahead`` samples past the consumer (and at least up
         to ``must_reach``) are on their way."""
         limit = min(len(self.order), max(must_reach, self.consumed + self.lookahead))
         while self.submitted < limit:
-            block = self.order[self.submitted:min(self.submitted + SAMPLES_PER_TASK, len(self.order))]
-            self.pending.append(self._submit(block))
-            self.submitted += len(block)
+            indices = self.order[self.submitted:min(self.submitted + SAMPLES_PER_TASK, len(self.order))]
+            self.pending.append(self._submit(indices))
+            self.submitted += len(indices)
 
-    def _submit(self, indices: np.ndarray):
+    def _submit(self, indices: np.ndarray) -> _Task:
         paths = [self.paths[index] for index in indices]
         if self.pool is None:
-            return decode_samples(paths, self.transform, indices, self.epoch, self.skip_bad)
-        return self.pool.submit(decode_samples, paths, self.transform, indices, self.epoch, self.skip_bad)
+            return _Task(decode_samples(paths, self.transform, indices, self.epoch, self.skip_bad), None,
+                         len(indices))
+        block = self.blocks.take()
+        future = self.pool.submit(_decode_into_block, block.name, paths, self.transform, indices, self.epoch,
+                                  self.skip_bad)
+        return _Task(future, block, len(indices))
 
-    def _result(self, pending) -> np.ndarray:
-        samples, bad = pending.result() if isinstance(pending, Future) else pending
-        for path, problem in bad:
-            self.skipped += 1
-            self.log(f"skipped unreadable image {path} ({problem}); a blank image takes its place "
-                     f"({self.skipped} so far)")
-        return samples
+    def _samples(self, task: _Task) -> np.ndarray:
+        """The task's uint8 samples, once decoded (waiting for them if need be)."""
+        if task.samples is None:
+            if task.block is None:
+                task.samples, bad = task.pending
+            else:
+                bad = task.pending.result()
+                task.samples = self.blocks.view(task.block, task.count)
+            for path, problem in bad:
+                self.skipped += 1
+                self.log(f"skipped unreadable image {path} ({problem}); a blank image takes its place "
+                         f"({self.skipped} so far)")
+        return task.samples
 
-    def _decode_now(self, indices: np.ndarray) -> np.ndarray:
-        blocks = [self._submit(indices[start:start + SAMPLES_PER_TASK])
-                  for start in range(0, len(indices), SAMPLES_PER_TASK)]
-        shape = (0, self.transform.channels, self.transform.size, self.transform.size)
-        return np.concatenate([self._result(block) for block in blocks]) if blocks else np.zeros(shape, np.uint8)
+    def _release(self, task: _Task) -> None:
+        if task.block is not None:
+            self.blocks.give_back(task.block)
+
+    def _decode_now(self, indices: np.ndarray, out: np.ndarray) -> None:
+        tasks = [self._submit(indices[start:start + SAMPLES_PER_TASK])
+                 for start in range(0, len(indices), SAMPLES_PER_TASK)]
+        try:
+            for number, task in enumerate(tasks):
+                start = number * SAMPLES_PER_TASK
+                normalise(self._samples(task), self.transform.channels, out[start:start + task.count])
+        finally:
+            self._forget(tasks)
 
     def _drop_pending(self) -> None:
-        for pending in getattr(self, "pending", ()):
-            if isinstance(pending, Future):
-                pending.cancel()
+        self._forget(self.pending)
+        self.pending.clear()
+
+    def _forget(self, tasks) -> None:
+        """Tasks no longer wanted: a block may be reused only once no worker writes to it."""
+        for task in tasks:
+            if task.block is None:
+                continue
+            if not task.pending.cancel():
+                try:
+                    task.pending.result()
+                except Exception:  # noqa: BLE001 - a bad image nobody will read any more
+                    pass
+            self._release(task)

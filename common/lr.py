@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,10 +23,14 @@ def peak_lr(config: RunConfig, world_size: int) -> float:
 
 
 def lr_at(step: int, steps_per_epoch: int, config: RunConfig, world_size: int) -> float:
-    """LR for global optimizer step ``step`` (0-based): linear warmup, then constant."""
+    """LR for global optimizer step ``step`` (0-based): linear warmup, then constant, or
+    with --lr-schedule cosine decaying to zero at the last step of --epochs."""
     peak = peak_lr(config, world_size)
     warmup_steps = warmup_epochs(config, world_size) * steps_per_epoch
     if warmup_steps <= 0 or step >= warmup_steps:
+        if config.lr_schedule == "cosine":
+            decay_steps = max(1.0, config.epochs * steps_per_epoch - warmup_steps)
+            return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / decay_steps)))
         return peak
     start = config.lr if config.weak_scaling else 0.0
     return start + (peak - start) * (step + 1) / warmup_steps

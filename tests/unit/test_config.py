@@ -66,6 +66,14 @@ def test_lr_rules():
     assert lr.lr_at(0, 10, weak, 1) == pytest.approx(0.1)  # one rank: nothing to warm up
 
 
+def test_cosine_schedule_decays_from_the_peak_after_warmup_to_zero_at_the_end():
+    config = RunConfig(lr=0.2, lr_schedule="cosine", epochs=4, warmup_epochs=1)
+    rates = [lr.lr_at(step, 10, config, 2) for step in range(40)]
+    assert rates[9] == pytest.approx(0.2) and rates[10] == pytest.approx(0.2)  # warmup's end, the peak
+    assert rates[25] == pytest.approx(0.1)  # half way through the decay
+    assert all(a > b for a, b in zip(rates[10:39], rates[11:40])) and rates[39] < 0.001
+
+
 def test_elastic_is_refused_by_the_tensorflow_entry_and_accepted_by_pytorch():
     from common import trainer
 

@@ -160,14 +160,17 @@ def test_batches_are_the_same_bytes_with_any_workers_chunking_or_plan(tree):
         pooled.close()
 
 
-def test_prefetch_is_bounded_by_the_lookahead_not_the_dataset(tree):
-    stream = streamed(tree, 1)
+def test_prefetch_is_bounded_by_the_lookahead_not_the_dataset(tmp_path):
+    stream = streamed(make_tree(tmp_path / "big", {"a": 30, "b": 30}), 1)
     order = np.arange(len(stream))
     try:
         stream.plan(order, epoch=0, lookahead=2)
-        stream[order[:1]]
-        in_flight = stream.submitted - stream.consumed
-        assert 0 < in_flight <= 2 + images.SAMPLES_PER_TASK
+        assert stream.lookahead == 2 * images.SAMPLES_PER_TASK  # two blocks per worker at least
+        for start in range(0, 20, 4):
+            stream[order[start:start + 4]]
+            in_flight = stream.submitted - stream.consumed
+            assert 0 < in_flight <= stream.lookahead + images.SAMPLES_PER_TASK
+            assert len(stream.blocks.every) <= stream.lookahead // images.SAMPLES_PER_TASK + 2
         assert stream.submitted < len(order)  # not the whole epoch at once
     finally:
         stream.close()
@@ -276,3 +279,19 @@ def test_elpv_tree_holds_real_labelled_cells(tmp_path):
             assert (probability >= 0.5) == (name == "defective")
             with Image.open(tmp_path / "elpv" / name / file) as image:
                 assert image.size == (300, 300) and image.mode == "L"
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_to_nearly_the_same_sample(tmp_path):
+    path = str(tmp_path / "photo.jpg")
+    y, x = np.mgrid[0:800, 0:1200]
+    smooth = np.stack([(x / 5) % 256, (y / 4) % 256, ((x + y) / 9) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(smooth).save(path, quality=95)
+    transform = images.ImageTransform(32, 3, augment=False)
+    drafted = transform.load(path, 0, 0)
+    left, top, width, height = images.centre_crop_box(1200, 800, 32)
+    with Image.open(path) as image:  # the full decode, resized once, for comparison
+        full = np.asarray(image.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR,
+                                                      box=(left, top, left + width, top + height)))
+    assert np.array_equal(drafted, transform.load(path, 0, 0))
+    assert not np.array_equal(drafted.transpose(1, 2, 0), full)  # decoded at 1/8 scale, not in full
+    assert np.abs(drafted.transpose(1, 2, 0).astype(int) - full).mean() < 6
