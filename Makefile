@@ -1,6 +1,6 @@
 # Quickstart:  make train   (installs what is missing, then trains the default job)
 #              make test
-# Also:        make bench  (throughput of every mode beside DDP, pipelining, MultiWorkerMirrored; ~4 min)
+# Also:        make bench  (every mode beside DDP, pipelining, MultiWorkerMirrored, input pipelines; ~11 min)
 #              make elpv   (real images: ELPV solar cells as class folders in data/elpv)
 # Variables:   FRAMEWORK=torch|tf  NP=2  ARGS="--epochs 5 ..."  GPU=1 (CUDA install)
 

@@ -44,6 +44,20 @@ def tenfold(folder, out):
                 os.symlink(os.path.join(folder, name, file), os.path.join(out, name, f"{copy}_{file}"))
 
 
+PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
+def rank_memory_case(folder, quick):
+    """Peak resident memory of one PyTorch rank training on ``folder`` (its largest process:
+    the rank itself; decoders are smaller): 10 steps and the whole evaluation."""
+    stdout = run([PYTHON, "-c", PEAK_RSS, PYTHON, os.path.join(REPO, "train_torch", "main.py"), "--dataset", "folder",
+                  "--data-dir", folder, "--model", "resnet8", "--image-size", 64, "--epochs", 1,
+                  "--steps-per-epoch", 3 if quick else 10, "--batch-size", 64, "--threads", 1, "--data-workers", 1,
+                  "--no-progress"], job_env())
+    return {"peak_mib": int(stdout.split("PEAK_KIB")[1].split()[0]) / 1024}
+
+
 def training_case(folder, framework, quick):
     """2 ranks, ResNet-8 at 64 px on the folder: images/s and the share of time waiting for data."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -76,7 +90,8 @@ def measure(quick):
         tenfold(folder, big)
         for label, path in (("folder", folder), ("folder x10", big)):
             print(f"memory on {label} ...", flush=True)
-            results["memory"][label] = pipeline_case(path, "ours", 64, 1, quick)
+            results["memory"][label] = {"pipeline": pipeline_case(path, "ours", 64, 1, quick),
+                                        "rank": rank_memory_case(path, quick)}
         for framework in ("torch", "tf"):
             print(f"training {framework} 2 ranks ...", flush=True)
             results["training"][framework] = training_case(folder, framework, quick)
@@ -99,12 +114,16 @@ def markdown(results):
             lines.append(f"| {size} px | {workers} | " + " | ".join(f"{value:,.0f}" for value in row)
                          + f" | {row[0] / best_other:.2f} |")
     memory = results["memory"]
-    lines += ["", "Peak resident memory of the rank's pipeline (MiB; largest decoder process in brackets):", "",
-              "| folder | rank | decoder |", "|---|---|---|"]
+    lines += ["", "Peak resident memory (MiB): a PyTorch rank training ResNet-8 at 64 px (10 steps and the "
+              "whole evaluation, 1 decoder); the pipeline alone in a bare process, and its decoder:", "",
+              "| folder | training rank | pipeline alone | its decoder |", "|---|---|---|---|"]
     for label, case in memory.items():
-        lines.append(f"| {label} | {case['peak_mib']:.0f} | {case['peak_mib_with_decoders'] - case['peak_mib']:.0f} |")
-    base, big = memory["folder"]["peak_mib"], memory["folder x10"]["peak_mib"]
-    lines += ["", f"Ten times the files: {big / base - 1:+.1%} resident memory.", "",
+        pipeline = case["pipeline"]
+        lines.append(f"| {label} | {case['rank']['peak_mib']:.0f} | {pipeline['peak_mib']:.0f} | "
+                     f"{pipeline['peak_mib_with_decoders'] - pipeline['peak_mib']:.0f} |")
+    rank, bare = ({label: case[part]["peak_mib"] for label, case in memory.items()} for part in ("rank", "pipeline"))
+    lines += ["", f"Ten times the files: {rank['folder x10'] / rank['folder'] - 1:+.1%} for the training rank "
+              f"({bare['folder x10'] - bare['folder']:+.0f} MiB in the bare pipeline: the longer file list).", "",
               "Training, 2 ranks x 1 thread + 1 decoder each, ResNet-8 at 64 px:", "",
               "| framework | img/s | waiting for data |", "|---|---|---|"]
     for framework, case in results["training"].items():

@@ -20,7 +20,7 @@ import signal
 import time
 import warnings
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -278,12 +278,16 @@ def decode_samples(paths: Sequence[str], transform: ImageTransform, indices: Seq
     """uint8 samples of files ``paths`` (sample numbers ``indices``), in ``out`` if given,
     and the (path, problem) of each unreadable one: with ``skip_bad`` a blank sample takes
     its place, else the first one stops the job (RankUsageError)."""
+    from PIL import Image
+
     shape = (len(paths), transform.channels, transform.size, transform.size)
     out = np.empty(shape, dtype=np.uint8) if out is None else out[:len(paths)]
     bad = []
     for slot, (path, index) in enumerate(zip(paths, indices)):
         try:
-            out[slot] = transform.load(path, int(index), epoch)
+            with warnings.catch_warnings():  # Pillow warns from 89 M pixels on and refuses twice that
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                out[slot] = transform.load(path, int(index), epoch)
         except Exception as error:  # noqa: BLE001 - named and counted, or the job stops on it
             if not skip_bad:
                 raise RankUsageError(bad_image_message(path, describe_problem(error))) from None

@@ -56,8 +56,7 @@ def torchvision_loader(args):
     finally:
         torch.library.register_fake = register_fake
     transform = transforms.Compose([
-        transforms.RandomResizedCrop(args.size), transforms.RandomHorizontalFlip(),
-        transforms.Grayscale(3), transforms.ToTensor(),
+        transforms.RandomResizedCrop(args.size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     folder = datasets.ImageFolder(args.dir, transform)
     sampler = torch.utils.data.RandomSampler(folder, replacement=True,
@@ -73,6 +72,7 @@ def tf_dataset(args):
     import tensorflow as tf
 
     tf.config.threading.set_inter_op_parallelism_threads(max(1, args.workers))
+    tf.config.threading.set_intra_op_parallelism_threads(max(1, args.workers))
     folder = tf.keras.utils.image_dataset_from_directory(args.dir, batch_size=None, image_size=(300, 300),
                                                          color_mode="rgb", shuffle=True, seed=0)
     mean, std = tf.constant([0.485, 0.456, 0.406]), tf.constant([0.229, 0.224, 0.225])
@@ -85,8 +85,10 @@ def tf_dataset(args):
         crop = tf.image.random_flip_left_right(crop)
         return (crop / 255.0 - mean) / std, label
 
+    options = tf.data.Options()  # the decoding inside image_dataset_from_directory too: --workers threads
+    options.threading.private_threadpool_size = max(1, args.workers)
     pipeline = (folder.repeat().map(augment, num_parallel_calls=max(1, args.workers))
-                .batch(BATCH).prefetch(2).take(args.batches * args.windows))
+                .batch(BATCH).prefetch(2).take(args.batches * args.windows).with_options(options))
     for images, _ in pipeline:
         yield images
 
