@@ -104,6 +104,9 @@ class RunConfig:
     init_from: str = _flag("", "start from the weights of this checkpoint directory (ckpt-epochNNNN, "
                            "written by either framework in any mode); with --epochs 0 it only evaluates")
     metrics_file: str = _flag("", "append one JSON object per epoch to this file")
+    tensorboard: str = _flag("", "write TensorBoard events (losses, accuracy, LR, throughput, step time, data "
+                             "wait, the configuration) to this directory: tensorboard --logdir DIR")
+    log_every: int = _flag(10, "with --tensorboard: log the global batch's loss every N steps (0: never)")
     progress: bool = _flag(True, "show a progress bar on rank 0")
     allow_nonfinite: bool = _flag(False, "keep training when the loss is NaN or infinite (default: "
                                   "stop, keeping the last good checkpoint)")
@@ -135,7 +138,7 @@ class RunConfig:
 
 _POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples", "num_classes",
              "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints", "pp", "dp",
-             "microbatches", "elastic_commit_steps", "prefetch_batches")
+             "microbatches", "elastic_commit_steps", "prefetch_batches", "log_every")
 
 
 def validate(config: RunConfig) -> RunConfig:

@@ -71,6 +71,7 @@ class EpochResult:
     lr: float                        # at the epoch's last step
     stopped_after: Optional[int] = None  # steps done, when every rank agreed to stop early
     data_wait: float = 0.0           # share of the epoch the image-reading ranks waited for images
+    steps: int = 0                   # optimizer steps taken
 
 
 def epoch_record(epoch: int, train: EpochResult, test: tuple, world_size: int, config,
@@ -84,8 +85,16 @@ def epoch_record(epoch: int, train: EpochResult, test: tuple, world_size: int, c
         "epoch_seconds": train.seconds, "world_size": world_size, "mode": config.mode, "framework": framework,
         "dataset": config.dataset, "model": config.model,
         "global_batch_size": config.global_batch_size(world_size), "lr": train.lr,
-        "data_wait_fraction": train.data_wait,
+        "data_wait_fraction": train.data_wait, "step_seconds": train.seconds / max(1, train.steps),
     }
+
+
+def evaluation_record(epochs_done: int, test: tuple, world_size: int, config, framework: str) -> dict:
+    """The metrics-file record of a run that only evaluates (--epochs 0, or resumed at its end)."""
+    test_loss, test_accuracy = test
+    return {"epoch": epochs_done, "evaluation_only": True, "test_loss": test_loss, "test_accuracy": test_accuracy,
+            "world_size": world_size, "mode": config.mode, "framework": framework, "dataset": config.dataset,
+            "model": config.model, "init_from": config.init_from}
 
 
 def format_epoch(record: dict, epochs: int) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 from typing import Callable, Optional
 
 import numpy as np
@@ -114,6 +115,10 @@ class Trainer:
         self.global_batch = config.global_batch_size(runner.data_shards)
         self.steps = data.steps_per_epoch(len(dataset.y_train), self.global_batch, config.steps_per_epoch)
         self.writer = metrics.JsonLinesWriter(config.metrics_file if runner.primary else "")
+        self.tensorboard = None
+        if config.tensorboard and runner.primary:
+            from common.tensorboard import TensorBoardLog
+            self.tensorboard = TensorBoardLog(config.tensorboard, dataclasses.asdict(config), sys.argv)
 
     def run(self) -> Optional[tuple]:
         """Train and evaluate; the test (loss, accuracy), or None when stopped early."""
@@ -124,6 +129,8 @@ class Trainer:
             return self.train_from(self.restore())
         finally:
             self.dataset.close()
+            if self.tensorboard:
+                self.tensorboard.close()
 
     # --- the loop, top to bottom ----------------------------------------------------
 
@@ -148,6 +155,7 @@ class Trainer:
                 return self.report_stop((epoch + 1, 0), path)
         if test is None:
             test = self.evaluate()
+            self.record_evaluation(start_epoch, test)
         if self.runner.primary:
             metrics.log(f"final test accuracy: {test[1]:.4f}  (test loss {test[0]:.4f})")
         return test
@@ -176,6 +184,7 @@ class Trainer:
             self.health.check_loss(sums[0], (epoch, step))
             meter.sums += sums
             images += global_count
+            self.log_step_loss(epoch * self.steps + step + 1, sums)
             progress.set_postfix(loss=f"{sums[0] / max(1, sums[2]):.3f}", refresh=False)
             if self.health.stop_agreed(agreed(), (epoch, step)) and step + 1 < len(batches):
                 stopped_after = step + 1
@@ -190,8 +199,19 @@ class Trainer:
                                                  "train_sums")
         loss, accuracy = metrics.Meter.results(totals[:3])
         wait_share = totals[3] / max(1.0, totals[4]) / seconds if seconds > 0 else 0.0
+        steps = (stopped_after or len(batches)) - first_step
         return metrics.EpochResult(loss, accuracy, images / seconds if seconds > 0 else 0.0, seconds, step_lr,
-                                   stopped_after, wait_share)
+                                   stopped_after, wait_share, steps)
+
+    def log_step_loss(self, global_step: int, sums) -> None:
+        """--tensorboard: every --log-every steps, the global batch's mean loss (one small
+        allreduce: the loss lives on the ranks that compute it, a pipeline's last stage)."""
+        every = self.config.log_every
+        if not (self.config.tensorboard and every and global_step % every == 0):
+            return
+        loss_sum, _, count = self.collectives.allreduce_sums(np.asarray(sums, dtype=np.float64), "step_loss")
+        if self.tensorboard and count:
+            self.tensorboard.step_loss(global_step, loss_sum / count)
 
     def evaluate(self) -> tuple:
         runner, dataset = self.runner, self.dataset
@@ -207,6 +227,17 @@ class Trainer:
                                       self.runner.framework)
         metrics.log(metrics.format_epoch(record, self.config.epochs))
         self.writer.write(record)
+        if self.tensorboard:
+            self.tensorboard.epoch(record)
+
+    def record_evaluation(self, epochs_done: int, test: tuple) -> None:
+        if not self.runner.primary:
+            return
+        record = metrics.evaluation_record(epochs_done, test, self.runner.world_size, self.config,
+                                           self.runner.framework)
+        self.writer.write(record)
+        if self.tensorboard:
+            self.tensorboard.epoch(record)
 
     # --- stopping ---------------------------------------------------------------------
 
