@@ -2,6 +2,7 @@
 #              make test
 # Also:        make bench  (every mode beside DDP, pipelining, MultiWorkerMirrored, input pipelines; ~11 min)
 #              make elpv   (real images: ELPV solar cells as class folders in data/elpv)
+#              make plot RUNS="a.jsonl b.jsonl" [OUT=curves.png]  (overlay runs' metrics files)
 # Variables:   FRAMEWORK=torch|tf  NP=2  ARGS="--epochs 5 ..."  GPU=1 (CUDA install)
 
 SHELL := /bin/bash
@@ -17,10 +18,10 @@ BENCH_ARGS ?=
 # Keep TensorFlow's C++ log lines out of the user's way (set to 0 to see them).
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install train test test-unit bench elpv clean help
+.PHONY: install train test test-unit bench elpv plot clean help
 
 help:
-	@sed -n '1,6p' Makefile
+	@sed -n '1,7p' Makefile
 
 install: $(VENV)/.horovod-installed
 
@@ -46,6 +47,9 @@ test: install
 
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) benchmarks/run.py $(BENCH_ARGS)
+
+plot: install
+	$(PYTHON) -m common.plot $(RUNS) -o $(or $(OUT),curves.png)
 
 elpv: install
 	@test -d data/elpv || $(PYTHON) -m common.elpv data/elpv
