@@ -106,6 +106,10 @@ class RunConfig:
     metrics_file: str = _flag("", "append one JSON object per epoch to this file")
     tensorboard: str = _flag("", "write TensorBoard events (losses, accuracy, LR, throughput, step time, data "
                              "wait, the configuration) to this directory: tensorboard --logdir DIR")
+    timeline: str = _flag("", "record what each rank does over a few steps: data mode writes Horovod's own "
+                          "timeline here (HOROVOD_TIMELINE); model/hybrid/ps write a Chrome-trace JSON, one track "
+                          "per rank (open in ui.perfetto.dev or chrome://tracing)")
+    timeline_steps: int = _flag(3, "with --timeline in model/hybrid/ps mode: steps recorded (after the first)")
     log_every: int = _flag(10, "with --tensorboard: log the global batch's loss every N steps (0: never)")
     progress: bool = _flag(True, "show a progress bar on rank 0")
     allow_nonfinite: bool = _flag(False, "keep training when the loss is NaN or infinite (default: "
@@ -138,7 +142,7 @@ class RunConfig:
 
 _POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples", "num_classes",
              "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints", "pp", "dp",
-             "microbatches", "elastic_commit_steps", "prefetch_batches", "log_every")
+             "microbatches", "elastic_commit_steps", "prefetch_batches", "log_every", "timeline_steps")
 
 
 def validate(config: RunConfig) -> RunConfig:

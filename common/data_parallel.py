@@ -8,12 +8,21 @@ framework-neutral calls are used here.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 from common.checkpoint import NeutralState
 from common.config import RunConfig
 from common.plan import make_plan
 from common.runner import OpenCheckpoint
+from common.timeline import Timeline
+
+
+def request_horovod_timeline(config: RunConfig) -> None:
+    """--timeline in data mode: Horovod's own timeline (read by hvd.init, written by rank 0:
+    negotiation, queueing and each allreduce of every gradient)."""
+    if config.timeline:
+        os.environ["HOROVOD_TIMELINE"] = os.path.abspath(config.timeline)
 
 
 def apply_data_layout(runner, hvd, config: RunConfig) -> None:
@@ -22,6 +31,7 @@ def apply_data_layout(runner, hvd, config: RunConfig) -> None:
     runner.plan = make_plan(config, runner.world_size)
     runner.primary = runner.rank == 0  # Horovod: rank 0 alone logs and saves.
     runner.data_shards, runner.data_shard = runner.world_size, runner.rank
+    runner.timeline = Timeline()  # the project's own spans are for pipelines; Horovod traces data mode
 
 
 def primary_shard(primary: bool, state: Callable[[], NeutralState]) -> Optional[tuple[int, NeutralState]]:

@@ -31,6 +31,7 @@ from common.checkpoint import NeutralState
 from common.config import RunConfig
 from common.data import Dataset
 from common.runner import MpiCollectives, OpenCheckpoint, StageFactory, StagePlace, node_placement
+from common.timeline import gather_timeline, start_timeline
 
 SERVER = 0
 GRADIENT_TAG, PARAMETER_TAG = 11, 12
@@ -59,6 +60,7 @@ class ParameterServerRunner:
         self.stage = stage_factory(StagePlace(tuple(specs), dataset.image_shape, 0, len(specs), True, True,
                                               config, local_rank))
         self.parameter_count = self.stage.parameter_vector().size  # the length of every message
+        self.timeline = start_timeline(self.comm, config)
         self.layout = [f"parameter server: rank {SERVER} sums the gradients and updates "
                        f"{self.parameter_count:,} parameters; "
                        f"workers {self.workers} compute gradients on {len(self.workers)} shares of each batch"]
@@ -66,40 +68,55 @@ class ParameterServerRunner:
     def set_lr(self, value: float) -> None:
         self.stage.set_lr(value)
 
+    def write_timeline(self) -> None:
+        gather_timeline(self.comm, self.timeline, self.config.timeline,
+                        f"rank {self.rank}: {'server' if self.server else 'worker'}")
+
     def train_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
-        if self.server:
-            return self._serve_step()
-        stage = self.stage
+        with self.timeline.span("step", "step"):
+            return self._serve_step() if self.server else self._work_step(indices, global_count)
+
+    def _work_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
+        stage, span = self.stage, self.timeline.span
         stage.zero_grad()
         meter = metrics.Meter()
         if len(indices):
-            _, (loss_sum, correct) = stage.forward(0, self.dataset.x_train[indices], self.dataset.y_train[indices],
-                                                   1.0 / global_count)
-            stage.backward(0, None)
+            with span("load batch", "data"):
+                images = self.dataset.x_train[indices]
+            with span("forward", "forward", microbatch=0):
+                _, (loss_sum, correct) = stage.forward(0, images, self.dataset.y_train[indices], 1.0 / global_count)
+            with span("backward", "backward", microbatch=0):
+                stage.backward(0, None)
             meter.add(loss_sum, correct, len(indices))
         # An empty share (last batch smaller than the workers) sends a zero gradient.
-        self.comm.Send(np.ascontiguousarray(stage.gradient_vector(), dtype=np.float32), dest=SERVER,
-                       tag=GRADIENT_TAG)
+        with span("send gradient", "send"):
+            self.comm.Send(np.ascontiguousarray(stage.gradient_vector(), dtype=np.float32), dest=SERVER,
+                           tag=GRADIENT_TAG)
         parameters = np.empty(self.parameter_count, dtype=np.float32)
-        self.comm.Recv(parameters, source=SERVER, tag=PARAMETER_TAG)
+        with span("receive parameters", "wait"):
+            self.comm.Recv(parameters, source=SERVER, tag=PARAMETER_TAG)
         stage.set_parameter_vector(parameters)
         return meter.sums
 
     def _serve_step(self) -> np.ndarray:
         from mpi4py import MPI
 
+        span = self.timeline.span
         buffers = {worker: np.empty(self.parameter_count, dtype=np.float32) for worker in self.workers}
         requests = [self.comm.Irecv(buffers[worker], source=worker, tag=GRADIENT_TAG) for worker in self.workers]
-        MPI.Request.Waitall(requests)
-        total = np.zeros(self.parameter_count, dtype=np.float32)
-        for worker in self.workers:  # a fixed order: the same sum every run
-            total += buffers[worker]
-        self.stage.zero_grad()
-        self.stage.set_gradient_vector(total)
-        self.stage.step()
-        parameters = np.ascontiguousarray(self.stage.parameter_vector(), dtype=np.float32)
-        MPI.Request.Waitall([self.comm.Isend(parameters, dest=worker, tag=PARAMETER_TAG)
-                             for worker in self.workers])
+        with span("receive gradients", "wait"):
+            MPI.Request.Waitall(requests)
+        with span("optimizer step", "optimizer"):
+            total = np.zeros(self.parameter_count, dtype=np.float32)
+            for worker in self.workers:  # a fixed order: the same sum every run
+                total += buffers[worker]
+            self.stage.zero_grad()
+            self.stage.set_gradient_vector(total)
+            self.stage.step()
+        with span("send parameters", "send"):
+            parameters = np.ascontiguousarray(self.stage.parameter_vector(), dtype=np.float32)
+            MPI.Request.Waitall([self.comm.Isend(parameters, dest=worker, tag=PARAMETER_TAG)
+                                 for worker in self.workers])
         return metrics.Meter().sums
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -28,6 +28,7 @@ from common.checkpoint import NeutralState
 from common.config import RunConfig
 from common.data import Dataset
 from common.runner import MpiCollectives, OpenCheckpoint, StageFactory, StagePlace, node_placement
+from common.timeline import gather_timeline, start_timeline
 
 EVAL_TAG = 1 << 20  # above every training tag (2 * micro-batch + kind)
 
@@ -63,6 +64,7 @@ class PipelineRunner:
         self.stage = stage_factory(StagePlace(tuple(specs), dataset.image_shape, self.start, self.end,
                                               self.first, self.last, config, local_rank))
         self.transport = p2p.Transport(self.comm)
+        self.timeline = start_timeline(self.comm, config)
         if self.plan.dp > 1:
             self.stage.init_replica_allreduce([self.plan.stage_ranks(s) for s in range(self.plan.pp)],
                                               self.stage_index)
@@ -83,8 +85,16 @@ class PipelineRunner:
 
     # --- one optimizer step -------------------------------------------------------
 
+    def write_timeline(self) -> None:
+        gather_timeline(self.comm, self.timeline, self.config.timeline,
+                        f"rank {self.rank}: stage {self.stage_index}, replica {self.replica}")
+
     def train_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
-        stage = self.stage
+        with self.timeline.span("step", "step"):
+            return self._train_step(indices, global_count)
+
+    def _train_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
+        stage, span = self.stage, self.timeline.span
         stage.zero_grad()
         microbatches = [chunk for chunk in np.array_split(indices, self.config.microbatches) if len(chunk)]
         for m, chunk in enumerate(microbatches):
@@ -98,23 +108,38 @@ class PipelineRunner:
             m = action.microbatch
             if action.kind == schedule.FORWARD:
                 chunk = microbatches[m]
-                inputs = self.dataset.x_train[chunk] if self.first else self.transport.receive(p2p.ACTIVATION, m)
+                if self.first:
+                    with span("load batch", "data", microbatch=m):
+                        inputs = self.dataset.x_train[chunk]
+                else:
+                    with span("receive activation", "wait", microbatch=m):
+                        inputs = self.transport.receive(p2p.ACTIVATION, m)
                 labels = self.dataset.y_train[chunk] if self.last else None
-                output, (loss_sum, correct) = stage.forward(m, inputs, labels, 1.0 / global_count)
+                with span("forward", "forward", microbatch=m):
+                    output, (loss_sum, correct) = stage.forward(m, inputs, labels, 1.0 / global_count)
                 if self.last:
                     meter.add(loss_sum, correct, len(chunk))
                 else:
-                    self.transport.send(output, p2p.ACTIVATION, m, self.next)
+                    with span("send activation", "send", microbatch=m):
+                        self.transport.send(output, p2p.ACTIVATION, m, self.next)
             else:
-                gradient = None if self.last else self.transport.receive(p2p.GRADIENT, m)
-                input_gradient = stage.backward(m, gradient)
+                gradient = None
+                if not self.last:
+                    with span("receive gradient", "wait", microbatch=m):
+                        gradient = self.transport.receive(p2p.GRADIENT, m)
+                with span("backward", "backward", microbatch=m):
+                    input_gradient = stage.backward(m, gradient)
                 if not self.first:
-                    self.transport.send(input_gradient, p2p.GRADIENT, m, self.previous)
-        self.transport.finish()
+                    with span("send gradient", "send", microbatch=m):
+                        self.transport.send(input_gradient, p2p.GRADIENT, m, self.previous)
+        with span("wait for sends", "wait"):
+            self.transport.finish()
         if self.plan.dp > 1 and stage.has_parameters:
-            stage.allreduce_gradients()
+            with span("allreduce", "allreduce"):
+                stage.allreduce_gradients()
         if stage.has_parameters:
-            stage.step()
+            with span("optimizer step", "optimizer"):
+                stage.step()
         return meter.sums  # zeros except on last stages
 
     # --- evaluation, forward only through the pipeline ---------------------------

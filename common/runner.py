@@ -19,6 +19,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from common.checkpoint import Checkpoint, NeutralState
+from common.timeline import Timeline
 from common.config import RunConfig
 from common.plan import ParallelPlan
 
@@ -52,6 +53,7 @@ class Runner(Protocol):
     layout: Sequence[str]            # lines describing the placement, logged once
     collectives: Collectives
     checkpoint_shards: int           # how many shards this layout's checkpoints have
+    timeline: Timeline               # --timeline's spans (enabled in model/hybrid/ps mode)
 
     def set_lr(self, value: float) -> None: ...
 
@@ -68,6 +70,9 @@ class Runner(Protocol):
     def load_state(self, open_checkpoint: Optional[OpenCheckpoint], with_optimizer: bool) -> None:
         """Collective: every rank takes its part of the checkpoint (None: keep the seed's
         weights, synchronised)."""
+
+    def write_timeline(self) -> None:
+        """Collective, when ``timeline.enabled``: write every rank's spans to --timeline."""
 
 
 class ElasticRunner(Runner, Protocol):

@@ -126,7 +126,11 @@ class Trainer:
         try:
             if self.config.elastic:
                 return self.runner.run_elastic(self.restore, self.train_from)
-            return self.train_from(self.restore())
+            test = self.train_from(self.restore())
+            if self.runner.timeline.enabled:
+                self.runner.timeline.at_step(-1)  # nothing after the run belongs to a step
+                self.runner.write_timeline()
+            return test
         finally:
             self.dataset.close()
             if self.tensorboard:
@@ -180,6 +184,7 @@ class Trainer:
             # A sync point: a signal or a non-finite loss may have reached only some ranks.
             agreed = self.collectives.start_flag_sum(self.health.code())
             injected_failure(runner.rank, epoch * self.steps + step)
+            runner.timeline.at_step(epoch * self.steps + step)
             sums = runner.train_step(indices, global_count)
             self.health.check_loss(sums[0], (epoch, step))
             meter.sums += sums

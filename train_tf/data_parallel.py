@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import data, metrics, weights
-from common.data_parallel import apply_data_layout, primary_shard, read_on_primary
+from common.data_parallel import apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline
 from common.loss_scale import DynamicLossScale
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
@@ -26,6 +26,7 @@ from train_tf.precision import set_precision
 def init_horovod(config):
     import horovod.tensorflow as hvd
 
+    request_horovod_timeline(config)
     hvd.init()  # Horovod: one process per rank, started by horovodrun/mpirun/srun.
     pin_gpu(hvd.local_rank())  # Horovod: one GPU per local rank, where there are GPUs
     threads = config.threads or max(1, (os.cpu_count() or 1) // hvd.local_size())

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from common import data, metrics, weights
 from common.errors import UsageError
 from common.launch import launcher_world_size
-from common.data_parallel import apply_data_layout, primary_shard, read_on_primary
+from common.data_parallel import apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
 from train_torch.device import pick_device, to_device
 from train_torch.model import batch_norm_statistics, build_model, set_batch_norm_reduction
@@ -97,6 +97,7 @@ def import_horovod():
 
 def init_horovod(config):
     hvd = import_horovod()
+    request_horovod_timeline(config)
     hvd.init()  # Horovod: one process per rank, started by horovodrun/mpirun/srun.
     threads = config.threads or max(1, (os.cpu_count() or 1) // hvd.local_size())
     torch.set_num_threads(threads)  # Horovod: share the node's cores between its ranks.
