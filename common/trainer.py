@@ -16,13 +16,12 @@ import sys
 from typing import Callable, Optional
 
 import numpy as np
-from tqdm import tqdm
-
 from common import checkpoint, data, lr, metrics, models, weights
 from common.config import RunConfig, parse_config
 from common.errors import RunStopped, UsageError
 from common.launch import apply_tuned_defaults, injected_failure
 from common.plan import check_batch, check_stages
+from common.progress import ProgressBar
 from common.runner import Runner, StageFactory
 
 Position = tuple  # (completed epochs, steps done in the next epoch)
@@ -115,6 +114,7 @@ class Trainer:
         self.global_batch = config.global_batch_size(runner.data_shards)
         self.steps = data.steps_per_epoch(len(dataset.y_train), self.global_batch, config.steps_per_epoch)
         self.writer = metrics.JsonLinesWriter(config.metrics_file if runner.primary else "")
+        self.progress = ProgressBar(False, 0, 0, 0)
         self.tensorboard = None
         if config.tensorboard and runner.primary:
             from common.tensorboard import TensorBoardLog
@@ -132,6 +132,7 @@ class Trainer:
                 self.runner.write_timeline()
             return test
         finally:
+            self.progress.close()
             self.dataset.close()
             if self.tensorboard:
                 self.tensorboard.close()
@@ -143,6 +144,9 @@ class Trainer:
         position reached (elastic training keeps its recoverable state with it)."""
         start_epoch, start_step = start
         test = None
+        self.progress.close()  # elastic training starts over here after a reset
+        self.progress = ProgressBar(self.config.progress and self.runner.primary, self.config.epochs, self.steps,
+                                    start_epoch * self.steps + start_step)
         for epoch in range(start_epoch, self.config.epochs):
             train = self.train_epoch(epoch, start_step if epoch == start_epoch else 0, commit)
             if train.stopped_after is not None:
@@ -175,10 +179,8 @@ class Trainer:
         self.dataset.plan_train(np.concatenate([indices for indices, _ in ahead]) if ahead else np.arange(0),
                                 epoch, config.prefetch_batches * -(-global_batch // runner.data_shards))
         meter, images, step_lr, stopped_after = metrics.Meter(), 0, config.lr, None
-        progress = tqdm(batches[first_step:], desc=f"epoch {epoch + 1}", leave=False, mininterval=0.5,
-                        disable=not (config.progress and runner.primary))
         stopwatch = metrics.Stopwatch()
-        for step, (indices, global_count) in enumerate(progress, start=first_step):
+        for step, (indices, global_count) in enumerate(batches[first_step:], start=first_step):
             step_lr = lr.lr_at(epoch * self.steps + step, self.steps, config, runner.data_shards)
             runner.set_lr(step_lr)
             # A sync point: a signal or a non-finite loss may have reached only some ranks.
@@ -190,13 +192,12 @@ class Trainer:
             meter.sums += sums
             images += global_count
             self.log_step_loss(epoch * self.steps + step + 1, sums)
-            progress.set_postfix(loss=f"{sums[0] / max(1, sums[2]):.3f}", refresh=False)
+            self.progress.step(epoch, meter.sums[0] / max(1.0, meter.sums[2]), images / stopwatch.seconds())
             if self.health.stop_agreed(agreed(), (epoch, step)) and step + 1 < len(batches):
                 stopped_after = step + 1
                 break
             if commit and step + 1 < len(batches):
                 commit(epoch, step + 1)
-        progress.close()
         seconds = stopwatch.seconds()
         waited = self.dataset.take_wait_seconds()
         # One allreduce: the metric sums, and the data wait of the ranks that read images.
@@ -230,7 +231,8 @@ class Trainer:
             return
         record = metrics.epoch_record(epoch + 1, train, test, self.runner.world_size, self.config,
                                       self.runner.framework)
-        metrics.log(metrics.format_epoch(record, self.config.epochs))
+        with self.progress.paused():
+            metrics.log(metrics.format_epoch(record, self.config.epochs))
         self.writer.write(record)
         if self.tensorboard:
             self.tensorboard.epoch(record)

@@ -2,6 +2,7 @@
 curves overlaid from metrics files, evaluation-only runs recorded."""
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 
 from common import plot
 from common.tensorboard import CONFIG_TAG, EPOCH_TAGS, STEP_LOSS_TAG
-from tests.helpers import assert_ok, checkpoint_path, run_training
+from tests.helpers import REPO, assert_ok, checkpoint_path, job_env, run_training
 
 
 def read_events(directory):
@@ -58,3 +59,54 @@ def test_torch_ranks_and_a_tf_pipeline_log_the_same_tags_and_their_curves_overla
     assert f"final test accuracy: {record['test_accuracy']:.4f}" in result.stdout
     logged = read_events(tmp_path / "tb-eval").Scalars("test/accuracy")
     assert [(event.step, event.value) for event in logged] == [(0, pytest.approx(record["test_accuracy"]))]
+
+
+def on_terminal(command, timeout=180):
+    """Run ``command`` with a pseudo-terminal as its controlling terminal, stdout and stderr
+    (what a user at a terminal sees); (exit code, everything it printed)."""
+    import os
+    import pty
+    import time
+
+    import fcntl
+    import struct
+    import termios
+
+    pid, master = pty.fork()
+    if pid == 0:  # the child: the terminal is already its stdio and controlling terminal
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a new pty is 0 x 0
+        os.chdir(REPO)
+        os.execvpe(command[0], command, job_env())
+    output, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(master)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+@pytest.mark.parametrize("launch", ["one process", "horovodrun -np 2"])
+def test_one_clean_bar_on_a_terminal_and_none_in_a_pipe(launch):
+    from tests.helpers import ENTRY, launch_command
+
+    args = ["--epochs", 2, "--batch-size", 32, "--model", "resnet8", "--dataset", "synthetic", "--synthetic-shape",
+            "3,32,32", "--synthetic-samples", 1024]  # about 2 s per epoch: several redraws
+    command = [*launch_command(None if launch == "one process" else 2, "horovodrun"), ENTRY["torch"],
+               *map(str, args)]
+    code, seen = on_terminal(command)
+    assert code == 0, seen
+    bar_updates = [part for part in seen.split("\r") if "step" in part and "img/s" in part]
+    assert bar_updates and all("epoch " in part and "loss " in part for part in bar_updates), seen
+    assert not any("<stdout>" in part or "[1," in part for part in bar_updates)  # no launcher tags inside
+    assert "epoch 2/2  train loss" in seen and "final test accuracy" in seen
+
+    piped = subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=180)
+    assert piped.returncode == 0
+    assert "\r" not in piped.stdout + piped.stderr and "img/s]" not in piped.stderr
+    assert "epoch 2/2  train loss" in piped.stdout
