@@ -111,7 +111,7 @@ class RunConfig:
                           "per rank (open in ui.perfetto.dev or chrome://tracing)")
     timeline_steps: int = _flag(3, "with --timeline in model/hybrid/ps mode: steps recorded (after the first)")
     log_every: int = _flag(10, "with --tensorboard: log the global batch's loss every N steps (0: never)")
-    progress: bool = _flag(True, "show a progress bar on rank 0")
+    progress: bool = _flag(True, "one progress bar on the reporting rank, when there is a terminal")
     allow_nonfinite: bool = _flag(False, "keep training when the loss is NaN or infinite (default: "
                                   "stop, keeping the last good checkpoint)")
     elastic: bool = _flag(False, "PyTorch data mode: Horovod elastic training, workers may leave and "

@@ -11,9 +11,8 @@ from tests.helpers import assert_ok, run_training
 
 LAYOUTS = {"data": ([], 2), "model": (["--mode", "model", "--pp", 2], 2),
            "hybrid": (["--mode", "hybrid", "--pp", 2, "--dp", 2], 4)}
-FAILURES = [(framework, layout, how) for framework in ("torch", "tf") for layout in LAYOUTS
-            for how in ("raise", "kill") if how == "raise" or (framework, layout) in
-            {("torch", "data"), ("tf", "hybrid")}]
+FAILURES = [("torch", "data", "raise"), ("torch", "data", "kill"), ("torch", "model", "raise"),
+            ("tf", "hybrid", "raise"), ("tf", "hybrid", "kill")]
 
 
 @pytest.mark.parametrize("framework,layout,how", FAILURES)
@@ -45,7 +44,7 @@ def training_with(tmp_path, framework, *extra, failure=None):
         os.environ.pop("CNN_PARALLEL_TEST_FAILURE", None)
 
 
-@pytest.mark.parametrize("framework", ["torch", "tf"])
+@pytest.mark.parametrize("framework", ["torch"])  # the save and its commit are common/trainer.py's
 def test_a_kill_during_save_keeps_the_previous_checkpoint(tmp_path, framework):
     assert_ok(training_with(tmp_path, framework, "--epochs", 1))
     # Killed after writing epoch 2's checkpoint, before renaming it into place.
@@ -67,7 +66,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path):
     assert f"resumed from {tmp_path}/ckpt-epoch0001 (after epoch 1)" in resumed.stdout
 
 
-@pytest.mark.parametrize("framework", ["torch", "tf"])
+@pytest.mark.parametrize("framework", ["tf"])  # the NaN agreement is common/trainer.py's, framework-blind
 def test_a_nonfinite_loss_stops_without_saving(tmp_path, framework):
     assert_ok(training_with(tmp_path, framework, "--epochs", 1))
     before = sorted(os.listdir(tmp_path))

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tests.helpers import (FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, final_accuracy,
+from tests.helpers import (assert_ok, checkpoint_path, checkpoint_weights, final_accuracy,
                            relative_difference, run_training)
 
 OTHER = {"torch": "tf", "tf": "torch"}
@@ -35,32 +35,19 @@ LAYOUTS = {"data": ([], None), "pp1": (["--mode", "model", "--pp", 1], None),
            "pp3": (["--mode", "model", "--pp", 3, "--microbatches", 4, "--schedule", "gpipe"], 3)}
 
 
-@pytest.fixture(scope="module")
-def three_epochs(tmp_path_factory):
-    """Weights after three uninterrupted epochs, per framework. The seed CNN has
-    no BatchNorm, so every layout computes these same steps (the equivalence
-    tests prove it step by step)."""
-    weights = {}
-    for framework in FRAMEWORKS:
-        directory = tmp_path_factory.mktemp(f"straight-{framework}")
-        assert_ok(run_training([*STEPS, "--epochs", 3, "--checkpoint-dir", directory], framework=framework))
-        weights[framework] = checkpoint_weights(checkpoint_path(directory, 3))
-    return weights
-
-
-@pytest.mark.parametrize("framework,first,then", [
-    ("torch", "pp2", "data"), ("torch", "pp2", "pp1"), ("torch", "data", "pp3"), ("torch", "pp3", "pp2"),
-    ("tf", "pp2", "data"), ("tf", "data", "pp3")])
-def test_checkpoints_resume_in_any_layout(tmp_path, three_epochs, framework, first, then):
-    """Two epochs in one layout and the third resumed in another end where three
-    uninterrupted epochs end."""
-    (first_args, first_np), (then_args, then_np) = LAYOUTS[first], LAYOUTS[then]
+def test_a_pipeline_checkpoint_resumes_as_a_one_stage_pipeline(tmp_path):
+    """Two epochs as a 2-stage pipeline and the third resumed as a 1-stage one end where
+    three uninterrupted single-process epochs end (the seed CNN has no BatchNorm, so every
+    layout computes the same steps). Moves between data, pp 2, pp 3 and ps in both
+    frameworks are tests/e2e/test_checkpoint_moves.py's."""
+    assert_ok(run_training([*STEPS, "--epochs", 3, "--checkpoint-dir", tmp_path / "straight"]))
+    (first_args, first_np), (then_args, then_np) = LAYOUTS["pp2"], LAYOUTS["pp1"]
     assert_ok(run_training([*STEPS, *first_args, "--epochs", 2, "--checkpoint-dir", tmp_path / "moved"],
-                           np_=first_np, framework=framework))
+                           np_=first_np))
     resumed = assert_ok(run_training([*STEPS, *then_args, "--epochs", 3, "--checkpoint-dir", tmp_path / "moved",
-                                      "--resume"], np_=then_np, framework=framework))
+                                      "--resume"], np_=then_np))
     assert "resumed from" in resumed.stdout and "epoch 3/3" in resumed.stdout
-    straight = three_epochs[framework]
+    straight = checkpoint_weights(checkpoint_path(tmp_path / "straight", 3))
     moved = checkpoint_weights(checkpoint_path(tmp_path / "moved", 3))
     for key, value in straight.items():
         assert relative_difference(moved[key], value) <= 1e-5, key

@@ -33,7 +33,7 @@ def test_two_ranks_learn_digits_and_the_other_framework_agrees(tmp_path, framewo
     assert abs(final_accuracy(evaluated.stdout) - accuracy) <= 0.001
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", ["torch"])  # TensorFlow resumes in test_stop_resume and the moves
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, framework):
     args = ["--model", "resnet", "--steps-per-epoch", 6, "--batch-size", 32]
     assert_ok(run_training([*args, "--epochs", 3, "--checkpoint-dir", tmp_path / "straight"], np_=2,

@@ -33,7 +33,7 @@ def train(tmp_path, framework, name, np_, extra=()):
 def test_sync_bn_ranks_equal_one_process_and_unsynced_ranks_do_not(tmp_path, framework):
     single, single_metrics = train(tmp_path, framework, "single", None)
     runs = {name: train(tmp_path, framework, name.replace(" ", "-"), np_, extra)
-            for name, (np_, extra) in SYNCED.items()}
+            for name, (np_, extra) in SYNCED.items() if framework == "torch" or name == "data np3"}
     unsynced, _ = train(tmp_path, framework, "unsynced", 2)
 
     statistics = [key for key in single if key.endswith((".bn.mean", ".bn.var"))]
