@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from common import images
-from common.errors import UsageError
-from common.errors import launcher_rank
+from common.errors import UsageError, launcher_rank
 from common.launch import cpus_per_rank, launcher_world_size
 
 if TYPE_CHECKING:

@@ -14,6 +14,7 @@ rank, worker or framework reads it, so N ranks compute what one rank does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -22,7 +23,7 @@ import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -109,8 +110,6 @@ def stratified_split(files: dict, val_fraction: float) -> tuple[dict, dict]:
 
 def scan_folder(root: str, val_fraction: float) -> FolderIndex:
     """The file list of an image folder in either layout (UsageError naming what is wrong)."""
-    if not root:
-        raise UsageError("--dataset folder needs --data-dir DIR (DIR/<class>/*.jpg, or DIR/train and DIR/val)")
     if not os.path.isdir(root):
         raise UsageError(f"folder dataset: directory {root} not found; pass an existing --data-dir")
     for train_name, val_name in SPLIT_NAMES:
@@ -195,10 +194,13 @@ class ImageTransform:
             box = (left, top, left + width, top + height)
             if image.format == "JPEG":
                 box = self._draft(image, mode, box)
-            if not (image.mode == "L" and mode == "RGB"):  # gray to RGB copies a channel: cheaper after
+            # Gray to RGB only copies a channel: cheaper after the resize.
+            if image.mode != mode and not (image.mode == "L" and mode == "RGB"):
                 image = image.convert(mode)
             image = image.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
-        pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+        if image.mode != mode:  # convert() copies even when the mode is already right
+            image = image.convert(mode)
+        pixels = np.asarray(image, dtype=np.uint8)
         pixels = pixels[:, ::-1] if flip else pixels
         return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
@@ -233,6 +235,16 @@ def normalise(batch: np.ndarray, channels: int, out: Optional[np.ndarray] = None
 
 # --- checking files before training --------------------------------------------------
 
+@contextlib.contextmanager
+def decompression_bombs_refused() -> Iterator[None]:
+    """Pillow warns from 89 M pixels on and refuses twice that: refuse from the warning on."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def describe_problem(error: BaseException) -> str:
     text = getattr(error, "strerror", None) or str(error) or type(error).__name__
     return f"{type(error).__name__}: {text}"
@@ -243,8 +255,7 @@ def check_image(path: str, full: bool) -> tuple[Optional[str], str]:
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with decompression_bombs_refused():
             with Image.open(path) as image:
                 mode = image.mode
                 if full:
@@ -278,15 +289,12 @@ def decode_samples(paths: Sequence[str], transform: ImageTransform, indices: Seq
     """uint8 samples of files ``paths`` (sample numbers ``indices``), in ``out`` if given,
     and the (path, problem) of each unreadable one: with ``skip_bad`` a blank sample takes
     its place, else the first one stops the job (RankUsageError)."""
-    from PIL import Image
-
     shape = (len(paths), transform.channels, transform.size, transform.size)
     out = np.empty(shape, dtype=np.uint8) if out is None else out[:len(paths)]
     bad = []
     for slot, (path, index) in enumerate(zip(paths, indices)):
         try:
-            with warnings.catch_warnings():  # Pillow warns from 89 M pixels on and refuses twice that
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with decompression_bombs_refused():
                 out[slot] = transform.load(path, int(index), epoch)
         except Exception as error:  # noqa: BLE001 - named and counted, or the job stops on it
             if not skip_bad:

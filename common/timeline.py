@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 
 @dataclass
@@ -25,13 +25,16 @@ class Span:
     args: dict = field(default_factory=dict)
 
 
+_NOT_RECORDING = contextlib.nullcontext()
+
+
 class Timeline:
     """Spans of one rank during steps [first_step, first_step + steps); free when off."""
 
     def __init__(self, steps: int = 0, first_step: int = 1):
         self.first_step, self.last_step = first_step, first_step + steps
         self.spans: list[Span] = []
-        self.recording = False
+        self.recording, self.step = False, -1
         self.origin = time.perf_counter()
 
     @property
@@ -46,15 +49,13 @@ class Timeline:
         self.recording = self.first_step <= global_step < self.last_step
         self.step = global_step
 
-    @property
-    def done(self) -> bool:
-        return self.enabled and not self.recording and bool(self.spans)
+    def span(self, name: str, category: str, **args) -> ContextManager:
+        """Times its block while recording; outside the recorded steps, a shared no-op (the
+        pipeline's hot path opens several per micro-batch)."""
+        return self._record(name, category, args) if self.recording else _NOT_RECORDING
 
     @contextlib.contextmanager
-    def span(self, name: str, category: str, **args) -> Iterator[None]:
-        if not self.recording:
-            yield
-            return
+    def _record(self, name: str, category: str, args: dict) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
@@ -149,10 +150,6 @@ def plot_traces(paths: list[str], out: str, titles: Optional[list[str]] = None) 
     figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(out, dpi=110)
     plt.close(figure)
-
-
-def plot_trace(path: str, out: str, title: Optional[str] = None) -> None:
-    plot_traces([path], out, [title] if title else None)
 
 
 def main(argv=None) -> None:

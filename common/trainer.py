@@ -233,15 +233,15 @@ class Trainer:
                                       self.runner.framework)
         with self.progress.paused():
             metrics.log(metrics.format_epoch(record, self.config.epochs))
-        self.writer.write(record)
-        if self.tensorboard:
-            self.tensorboard.epoch(record)
+        self._publish(record)
 
     def record_evaluation(self, epochs_done: int, test: tuple) -> None:
-        if not self.runner.primary:
-            return
-        record = metrics.evaluation_record(epochs_done, test, self.runner.world_size, self.config,
-                                           self.runner.framework)
+        if self.runner.primary:
+            self._publish(metrics.evaluation_record(epochs_done, test, self.runner.world_size, self.config,
+                                                    self.runner.framework))
+
+    def _publish(self, record: dict) -> None:
+        """A record to the metrics file and TensorBoard (each when asked for)."""
         self.writer.write(record)
         if self.tensorboard:
             self.tensorboard.epoch(record)

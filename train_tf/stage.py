@@ -64,6 +64,7 @@ class TfStage:
     def __init__(self, place: StagePlace):
         self.first, self.last = place.first, place.last
         self.config = place.config
+        self.stage_set = None  # hybrid: this stage's replicas (init_replica_allreduce)
         self.in_shape = models.layer_shapes(place.specs, place.input_shape)[place.start]
         set_precision(place.config)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start, place.end)
@@ -114,7 +115,7 @@ class TfStage:
 
     def share_batch_norm_statistics(self):
         """Hybrid: this stage's replicas average their BatchNorm running statistics."""
-        if getattr(self, "stage_set", None) is not None and not self.config.sync_bn:
+        if self.stage_set is not None and not self.config.sync_bn:
             average_batch_norm_statistics(self.hvd, self.model, self.stage_set)
 
     def zero_grad(self):

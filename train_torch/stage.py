@@ -47,6 +47,7 @@ class TorchStage:
     def __init__(self, place: StagePlace):
         self.first, self.last = place.first, place.last
         self.config = place.config
+        self.stage_set = None  # hybrid: this stage's replicas (init_replica_allreduce)
         self.device = pick_device(place.local_rank)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start,
                                  place.end).to(self.device)
@@ -70,7 +71,7 @@ class TorchStage:
 
     def share_batch_norm_statistics(self):
         """Hybrid: this stage's replicas average their BatchNorm running statistics."""
-        if getattr(self, "stage_set", None) is not None and not self.config.sync_bn:
+        if self.stage_set is not None and not self.config.sync_bn:
             average_batch_norm_statistics(self.hvd, self.model, self.stage_set)
 
     def zero_grad(self):

@@ -50,7 +50,7 @@ def test_a_pipeline_timeline_follows_its_schedule_and_its_spans_nest(tmp_path, f
         assert ("wait" in categories) and ("data" in categories) == (stage == 0)
         if "--dp" in layout:
             assert "allreduce" in categories
-    timeline.plot_trace(str(trace), str(tmp_path / "trace.png"))
+    timeline.plot_traces([str(trace)], str(tmp_path / "trace.png"))
     with Image.open(tmp_path / "trace.png") as image:
         image.verify()
 
