@@ -54,7 +54,7 @@ def rank_memory_case(folder, quick):
     stdout = run([PYTHON, "-c", PEAK_RSS, PYTHON, os.path.join(REPO, "train_torch", "main.py"), "--dataset", "folder",
                   "--data-dir", folder, "--model", "resnet8", "--image-size", 64, "--epochs", 1,
                   "--steps-per-epoch", 3 if quick else 10, "--batch-size", 64, "--threads", 1, "--data-workers", 1,
-                  "--no-progress"], job_env())
+                  "--no-progress", "--run-dir", "none"], job_env())
     return {"peak_mib": int(stdout.split("PEAK_KIB")[1].split()[0]) / 1024}
 
 
@@ -66,7 +66,7 @@ def training_case(folder, framework, quick):
         run([*mpirun(2), "--bind-to", "none", PYTHON, os.path.join(REPO, f"train_{framework}", "main.py"),
              "--dataset", "folder", "--data-dir", folder, "--model", "resnet8", "--image-size", 64, "--epochs", 2,
              "--steps-per-epoch", steps, "--batch-size", 64, "--threads", 1, "--data-workers", 1,
-             "--no-progress", "--metrics-file", metrics], job_env())
+             "--no-progress", "--run-dir", "none", "--metrics-file", metrics], job_env())
         with open(metrics) as lines:
             last = [json.loads(line) for line in lines][-1]  # the second epoch: past start-up
         return {"images_per_sec": last["images_per_sec"], "data_wait_fraction": last["data_wait_fraction"]}

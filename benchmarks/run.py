@@ -91,7 +91,7 @@ def entry_case(settings, framework, np_, flags=(), env=None):
         metrics = os.path.join(scratch, "metrics.jsonl")
         launcher = mpirun(np_, (env or {}).keys()) if np_ > 1 else []
         run([*launcher, PYTHON, os.path.join(REPO, f"train_{framework}", "main.py"), *settings.entry_flags(),
-             *flags, "--metrics-file", metrics], job_env(env))
+             *flags, "--run-dir", "none", "--metrics-file", metrics], job_env(env))
         with open(metrics) as lines:
             return summary([json.loads(line)["images_per_sec"] for line in lines])
 

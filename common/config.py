@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from common import models
 from common.errors import UsageError
+from common.run_dir import NO_RUN_DIR, TIMELINE_IN_RUN_DIR
 
 MODES = ("data", "model", "hybrid", "ps")
 SCHEDULES = ("gpipe", "1f1b")
@@ -98,17 +99,24 @@ class RunConfig:
     seed: int = _flag(0, "seed for weights and data order")
     threads: int = _flag(0, "compute threads per rank (0: cores / ranks on this node)")
     steps_per_epoch: int = _flag(0, "stop each epoch after this many steps (0: full epoch)")
-    checkpoint_dir: str = _flag("", "save a checkpoint here after every epoch (rank 0, atomic)")
+    run_dir: str = _flag("", "this run's directory: its command line and resolved configuration, and (unless "
+                         "pointed elsewhere) its metrics, TensorBoard events, checkpoints and timeline; default "
+                         "runs/<time>-<framework>-<mode>; none: write only what the flags below ask for")
+    checkpoint_dir: str = _flag("", "save a checkpoint here after every epoch (rank 0, atomic; default: "
+                                "RUN_DIR/checkpoints)")
     keep_checkpoints: int = _flag(3, "how many recent checkpoints to keep")
-    resume: bool = _flag(False, "continue from the newest checkpoint in --checkpoint-dir")
+    resume: bool = _flag(False, "continue the run in --run-dir (or --checkpoint-dir) from its newest checkpoint")
     init_from: str = _flag("", "start from the weights of this checkpoint directory (ckpt-epochNNNN, "
                            "written by either framework in any mode); with --epochs 0 it only evaluates")
-    metrics_file: str = _flag("", "append one JSON object per epoch to this file")
+    metrics_file: str = _flag("", "append one JSON object per epoch to this file (default: RUN_DIR/metrics.jsonl)")
     tensorboard: str = _flag("", "write TensorBoard events (losses, accuracy, LR, throughput, step time, data "
-                             "wait, the configuration) to this directory: tensorboard --logdir DIR")
-    timeline: str = _flag("", "record what each rank does over a few steps: data mode writes Horovod's own "
-                          "timeline here (HOROVOD_TIMELINE); model/hybrid/ps write a Chrome-trace JSON, one track "
-                          "per rank (open in ui.perfetto.dev or chrome://tracing)")
+                             "wait, the configuration) to this directory (default: RUN_DIR): tensorboard --logdir runs")
+    timeline: str = _flag("", "record what each rank does over a few steps into FILE (bare --timeline: "
+                          "RUN_DIR/timeline.json): data mode writes Horovod's own timeline; model/hybrid/ps a "
+                          "Chrome-trace JSON, one track per rank (open in ui.perfetto.dev or chrome://tracing). "
+                          "Under horovodrun spell it --timeline-file: horovodrun takes --timeline for its own "
+                          "--timeline-filename", nargs="?", const=TIMELINE_IN_RUN_DIR, metavar="FILE",
+                          aliases=("--timeline-file",))
     timeline_steps: int = _flag(3, "with --timeline in model/hybrid/ps mode: steps recorded (after the first)")
     log_every: int = _flag(10, "with --tensorboard: log the global batch's loss every N steps (0: never)")
     progress: bool = _flag(True, "one progress bar on the reporting rank, when there is a terminal")
@@ -189,11 +197,14 @@ def validate(config: RunConfig) -> RunConfig:
     if config.elastic and config.weak_scaling:
         raise UsageError("--elastic keeps the global batch fixed while workers come and go; use "
                          "--batch-size instead of --batch-size-per-rank")
+    if config.elastic and not config.run_dir:
+        raise UsageError("--elastic needs --run-dir DIR (or --run-dir none): the default name is the time "
+                         "the run started, which a worker joining later cannot know")
     if config.adasum and config.fp16_allreduce:
         raise UsageError("--adasum and --fp16-allreduce cannot be combined; drop one")
     _validate_model_options(config)
-    if config.resume and not config.checkpoint_dir:
-        raise UsageError("--resume needs --checkpoint-dir DIR to resume from")
+    if config.resume and not config.checkpoint_dir and config.run_dir in ("", NO_RUN_DIR):
+        raise UsageError("--resume needs the run to continue: --run-dir DIR (or --checkpoint-dir DIR)")
     if config.init_from and config.resume:
         raise UsageError("--init-from and --resume exclude each other: --resume continues a run "
                          "(weights, optimizer, epoch), --init-from starts a new one from weights")
@@ -259,12 +270,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         flag = "--" + spec.name.replace("_", "-")
         meta = dict(spec.metadata)
         help_text = meta.pop("help")
+        flags = (flag, *meta.pop("aliases", ()))
         if spec.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
                                 default=spec.default, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(spec.type, spec.type)
-            parser.add_argument(flag, type=kind, default=spec.default, help=help_text, **meta)
+            parser.add_argument(*flags, dest=spec.name, type=kind, default=spec.default, help=help_text, **meta)
     return parser
 
 

@@ -19,10 +19,17 @@ from common.timeline import Timeline
 
 
 def request_horovod_timeline(config: RunConfig) -> None:
-    """--timeline in data mode: Horovod's own timeline (read by hvd.init, written by rank 0:
-    negotiation, queueing and each allreduce of every gradient)."""
+    """--timeline in data mode: Horovod's own timeline (written by rank 0: negotiation,
+    queueing and each allreduce of every gradient). Its file is known only once the ranks
+    have agreed on the run directory, after hvd.init, so it is started then."""
     if config.timeline:
-        os.environ["HOROVOD_TIMELINE"] = os.path.abspath(config.timeline)
+        os.environ["HOROVOD_TIMELINE"] = "DYNAMIC"
+
+
+def start_horovod_timeline(hvd, config: RunConfig) -> None:
+    """On every rank (Horovod's coordinator writes it)."""
+    if config.timeline:
+        hvd.start_timeline(os.path.abspath(config.timeline))
 
 
 def apply_data_layout(runner, hvd, config: RunConfig) -> None:

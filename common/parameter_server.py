@@ -31,7 +31,7 @@ from common.checkpoint import NeutralState
 from common.config import RunConfig
 from common.data import Dataset
 from common.runner import MpiCollectives, OpenCheckpoint, StageFactory, StagePlace, node_placement
-from common.timeline import gather_timeline, start_timeline
+from common.timeline import Timeline, gather_timeline, start_timeline
 
 SERVER = 0
 GRADIENT_TAG, PARAMETER_TAG = 11, 12
@@ -60,13 +60,16 @@ class ParameterServerRunner:
         self.stage = stage_factory(StagePlace(tuple(specs), dataset.image_shape, 0, len(specs), True, True,
                                               config, local_rank))
         self.parameter_count = self.stage.parameter_vector().size  # the length of every message
-        self.timeline = start_timeline(self.comm, config)
+        self.timeline = Timeline()
         self.layout = [f"parameter server: rank {SERVER} sums the gradients and updates "
                        f"{self.parameter_count:,} parameters; "
                        f"workers {self.workers} compute gradients on {len(self.workers)} shares of each batch"]
 
     def set_lr(self, value: float) -> None:
         self.stage.set_lr(value)
+
+    def start_timeline(self) -> None:
+        self.timeline = start_timeline(self.comm, self.config)
 
     def write_timeline(self) -> None:
         gather_timeline(self.comm, self.timeline, self.config.timeline,

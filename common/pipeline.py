@@ -28,7 +28,7 @@ from common.checkpoint import NeutralState
 from common.config import RunConfig
 from common.data import Dataset
 from common.runner import MpiCollectives, OpenCheckpoint, StageFactory, StagePlace, node_placement
-from common.timeline import gather_timeline, start_timeline
+from common.timeline import Timeline, gather_timeline, start_timeline
 
 EVAL_TAG = 1 << 20  # above every training tag (2 * micro-batch + kind)
 
@@ -64,7 +64,7 @@ class PipelineRunner:
         self.stage = stage_factory(StagePlace(tuple(specs), dataset.image_shape, self.start, self.end,
                                               self.first, self.last, config, local_rank))
         self.transport = p2p.Transport(self.comm)
-        self.timeline = start_timeline(self.comm, config)
+        self.timeline = Timeline()
         if self.plan.dp > 1:
             self.stage.init_replica_allreduce([self.plan.stage_ranks(s) for s in range(self.plan.pp)],
                                               self.stage_index)
@@ -84,6 +84,9 @@ class PipelineRunner:
         self.stage.set_lr(value)
 
     # --- one optimizer step -------------------------------------------------------
+
+    def start_timeline(self) -> None:
+        self.timeline = start_timeline(self.comm, self.config)
 
     def write_timeline(self) -> None:
         gather_timeline(self.comm, self.timeline, self.config.timeline,

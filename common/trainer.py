@@ -16,7 +16,7 @@ import sys
 from typing import Callable, Optional
 
 import numpy as np
-from common import checkpoint, data, lr, metrics, models, weights
+from common import checkpoint, data, lr, metrics, models, run_dir, weights
 from common.config import RunConfig, parse_config
 from common.errors import RunStopped, UsageError
 from common.launch import apply_tuned_defaults, injected_failure
@@ -109,6 +109,8 @@ class Trainer:
             config.model, dataset.image_shape, dataset.num_classes,
             models.resolved_stem(config.model, config.stem, dataset.image_shape))
         self.expected_shapes = weights.expected_shapes(specs, dataset.image_shape)
+        self.settle_run_directory()
+        runner.start_timeline()
         self.stop = StopRequest()
         self.health = Health(self.stop, runner, config.allow_nonfinite)
         self.global_batch = config.global_batch_size(runner.data_shards)
@@ -119,6 +121,23 @@ class Trainer:
         if config.tensorboard and runner.primary:
             from common.tensorboard import TensorBoardLog
             self.tensorboard = TensorBoardLog(config.tensorboard, dataclasses.asdict(config), sys.argv)
+
+    def settle_run_directory(self) -> None:
+        """The primary claims the run directory and records the launch; every rank then
+        sends the outputs it was not told to put elsewhere there."""
+        config, runner = self.config, self.runner
+
+        def claim():
+            directory = run_dir.claim(config, runner.framework)
+            run_dir.place_outputs(config, directory)
+            if directory:
+                run_dir.record(directory, config, runner.framework, runner.world_size)
+            return directory
+        if config.elastic:  # a worker that joins later has no start-up collective to take part in
+            named = None if config.run_dir == run_dir.NO_RUN_DIR else config.run_dir
+            run_dir.place_outputs(config, claim() if runner.primary else named)
+        else:
+            run_dir.place_outputs(config, self.on_primary_for_all(claim, "run_dir"))
 
     def run(self) -> Optional[tuple]:
         """Train and evaluate; the test (loss, accuracy), or None when stopped early."""
@@ -364,6 +383,8 @@ class Trainer:
                         f"{'on' if config.augment else 'off'}")
         for line in runner.layout:
             metrics.log(line)
+        if config.run_dir != run_dir.NO_RUN_DIR:
+            metrics.log(f"run directory: {config.run_dir}  (tensorboard --logdir {os.path.dirname(config.run_dir) or '.'})")
 
 
 def describe(plan, config: RunConfig) -> str:

@@ -12,7 +12,7 @@ MICROBATCHES=${MICROBATCHES:-4}        # model/hybrid
 EPOCHS=${EPOCHS:-10}
 TRAIN_ARGS=${TRAIN_ARGS:-}             # more flags, e.g. "--dataset cifar10 --data-dir /data/cifar-10-batches-py"
 VENV=${VENV:-$SLURM_SUBMIT_DIR/.venv}
-CHECKPOINT_ROOT=${CHECKPOINT_ROOT:-$SLURM_SUBMIT_DIR/checkpoints}
+RUN_ROOT=${RUN_ROOT:-$SLURM_SUBMIT_DIR/runs}
 
 cd "$SLURM_SUBMIT_DIR"
 # shellcheck disable=SC1091
@@ -21,9 +21,11 @@ export PYTHONUNBUFFERED=1
 # Open MPI refuses root without these; harmless for other users.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
-# One checkpoint directory per job name: a resubmitted or requeued job resumes.
-CHECKPOINT_DIR="$CHECKPOINT_ROOT/$SLURM_JOB_NAME"
-train_args=(--mode "$MODE" --epochs "$EPOCHS" --checkpoint-dir "$CHECKPOINT_DIR" --no-progress)
+# One run directory per job name (metrics, TensorBoard events, checkpoints, the
+# command line): a resubmitted or requeued job resumes in it.
+RUN_DIR="$RUN_ROOT/$SLURM_JOB_NAME"
+CHECKPOINT_DIR="$RUN_DIR/checkpoints"
+train_args=(--mode "$MODE" --epochs "$EPOCHS" --run-dir "$RUN_DIR" --no-progress)
 if [ "$MODE" != data ]; then
     train_args+=(--pp "$PP" --microbatches "$MICROBATCHES")
     [ "$MODE" = hybrid ] && [ -n "$DP" ] && train_args+=(--dp "$DP")
@@ -35,7 +37,7 @@ fi
 TRAIN=(python "train_$FRAMEWORK/main.py" "${train_args[@]}" $TRAIN_ARGS)
 
 echo "job $SLURM_JOB_ID ($SLURM_JOB_NAME) on $SLURM_JOB_NUM_NODES node(s), $SLURM_NTASKS task(s):" \
-     "$FRAMEWORK $MODE; restart ${SLURM_RESTART_COUNT:-0}; checkpoints in $CHECKPOINT_DIR"
+     "$FRAMEWORK $MODE; restart ${SLURM_RESTART_COUNT:-0}; run directory $RUN_DIR"
 
 descendants() {
     local child

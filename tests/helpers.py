@@ -12,6 +12,8 @@ PYTHON = sys.executable
 BIN = os.path.dirname(PYTHON)
 ENTRY = {"torch": os.path.join(REPO, "train_torch", "main.py"),
          "tf": os.path.join(REPO, "train_tf", "main.py")}
+# No bar, and no run directory unless a test asks for one (later flags win).
+QUIET = ("--no-progress", "--run-dir", "none")
 # A generous bound: a hung job fails the test instead of hanging CI.
 JOB_TIMEOUT = 300
 
@@ -35,7 +37,7 @@ def launch_command(np_, launcher):
 
 def run_training(args, np_=None, framework="torch", launcher="mpirun", timeout=JOB_TIMEOUT):
     """Run an entry script (one process when ``np_`` is None); returns CompletedProcess."""
-    command = [*launch_command(np_, launcher), ENTRY[framework], "--no-progress", *map(str, args)]
+    command = [*launch_command(np_, launcher), ENTRY[framework], *QUIET, *map(str, args)]
     return subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -104,7 +106,7 @@ def run_and_signal_one_rank(args, np_, framework, after_line, signal_number):
     one rank (the last one started), and wait for the job to end."""
     import psutil
 
-    command = [*launch_command(np_, "mpirun"), ENTRY[framework], "--no-progress", *map(str, args)]
+    command = [*launch_command(np_, "mpirun"), ENTRY[framework], *QUIET, *map(str, args)]
     job = subprocess.Popen(command, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     seen = []

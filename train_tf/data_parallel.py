@@ -14,7 +14,8 @@ import numpy as np
 import tensorflow as tf
 
 from common import data, metrics, weights
-from common.data_parallel import apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline
+from common.data_parallel import (apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline,
+                                  start_horovod_timeline)
 from common.loss_scale import DynamicLossScale
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
@@ -110,6 +111,9 @@ class DataParallelRunner:
         compression = self.hvd.Compression.fp16 if config.fp16_allreduce else self.hvd.Compression.none
         self._allreduce_kwargs = {"op": self.hvd.Adasum if config.adasum else self.hvd.Sum,
                                   "compression": compression}
+
+    def start_timeline(self):
+        start_horovod_timeline(self.hvd, self.config)
 
     def _chunk_gradients_eager(self, images, labels, scale):
         with tf.GradientTape() as tape:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from common import data, metrics, weights
 from common.errors import UsageError
 from common.launch import launcher_world_size
-from common.data_parallel import apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline
+from common.data_parallel import (apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline,
+                                  start_horovod_timeline)
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
 from train_torch.device import pick_device, to_device
 from train_torch.model import batch_norm_statistics, build_model, set_batch_norm_reduction
@@ -60,6 +61,9 @@ class OneProcess:
 
     def broadcast_parameters(self, *args, **kwargs):
         pass
+
+    def start_timeline(self, path):
+        pass  # no Horovod, no allreduce to trace
 
     def DistributedOptimizer(self, optimizer, **kwargs):  # noqa: N802 (Horovod's name)
         optimizer.synchronize, optimizer.skip_synchronize = (lambda: None), contextlib.nullcontext
@@ -175,6 +179,9 @@ class DataParallelRunner:
             set_batch_norm_reduction(self.model, lambda sums: self.hvd.allreduce(sums, op=self.hvd.Sum))
         self.optimizer = make_optimizer(self.model, config, self.hvd)
         self.scaler = LossScaler(config, self.device, self.primary) if config.amp == "fp16" else None
+
+    def start_timeline(self):
+        start_horovod_timeline(self.hvd, self.config)
 
     def set_lr(self, value):
         for group in self.optimizer.param_groups:

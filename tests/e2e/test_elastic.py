@@ -29,7 +29,7 @@ def elastic_command(checkpoint_dir):
             "--host-discovery-script", os.path.join(REPO, "common", "discover_hosts.sh"),
             "--blacklist-cooldown-range", "2", "3",
             PYTHON, ENTRY["torch"], "--elastic", "--elastic-commit-steps", "5", "--no-progress",
-            "--checkpoint-dir", str(checkpoint_dir), *map(str, ARGS)]
+            "--run-dir", "none", "--checkpoint-dir", str(checkpoint_dir), *map(str, ARGS)]
 
 
 def kill_tree(job):

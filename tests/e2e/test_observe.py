@@ -98,7 +98,7 @@ def test_one_clean_bar_on_a_terminal_and_none_in_a_pipe(launch):
     args = ["--epochs", 2, "--batch-size", 32, "--model", "resnet8", "--dataset", "synthetic", "--synthetic-shape",
             "3,32,32", "--synthetic-samples", 1024]  # about 2 s per epoch: several redraws
     command = [*launch_command(None if launch == "one process" else 2, "horovodrun"), ENTRY["torch"],
-               *map(str, args)]
+               "--run-dir", "none", *map(str, args)]
     code, seen = on_terminal(command)
     assert code == 0, seen
     bar_updates = [part for part in seen.split("\r") if "step" in part and "img/s" in part]
@@ -112,3 +112,39 @@ def test_one_clean_bar_on_a_terminal_and_none_in_a_pipe(launch):
     assert piped.returncode == 0
     assert "\r" not in piped.stdout + piped.stderr and "img/s]" not in piped.stderr
     assert "epoch 2/2  train loss" in piped.stdout
+
+
+def test_a_run_directory_collects_one_run_and_repeats_it(tmp_path):
+    """By default a run writes everything into runs/<time>-<framework>-<mode>; its command.sh
+    repeats it (the same curve), and --resume --run-dir continues it in place."""
+    import re
+
+    from tests.helpers import ENTRY, launch_command
+
+    args = ["--mode", "model", "--pp", 2, "--microbatches", 2, "--epochs", 2, "--steps-per-epoch", 3,
+            "--batch-size", 32, "--timeline", "--timeline-steps", 1, "--no-progress"]
+    first = assert_ok(subprocess.run([*launch_command(2, "mpirun"), ENTRY["torch"], *map(str, args)], cwd=tmp_path,
+                                     env=job_env(), capture_output=True, text=True, timeout=300))
+    [name] = [entry.name for entry in (tmp_path / "runs").iterdir()]
+    assert re.fullmatch(r"\d{8}-\d{6}-torch-model", name) and f"run directory: runs/{name}" in first.stdout
+    run = tmp_path / "runs" / name
+    assert {"command.sh", "config.json", "metrics.jsonl", "timeline.json"} <= {entry.name for entry in run.iterdir()}
+    assert (checkpoint_path(run / "checkpoints", 2) / "COMPLETE").exists()
+    assert set(read_events(run).Tags()["scalars"]) >= set(EPOCH_TAGS.values())
+    config = json.loads((run / "config.json").read_text())
+    assert config["world_size"] == 2 and config["launcher"][0] == "mpirun"
+    assert config["config"]["checkpoint_dir"] == f"runs/{name}/checkpoints"
+
+    assert_ok(subprocess.run(["bash", str(run / "command.sh"), "--run-dir", str(tmp_path / "again")], cwd=REPO,
+                             env=job_env(), capture_output=True, text=True, timeout=300))
+    losses = [[json.loads(line)["train_loss"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
+              for directory in (run, tmp_path / "again")]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]  # the same run, twice
+
+    resumed = subprocess.run([*launch_command(2, "mpirun"), ENTRY["torch"], *map(str, args), "--epochs", "3",
+                              "--resume", "--run-dir", f"runs/{name}"], cwd=tmp_path, env=job_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert f"resumed from runs/{name}/checkpoints/ckpt-epoch0002" in assert_ok(resumed).stdout
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (run / "command.sh").read_text().count("main.py") == 2  # each start of the run, in order
+    assert (tmp_path / "runs").exists() and len(list((tmp_path / "runs").iterdir())) == 1

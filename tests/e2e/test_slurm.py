@@ -33,7 +33,7 @@ def cluster(tmp_path_factory):
                              timeout=600)
     assert started.returncode == 0, started.stdout + started.stderr
     env = job_env()
-    env.update(SLURM_CONF=str(directory / "slurm.conf"), CHECKPOINT_ROOT=str(directory / "checkpoints"),
+    env.update(SLURM_CONF=str(directory / "slurm.conf"), RUN_ROOT=str(directory / "runs"),
                VENV=os.path.dirname(os.path.dirname(PYTHON)))
     yield directory, env
     subprocess.run(["bash", script, "stop", str(directory)], timeout=60)
@@ -94,7 +94,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(cluster):
     assert re.search(r"stopped by SIGUSR1 after \d+ steps of epoch [23]; saved .*ckpt-epoch", log), log
     assert "requeueing job" in log and "restart 1" in log and "resumed from" in log, log
     assert log.count("epoch 3/3") == 1 and "final test accuracy" in log, log
-    checkpoints = cluster[0] / "checkpoints" / "test-preempt"
+    checkpoints = cluster[0] / "runs" / "test-preempt" / "checkpoints"
     assert (checkpoints / "ckpt-epoch0003" / "COMPLETE").exists()
 
 

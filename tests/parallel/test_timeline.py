@@ -63,8 +63,8 @@ def test_parameter_server_and_data_mode_timelines(tmp_path):
     assert {span["name"] for span in tracks["rank 0: server"]} >= {"receive gradients", "optimizer step"}
     assert {span["name"] for span in tracks["rank 1: worker"]} >= {"forward", "backward", "receive parameters"}
 
-    horovod = tmp_path / "horovod.json"
-    assert_ok(run_training([*STEPS, "--timeline", horovod], np_=2))
-    text = horovod.read_text()
+    # Under horovodrun (which would take --timeline as its own) a bare --timeline-file: the run directory's.
+    assert_ok(run_training([*STEPS, "--run-dir", tmp_path / "run", "--timeline-file"], np_=2, launcher="horovodrun"))
+    text = (tmp_path / "run" / "timeline.json").read_text()
     assert "ALLREDUCE" in text and json.loads(text.rstrip().rstrip(",") + "]" if not text.rstrip().endswith("]")
                                               else text)

@@ -31,7 +31,9 @@ def test_flags_parse_into_the_config():
     (["--lr", "nan"], "--lr must be positive"),
     (["--momentum", "1.5"], "--momentum must be in"),
     (["--accumulation-steps", "0"], "--accumulation-steps must be at least 1"),
-    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--resume"], "--resume needs the run to continue: --run-dir DIR"),
+    (["--resume", "--run-dir", "none"], "--resume needs the run to continue"),
+    (["--elastic"], "--elastic needs --run-dir DIR"),
     (["--dataset", "cifar10"], "needs --data-dir"),
     (["--dataset", "synthetic", "--synthetic-shape", "3x32"], "--synthetic-shape '3x32'"),
     (["--batch-szie", "3"], "unrecognized arguments"),
@@ -78,8 +80,8 @@ def test_elastic_is_refused_by_the_tensorflow_entry_and_accepted_by_pytorch():
     from common import trainer
 
     with pytest.raises(UsageError, match="--elastic uses Horovod's PyTorch elastic API"):
-        trainer.load_run(["--elastic"], "train_tf/main.py")
-    assert trainer.load_run(["--elastic"], "train_torch/main.py", elastic_supported=True)[0].elastic
+        trainer.load_run(["--elastic", "--run-dir", "none"], "train_tf/main.py")
+    assert trainer.load_run(["--elastic", "--run-dir", "none"], "train_torch/main.py", elastic_supported=True)[0].elastic
 
 
 @pytest.mark.parametrize("argv,message", [
