@@ -152,14 +152,29 @@ def to_tensors(state: NeutralState) -> dict:
     return {name: np.asarray(value, dtype=np.float32, order="C") for name, value in tensors.items()}  # keeps 0-d
 
 
+def shard_bytes(state: NeutralState) -> int:
+    """About what a shard of ``state`` takes on disk (its float32 tensors; headers are small)."""
+    return sum(tensor.nbytes for tensor in to_tensors(state).values())
+
+
+def free_bytes(directory: str) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 0
+
+
 def write_shard(temporary: str, index: int, state: NeutralState) -> None:
-    """One rank's part of a checkpoint, into the shared temporary directory."""
-    from safetensors.numpy import save_file
+    """One rank's part of a checkpoint, into the shared temporary directory. Serialised in
+    memory and written by Python, so a full disk is an OSError with its errno (safetensors'
+    own save_file reports it as a SafetensorError carrying only a message)."""
+    from safetensors.numpy import save
 
     os.makedirs(temporary, exist_ok=True)
-    path = os.path.join(temporary, shard_name(index))
-    save_file(to_tensors(state), path)
-    _fsync(path)
+    with open(os.path.join(temporary, shard_name(index)), "wb") as handle:
+        handle.write(save(to_tensors(state)))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _write_json(path: str, value) -> None:

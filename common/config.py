@@ -105,6 +105,9 @@ class RunConfig:
     checkpoint_dir: str = _flag("", "save a checkpoint here after every epoch (rank 0, atomic; default: "
                                 "RUN_DIR/checkpoints)")
     keep_checkpoints: int = _flag(3, "how many recent checkpoints to keep")
+    keep_going_on_save_error: bool = _flag(False, "when a checkpoint, the metrics file or TensorBoard events "
+                                           "cannot be written (a full disk): warn and train on (default: stop "
+                                           "with one line; earlier checkpoints are kept either way)")
     resume: bool = _flag(False, "continue the run in --run-dir (or --checkpoint-dir) from its newest checkpoint")
     init_from: str = _flag("", "start from the weights of this checkpoint directory (ckpt-epochNNNN, "
                            "written by either framework in any mode); with --epochs 0 it only evaluates")

@@ -6,7 +6,9 @@ reducing them across ranks is a plain sum and uneven shards count correctly.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -48,8 +50,23 @@ class Stopwatch:
         return time.perf_counter() - self.start
 
 
+def append_whole(handle: int, data: bytes) -> None:
+    """Append ``data`` to an O_APPEND descriptor all or nothing: a write cut short (a full
+    disk) is undone, so the file stays readable and a later append continues it cleanly."""
+    size = os.fstat(handle).st_size
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(handle, data[written:])
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(handle, size)
+        raise
+
+
 class JsonLinesWriter:
-    """Appends one JSON object per line; a no-op when ``path`` is empty."""
+    """Appends one JSON object per line, whole or not at all (a full disk leaves the file
+    as it was); a no-op when ``path`` is empty."""
 
     def __init__(self, path):
         self.path = path
@@ -57,8 +74,11 @@ class JsonLinesWriter:
     def write(self, record):
         if not self.path:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            append_whole(handle, (json.dumps(record, sort_keys=True) + "\n").encode())
+        finally:
+            os.close(handle)
 
 
 @dataclass

@@ -28,13 +28,13 @@ import sys
 from typing import Optional
 
 from common.errors import UsageError
+from common.launch import ancestors, launcher_words
 
 NO_RUN_DIR = "none"
 DEFAULT_ROOT = "runs"
 TIMELINE_IN_RUN_DIR = "<run-dir>/timeline.json"   # what a bare --timeline means
 METRICS_NAME, CHECKPOINTS_NAME, TIMELINE_NAME = "metrics.jsonl", "checkpoints", "timeline.json"
 CONFIG_NAME, COMMAND_NAME = "config.json", "command.sh"
-LAUNCHERS = ("horovodrun", "mpirun", "mpiexec", "srun", "prterun")
 
 
 def default_name(framework: str, mode: str, now: datetime.datetime) -> str:
@@ -122,37 +122,14 @@ def _write_record(directory: str, config, framework: str, world_size: int, argv:
     os.replace(temporary, os.path.join(directory, CONFIG_NAME))
 
 
-def launcher_command(pid: Optional[int] = None) -> Optional[list]:
+def launcher_command() -> Optional[list]:
     """The command line of the outermost launcher (horovodrun, mpirun, srun) among this
     process's ancestors, as typed; None when the rank was started some other way
     (or the launcher runs on another host)."""
-    found, pid = None, os.getppid() if pid is None else pid
-    while pid > 1:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                words = [word.decode(errors="replace") for word in handle.read().split(b"\0") if word]
-            with open(f"/proc/{pid}/stat", "rb") as handle:
-                pid = int(handle.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-        program = _launcher_words(words)
-        if program:
-            found = program
+    found = None
+    for process in ancestors():
+        found = launcher_words(list(process.words)) or found
     return found
-
-
-def _launcher_words(words: list) -> Optional[list]:
-    """``words`` from its launcher on ('python horovodrun ...' -> 'horovodrun ...'),
-    without the program it launches (what follows the first python)."""
-    for start, word in enumerate(words[:2]):
-        if os.path.basename(word) in LAUNCHERS:
-            launched = words[start + 1:]
-            for end, argument in enumerate(launched):
-                if os.path.basename(argument).startswith("python"):
-                    launched = launched[:end]
-                    break
-            return [os.path.basename(word), *launched]
-    return None
 
 
 def git_commit() -> Optional[str]:

@@ -18,8 +18,8 @@ from typing import Callable, Optional
 import numpy as np
 from common import checkpoint, data, lr, metrics, models, run_dir, weights
 from common.config import RunConfig, parse_config
-from common.errors import RunStopped, UsageError
-from common.launch import apply_tuned_defaults, injected_failure
+from common.errors import RankUsageError, RunStopped, UsageError
+from common.launch import apply_tuned_defaults, injected_failure, watch_launcher
 from common.plan import check_batch, check_stages
 from common.progress import ProgressBar
 from common.runner import Runner, StageFactory
@@ -50,23 +50,27 @@ def load_run(argv: list[str] | None, prog: str,
 class StopRequest:
     """SIGUSR1/SIGTERM ask for a graceful stop: the ranks agree at the next step
     boundary, save a checkpoint and exit 0 (Slurm sends these before preemption
-    or the time limit). A second signal ends the process at once."""
+    or the time limit). A second signal ends the process at once. The launcher's
+    end asks for the same (common/launch.LauncherWatch)."""
 
     SIGNALS = ("SIGUSR1", "SIGTERM")
 
     def __init__(self):
-        self.signal_name = None
+        self.cause = None
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._handle)
 
     def _handle(self, number, frame):
-        if self.signal_name is not None:
+        if self.cause is not None:
             os._exit(128 + number)
-        self.signal_name = signal.Signals(number).name
+        self.cause = signal.Signals(number).name
+
+    def request(self, cause: str) -> None:
+        self.cause = self.cause or cause
 
     @property
     def requested(self) -> bool:
-        return self.signal_name is not None
+        return self.cause is not None
 
 
 class Health:
@@ -112,6 +116,7 @@ class Trainer:
         self.settle_run_directory()
         runner.start_timeline()
         self.stop = StopRequest()
+        self.launcher_watch = watch_launcher(self.stop.request)
         self.health = Health(self.stop, runner, config.allow_nonfinite)
         self.global_batch = config.global_batch_size(runner.data_shards)
         self.steps = data.steps_per_epoch(len(dataset.y_train), self.global_batch, config.steps_per_epoch)
@@ -151,6 +156,7 @@ class Trainer:
                 self.runner.write_timeline()
             return test
         finally:
+            self.launcher_watch.close()
             self.progress.close()
             self.dataset.close()
             if self.tensorboard:
@@ -236,7 +242,8 @@ class Trainer:
             return
         loss_sum, _, count = self.collectives.allreduce_sums(np.asarray(sums, dtype=np.float64), "step_loss")
         if self.tensorboard and count:
-            self.tensorboard.step_loss(global_step, loss_sum / count)
+            self.write_output("TensorBoard events", self.tensorboard.path,
+                              lambda: self.tensorboard.step_loss(global_step, loss_sum / count))
 
     def evaluate(self) -> tuple:
         runner, dataset = self.runner, self.dataset
@@ -261,9 +268,32 @@ class Trainer:
 
     def _publish(self, record: dict) -> None:
         """A record to the metrics file and TensorBoard (each when asked for)."""
-        self.writer.write(record)
+        if self.writer.path:
+            self.write_output("metrics file", self.writer.path, lambda: self.writer.write(record))
         if self.tensorboard:
-            self.tensorboard.epoch(record)
+            self.write_output("TensorBoard events", self.tensorboard.path, lambda: self.tensorboard.epoch(record))
+
+    def write_output(self, what: str, path: str, write: Callable[[], None]) -> None:
+        """On the primary: ``write``, which leaves its file whole when it fails (a full disk).
+        Then the job stops with one line, or, with --keep-going-on-save-error, that output
+        stops and training goes on."""
+        try:
+            write()
+            return
+        except OSError as error:
+            directory = os.path.dirname(os.path.abspath(path))
+            problem = (f"cannot write the {what} {path} ({error.strerror}; "
+                       f"{checkpoint.free_bytes(directory) / 2**20:.1f} MB are free in {directory})")
+        if not self.config.keep_going_on_save_error:
+            raise RankUsageError(f"{problem}; what it holds so far is intact, and so are the checkpoints. "
+                                 "Free space there or write it elsewhere, then --resume; or pass "
+                                 "--keep-going-on-save-error")
+        metrics.log(f"warning: {problem}; no more {what} for this run (--keep-going-on-save-error)")
+        if what == "metrics file":
+            self.writer = metrics.JsonLinesWriter("")
+        else:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     # --- stopping ---------------------------------------------------------------------
 
@@ -275,8 +305,9 @@ class Trainer:
         if self.runner.primary:
             epoch, step = position
             where = f"after {step} steps of epoch {epoch + 1}" if step else f"after epoch {epoch}"
-            cause = self.stop.signal_name or "a signal to another rank"
-            saved = f"saved {path}; continue with --resume" if path else "nothing saved (no --checkpoint-dir)"
+            cause = self.stop.cause or "a signal to another rank"
+            saved = (f"saved {path}; continue with --resume" if path else
+                     "nothing saved (the save failed)" if self.config.checkpoint_dir else "nothing saved (no --checkpoint-dir)")
             metrics.log(f"stopped by {cause} {where}; {saved}")
         return None
 
@@ -289,28 +320,47 @@ class Trainer:
         path = checkpoint.checkpoint_path(self.config.checkpoint_dir, position)
         temporary = checkpoint.temporary_path(path)
         shard = self.runner.checkpoint_shard()
-        failed = 0
+        failed, size, errno = 0, 0, 0
         if shard is not None:
+            size = checkpoint.shard_bytes(shard[1])
             try:
                 checkpoint.write_shard(temporary, *shard)
             except OSError as error:
-                failed = 1
-                metrics.log(f"rank {self.runner.rank}: cannot write {temporary} ({error.strerror})")
+                failed, errno = 1, error.errno or 0
         # A sync point: every shard is on disk (or some rank failed) before the commit.
-        if self.collectives.flag_sum(failed):
+        failures, size, errnos = self.collectives.allreduce_sums(np.array([failed, size, errno], np.float64), "save")
+        if failures:
             if self.runner.primary:
                 checkpoint.abandon(temporary)
-            raise UsageError(f"could not save checkpoint {path}; the previous checkpoints are intact. "
-                             "Free space in --checkpoint-dir or choose another, then --resume")
+            return self.save_failed(path, os.strerror(int(errnos // failures)), size, everywhere=True)
         if not self.runner.primary:
             return path
         meta = checkpoint.make_meta(position, self.architecture, dataclasses.asdict(self.config),
                                     self.runner.checkpoint_shards, self.runner.framework,
                                     {"mode": self.runner.plan.mode, "pp": self.runner.plan.pp,
                                      "dp": self.runner.plan.dp}, checkpoint.rng_state())
-        checkpoint.commit(temporary, path, meta, before_rename=lambda: injected_failure(self.runner.rank, "save"))
+        try:
+            checkpoint.commit(temporary, path, meta, before_rename=lambda: injected_failure(self.runner.rank, "save"))
+        except OSError as error:
+            checkpoint.abandon(temporary)
+            return self.save_failed(path, error.strerror, size, everywhere=False)
         checkpoint.prune(self.config.checkpoint_dir, self.config.keep_checkpoints)
         return path
+
+    def save_failed(self, path: str, reason: str, size: float, everywhere: bool) -> None:
+        """A checkpoint that could not be written (its partial files are gone): stop the job
+        with one line (every rank raises alike when ``everywhere``; else only the primary
+        knows and ends the job itself) or, with --keep-going-on-save-error, warn and go on."""
+        directory = os.path.dirname(os.path.abspath(path))
+        problem = (f"could not save checkpoint {path} ({reason}; it needs {size / 2**20:.1f} MB, "
+                   f"{checkpoint.free_bytes(directory) / 2**20:.1f} MB are free in {directory})")
+        if self.config.keep_going_on_save_error:
+            if self.runner.primary:
+                metrics.log(f"warning: {problem}; training on without it (--keep-going-on-save-error)")
+            return None
+        message = (f"{problem}; the previous checkpoints are intact. Free space there or choose another "
+                   "--checkpoint-dir (or --run-dir), then --resume; or pass --keep-going-on-save-error")
+        raise UsageError(message) if everywhere else RankUsageError(message)
 
     def restore(self) -> Position:
         """Resume or initialise weights as the flags ask; returns where to start."""

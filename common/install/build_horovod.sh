@@ -28,25 +28,40 @@ PY
 flavour=$([ "$gpu" = 1 ] && echo cuda || echo cpu)
 cache_dir="${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cnn-parallel/horovod-$horovod_version-$versions-$flavour}"
 
-# horovodrun checks how Horovod was built by importing a framework extension in a
-# child process that mutes Python's stderr but not file descriptor 2, so every
-# launch printed TensorFlow's C++ start-up lines, and it tried TensorFlow first
-# (2.5 s to import, twice per launch). Mute the descriptor and try PyTorch first:
-# both extensions are built with the same MPI and Gloo, so the answer is the same.
-# horovodrun -np 2 went from 4.9 s to 2.2 s of start-up here.
+# Two mends to horovodrun's Python, applied after every install (idempotent):
+# 1. It checks how Horovod was built by importing a framework extension in a
+#    child process that mutes Python's stderr but not file descriptor 2, so every
+#    launch printed TensorFlow's C++ start-up lines, and it tried TensorFlow first
+#    (2.5 s to import, twice per launch). Mute the descriptor and try PyTorch
+#    first: both extensions are built with the same MPI and Gloo, so the answer is
+#    the same. horovodrun -np 2 went from 4.9 s to 2.1 s of start-up here.
+# 2. It replaces itself by `sh -c "mpirun ..."`, a shell that waits for mpirun:
+#    SIGINT to that "horovodrun" was ignored and SIGTERM killed only the shell,
+#    leaving mpirun and the ranks training. `exec mpirun` makes horovodrun's PID
+#    mpirun's, which ends the job on SIGTERM, SIGINT and SIGHUP (the ranks save
+#    and stop) and, killed, leaves ranks that notice (common/launch.LauncherWatch).
 patch_horovodrun() {
     "$venv/bin/python" - <<'PATCH'
 import horovod.common.util as util
-path = util.__file__
-text = original = open(path).read()
-text = text.replace("EXTENSIONS = ['tensorflow', 'torch', 'mxnet']", "EXTENSIONS = ['torch', 'tensorflow', 'mxnet']")
-muted = "            sys.stderr = open(os.devnull, 'w')\n"
-if "os.dup2(sys.stderr.fileno(), 2)" not in text:
-    text = text.replace(muted, muted + "            os.dup2(sys.stderr.fileno(), 2)  # C++ logging too\n", 1)
-if "EXTENSIONS = ['torch'" not in text or "os.dup2(sys.stderr.fileno(), 2)" not in text:
-    raise SystemExit(f"horovod: could not patch {path}: its text changed")
-if text != original:
-    open(path, "w").write(text)
+import horovod.runner.mpi_run as mpi_run
+
+MENDS = {
+    util.__file__: [("EXTENSIONS = ['tensorflow', 'torch', 'mxnet']", "EXTENSIONS = ['torch', 'tensorflow', 'mxnet']"),
+                    ("            sys.stderr = open(os.devnull, 'w')\n",
+                     "            sys.stderr = open(os.devnull, 'w')\n"
+                     "            os.dup2(sys.stderr.fileno(), 2)  # C++ logging too\n")],
+    mpi_run.__file__: [("os.execve('/bin/sh', ['/bin/sh', '-c', mpirun_command], env)",
+                        "os.execve('/bin/sh', ['/bin/sh', '-c', 'exec ' + mpirun_command], env)")],
+}
+for path, mends in MENDS.items():
+    text = original = open(path).read()
+    for old, new in mends:
+        if new not in text:
+            if text.count(old) != 1:
+                raise SystemExit(f"horovod: could not mend {path}: its text changed")
+            text = text.replace(old, new)
+    if text != original:
+        open(path, "w").write(text)
 PATCH
 }
 

@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from common import run_dir
+from common import launch, run_dir
 from common.config import parse_config
 from common.errors import UsageError
 
@@ -75,7 +75,7 @@ def test_the_record_repeats_the_run_and_each_start_is_appended(tmp_path, monkeyp
     (["python", "main.py", "mpirun"], None),
 ])
 def test_the_launcher_is_read_from_its_command_line(words, launcher):
-    assert run_dir._launcher_words(words) == launcher
+    assert launch.launcher_words(words) == launcher
 
 
 def test_the_outermost_launcher_among_the_ancestors_is_recorded(tmp_path):
