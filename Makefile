@@ -1,6 +1,7 @@
 # Quickstart:  make train   (installs what is missing, then trains the default job)
 #              make test
 # Also:        make bench  (every mode beside DDP, pipelining, MultiWorkerMirrored, input pipelines; ~11 min)
+#              make soak   (memory and descriptors over 120 epochs, 10 stop/resume cycles; ~6 min)
 #              make elpv   (real images: ELPV solar cells as class folders in data/elpv)
 #              make plot RUNS="a.jsonl b.jsonl" [OUT=curves.png]  (overlay runs' metrics files)
 # Variables:   FRAMEWORK=torch|tf  NP=2  ARGS="--epochs 5 ..."  GPU=1 (CUDA install)
@@ -18,10 +19,10 @@ BENCH_ARGS ?=
 # Keep TensorFlow's C++ log lines out of the user's way (set to 0 to see them).
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install train test test-unit bench elpv plot clean help
+.PHONY: install train test test-unit bench soak elpv plot clean help
 
 help:
-	@sed -n '1,7p' Makefile
+	@sed -n '1,8p' Makefile
 
 install: $(VENV)/.horovod-installed
 
@@ -47,6 +48,9 @@ test: install
 
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) benchmarks/run.py $(BENCH_ARGS)
+
+soak: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) benchmarks/soak.py
 
 plot: install
 	$(PYTHON) -m common.plot $(RUNS) -o $(or $(OUT),curves.png)
