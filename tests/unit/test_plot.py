@@ -39,9 +39,10 @@ def test_unreadable_or_empty_metrics_files_are_named(tmp_path):
         plot.read_run(str(tmp_path / "missing.jsonl"))
 
 
-def test_the_tensorboard_writer_loads_no_framework():
-    probe = ("import sys; from common.tensorboard import _summary_writer_class; _summary_writer_class(); "
-             "print(sorted({'torch', 'tensorflow'} & set(sys.modules)))")
+def test_the_tensorboard_writer_loads_no_framework(tmp_path):
+    probe = ("import sys; from common.tensorboard import TensorBoardLog; "
+             f"log = TensorBoardLog({str(tmp_path)!r}, {{'model': 'cnn'}}); log.epoch({{'epoch': 1, 'lr': 0.1}}); "
+             "log.step_loss(3, 2.0); log.close(); print(sorted({'torch', 'tensorflow'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
