@@ -12,7 +12,6 @@ Nothing here imports a framework or MPI.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -21,6 +20,7 @@ import numpy as np
 from common.checkpoint import Checkpoint, NeutralState
 from common.timeline import Timeline
 from common.config import RunConfig
+from common.launch import cpus_per_rank
 from common.plan import ParallelPlan
 
 OpenCheckpoint = Callable[[], Checkpoint]
@@ -164,7 +164,7 @@ def node_placement(comm, config: RunConfig) -> tuple[int, int]:
     from mpi4py import MPI
 
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    return node.rank, config.threads or max(1, (os.cpu_count() or 1) // node.size)
+    return node.rank, config.threads or cpus_per_rank(node.size)
 
 
 class MpiCollectives:

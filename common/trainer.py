@@ -19,7 +19,7 @@ import numpy as np
 from common import checkpoint, data, lr, metrics, models, run_dir, weights
 from common.config import RunConfig, parse_config
 from common.errors import RankUsageError, RunStopped, UsageError
-from common.launch import apply_tuned_defaults, injected_failure, watch_launcher
+from common.launch import apply_tuned_defaults, injected_failure, read_cpu_share, watch_launcher
 from common.plan import check_batch, check_stages
 from common.progress import ProgressBar
 from common.runner import Runner, StageFactory
@@ -425,7 +425,8 @@ class Trainer:
         metrics.log(f"{runner.framework}: {config.model} ({models.total_params(self.specs, dataset.image_shape):,} "
                     f"params) on {dataset.name} {len(dataset.y_train)} train / {len(dataset.y_test)} test "
                     f"{'x'.join(map(str, dataset.image_shape))}; {describe(runner.plan, config)}, "
-                    f"global batch {self.global_batch}, {self.steps} steps/epoch, {runner.threads} threads/rank")
+                    f"global batch {self.global_batch}, {self.steps} steps/epoch, {runner.threads} threads/rank "
+                    f"({'--threads' if config.threads else read_cpu_share().threads()[1]})")
         if dataset.streamed:
             workers = dataset.x_train.workers
             metrics.log(f"images streamed from disk: {workers or 'no'} decoder process{'es' if workers != 1 else ''}"

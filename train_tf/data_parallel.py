@@ -8,7 +8,6 @@ are added up locally first and allreduced once, with hvd.grouped_allreduce:
 the operation hvd.DistributedGradientTape performs, which cannot accumulate.
 """
 
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -16,6 +15,7 @@ import tensorflow as tf
 from common import data, metrics, weights
 from common.data_parallel import (apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline,
                                   start_horovod_timeline)
+from common.launch import cpus_per_rank
 from common.loss_scale import DynamicLossScale
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
@@ -30,7 +30,7 @@ def init_horovod(config):
     request_horovod_timeline(config)
     hvd.init()  # Horovod: one process per rank, started by horovodrun/mpirun/srun.
     pin_gpu(hvd.local_rank())  # Horovod: one GPU per local rank, where there are GPUs
-    threads = config.threads or max(1, (os.cpu_count() or 1) // hvd.local_size())
+    threads = config.threads or cpus_per_rank(hvd.local_size())
     # Horovod: share the node's cores between its ranks (before TF runs any op).
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)

@@ -8,7 +8,6 @@ unevenly the last batch splits.
 """
 
 import contextlib
-import os
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from common import data, metrics, weights
 from common.errors import UsageError
-from common.launch import launcher_world_size
+from common.launch import cpus_per_rank, launcher_world_size
 from common.data_parallel import (apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline,
                                   start_horovod_timeline)
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
@@ -103,7 +102,7 @@ def init_horovod(config):
     hvd = import_horovod()
     request_horovod_timeline(config)
     hvd.init()  # Horovod: one process per rank, started by horovodrun/mpirun/srun.
-    threads = config.threads or max(1, (os.cpu_count() or 1) // hvd.local_size())
+    threads = config.threads or cpus_per_rank(hvd.local_size())
     torch.set_num_threads(threads)  # Horovod: share the node's cores between its ranks.
     return hvd
 

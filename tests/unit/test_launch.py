@@ -1,6 +1,5 @@
 """A rank's view of its launcher: which ancestors it lives by, and noticing their end."""
 
-import os
 import subprocess
 import sys
 import threading
@@ -42,8 +41,7 @@ def test_the_end_of_a_watched_process_is_noticed_at_once_and_a_process_reused_pi
             assert noticed.wait(10), "the watch did not notice"
         finally:
             watch.close()  # before its grace ends the test process
-        interpreter = os.path.basename(sys.executable)
-        assert len(causes) == 1 and causes[0].startswith(f"the end of its launcher (pid {child.pid}: {interpreter} -c")
+        assert len(causes) == 1 and causes[0].startswith(f"the end of its launcher (pid {child.pid}: ")
         assert not watched.alive()  # also as a zombie, not yet reaped
     finally:
         child.kill()
@@ -57,3 +55,25 @@ def test_a_closed_watch_stops_quietly_and_a_rank_without_a_launcher_watches_noth
     watch = launch.LauncherWatch([launch.ancestors()[0]], lambda cause: None)
     watch.close()
     assert watch.cause is None
+
+
+def share(cpuset=16, affinity=16, quota=None, slurm=None, local=1):
+    return launch.CpuShare(cpuset=cpuset, affinity=affinity, quota=quota, slurm_cpus_per_task=slurm, local_ranks=local)
+
+
+def test_threads_per_rank_follow_the_cpus_the_rank_may_use():
+    assert share(cpuset=128, affinity=128, slurm=8, local=16).threads() == (8, "SLURM_CPUS_PER_TASK=8")
+    assert share(cpuset=2, affinity=2, local=2).threads() == (1, "2 CPUs / 2 ranks here")
+    assert share(cpuset=16, affinity=4, local=4).threads() == (4, "bound to 4 of 16 CPUs")  # mpirun --bind-to
+    assert share(cpuset=8, affinity=8, local=4).threads() == (2, "8 CPUs / 4 ranks here")  # a container's cpuset
+    assert share(cpuset=64, affinity=64, quota=2.5, local=2).threads() == (1, "a CPU quota of 2.5 / 2 ranks here")
+    assert share(cpuset=64, affinity=64, quota=16.0, local=2).threads() == (8, "a CPU quota of 16 / 2 ranks here")
+    assert share(cpuset=2, affinity=2, local=3).threads()[0] == 1  # never none
+    assert share(cpuset=64, affinity=64, quota=96.0, local=2).threads() == (32, "64 CPUs / 2 ranks here")
+
+
+def test_cpu_lists_and_quotas_parse_as_the_kernel_writes_them():
+    assert launch.parse_cpu_list("0-3,8,10-11\n") == 7 and launch.parse_cpu_list("5") == 1
+    assert launch.parse_cpu_max("200000 100000\n") == 2.0 and launch.parse_cpu_max("max 100000") is None
+    here = launch.read_cpu_share(local_ranks=2)
+    assert here.local_ranks == 2 and 1 <= here.affinity <= here.cpuset and here.threads()[0] >= 1
