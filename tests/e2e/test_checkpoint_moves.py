@@ -25,12 +25,15 @@ def resumed_epoch_by_epoch(directory, legs, extra):
 
 
 @pytest.mark.parametrize("extra,legs,tolerance", [
-    # Adam's moments and step count must travel with the weights: restarting them
-    # at any hop moves the weights by far more than the tolerance.
+    # One chain through every kind of layout (SGD's momentum moves in test_stop_resume and the unit
+    # round trip): each framework writes and reads data, pipeline and parameter-server checkpoints.
+    # Adam's moments and step count must travel with the weights: restarting them at any hop
+    # changes the moments entirely (and the bias correction). Adam also divides by each
+    # gradient's running RMS, which magnifies the float round-off of the layouts' different
+    # summation orders in near-zero gradients: 3e-4 in the first kernel's moment after six hops.
     (["--optimizer", "adam", "--lr", 0.002],
-     [("torch", PP2, 2), ("tf", [], None), ("torch", PP3, 3), ("tf", PP2, 2)], 1e-4),
-    (["--lr", 0.05], [("torch", PS, 3), ("torch", [], 2), ("tf", PS, 3), ("tf", [], None)], 1e-5),
-], ids=["adam: torch pp2 -> tf data -> torch pp3 -> tf pp2", "sgd: torch ps -> torch data -> tf ps -> tf data"])
+     [("torch", PP2, 2), ("tf", PS, 3), ("torch", PP3, 3), ("tf", [], None), ("torch", PS, 3), ("tf", PP2, 2)], 1e-3),
+], ids=["adam: torch pp2 -> tf ps -> torch pp3 -> tf data -> torch ps -> tf pp2"])
 def test_a_run_moved_between_frameworks_and_layouts_ends_where_it_would_have(tmp_path, extra, legs, tolerance):
     straight = tmp_path / "straight"
     assert_ok(run_training([*STEPS, *extra, "--epochs", len(legs), "--checkpoint-dir", straight]))

@@ -25,19 +25,15 @@ def weight_changes(tmp_path, name, framework, *extra):
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_fp16_allreduce_moves_the_weights_as_fp32_does_within_fp16_rounding(tmp_path, framework):
+def test_fp16_allreduce_rounds_the_sum_and_adasum_replaces_it_yet_learns(tmp_path, framework):
     exact = weight_changes(tmp_path, "fp32", framework)
     rounded = weight_changes(tmp_path, "fp16", framework, "--fp16-allreduce")
     for key, change in exact.items():
         assert relative_difference(rounded[key], change) <= 1e-2, key  # fp16 keeps ~3 decimal digits
     assert any(not np.array_equal(rounded[key], change) for key in exact), "fp16 compression changed nothing"
 
-
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_adasum_combines_gradients_differently_and_still_learns(tmp_path, framework):
-    summed = weight_changes(tmp_path, "sum", framework)
     adasum = weight_changes(tmp_path, "adasum", framework, "--adasum")
-    assert max(relative_difference(adasum[key], change) for key, change in summed.items()) > 1e-2
+    assert max(relative_difference(adasum[key], change) for key, change in exact.items()) > 1e-2
     learned = assert_ok(run_training(["--epochs", 8, "--adasum"], np_=2, framework=framework))
     assert final_accuracy(learned.stdout) >= 0.9
 

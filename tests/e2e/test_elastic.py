@@ -14,9 +14,9 @@ from tests.helpers import (BIN, ENTRY, JOB_TIMEOUT, PYTHON, REPO, assert_ok, che
                            checkpoint_weights, final_accuracy, job_env, relative_difference, run_training)
 
 STEPS = 23  # digits: 1437 samples, batches of 64
-EPOCHS = 40  # long enough that the lost worker's host comes back before the end
+EPOCHS = 26  # long enough that the lost worker's host comes back (epoch 11 here) well before the end
 # lr 0.01: calm enough that float round-off (which differs with the number of
-# workers) stays ~1e-5 over 40 epochs; at the default 0.05 it grows to 1e-3 even
+# workers) stays ~1e-5 over the run; at the default 0.05 it grows to 1e-3 even
 # between two fixed-size runs, which would hide a real difference.
 ARGS = ["--epochs", EPOCHS, "--lr", 0.01, "--threads", 1, "--keep-checkpoints", EPOCHS]
 # Two local names for this machine, so that losing the worker on one of them
@@ -66,7 +66,7 @@ def test_elastic_three_to_two_to_three_equals_uninterrupted(tmp_path):
     assert "elastic: 3 -> 2 workers; continuing at epoch 3, step 11" in log, log
     assert "elastic: 2 -> 3 workers" in log, log
     assert log.index("elastic: 3 -> 2 workers") < log.index("elastic: 2 -> 3 workers")
-    assert f"epoch {EPOCHS}/{EPOCHS}" in log and final_accuracy(log) > 0.95, log
+    assert f"epoch {EPOCHS}/{EPOCHS}" in log and final_accuracy(log) > 0.93, log
 
     assert_ok(run_training([*ARGS, "--checkpoint-dir", tmp_path / "straight"]))
 

@@ -66,7 +66,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path):
     assert f"resumed from {tmp_path}/ckpt-epoch0001 (after epoch 1)" in resumed.stdout
 
 
-@pytest.mark.parametrize("framework", ["tf"])  # the NaN agreement is common/trainer.py's, framework-blind
+@pytest.mark.parametrize("framework", ["torch"])  # the NaN agreement is common/trainer.py's, framework-blind
 def test_a_nonfinite_loss_stops_without_saving(tmp_path, framework):
     assert_ok(training_with(tmp_path, framework, "--epochs", 1))
     before = sorted(os.listdir(tmp_path))

@@ -96,7 +96,7 @@ def test_one_clean_bar_on_a_terminal_and_none_in_a_pipe(launch):
     from tests.helpers import ENTRY, launch_command
 
     args = ["--epochs", 2, "--batch-size", 32, "--model", "resnet8", "--dataset", "synthetic", "--synthetic-shape",
-            "3,32,32", "--synthetic-samples", 1024]  # about 2 s per epoch: several redraws
+            "3,32,32", "--synthetic-samples", 512]  # about 1 s per epoch: several redraws
     command = [*launch_command(None if launch == "one process" else 2, "horovodrun"), ENTRY["torch"],
                "--run-dir", "none", *map(str, args)]
     code, seen = on_terminal(command)

@@ -10,12 +10,11 @@ from tests.helpers import (assert_ok, checkpoint_path, checkpoint_weights, final
 OTHER = {"torch": "tf", "tf": "torch"}
 
 
-# TensorFlow's hybrid run is left to tests/parallel (hybrid = one process, both frameworks),
-# to keep the suite's time in check.
+# Hybrid runs are left to tests/parallel (hybrid = one process, both frameworks) and the zoo's
+# PyTorch hybrids, to keep the suite's time in check.
 @pytest.mark.parametrize("framework,layout,np_", [
     ("torch", ["--mode", "model", "--pp", 2, "--microbatches", 4], 2),
     ("tf", ["--mode", "model", "--pp", 2, "--microbatches", 4], 2),
-    ("torch", ["--mode", "hybrid", "--pp", 2, "--dp", 2], 4),
 ])
 def test_pipelines_learn_digits_and_data_mode_of_the_other_framework_agrees(tmp_path, framework, layout, np_):
     result = assert_ok(run_training(["--epochs", 10, "--checkpoint-dir", tmp_path, *layout], np_=np_,
