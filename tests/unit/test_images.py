@@ -258,6 +258,10 @@ def test_folder_flags_are_checked(tree, args, pattern):
 
 
 def test_cpus_per_rank_shares_the_node_unless_the_launcher_bound_the_rank(monkeypatch):
+    from common import launch
+
+    monkeypatch.setattr(launch, "_cgroup_file", lambda *names: None)  # no cgroup: the node's 16 CPUs
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
