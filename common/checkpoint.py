@@ -157,11 +157,14 @@ def shard_bytes(state: NeutralState) -> int:
     return sum(tensor.nbytes for tensor in to_tensors(state).values())
 
 
-def free_bytes(directory: str) -> int:
+def free_space(path: str) -> str:
+    """'N MB are free in DIR', DIR being the directory ``path`` is (to be) written in."""
+    directory = os.path.dirname(os.path.abspath(path))
     try:
-        return shutil.disk_usage(directory).free
+        free = shutil.disk_usage(directory).free
     except OSError:
-        return 0
+        free = 0
+    return f"{free / 2**20:.1f} MB are free in {directory}"
 
 
 def write_shard(temporary: str, index: int, state: NeutralState) -> None:

@@ -243,7 +243,7 @@ class Trainer:
         loss_sum, _, count = self.collectives.allreduce_sums(np.asarray(sums, dtype=np.float64), "step_loss")
         if self.tensorboard and count:
             self.write_output("TensorBoard events", self.tensorboard.path,
-                              lambda: self.tensorboard.step_loss(global_step, loss_sum / count))
+                              lambda: self.tensorboard.step_loss(global_step, loss_sum / count), self._stop_tensorboard)
 
     def evaluate(self) -> tuple:
         runner, dataset = self.runner, self.dataset
@@ -269,31 +269,33 @@ class Trainer:
     def _publish(self, record: dict) -> None:
         """A record to the metrics file and TensorBoard (each when asked for)."""
         if self.writer.path:
-            self.write_output("metrics file", self.writer.path, lambda: self.writer.write(record))
+            self.write_output("metrics file", self.writer.path, lambda: self.writer.write(record), self._stop_metrics)
         if self.tensorboard:
-            self.write_output("TensorBoard events", self.tensorboard.path, lambda: self.tensorboard.epoch(record))
+            self.write_output("TensorBoard events", self.tensorboard.path, lambda: self.tensorboard.epoch(record),
+                              self._stop_tensorboard)
 
-    def write_output(self, what: str, path: str, write: Callable[[], None]) -> None:
+    def write_output(self, what: str, path: str, write: Callable[[], None], stop: Callable[[], None]) -> None:
         """On the primary: ``write``, which leaves its file whole when it fails (a full disk).
-        Then the job stops with one line, or, with --keep-going-on-save-error, that output
-        stops and training goes on."""
+        Then the job stops with one line, or, with --keep-going-on-save-error, ``stop`` ends
+        that output and training goes on."""
         try:
             write()
             return
         except OSError as error:
-            directory = os.path.dirname(os.path.abspath(path))
-            problem = (f"cannot write the {what} {path} ({error.strerror}; "
-                       f"{checkpoint.free_bytes(directory) / 2**20:.1f} MB are free in {directory})")
+            problem = f"cannot write the {what} {path} ({error.strerror}; {checkpoint.free_space(path)})"
         if not self.config.keep_going_on_save_error:
             raise RankUsageError(f"{problem}; what it holds so far is intact, and so are the checkpoints. "
                                  "Free space there or write it elsewhere, then --resume; or pass "
                                  "--keep-going-on-save-error")
         metrics.log(f"warning: {problem}; no more {what} for this run (--keep-going-on-save-error)")
-        if what == "metrics file":
-            self.writer = metrics.JsonLinesWriter("")
-        else:
-            self.tensorboard.close()
-            self.tensorboard = None
+        stop()
+
+    def _stop_metrics(self) -> None:
+        self.writer = metrics.JsonLinesWriter("")
+
+    def _stop_tensorboard(self) -> None:
+        self.tensorboard.close()
+        self.tensorboard = None
 
     # --- stopping ---------------------------------------------------------------------
 
@@ -351,9 +353,7 @@ class Trainer:
         """A checkpoint that could not be written (its partial files are gone): stop the job
         with one line (every rank raises alike when ``everywhere``; else only the primary
         knows and ends the job itself) or, with --keep-going-on-save-error, warn and go on."""
-        directory = os.path.dirname(os.path.abspath(path))
-        problem = (f"could not save checkpoint {path} ({reason}; it needs {size / 2**20:.1f} MB, "
-                   f"{checkpoint.free_bytes(directory) / 2**20:.1f} MB are free in {directory})")
+        problem = f"could not save checkpoint {path} ({reason}; it needs {size / 2**20:.1f} MB, {checkpoint.free_space(path)})"
         if self.config.keep_going_on_save_error:
             if self.runner.primary:
                 metrics.log(f"warning: {problem}; training on without it (--keep-going-on-save-error)")
