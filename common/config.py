@@ -125,7 +125,10 @@ class RunConfig:
     progress: bool = _flag(True, "one progress bar on the reporting rank, when there is a terminal")
     allow_nonfinite: bool = _flag(False, "keep training when the loss is NaN or infinite (default: "
                                   "stop, keeping the last good checkpoint)")
-    elastic: bool = _flag(False, "PyTorch data mode: Horovod elastic training, workers may leave and "
+    connect_timeout: float = _flag(300.0, "end the job with a clear line when its ranks have not all reached "
+                                   "each other this many seconds after start-up (a wrong network interface "
+                                   "makes MPI and Gloo wait forever; 0: wait forever)")
+    elastic: bool = _flag(False, "data mode: Horovod elastic training, workers may leave and "
                           "join (launch with horovodrun --min-np/--max-np --host-discovery-script); "
                           "the global batch and LR stay fixed")
     elastic_commit_steps: int = _flag(20, "--elastic: commit the training state every N steps (a "
@@ -153,7 +156,8 @@ class RunConfig:
 
 _POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples", "num_classes",
              "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints", "pp", "dp",
-             "microbatches", "elastic_commit_steps", "prefetch_batches", "log_every", "timeline_steps")
+             "microbatches", "elastic_commit_steps", "prefetch_batches", "log_every", "timeline_steps",
+             "connect_timeout")
 
 
 def validate(config: RunConfig) -> RunConfig:

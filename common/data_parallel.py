@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
+from common import metrics
 from common.checkpoint import NeutralState
 from common.config import RunConfig
 from common.plan import make_plan
@@ -53,3 +54,39 @@ def read_on_primary(primary: bool, open_checkpoint: Optional[OpenCheckpoint], ke
         return None
     return open_checkpoint().state(keys, optimizer)
 
+
+
+def run_elastic(runner, hvd, state, start: Callable[[], tuple], train_from: Callable, elastic_run: Callable):
+    """Horovod elastic, alike in both frameworks: run ``train_from(position, commit)`` until it
+    returns, restarting it from the last commit when a worker fails and from the current
+    step when workers join or leave. ``state`` is the framework's Horovod State over the
+    model and optimizer with ``epoch``, ``step`` and ``started`` attributes; ``elastic_run``
+    the framework's elastic.run decorator. The global batch and LR are fixed, so the world
+    size only changes how each batch is split (common/data.rank_batches), not what a step
+    computes."""
+    every = runner.config.elastic_commit_steps
+
+    def commit(epoch, step):
+        state.epoch, state.step = epoch, step
+        if step % every == 0:  # includes the end of every epoch (step 0 of the next)
+            state.commit()  # Horovod: keep a copy to roll back to; raises if hosts changed
+
+    def on_reset():
+        previous = runner.world_size
+        apply_data_layout(runner, hvd, runner.config)  # Horovod: new ranks and world size
+        if runner.primary:
+            metrics.log(f"elastic: {previous} -> {runner.world_size} workers; continuing at epoch "
+                        f"{state.epoch + 1}, step {state.step + 1}")
+
+    state.register_reset_callbacks([on_reset])
+
+    @elastic_run
+    def train(state):
+        # Horovod: the first call syncs every worker to rank 0's state, so a worker
+        # that joins later sees started=True and must skip start()'s collectives.
+        if not state.started:
+            (state.epoch, state.step), state.started = start(), True
+            state.commit()
+        return train_from((state.epoch, state.step), commit)
+
+    return train(state)

@@ -139,6 +139,30 @@ def cpus_per_rank(local_ranks: Optional[int] = None) -> int:
     return read_cpu_share(local_ranks).threads()[0]
 
 
+def rank_ranges(ranks: list) -> str:
+    """Sorted ranks written compactly: [0, 1, 2, 5] -> '0-2,5'."""
+    ranks, parts = sorted(ranks), []
+    start = previous = ranks[0]
+    for rank in [*ranks[1:], None]:
+        if rank is not None and rank == previous + 1:
+            previous = rank
+            continue
+        parts.append(f"{start}-{previous}" if previous > start else f"{start}")
+        if rank is not None:
+            start = previous = rank
+    return ",".join(parts)
+
+
+def host_placement(hostnames: list) -> str:
+    """Where the ranks run, from every rank's hostname in rank order:
+    'hosts: node1 ranks 0-1, node2 ranks 2-3' (hosts in the order of their first rank)."""
+    ranks_of: dict = {}
+    for rank, host in enumerate(hostnames):
+        ranks_of.setdefault(host, []).append(rank)
+    return "hosts: " + ", ".join(f"{host} rank{'s' if len(ranks) > 1 else ''} {rank_ranges(ranks)}"
+                                 for host, ranks in ranks_of.items())
+
+
 @dataclass(frozen=True)
 class Process:
     pid: int
@@ -279,6 +303,36 @@ def watch_launcher(request_stop: Callable[[str], None]) -> LauncherWatch:
     `nohup python main.py &` must outlive its shell)."""
     launched = launcher_world_size() > 1 or "HOROVOD_RANK" in os.environ
     return LauncherWatch(launcher_chain(ancestors()) if launched else [], request_stop)
+
+
+class ContactDeadline:
+    """Ends this rank with one clear line (exit 2) unless ``reached()`` is called within
+    ``seconds``: the ranks of a job whose hosts cannot reach each other (the wrong network
+    interface, a firewall) otherwise wait in MPI or Gloo forever, or spin. Armed once the
+    rank has its data, disarmed by the first collective every rank takes part in."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        launched = launcher_world_size() > 1
+        self._timer = threading.Timer(seconds, self._expire) if launched and seconds > 0 else None
+        if self._timer:
+            self._timer.daemon = True
+            self._timer.start()
+
+    def reached(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        import socket
+
+        final_word(f"error: rank {launcher_rank()} on {socket.gethostname()}: the job's ranks did not reach "
+                   f"each other within {self.seconds:g} s of start-up. Across hosts this is usually the network "
+                   "interface: name the one that connects the hosts (horovodrun --network-interface IFACE; "
+                   "mpirun --mca btl_tcp_if_include IFACE --mca oob_tcp_if_include IFACE; Gloo: "
+                   "HOROVOD_GLOO_IFACE=IFACE; NCCL: NCCL_SOCKET_IFNAME=IFACE), or allow longer with "
+                   "--connect-timeout")
+        os._exit(2)
 
 
 def final_word(line: str) -> None:

@@ -33,6 +33,9 @@ class Collectives(Protocol):
 
     def broadcast_object(self, value, name: str): ...
 
+    def allgather_object(self, value, name: str) -> list:
+        """Every rank's ``value``, in rank order, on every rank."""
+
     def flag_sum(self, value: int) -> int:
         """The sum of ``value`` over the ranks (a sync point)."""
 
@@ -182,6 +185,9 @@ class MpiCollectives:
 
     def broadcast_object(self, value, name: str):
         return self.comm.bcast(value, root=self.root)
+
+    def allgather_object(self, value, name: str) -> list:
+        return self.comm.allgather(value)
 
     def flag_sum(self, value: int) -> int:
         return self.start_flag_sum(value)()

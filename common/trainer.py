@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import signal
+import socket
 import sys
 from typing import Callable, Optional
 
@@ -19,7 +20,8 @@ import numpy as np
 from common import checkpoint, data, lr, metrics, models, run_dir, weights
 from common.config import RunConfig, parse_config
 from common.errors import RankUsageError, RunStopped, UsageError
-from common.launch import apply_tuned_defaults, injected_failure, read_cpu_share, watch_launcher
+from common.launch import (ContactDeadline, apply_tuned_defaults, host_placement, injected_failure, read_cpu_share,
+                           watch_launcher)
 from common.plan import check_batch, check_stages
 from common.progress import ProgressBar
 from common.runner import Runner, StageFactory
@@ -28,15 +30,11 @@ Position = tuple  # (completed epochs, steps done in the next epoch)
 EVAL_LOOKAHEAD = 512  # streamed evaluation images decoded ahead: the runners' evaluation batch
 
 
-def load_run(argv: list[str] | None, prog: str,
-             elastic_supported: bool = False) -> tuple[RunConfig, data.Dataset, list]:
+def load_run(argv: list[str] | None, prog: str) -> tuple[RunConfig, data.Dataset, list]:
     """What both entry scripts do before any framework import: the flags, the
     data and the model's layer specs, each checked (UsageError on bad input)."""
     config = parse_config(argv, prog=prog)
     apply_tuned_defaults()  # read when MPI starts, which is later (in the runner)
-    if config.elastic and not elastic_supported:
-        raise UsageError(f"--elastic uses Horovod's PyTorch elastic API: run train_torch/main.py "
-                         f"({prog} trains on a fixed set of ranks; drop --elastic)")
     size_fix = "pass a larger --image-size" if config.dataset == "folder" else "use larger images"
     if config.dataset == "folder":  # before any image is read: a bad size is found in a moment
         models.model_specs(config.model, (config.channels or 1, config.image_size, config.image_size), 2,
@@ -44,7 +42,13 @@ def load_run(argv: list[str] | None, prog: str,
     dataset = data.load_dataset(config)
     specs = models.model_specs(config.model, dataset.image_shape, dataset.num_classes, config.stem, size_fix)
     check_stages(config, specs)
+    global _contact
+    # Elastic workers come and go by design: Horovod's own timeouts notice a worker that never joins.
+    _contact = ContactDeadline(0 if config.elastic else config.connect_timeout)
     return config, dataset, specs
+
+
+_contact: Optional[ContactDeadline] = None  # load_run arms it, the Trainer's first collective disarms it
 
 
 class StopRequest:
@@ -114,6 +118,10 @@ class Trainer:
             models.resolved_stem(config.model, config.stem, dataset.image_shape))
         self.expected_shapes = weights.expected_shapes(specs, dataset.image_shape)
         self.settle_run_directory()
+        # Where each rank runs (elastic workers come and go: they have no start-up collective).
+        self.hosts = [] if config.elastic else self.collectives.allgather_object(socket.gethostname(), "hosts")
+        if _contact:
+            _contact.reached()
         runner.start_timeline()
         self.stop = StopRequest()
         self.launcher_watch = watch_launcher(self.stop.request)
@@ -432,6 +440,8 @@ class Trainer:
             metrics.log(f"images streamed from disk: {workers or 'no'} decoder process{'es' if workers != 1 else ''}"
                         f"/rank, {config.prefetch_batches} batches ahead, augmentation "
                         f"{'on' if config.augment else 'off'}")
+        if len(self.hosts) > 1:
+            metrics.log(host_placement(self.hosts))
         for line in runner.layout:
             metrics.log(line)
         if config.run_dir != run_dir.NO_RUN_DIR:

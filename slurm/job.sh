@@ -12,6 +12,7 @@ MICROBATCHES=${MICROBATCHES:-4}        # model/hybrid
 EPOCHS=${EPOCHS:-10}
 TRAIN_ARGS=${TRAIN_ARGS:-}             # more flags, e.g. "--dataset cifar10 --data-dir /data/cifar-10-batches-py"
 VENV=${VENV:-$SLURM_SUBMIT_DIR/.venv}
+NETWORK_INTERFACE=${NETWORK_INTERFACE:-}   # multi-node: the interface connecting the nodes (eth1, ib0, ...)
 RUN_ROOT=${RUN_ROOT:-$SLURM_SUBMIT_DIR/runs}
 
 cd "$SLURM_SUBMIT_DIR"
@@ -20,6 +21,16 @@ source "$VENV/bin/activate"
 export PYTHONUNBUFFERED=1
 # Open MPI refuses root without these; harmless for other users.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+
+# Several nodes: name the interface that connects them, or MPI and Gloo may pick one
+# that does not (a management or container network) and wait forever. Open MPI's
+# spelling serves mpirun and srun's ranks; Horovod's Gloo and NCCL read their own.
+NETWORK_FLAGS=()  # horovodrun's
+if [ -n "$NETWORK_INTERFACE" ]; then
+    export OMPI_MCA_btl_tcp_if_include=$NETWORK_INTERFACE OMPI_MCA_oob_tcp_if_include=$NETWORK_INTERFACE
+    export HOROVOD_GLOO_IFACE=$NETWORK_INTERFACE NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$NETWORK_INTERFACE}
+    NETWORK_FLAGS=(--network-interface "$NETWORK_INTERFACE")
+fi
 
 # One run directory per job name (metrics, TensorBoard events, checkpoints, the
 # command line): a resubmitted or requeued job resumes in it.

@@ -18,6 +18,19 @@ QUIET = ("--no-progress", "--run-dir", "none")
 JOB_TIMEOUT = 300
 
 
+LOCAL_HOSTS = os.path.join(REPO, "slurm", "local_hosts.sh")
+
+
+def local_hosts(*args, timeout=120):
+    """slurm/local_hosts.sh ARGS (start, stop, kill, revive)."""
+    return subprocess.run(["bash", LOCAL_HOSTS, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def on_host(hosts, host, command):
+    """``command`` (a list) as run from a shell on ``host`` of the local hosts in ``hosts``."""
+    return ["bash", LOCAL_HOSTS, "exec", str(hosts), host, "--", *map(str, command)]
+
+
 def job_env():
     env = dict(os.environ)
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",

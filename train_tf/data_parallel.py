@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from common import data, metrics, weights
 from common.data_parallel import (apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline,
-                                  start_horovod_timeline)
+                                  run_elastic, start_horovod_timeline)
 from common.launch import cpus_per_rank
 from common.loss_scale import DynamicLossScale
 from train_tf.checkpoint import load_neutral_state, neutral_state
@@ -57,6 +57,9 @@ class HorovodCollectives:
     def broadcast_object(self, value, name):
         return self.hvd.broadcast_object(value, root_rank=0, name=name)
 
+    def allgather_object(self, value, name):
+        return self.hvd.allgather_object(value, name=name)
+
     def flag_sum(self, value):
         """Horovod: the sum of ``value`` over the ranks (a sync point)."""
         return int(self.hvd.allreduce(tf.constant([float(value)]), op=self.hvd.Sum, name="flag_sum").numpy()[0])
@@ -79,6 +82,61 @@ def average_batch_norm_statistics(hvd, model, process_set=None) -> None:
                                     name="batch_norm_statistics", **kwargs)
     for statistic, mean in zip(statistics, reduced):
         statistic.assign(mean)
+
+
+def variables_state(hvd, variables, **values):
+    """Horovod elastic state over TF variables (and ``values``): a copy kept at each commit,
+    restored after a failure, broadcast from rank 0 when workers change. Horovod's own
+    TensorFlowState broadcasts its variables only when it is built (in eager mode), so a
+    worker joining later would keep its own initial weights."""
+    from horovod.common.elastic import ObjectState
+
+    class VariablesState(ObjectState):
+        def __init__(self):
+            self._save_variables()
+            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank, **values)
+
+        def _save_variables(self):
+            self._saved_values = [tf.identity(variable) for variable in variables]
+
+        def save(self):
+            self._save_variables()
+            super().save()
+
+        def restore(self):
+            for variable, value in zip(variables, self._saved_values):
+                variable.assign(value)
+            super().restore()
+
+        def sync(self):
+            hvd.broadcast_variables(variables, root_rank=0)
+            self._save_variables()
+            super().sync()
+
+    return VariablesState()
+
+
+def elastic_run(hvd):
+    """Horovod's elastic.run for TF, also recognising a failed grouped allreduce: Horovod's
+    own wrapper matches 'HorovodAllreduce' etc. in the error, which 'HorovodGroupedAllreduce'
+    does not contain, so a lost worker would end the job instead of rolling it back."""
+    from horovod.common.elastic import run_fn
+    from horovod.common.exceptions import HorovodInternalError
+
+    def decorate(train):
+        def wrapper(state):
+            try:
+                return train(state)
+            except tf.errors.UnknownError as error:
+                if "Horovod" not in error.message:
+                    raise
+                raise HorovodInternalError(error) from error
+
+        def reset():
+            hvd.shutdown()
+            hvd.init()
+        return run_fn(wrapper, reset)
+    return decorate
 
 
 class DataParallelRunner:
@@ -192,7 +250,15 @@ class DataParallelRunner:
                                 self.config.optimizer if with_optimizer else None)
         if state is not None:
             load_neutral_state(self.model, self.dataset.image_shape, self.optimizer, state)
-        # Horovod: every rank starts from rank 0's variables. Keras 3 variables
-        # are not tf.Variables: broadcast their underlying .value.
-        self.hvd.broadcast_variables([variable.value for variable in self.model.variables]
-                                     + self.optimizer.variables, root_rank=0)
+        # Horovod: every rank starts from rank 0's variables.
+        self.hvd.broadcast_variables(self.all_variables(), root_rank=0)
+
+    def all_variables(self):
+        """Model and optimizer state. Keras 3 variables are not tf.Variables: Horovod takes
+        their underlying .value."""
+        return [variable.value for variable in self.model.variables] + self.optimizer.variables
+
+    def run_elastic(self, start, train_from):
+        """Horovod elastic (common/data_parallel.run_elastic) over the model's and optimizer's variables."""
+        state = variables_state(self.hvd, self.all_variables(), epoch=0, step=0, started=False)
+        return run_elastic(self, self.hvd, state, start, train_from, elastic_run(self.hvd))

@@ -17,7 +17,7 @@ from common import data, metrics, weights
 from common.errors import UsageError
 from common.launch import cpus_per_rank, launcher_world_size
 from common.data_parallel import (apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline,
-                                  start_horovod_timeline)
+                                  run_elastic, start_horovod_timeline)
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
 from train_torch.device import pick_device, to_device
 from train_torch.model import batch_norm_statistics, build_model, set_batch_norm_reduction
@@ -57,6 +57,9 @@ class OneProcess:
 
     def broadcast_object(self, value, **kwargs):
         return value
+
+    def allgather_object(self, value, **kwargs):
+        return [value]
 
     def broadcast_parameters(self, *args, **kwargs):
         pass
@@ -146,6 +149,9 @@ class HorovodCollectives:
 
     def broadcast_object(self, value, name):
         return self.hvd.broadcast_object(value, root_rank=0, name=name)
+
+    def allgather_object(self, value, name):
+        return self.hvd.allgather_object(value, name=name)
 
     def flag_sum(self, value):
         return self.start_flag_sum(value)()
@@ -241,35 +247,6 @@ class DataParallelRunner:
             load_optimizer_state(self.model, self.optimizer, slots)
 
     def run_elastic(self, start, train_from):
-        """Horovod elastic: run ``train_from`` until it returns, restarting it from the
-        last commit when a worker fails and from the current step when workers join or
-        leave. The global batch and LR are fixed, so the world size only changes how
-        each batch is split (common/data.rank_batches), not what a step computes."""
-        hvd = self.hvd
-        state = hvd.elastic.TorchState(self.model, self.optimizer, epoch=0, step=0, started=False)
-        every = self.config.elastic_commit_steps
-
-        def commit(epoch, step):
-            state.epoch, state.step = epoch, step
-            if step % every == 0:  # includes the end of every epoch (step 0 of the next)
-                state.commit()  # Horovod: keep a copy to roll back to; raises if hosts changed
-
-        def on_reset():
-            previous = self.world_size
-            apply_data_layout(self, hvd, self.config)  # Horovod: new ranks and world size
-            if self.primary:
-                metrics.log(f"elastic: {previous} -> {self.world_size} workers; continuing at epoch "
-                            f"{state.epoch + 1}, step {state.step + 1}")
-
-        state.register_reset_callbacks([on_reset])
-
-        @hvd.elastic.run
-        def train(state):
-            # Horovod: the first call syncs every worker to rank 0's state, so a worker
-            # that joins later sees started=True and must skip start()'s collectives.
-            if not state.started:
-                (state.epoch, state.step), state.started = start(), True
-                state.commit()
-            return train_from((state.epoch, state.step), commit)
-
-        return train(state)
+        """Horovod elastic (common/data_parallel.run_elastic) over Horovod's PyTorch state."""
+        state = self.hvd.elastic.TorchState(self.model, self.optimizer, epoch=0, step=0, started=False)
+        return run_elastic(self, self.hvd, state, start, train_from, self.hvd.elastic.run)

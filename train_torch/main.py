@@ -20,7 +20,7 @@ from common.launch import run_entry  # noqa: E402
 
 
 def main(argv=None):
-    config, dataset, specs = trainer.load_run(argv, "train_torch/main.py", elastic_supported=True)
+    config, dataset, specs = trainer.load_run(argv, "train_torch/main.py")
     runner = trainer.make_runner(config, dataset, specs,
                                  lambda: import_module("train_torch.data_parallel").DataParallelRunner,
                                  lambda: import_module("train_torch.stage").TorchStage)

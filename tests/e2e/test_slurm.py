@@ -1,9 +1,11 @@
-"""The sbatch templates, submitted to a real single-node Slurm started here.
+"""The sbatch templates, submitted to a real two-node Slurm started here.
 
-slurm/local_cluster.sh installs Debian's Slurm and munge when missing, starts
-slurmctld, slurmd and munged with their own config and state in a temporary
-directory, and stops them (by PID) afterwards. Job states are polled with
-scontrol (sbatch --wait's back-off adds up to 30 s per job).
+slurm/local_cluster.sh installs Debian's Slurm and munge when missing and starts
+slurmctld and one slurmd per host of the ``hosts`` fixture (node1..node3, network
+namespaces: slurm/local_hosts.sh), with their own config and state in a temporary
+directory, and stops them (by PID) afterwards. Jobs are submitted on node1 and run
+on two nodes, over the hosts' cluster interface (NETWORK_INTERFACE=eth1). Job states
+are polled with scontrol (sbatch --wait's back-off adds up to 30 s per job).
 """
 
 import os
@@ -13,28 +15,31 @@ import time
 
 import pytest
 
-from tests.helpers import PYTHON, REPO, job_env
+from tests.helpers import PYTHON, REPO, job_env, on_host
 
 TEMPLATES = ("srun", "mpirun", "horovodrun")
 JOB_LIMIT = 240
 
 
+def run_on_node1(env, command, check=True):
+    return subprocess.run(on_host(env["HOSTS_DIR"], "node1", command), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60, check=check)
+
+
 def slurm(env, *command):
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    return run_on_node1(env, command).stdout
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("a local Slurm needs root to install and run its daemons (CI runs as root)")
+def cluster(hosts, tmp_path_factory):
     directory = tmp_path_factory.mktemp("slurm")
     script = os.path.join(REPO, "slurm", "local_cluster.sh")
-    started = subprocess.run(["bash", script, "start", str(directory)], capture_output=True, text=True,
-                             timeout=600)
+    started = subprocess.run(["bash", script, "start", str(directory), "--hosts", str(hosts)], capture_output=True,
+                             text=True, timeout=600)
     assert started.returncode == 0, started.stdout + started.stderr
     env = job_env()
     env.update(SLURM_CONF=str(directory / "slurm.conf"), RUN_ROOT=str(directory / "runs"),
-               VENV=os.path.dirname(os.path.dirname(PYTHON)))
+               VENV=os.path.dirname(os.path.dirname(PYTHON)), NETWORK_INTERFACE="eth1", HOSTS_DIR=str(hosts))
     yield directory, env
     subprocess.run(["bash", script, "stop", str(directory)], timeout=60)
 
@@ -43,7 +48,7 @@ def submit(cluster, template, name, **variables):
     directory, env = cluster
     env = {**env, **variables}
     output = directory / f"{name}-%j.out"
-    job = slurm(env, "sbatch", "--parsable", f"--job-name={name}", f"--output={output}",
+    job = slurm(env, "sbatch", "--parsable", "--nodes=2", f"--job-name={name}", f"--output={output}",
                 os.path.join(REPO, "slurm", template)).strip().split(";")[0]
     return job, env, directory / f"{name}-{job}.out"
 
@@ -73,7 +78,8 @@ def test_cpu_template_trains(cluster, launcher):
     wait_for(lambda: finished(env, job), f"job {job}")
     log = output.read_text()
     assert job_field(env, job, "JobState") == "COMPLETED" and job_field(env, job, "ExitCode") == "0:0", log
-    assert "final test accuracy" in log and "x 2)" in log, log  # two ranks trained together
+    assert "final test accuracy" in log and "x 4)" in log, log  # four ranks trained together
+    assert "hosts: node1 ranks 0-1, node2 ranks 2-3" in log, log  # on both nodes
 
 
 def test_preempted_job_checkpoints_requeues_and_finishes(cluster):
@@ -94,6 +100,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(cluster):
     assert re.search(r"stopped by SIGUSR1 after \d+ steps of epoch [23]; saved .*ckpt-epoch", log), log
     assert "requeueing job" in log and "restart 1" in log and "resumed from" in log, log
     assert log.count("epoch 3/3") == 1 and "final test accuracy" in log, log
+    assert log.count("hosts: node1 ranks 0-1, node2 ranks 2-3") == 2, log  # both runs on both nodes
     checkpoints = cluster[0] / "runs" / "test-preempt" / "checkpoints"
     assert (checkpoints / "ckpt-epoch0003" / "COMPLETE").exists()
 
@@ -103,6 +110,6 @@ def test_cpu_template_is_accepted_by_the_scheduler(cluster, launcher):
     """sbatch --test-only validates the directives against the cluster without
     running anything (GPU templates need GPU nodes: this cluster has none)."""
     directory, env = cluster
-    result = subprocess.run(["sbatch", "--test-only", os.path.join(REPO, "slurm", f"cpu_{launcher}.sbatch")],
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = run_on_node1(env, ["sbatch", "--test-only", os.path.join(REPO, "slurm", f"cpu_{launcher}.sbatch")],
+                          check=False)
     assert result.returncode == 0 and "to start at" in result.stderr, result.stderr

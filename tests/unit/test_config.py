@@ -76,12 +76,11 @@ def test_cosine_schedule_decays_from_the_peak_after_warmup_to_zero_at_the_end():
     assert all(a > b for a, b in zip(rates[10:39], rates[11:40])) and rates[39] < 0.001
 
 
-def test_elastic_is_refused_by_the_tensorflow_entry_and_accepted_by_pytorch():
+def test_elastic_is_accepted_by_both_entry_scripts():
     from common import trainer
 
-    with pytest.raises(UsageError, match="--elastic uses Horovod's PyTorch elastic API"):
-        trainer.load_run(["--elastic", "--run-dir", "none"], "train_tf/main.py")
-    assert trainer.load_run(["--elastic", "--run-dir", "none"], "train_torch/main.py", elastic_supported=True)[0].elastic
+    for prog in ("train_tf/main.py", "train_torch/main.py"):
+        assert trainer.load_run(["--elastic", "--run-dir", "none"], prog)[0].elastic
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -77,3 +77,11 @@ def test_cpu_lists_and_quotas_parse_as_the_kernel_writes_them():
     assert launch.parse_cpu_max("200000 100000\n") == 2.0 and launch.parse_cpu_max("max 100000") is None
     here = launch.read_cpu_share(local_ranks=2)
     assert here.local_ranks == 2 and 1 <= here.affinity <= here.cpuset and here.threads()[0] >= 1
+
+
+def test_host_placement_names_each_hosts_ranks_in_order():
+    assert launch.host_placement(["node1", "node1", "node2", "node2"]) == "hosts: node1 ranks 0-1, node2 ranks 2-3"
+    # Round-robin (mpirun --map-by node): each host's ranks are not contiguous.
+    assert launch.host_placement(["b", "a", "b", "a", "b"]) == "hosts: b ranks 0,2,4, a ranks 1,3"
+    assert launch.host_placement(["n1", "n2", "n2", "n2", "n1"]) == "hosts: n1 ranks 0,4, n2 ranks 1-3"
+    assert launch.host_placement(["solo"]) == "hosts: solo rank 0"
