@@ -101,13 +101,18 @@ def check_stages(config: RunConfig, specs: Sequence) -> None:
 
 
 def check_batch(config: RunConfig, plan: ParallelPlan) -> None:
-    """The global batch must give every replica's micro-batches at least one sample."""
+    """The global batch must give every replica's micro-batches at least one sample. It need
+    not divide evenly: the replicas' shares differ by at most one sample (data.rank_batches),
+    and each share is cut into micro-batches that differ by at most one (np.array_split, as
+    torchgpipe and torch.distributed.pipelining cut); the loss is still divided once by the
+    global batch, so the step is the full-batch mean gradient either way."""
     global_batch = config.global_batch_size(plan.dp)
     if plan.pipelined:
         parts = plan.dp * config.microbatches
-        if global_batch % parts:
-            raise UsageError(f"global batch {global_batch} does not split into {plan.dp} replica(s) x "
-                             f"{config.microbatches} micro-batches; use a --batch-size divisible by {parts}")
+        if global_batch < parts:
+            raise UsageError(f"global batch {global_batch} is smaller than {plan.dp} replica(s) x "
+                             f"{config.microbatches} micro-batches; use --batch-size >= {parts} or fewer "
+                             f"--microbatches")
     elif global_batch < plan.dp:
         raise UsageError(f"global batch {global_batch} is smaller than the {plan.dp} ranks sharing it; "
                          f"use --batch-size >= {plan.dp} or fewer ranks")

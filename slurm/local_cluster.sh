@@ -20,14 +20,17 @@ fi
 here=$(dirname "$(realpath "$0")")
 
 stop() {
-    local pid file
+    local pid file pids=()
     for file in "$dir"/slurmd*.pid "$dir/slurmctld.pid" "$dir/munged.pid"; do
         if [ -f "$file" ]; then
             pid=$(cat "$file")
             kill "$pid" 2>/dev/null || true
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            pids+=("$pid")
             rm -f "$file"
         fi
+    done
+    for pid in "${pids[@]}"; do  # all asked at once; then up to 5 s for each to go
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     done
     if [ -f "$dir/munge.dir" ]; then
         rm -rf "$(cat "$dir/munge.dir")" "$dir/munge.dir"

@@ -121,10 +121,11 @@ if [ "$(id -u)" != 0 ]; then
     echo "local_hosts.sh: needs root (network namespaces, sshd)" >&2
     exit 1
 fi
-if [ ! -x /usr/sbin/sshd ]; then
-    echo "installing openssh-server (Debian package)"
+if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-keygen >/dev/null || ! command -v ip >/dev/null; then
+    echo "installing openssh-server, openssh-client and iproute2 (Debian packages)"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        openssh-server openssh-client iproute2 >/dev/null
 fi
 mkdir -p "$dir" /run/sshd
 stop  # a previous cluster in DIR

@@ -133,3 +133,18 @@ def run_and_signal_one_rank(args, np_, framework, after_line, signal_number):
     max(ranks, key=lambda child: child.create_time()).send_signal(signal_number)
     stdout, stderr = job.communicate(timeout=JOB_TIMEOUT)
     return subprocess.CompletedProcess(command, job.returncode, "".join(seen) + stdout, stderr)
+
+
+def kill_tree(job):
+    """Kill a launched job and everything it started (nothing may outlive a test)."""
+    import psutil
+
+    try:
+        processes = [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -8,9 +8,8 @@ import subprocess
 import threading
 
 import numpy as np
-import psutil
 
-from tests.helpers import (BIN, ENTRY, JOB_TIMEOUT, PYTHON, REPO, assert_ok, checkpoint_path,
+from tests.helpers import (BIN, ENTRY, JOB_TIMEOUT, PYTHON, REPO, assert_ok, checkpoint_path, kill_tree,
                            checkpoint_weights, final_accuracy, job_env, relative_difference, run_training)
 
 STEPS = 23  # digits: 1437 samples, batches of 64
@@ -32,16 +31,6 @@ def elastic_command(checkpoint_dir):
             "--run-dir", "none", "--checkpoint-dir", str(checkpoint_dir), *map(str, ARGS)]
 
 
-def kill_tree(job):
-    try:
-        processes = [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]
-    except psutil.NoSuchProcess:
-        return
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def test_elastic_three_to_two_to_three_equals_uninterrupted(tmp_path):

@@ -12,11 +12,13 @@ import subprocess
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 
 from tests.helpers import (DIGITS_CNN, ENTRY, JOB_TIMEOUT, PYTHON, QUIET, REPO, assert_ok, checkpoint_path,
-                           checkpoint_weights, job_env, local_hosts, on_host, relative_difference, run_training)
+                           checkpoint_weights, job_env, kill_tree, local_hosts, on_host, relative_difference,
+                           run_training)
 
 HOROVODRUN = os.path.join(os.path.dirname(PYTHON), "horovodrun")
 MPIRUN_NETWORK = ["--mca", "btl_tcp_if_include", "eth1", "--mca", "oob_tcp_if_include", "eth1"]
@@ -86,10 +88,10 @@ def test_the_wrong_network_interface_fails_with_a_clear_line(hosts):
     attempts over it go unanswered, and without the start-up deadline the ranks would
     wait (and spin) forever."""
     result = run_on_node1(hosts, [HOROVODRUN, "-np", 2, "-H", "node1:1,node2:1", "--network-interface", "eth2",
-                                  *train_command("torch", [*FEW_STEPS, "--connect-timeout", 10])])
+                                  *train_command("torch", [*FEW_STEPS, "--connect-timeout", 3])])
     assert result.returncode != 0 and result.seconds < 90, (result.seconds, result.stdout, result.stderr)
     output = result.stdout + result.stderr
-    assert re.search(r"error: rank \d on node[12]: the job's ranks did not reach each other within 10 s", output)
+    assert re.search(r"error: rank \d on node[12]: the job's ranks did not reach each other within 3 s", output)
     assert "--network-interface" in output and "btl_tcp_if_include" in output
 
 
@@ -124,21 +126,11 @@ def read_until(job, marker):
     raise AssertionError(f"the job ended before {marker!r}:\n" + "".join(seen))
 
 
-def kill_tree(job):
-    try:
-        processes = [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]
-    except psutil.NoSuchProcess:
-        return
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 # Elastic TensorFlow across the hosts: lr 0.01 keeps float round-off (which differs with
 # the number of workers) near 1e-6 (test_elastic.py says why).
-ELASTIC_EPOCHS = 40
+ELASTIC_EPOCHS = 28  # the rejoin came at epoch 9-10 here
 ELASTIC_ARGS = ["--epochs", ELASTIC_EPOCHS, "--lr", 0.01, "--threads", 1, "--keep-checkpoints", ELASTIC_EPOCHS]
 
 
@@ -167,20 +159,23 @@ def test_elastic_tensorflow_loses_a_host_rolls_back_and_takes_it_back(hosts, tmp
     finally:
         watchdog.cancel()
         kill_tree(job)
-    print(log)
     assert job.returncode == 0, log
     assert re.search(r"elastic: 3 -> 2 workers; continuing at epoch \d+, step \d+", log), log
     assert "elastic: 2 -> 3 workers" in log, log
     assert f"epoch {ELASTIC_EPOCHS}/{ELASTIC_EPOCHS}" in log
 
-    # The LR is constant: an uninterrupted run up to the recovered epoch is enough.
+    assert_ok(run_training([*ELASTIC_ARGS, "--checkpoint-dir", tmp_path / "straight"], framework="tf"))
     recovered = first_epoch_after(log, "elastic: 3 -> 2 workers")
-    assert_ok(run_training([*ELASTIC_ARGS, "--epochs", recovered, "--checkpoint-dir", tmp_path / "straight"],
-                           framework="tf"))
     straight = checkpoint_weights(checkpoint_path(tmp_path / "straight", recovered))
     elastic = checkpoint_weights(checkpoint_path(tmp_path / "elastic", recovered))
     for key, value in straight.items():
         assert relative_difference(elastic[key], value) <= 1e-5, (recovered, key)
+    # After the rejoin: a sanity bound (test_elastic.py says why not more), which a joining
+    # worker that kept its own initial weights instead of receiving rank 0's would break.
+    straight = checkpoint_weights(checkpoint_path(tmp_path / "straight", ELASTIC_EPOCHS))
+    elastic = checkpoint_weights(checkpoint_path(tmp_path / "elastic", ELASTIC_EPOCHS))
+    assert relative_difference(np.concatenate([elastic[key].ravel() for key in straight]),
+                               np.concatenate([value.ravel() for value in straight.values()])) <= 1e-2
 
 
 def first_epoch_after(log, marker):

@@ -4,8 +4,8 @@ ResNet-8 (BatchNorm in every layer) on a 64-sample global batch, three momentum
 steps: one process with plain BatchNorm is the reference; 3 ranks (22/21/21,
 uneven) in data mode and a 2x2 hybrid (each stage's 2 replicas, 32 samples each,
 in one micro-batch) with --sync-bn must match it in every weight and running
-statistic. The same batch on 2 ranks WITHOUT --sync-bn, normalised by each
-rank's own half, lands measurably elsewhere: the proof that the synchronisation
+statistic. The same batch on 2 ranks WITHOUT --sync-bn (PyTorch), normalised by
+each rank's own half, lands measurably elsewhere: the proof that the synchronisation
 (forward sums and their gradients' allreduce) is what closes the gap.
 """
 
@@ -34,7 +34,6 @@ def test_sync_bn_ranks_equal_one_process_and_unsynced_ranks_do_not(tmp_path, fra
     single, single_metrics = train(tmp_path, framework, "single", None)
     runs = {name: train(tmp_path, framework, name.replace(" ", "-"), np_, extra)
             for name, (np_, extra) in SYNCED.items() if framework == "torch" or name == "data np3"}
-    unsynced, _ = train(tmp_path, framework, "unsynced", 2)
 
     statistics = [key for key in single if key.endswith((".bn.mean", ".bn.var"))]
     assert len(statistics) == 2 * 9  # stem + 3 blocks x 2 + 2 projections, mean and var each
@@ -43,6 +42,8 @@ def test_sync_bn_ranks_equal_one_process_and_unsynced_ranks_do_not(tmp_path, fra
             assert relative_difference(weights[key], value) <= TOLERANCE, (name, key)
         assert metrics["train_loss"] == pytest.approx(single_metrics["train_loss"], rel=1e-5), name
         assert metrics["test_loss"] == pytest.approx(single_metrics["test_loss"], rel=1e-4), name
-    # Per-rank statistics: the running means/variances and the trained weights drift apart.
-    drift = max(relative_difference(unsynced[key], single[key]) for key in statistics)
-    assert drift > 100 * TOLERANCE, drift
+    if framework == "torch":  # the control (the synchronisation is the trainer's, alike in both)
+        # Per-rank statistics: the running means/variances and the trained weights drift apart.
+        unsynced, _ = train(tmp_path, framework, "unsynced", 2)
+        drift = max(relative_difference(unsynced[key], single[key]) for key in statistics)
+        assert drift > 100 * TOLERANCE, drift

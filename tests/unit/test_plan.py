@@ -37,10 +37,13 @@ def test_impossible_layouts_name_the_fix(config, world, message):
         make_plan(config, world)
 
 
-def test_batch_must_split_into_microbatches():
+def test_batch_must_give_every_microbatch_a_sample():
     check_batch(RunConfig(mode="hybrid", pp=2, dp=2, batch_size=64, microbatches=4), ParallelPlan("hybrid", 2, 2))
-    with pytest.raises(UsageError, match="does not split into 2 replica.* x 4 micro-batches.*divisible by 8"):
-        check_batch(RunConfig(mode="hybrid", pp=2, batch_size=60, microbatches=4), ParallelPlan("hybrid", 2, 2))
+    # Uneven: shares 31/30, micro-batches of 8 and 7 samples.
+    check_batch(RunConfig(mode="hybrid", pp=2, dp=2, batch_size=61, microbatches=4), ParallelPlan("hybrid", 2, 2))
+    check_batch(RunConfig(mode="hybrid", pp=2, dp=2, batch_size=8, microbatches=4), ParallelPlan("hybrid", 2, 2))
+    with pytest.raises(UsageError, match="global batch 7 is smaller than 2 replica.* x 4 micro-batches.*>= 8"):
+        check_batch(RunConfig(mode="hybrid", pp=2, batch_size=7, microbatches=4), ParallelPlan("hybrid", 2, 2))
 
 
 def test_balanced_split_minimises_the_largest_stage():
