@@ -45,8 +45,8 @@ start_sshd() {  # HOST: sshd in HOST's namespaces; its PID is the handle `exec` 
     netns=$(netns_of "$host")
     # HOST's network; a mount namespace of its own with DIR's hosts file and ssh client
     # config bound over /etc's (nothing in /etc changes) and a /var/tmp of its own (a
-    # node-local disk: Slurm's PMIx plugin keeps per-step files there); its hostname (UTS). Each step
-    # execs, so $! is sshd's PID, and every login (and rank) inherits all three.
+    # node-local disk: Slurm's PMIx plugin keeps per-step files there); its hostname
+    # (UTS). Each step execs, so $! is sshd's PID; every login (and rank) inherits all.
     setsid nsenter --net="/run/netns/$netns" unshare --mount --uts --propagation private sh -c \
         "mount --bind '$dir/hosts-$host' /etc/hosts && mount --bind '$dir/ssh_config' /etc/ssh/ssh_config \
          && mount --bind '$dir/var-tmp-$host' /var/tmp \
