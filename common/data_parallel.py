@@ -55,7 +55,6 @@ def read_on_primary(primary: bool, open_checkpoint: Optional[OpenCheckpoint], ke
     return open_checkpoint().state(keys, optimizer)
 
 
-
 def run_elastic(runner, hvd, state, start: Callable[[], tuple], train_from: Callable, elastic_run: Callable):
     """Horovod elastic, alike in both frameworks: run ``train_from(position, commit)`` until it
     returns, restarting it from the last commit when a worker fails and from the current

@@ -361,7 +361,8 @@ class Trainer:
         """A checkpoint that could not be written (its partial files are gone): stop the job
         with one line (every rank raises alike when ``everywhere``; else only the primary
         knows and ends the job itself) or, with --keep-going-on-save-error, warn and go on."""
-        problem = f"could not save checkpoint {path} ({reason}; it needs {size / 2**20:.1f} MB, {checkpoint.free_space(path)})"
+        problem = (f"could not save checkpoint {path} ({reason}; it needs {size / 2**20:.1f} MB, "
+                   f"{checkpoint.free_space(path)})")
         if self.config.keep_going_on_save_error:
             if self.runner.primary:
                 metrics.log(f"warning: {problem}; training on without it (--keep-going-on-save-error)")

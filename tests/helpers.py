@@ -55,6 +55,13 @@ def run_training(args, np_=None, framework="torch", launcher="mpirun", timeout=J
                           timeout=timeout)
 
 
+def first_epoch_after(log, marker):
+    """The number of the first epoch a (launcher-prefixed) log reports after ``marker``."""
+    tail = log[log.index(marker):]
+    line = next(line for line in tail.splitlines() if line.split(":", 1)[-1].startswith("epoch "))
+    return int(line.split(":", 1)[-1].split()[1].split("/")[0])
+
+
 def assert_ok(result):
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result

@@ -10,7 +10,8 @@ import threading
 import numpy as np
 
 from tests.helpers import (BIN, ENTRY, JOB_TIMEOUT, PYTHON, REPO, assert_ok, checkpoint_path, kill_tree,
-                           checkpoint_weights, final_accuracy, job_env, relative_difference, run_training)
+                           checkpoint_weights, final_accuracy, first_epoch_after, job_env, relative_difference,
+                           run_training)
 
 STEPS = 23  # digits: 1437 samples, batches of 64
 EPOCHS = 26  # long enough that the lost worker's host comes back (epoch 11 here) well before the end
@@ -29,8 +30,6 @@ def elastic_command(checkpoint_dir):
             "--blacklist-cooldown-range", "2", "3",
             PYTHON, ENTRY["torch"], "--elastic", "--elastic-commit-steps", "5", "--no-progress",
             "--run-dir", "none", "--checkpoint-dir", str(checkpoint_dir), *map(str, ARGS)]
-
-
 
 
 def test_elastic_three_to_two_to_three_equals_uninterrupted(tmp_path):
@@ -75,9 +74,3 @@ def test_elastic_three_to_two_to_three_equals_uninterrupted(tmp_path):
     straight, elastic = weights_after("straight", EPOCHS), weights_after("elastic", EPOCHS)
     assert relative_difference(np.concatenate([elastic[key].ravel() for key in straight]),
                                np.concatenate([value.ravel() for value in straight.values()])) <= 1e-2
-
-
-def first_epoch_after(log, marker):
-    tail = log[log.index(marker):]
-    line = next(line for line in tail.splitlines() if line.split(":", 1)[-1].startswith("epoch "))
-    return int(line.split(":", 1)[-1].split()[1].split("/")[0])

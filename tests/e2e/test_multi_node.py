@@ -16,9 +16,9 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.helpers import (DIGITS_CNN, ENTRY, JOB_TIMEOUT, PYTHON, QUIET, REPO, assert_ok, checkpoint_path,
-                           checkpoint_weights, job_env, kill_tree, local_hosts, on_host, relative_difference,
-                           run_training)
+from tests.helpers import (DIGITS_CNN, ENTRY, FRAMEWORKS, JOB_TIMEOUT, PYTHON, QUIET, REPO, assert_ok,
+                           checkpoint_path, checkpoint_weights, first_epoch_after, job_env, kill_tree, local_hosts,
+                           on_host, relative_difference, run_training)
 
 HOROVODRUN = os.path.join(os.path.dirname(PYTHON), "horovodrun")
 MPIRUN_NETWORK = ["--mca", "btl_tcp_if_include", "eth1", "--mca", "oob_tcp_if_include", "eth1"]
@@ -51,7 +51,7 @@ def assert_equals_one_process(tmp_path, framework, args, directory):
         assert relative_difference(got[name], value) <= 1e-6, name
 
 
-@pytest.mark.parametrize("framework", ["torch", "tf"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_horovodrun_on_two_hosts_equals_one_process(hosts, tmp_path, framework):
     """4 ranks on 2 hosts, data mode, a 63-sample batch split 16/16/16/15, each share in two
     accumulated chunks, momentum: ≡ one process."""
@@ -176,12 +176,6 @@ def test_elastic_tensorflow_loses_a_host_rolls_back_and_takes_it_back(hosts, tmp
     elastic = checkpoint_weights(checkpoint_path(tmp_path / "elastic", ELASTIC_EPOCHS))
     assert relative_difference(np.concatenate([elastic[key].ravel() for key in straight]),
                                np.concatenate([value.ravel() for value in straight.values()])) <= 1e-2
-
-
-def first_epoch_after(log, marker):
-    tail = log[log.index(marker):]
-    epoch = re.search(r"epoch (\d+)/", tail)
-    return int(epoch.group(1))
 
 
 FAILING_TEST = """
