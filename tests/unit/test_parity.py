@@ -155,10 +155,11 @@ def test_zoo_same_logits_gradients_and_step(name, shape, stem):
             continue
         assert np.abs(change).max() > 0, f"{key} did not move"
         # Training-mode BatchNorm in deep networks costs float32 digits (ResNet-34's first layer:
-        # ~2e-3 from the float64 gradient in torch; TF's kernels up to ~6e-3 in MobileNetV2), so
-        # the bound is 1% or 4x torch's own float32 error; a wrong layer is off by O(1).
+        # ~2e-3 from the float64 gradient in torch; TF's kernels up to ~6e-3 in MobileNetV2, and
+        # 1.1e-2 from float64 in ResNet-34's last BatchNorm on an AVX-512 EPYC), so the bound is
+        # 2% or 4x torch's own float32 error; a wrong layer is off by O(1).
         own_error = relative_difference(change, after_exact[key] - value)
-        assert relative_difference(tf_change, change) <= max(100 * TOLERANCE, 4 * own_error), key
+        assert relative_difference(tf_change, change) <= max(200 * TOLERANCE, 4 * own_error), key
 
 
 def save_and_open(directory, state, name, shape, optimizer):
