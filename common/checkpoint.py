@@ -63,6 +63,15 @@ class NeutralState:
     weights: dict = field(default_factory=dict)
     optimizer: dict = field(default_factory=dict)
 
+    @staticmethod
+    def union(states: list) -> "NeutralState":
+        """One state holding the keys of ``states`` (pieces of one model: no key twice)."""
+        union = NeutralState()
+        for state in states:
+            union.weights.update(state.weights)
+            union.optimizer.update(state.optimizer)
+        return union
+
     def shifted(self, offset: int) -> "NeutralState":
         """Layer indices moved by ``offset``: a stage's own keys <-> the whole model's."""
         from common.weights import shift_keys

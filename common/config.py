@@ -17,7 +17,7 @@ from common.errors import UsageError
 from common.run_dir import NO_RUN_DIR, TIMELINE_IN_RUN_DIR
 
 MODES = ("data", "model", "hybrid", "ps")
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 BALANCES = ("flops", "params", "time")
 DATASETS = ("digits", "cifar10", "synthetic", "folder")
 IMAGE_CHECKS = ("full", "header", "none")
@@ -39,7 +39,10 @@ class RunConfig:
     pp: int = _flag(0, "pipeline stages (model: = ranks; hybrid: ranks = pp x dp)")
     dp: int = _flag(0, "hybrid: data-parallel replicas of the pipeline (0: ranks / pp)")
     microbatches: int = _flag(1, "model/hybrid: micro-batches per replica per step")
-    schedule: str = _flag("1f1b", "model/hybrid: pipeline schedule", choices=SCHEDULES)
+    schedule: str = _flag("1f1b", "model/hybrid: pipeline schedule (interleaved: 1F1B over --virtual-stages "
+                          "model pieces per rank, a smaller bubble for more messages)", choices=SCHEDULES)
+    virtual_stages: int = _flag(2, "--schedule interleaved: model pieces each rank holds (the model is cut "
+                                "into pp x this many stages, dealt round the ranks)")
     balance: str = _flag("flops", "model/hybrid: balance stages by layer flops, params, or time "
                          "(measured once)", choices=BALANCES)
     split: str = _flag("", "model/hybrid: explicit stage boundaries, e.g. 2,4 (first layer of "
@@ -160,6 +163,20 @@ _POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples",
              "connect_timeout")
 
 
+def _validate_interleaving(config: RunConfig) -> None:
+    if config.schedule != "interleaved":
+        return
+    if config.virtual_stages < 2:
+        raise UsageError(f"--schedule interleaved needs --virtual-stages >= 2 (got {config.virtual_stages}); "
+                         "with one piece per rank use --schedule 1f1b")
+    if config.pp < 2:
+        raise UsageError("--schedule interleaved deals model pieces round several ranks; use --pp >= 2")
+    if config.microbatches % config.pp:
+        raise UsageError(f"--schedule interleaved runs micro-batches in rounds of --pp {config.pp}; "
+                         f"use --microbatches a multiple of {config.pp} (got {config.microbatches}), "
+                         f"e.g. {2 * config.pp}")
+
+
 def validate(config: RunConfig) -> RunConfig:
     """Checks that need no data and no other rank; raises UsageError naming the fix."""
     for name in _POSITIVE:
@@ -194,6 +211,7 @@ def validate(config: RunConfig) -> RunConfig:
                             ("--accumulation-steps", config.accumulation_steps > 1)):
             if value:
                 raise UsageError(f"{flag} is for --mode data; pipelines accumulate over --microbatches")
+        _validate_interleaving(config)
     elif config.dp or config.microbatches > 1 or config.split:
         raise UsageError("--dp, --microbatches and --split are for --mode model/hybrid; "
                          "add --mode hybrid --pp K (or drop them)")

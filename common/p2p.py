@@ -14,32 +14,44 @@ import numpy as np
 ACTIVATION, GRADIENT = 0, 1
 
 
-def tag(kind: int, microbatch: int) -> int:
-    """One tag per (message kind, micro-batch); MPI keeps same-tag messages in order."""
-    return 2 * microbatch + kind
+def tag(kind: int, microbatch: int, chunk: int = 0, chunks: int = 1) -> int:
+    """One tag per (message kind, micro-batch, receiving chunk); MPI keeps same-tag
+    messages in order."""
+    return 2 * (microbatch * chunks + chunk) + kind
 
 
 class Transport:
-    def __init__(self, comm):
-        self.comm = comm
+    """``chunks``: model pieces per rank (--schedule interleaved), each with its own messages."""
+
+    def __init__(self, comm, chunks: int = 1):
+        self.comm, self.chunks = comm, chunks
         self._sends = []
         self._receives = {}
+        # Receive buffers live from step to step: a message's shape repeats every step,
+        # and fresh large arrays cost page faults. A step's buffers are done with when
+        # the step ends (forward inputs and output gradients are used within the step).
+        self._buffers = {}
 
-    def post_receive(self, kind, microbatch, source, shape, dtype=np.float32):
-        buffer = np.empty(shape, dtype=dtype)
-        request = self.comm.Irecv(buffer, source=source, tag=tag(kind, microbatch))
-        self._receives[(kind, microbatch)] = (buffer, request)
+    def post_receive(self, kind, microbatch, chunk, source, shape, dtype=np.float32):
+        key = (kind, microbatch, chunk)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != tuple(shape) or buffer.dtype != dtype:
+            buffer = self._buffers[key] = np.empty(shape, dtype=dtype)
+        request = self.comm.Irecv(buffer, source=source, tag=tag(kind, microbatch, chunk, self.chunks))
+        self._receives[key] = (buffer, request)
 
-    def receive(self, kind, microbatch):
-        """Wait for a posted receive and return its buffer."""
-        buffer, request = self._receives.pop((kind, microbatch))
+    def receive(self, kind, microbatch, chunk=0):
+        """Wait for a posted receive and return its buffer (valid until the step ends)."""
+        buffer, request = self._receives.pop((kind, microbatch, chunk))
         request.Wait()
         return buffer
 
-    def send(self, array, kind, microbatch, dest):
+    def send(self, array, kind, microbatch, chunk, dest):
+        """Send ``array`` to the receiving rank's piece ``chunk``."""
         array = np.ascontiguousarray(array)
         # Keep the array alive until the send completes.
-        self._sends.append((array, self.comm.Isend(array, dest=dest, tag=tag(kind, microbatch))))
+        self._sends.append((array, self.comm.Isend(array, dest=dest,
+                                                   tag=tag(kind, microbatch, chunk, self.chunks))))
 
     def finish(self):
         """Complete every send of the step (their buffers may then be reused)."""

@@ -19,6 +19,7 @@ micro-batch, exactly as in data mode with the same accumulation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -27,10 +28,27 @@ from common import data, metrics, models, p2p, plan, schedule, weights
 from common.checkpoint import NeutralState
 from common.config import RunConfig
 from common.data import Dataset
-from common.runner import MpiCollectives, OpenCheckpoint, StageFactory, StagePlace, node_placement
+from common.runner import MpiCollectives, OpenCheckpoint, Stage, StageFactory, StagePlace, node_placement
 from common.timeline import Timeline, gather_timeline, start_timeline
 
-EVAL_TAG = 1 << 20  # above every training tag (2 * micro-batch + kind)
+EVAL_TAG = 1 << 20  # above every training tag (p2p.tag), plus the receiving piece
+
+
+@dataclass
+class Piece:
+    """One contiguous piece of the model that this rank computes: its stage's only one,
+    or with --schedule interleaved one of its --virtual-stages chunks."""
+    chunk: int                       # index among this rank's pieces (the schedule's Action.chunk)
+    virtual: int                     # index among the model's pieces
+    start: int                       # its layers: start..end-1
+    end: int
+    first: bool                      # the model's first piece (reads the batch)
+    last: bool                       # the model's last piece (computes the loss)
+    previous: Optional[int]          # the rank its input comes from (and its input gradient goes to)
+    next: Optional[int]              # the rank its output goes to (and its output gradient comes from)
+    in_shape: tuple
+    out_shape: tuple
+    stage: Stage
 
 
 class PipelineRunner:
@@ -42,32 +60,47 @@ class PipelineRunner:
         self.rank, self.world_size = self.comm.rank, self.comm.size
         self.plan = plan.make_plan(config, self.world_size)
         self.stage_index, self.replica = self.plan.stage_of(self.rank), self.plan.replica_of(self.rank)
-        self.previous, self.next = self.plan.neighbours(self.rank)
-        self.first, self.last = self.stage_index == 0, self.stage_index == self.plan.pp - 1
+        self.last = self.stage_index == self.plan.pp - 1
         self.primary_rank = self.plan.rank_of(self.plan.pp - 1, 0)  # metrics live on the last stage
         self.primary = self.rank == self.primary_rank
         self.data_shards, self.data_shard = self.plan.dp, self.replica
-        self.checkpoint_shards = self.plan.pp  # one per stage, written by replica 0
+        self.checkpoint_shards = self.plan.pp  # one per stage (all its pieces), written by replica 0
         self.config, self.dataset, self.specs = config, dataset, specs
         self.collectives = MpiCollectives(self.comm, self.primary_rank)
 
         local_rank, self.threads = node_placement(self.comm, config)
         stage_factory.set_threads(self.threads, local_rank)
         costs = self._layer_costs(stage_factory)
-        self.ranges = plan.partition(costs, self.plan.pp, config.split)
-        self.start, self.end = self.ranges[self.stage_index]
-        shapes = models.layer_shapes(specs, dataset.image_shape)
-        self.in_shape, self.out_shape = shapes[self.start], shapes[self.end]
-        self.layout = [f"stage {s}: layers {a}-{b - 1} ({', '.join(type(x).__name__ for x in specs[a:b])}), "
-                       f"cost {sum(costs[a:b]):.3g} ({config.balance}), ranks {self.plan.stage_ranks(s)}"
-                       for s, (a, b) in enumerate(self.ranges)]
-        self.stage = stage_factory(StagePlace(tuple(specs), dataset.image_shape, self.start, self.end,
-                                              self.first, self.last, config, local_rank))
-        self.transport = p2p.Transport(self.comm)
+        self.ranges = plan.partition(costs, self.plan.pp, config.split, self.plan.chunks)
+        self.layout = [f"{self._piece_name(v)}: layers {a}-{b - 1} "
+                       f"({', '.join(type(x).__name__ for x in specs[a:b])}), cost {sum(costs[a:b]):.3g} "
+                       f"({config.balance}), ranks {self.plan.stage_ranks(self.plan.place_of(v)[0])}"
+                       for v, (a, b) in enumerate(self.ranges)]
+        self.pieces = [self._make_piece(chunk, stage_factory, local_rank) for chunk in range(self.plan.chunks)]
+        self.transport = p2p.Transport(self.comm, self.plan.chunks)
         self.timeline = Timeline()
         if self.plan.dp > 1:
-            self.stage.init_replica_allreduce([self.plan.stage_ranks(s) for s in range(self.plan.pp)],
-                                              self.stage_index)
+            # Horovod: one process set per stage; each piece allreduces over its stage's replicas.
+            groups = stage_factory.join_replica_groups([self.plan.stage_ranks(s) for s in range(self.plan.pp)])
+            for piece in self.pieces:
+                piece.stage.use_replica_group(groups[self.stage_index], f"piece{piece.virtual}_gradients")
+
+    def _piece_name(self, virtual: int) -> str:
+        stage, chunk = self.plan.place_of(virtual)
+        return f"stage {stage}" if self.plan.chunks == 1 else f"stage {stage} chunk {chunk} (piece {virtual})"
+
+    def _make_piece(self, chunk: int, stage_factory: StageFactory, local_rank: int) -> Piece:
+        virtual = self.plan.virtual_stage(self.stage_index, chunk)
+        start, end = self.ranges[virtual]
+        first, last = virtual == 0, virtual == self.plan.virtual_stages - 1
+        shapes = models.layer_shapes(self.specs, self.dataset.image_shape)
+
+        def rank_of(other):
+            return self.plan.rank_of(self.plan.place_of(other)[0], self.replica)
+        stage = stage_factory(StagePlace(tuple(self.specs), self.dataset.image_shape, start, end, first, last,
+                                         self.config, local_rank))
+        return Piece(chunk, virtual, start, end, first, last, None if first else rank_of(virtual - 1),
+                     None if last else rank_of(virtual + 1), shapes[start], shapes[end], stage)
 
     def _layer_costs(self, stage_factory: StageFactory) -> list:
         if self.config.balance == "time":
@@ -81,7 +114,8 @@ class PipelineRunner:
         return [cost[column] for cost in models.layer_costs(self.specs, self.dataset.image_shape)]
 
     def set_lr(self, value: float) -> None:
-        self.stage.set_lr(value)
+        for piece in self.pieces:
+            piece.stage.set_lr(value)
 
     # --- one optimizer step -------------------------------------------------------
 
@@ -97,83 +131,110 @@ class PipelineRunner:
             return self._train_step(indices, global_count)
 
     def _train_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
-        stage, span = self.stage, self.timeline.span
-        stage.zero_grad()
+        span = self.timeline.span
+        for piece in self.pieces:
+            piece.stage.zero_grad()
         microbatches = [chunk for chunk in np.array_split(indices, self.config.microbatches) if len(chunk)]
         for m, chunk in enumerate(microbatches):
-            if not self.first:
-                self.transport.post_receive(p2p.ACTIVATION, m, self.previous, (len(chunk), *self.in_shape))
-            if not self.last:
-                self.transport.post_receive(p2p.GRADIENT, m, self.next, (len(chunk), *self.out_shape))
+            for piece in self.pieces:
+                if not piece.first:
+                    self.transport.post_receive(p2p.ACTIVATION, m, piece.chunk, piece.previous,
+                                                (len(chunk), *piece.in_shape))
+                if not piece.last:
+                    self.transport.post_receive(p2p.GRADIENT, m, piece.chunk, piece.next,
+                                                (len(chunk), *piece.out_shape))
         meter = metrics.Meter()
         for action in schedule.compute_actions(self.config.schedule, self.stage_index, self.plan.pp,
-                                               len(microbatches)):
-            m = action.microbatch
+                                               len(microbatches), self.plan.chunks):
+            m, piece = action.microbatch, self.pieces[action.chunk]
             if action.kind == schedule.FORWARD:
-                chunk = microbatches[m]
-                if self.first:
-                    with span("load batch", "data", microbatch=m):
-                        inputs = self.dataset.x_train[chunk]
-                else:
-                    with span("receive activation", "wait", microbatch=m):
-                        inputs = self.transport.receive(p2p.ACTIVATION, m)
-                labels = self.dataset.y_train[chunk] if self.last else None
-                with span("forward", "forward", microbatch=m):
-                    output, (loss_sum, correct) = stage.forward(m, inputs, labels, 1.0 / global_count)
-                if self.last:
-                    meter.add(loss_sum, correct, len(chunk))
-                else:
-                    with span("send activation", "send", microbatch=m):
-                        self.transport.send(output, p2p.ACTIVATION, m, self.next)
+                self._forward(piece, m, microbatches[m], global_count, meter)
             else:
-                gradient = None
-                if not self.last:
-                    with span("receive gradient", "wait", microbatch=m):
-                        gradient = self.transport.receive(p2p.GRADIENT, m)
-                with span("backward", "backward", microbatch=m):
-                    input_gradient = stage.backward(m, gradient)
-                if not self.first:
-                    with span("send gradient", "send", microbatch=m):
-                        self.transport.send(input_gradient, p2p.GRADIENT, m, self.previous)
+                self._backward(piece, m)
         with span("wait for sends", "wait"):
             self.transport.finish()
-        if self.plan.dp > 1 and stage.has_parameters:
-            with span("allreduce", "allreduce"):
-                stage.allreduce_gradients()
-        if stage.has_parameters:
-            with span("optimizer step", "optimizer"):
-                stage.step()
+        for piece in self.pieces:
+            if self.plan.dp > 1 and piece.stage.has_parameters:
+                with span("allreduce", "allreduce", chunk=piece.chunk):
+                    piece.stage.allreduce_gradients()
+        for piece in self.pieces:
+            if piece.stage.has_parameters:
+                with span("optimizer step", "optimizer", chunk=piece.chunk):
+                    piece.stage.step()
         return meter.sums  # zeros except on last stages
+
+    def _forward(self, piece: Piece, m: int, samples: np.ndarray, global_count: int, meter: metrics.Meter) -> None:
+        span = self.timeline.span
+        if piece.first:
+            with span("load batch", "data", microbatch=m):
+                inputs = self.dataset.x_train[samples]
+        else:
+            with span("receive activation", "wait", microbatch=m, chunk=piece.chunk):
+                inputs = self.transport.receive(p2p.ACTIVATION, m, piece.chunk)
+        labels = self.dataset.y_train[samples] if piece.last else None
+        with span("forward", "forward", microbatch=m, chunk=piece.chunk):
+            output, (loss_sum, correct) = piece.stage.forward(m, inputs, labels, 1.0 / global_count)
+        if piece.last:
+            meter.add(loss_sum, correct, len(samples))
+        else:
+            with span("send activation", "send", microbatch=m, chunk=piece.chunk):
+                self.transport.send(output, p2p.ACTIVATION, m, self._chunk_of(piece.virtual + 1), piece.next)
+
+    def _chunk_of(self, virtual: int) -> int:
+        """The receiving piece's chunk: with the micro-batch and the kind, its message's tag."""
+        return self.plan.place_of(virtual)[1]
+
+    def _backward(self, piece: Piece, m: int) -> None:
+        span = self.timeline.span
+        gradient = None
+        if not piece.last:
+            with span("receive gradient", "wait", microbatch=m, chunk=piece.chunk):
+                gradient = self.transport.receive(p2p.GRADIENT, m, piece.chunk)
+        with span("backward", "backward", microbatch=m, chunk=piece.chunk):
+            input_gradient = piece.stage.backward(m, gradient)
+        if not piece.first:
+            with span("send gradient", "send", microbatch=m, chunk=piece.chunk):
+                self.transport.send(input_gradient, p2p.GRADIENT, m, self._chunk_of(piece.virtual - 1), piece.previous)
 
     # --- evaluation, forward only through the pipeline ---------------------------
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        self.stage.share_batch_norm_statistics()
+        self.share_batch_norm_statistics()
         meter = metrics.Meter()
         for indices in data.batched(data.eval_shard(len(y), self.plan.dp, self.replica), batch_size):
-            if self.first:
-                inputs = x[indices]
-            else:
-                inputs = np.empty((len(indices), *self.in_shape), dtype=np.float32)
-                self.comm.Recv(inputs, source=self.previous, tag=EVAL_TAG)
-            output = self.stage.predict(inputs)
-            if self.last:
-                meter.add(*metrics.softmax_cross_entropy_sums(output, y[indices]), len(indices))
-            else:
-                self.comm.Send(np.ascontiguousarray(output, dtype=np.float32), dest=self.next, tag=EVAL_TAG)
+            for piece in self.pieces:  # in model order; each piece's input comes from the one before
+                if piece.first:
+                    inputs = x[indices]
+                else:
+                    inputs = np.empty((len(indices), *piece.in_shape), dtype=np.float32)
+                    self.comm.Recv(inputs, source=piece.previous, tag=EVAL_TAG + piece.virtual)
+                output = piece.stage.predict(inputs)
+                if piece.last:
+                    meter.add(*metrics.softmax_cross_entropy_sums(output, y[indices]), len(indices))
+                else:
+                    self.comm.Send(np.ascontiguousarray(output, dtype=np.float32), dest=piece.next,
+                                   tag=EVAL_TAG + piece.virtual + 1)
         return meter.sums
+
+    def share_batch_norm_statistics(self) -> None:
+        for piece in self.pieces:
+            piece.stage.share_batch_norm_statistics()
 
     # --- checkpoints: each stage reads and writes its own layers -----------------
 
     def checkpoint_shard(self) -> Optional[tuple[int, NeutralState]]:
-        self.stage.share_batch_norm_statistics()
+        self.share_batch_norm_statistics()
         if self.replica != 0:
             return None  # replicas hold the same weights; replica 0's are saved
-        return self.stage_index, self.stage.state().shifted(self.start)
+        return self.stage_index, NeutralState.union([piece.stage.state().shifted(piece.start)
+                                                     for piece in self.pieces])
 
     def load_state(self, open_checkpoint: Optional[OpenCheckpoint], with_optimizer: bool) -> None:
         if open_checkpoint is None:
             return  # every rank already holds the seed's initial weights
-        keys = weights.layer_keys(weights.expected_keys(self.specs, self.dataset.image_shape), self.start, self.end)
-        state = open_checkpoint().state(keys, self.config.optimizer if with_optimizer else None)
-        self.stage.load_state(state.shifted(-self.start))
+        checkpoint = open_checkpoint()
+        expected = weights.expected_keys(self.specs, self.dataset.image_shape)
+        for piece in self.pieces:
+            state = checkpoint.state(weights.layer_keys(expected, piece.start, piece.end),
+                                     self.config.optimizer if with_optimizer else None)
+            piece.stage.load_state(state.shifted(-piece.start))

@@ -24,6 +24,20 @@ class ParallelPlan:
     pp: int = 1
     dp: int = 1
     servers: int = 0  # --mode ps: one parameter-server rank beside the dp workers
+    chunks: int = 1   # model pieces per stage (--schedule interleaved: --virtual-stages)
+
+    @property
+    def virtual_stages(self):
+        """Pieces the model is cut into: virtual stage ``chunk * pp + stage`` is the
+        stage's chunk-th piece, so the pieces are dealt round the stages in order."""
+        return self.pp * self.chunks
+
+    def virtual_stage(self, stage, chunk):
+        return chunk * self.pp + stage
+
+    def place_of(self, virtual):
+        """(stage, chunk) holding virtual stage ``virtual``."""
+        return virtual % self.pp, virtual // self.pp
 
     @property
     def world_size(self):
@@ -75,7 +89,7 @@ def make_plan(config: RunConfig, world_size: int) -> ParallelPlan:
         if world_size != pp:
             raise UsageError(f"--mode model --pp {pp} needs exactly {pp} ranks, got {world_size}; "
                              f"launch with -np {pp} or use --mode hybrid --pp {pp} --dp N")
-        return ParallelPlan("model", pp, 1)
+        return ParallelPlan("model", pp, 1, chunks=chunks_per_stage(config))
     if config.dp:
         if pp * config.dp != world_size:
             raise UsageError(f"--mode hybrid --pp {pp} --dp {config.dp} needs {pp * config.dp} ranks but "
@@ -88,16 +102,26 @@ def make_plan(config: RunConfig, world_size: int) -> ParallelPlan:
             raise UsageError(f"--mode hybrid --pp {pp} needs a multiple of {pp} ranks but {world_size} "
                              f"were launched; launch with -np {pp * max(dp, 1)} or -np {pp * (max(dp, 1) + 1)}, "
                              "or choose a --pp that divides the rank count")
-    return ParallelPlan("hybrid", pp, dp)
+    return ParallelPlan("hybrid", pp, dp, chunks=chunks_per_stage(config))
+
+
+def chunks_per_stage(config: RunConfig) -> int:
+    return config.virtual_stages if config.schedule == "interleaved" else 1
 
 
 def check_stages(config: RunConfig, specs: Sequence) -> None:
     """Checks of --pp/--split against the model, before any rank is counted."""
-    if config.mode != "data" and config.pp > len(specs):
-        raise UsageError(f"--pp {config.pp} is more stages than the model's {len(specs)} layers; "
-                         f"use --pp <= {len(specs)}")
-    if config.mode != "data" and config.split:
-        parse_split(config.split, len(specs), config.pp)
+    if config.mode in ("data", "ps"):
+        return
+    pieces = config.pp * chunks_per_stage(config)
+    if pieces > len(specs):
+        if pieces == config.pp:
+            raise UsageError(f"--pp {config.pp} is more stages than the model's {len(specs)} layers; "
+                             f"use --pp <= {len(specs)}")
+        raise UsageError(f"--pp {config.pp} x --virtual-stages {config.virtual_stages} is {pieces} pieces, more "
+                         f"than the model's {len(specs)} layers; use fewer virtual stages or stages")
+    if config.split:
+        parse_split(config.split, len(specs), pieces)
 
 
 def check_batch(config: RunConfig, plan: ParallelPlan) -> None:
@@ -128,7 +152,8 @@ def parse_split(text: str, num_layers: int, stages: int) -> list[int]:
         bounds = None
     if bounds is None or len(bounds) != stages - 1:
         raise UsageError(f"--split {text!r} must list {stages - 1} comma-separated layer indices "
-                         f"for --pp {stages} (the first layer of each stage after the first)")
+                         f"for {stages} stages (--pp, times --virtual-stages when interleaved: the first layer of "
+                         "each stage after the first)")
     if any(b <= a for a, b in zip([0] + bounds, bounds + [num_layers])):
         raise UsageError(f"--split {text!r} is out of range: indices must increase strictly within "
                          f"1..{num_layers - 1} (the model has {num_layers} layers, each stage needs one)")
@@ -169,10 +194,45 @@ def stage_ranges(bounds: Sequence[int], num_layers: int) -> list[tuple[int, int]
     return list(zip(edges[:-1], edges[1:]))
 
 
-def partition(costs: Sequence[float], stages: int, split: str = "") -> list[tuple[int, int]]:
-    """Layer ranges per stage: from --split if given, else balanced by ``costs``."""
-    if stages > len(costs):
+# Cuts tried one by one when interleaved pieces are balanced per rank; beyond, the
+# pieces are balanced one by one instead.
+INTERLEAVED_SEARCH_LIMIT = 200_000
+
+
+def interleaved_split(costs: Sequence[float], stages: int, chunks: int) -> list[int]:
+    """Boundaries cutting ``costs`` into stages x chunks contiguous pieces, piece v on stage
+    v % stages, that minimise the most loaded stage (its pieces' sum: every micro-batch
+    passes through all of them), then the most expensive piece. Balancing pieces alone
+    can leave one rank with the heavy ones."""
+    from itertools import accumulate, combinations
+    from math import comb
+
+    pieces, count = stages * chunks, len(costs)
+    if comb(count - 1, pieces - 1) > INTERLEAVED_SEARCH_LIMIT:
+        return balanced_split(costs, pieces)
+    prefix = [0.0, *accumulate(costs)]
+    best, best_bounds = None, None
+    for bounds in combinations(range(1, count), pieces - 1):
+        edges = (0, *bounds, count)
+        piece_costs = [prefix[b] - prefix[a] for a, b in zip(edges[:-1], edges[1:])]
+        loads = [sum(piece_costs[stage::stages]) for stage in range(stages)]
+        score = (max(loads), max(piece_costs))
+        if best is None or score < best:
+            best, best_bounds = score, list(bounds)
+    return best_bounds
+
+
+def partition(costs: Sequence[float], stages: int, split: str = "", chunks: int = 1) -> list[tuple[int, int]]:
+    """Layer ranges per piece (stages x chunks of them, piece v on stage v % stages): from
+    --split if given, else balanced by ``costs``."""
+    pieces = stages * chunks
+    if pieces > len(costs):
         raise UsageError(f"--pp {stages} is more stages than the model's {len(costs)} layers; "
                          f"use --pp <= {len(costs)}")
-    bounds = parse_split(split, len(costs), stages) if split else balanced_split(costs, stages)
+    if split:
+        bounds = parse_split(split, len(costs), pieces)
+    elif chunks > 1:
+        bounds = interleaved_split(costs, stages, chunks)
+    else:
+        bounds = balanced_split(costs, stages)
     return stage_ranges(bounds, len(costs))

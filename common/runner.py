@@ -5,7 +5,8 @@
     Runner  (data: train_*/data_parallel.py; model/hybrid: common/pipeline.py;
              ps: common/parameter_server.py)
     PipelineRunner, ParameterServerRunner  --hold-->  Stage: a framework's arithmetic for
-                                            layers start..end-1 (train_torch/stage.py, train_tf/stage.py)
+                                            layers start..end-1 (train_torch/stage.py, train_tf/stage.py);
+                                            a pipeline rank holds one per model piece
 
 Nothing here imports a framework or MPI.
 """
@@ -121,8 +122,10 @@ class Stage(Protocol):
     def backward(self, microbatch: int, output_gradient: Optional[np.ndarray]) -> Optional[np.ndarray]:
         """The gradient for the previous stage (None on the first)."""
 
-    def init_replica_allreduce(self, stage_ranks: list, stage: int) -> None:
-        """Hybrid: join Horovod with one process set per stage."""
+    def use_replica_group(self, group, name: str) -> None:
+        """Hybrid: allreduce this piece's gradients (and, with --sync-bn, BatchNorm sums)
+        over ``group``, a handle from StageFactory.join_replica_groups; ``name`` tells its
+        allreduces apart from other pieces'."""
 
     def allreduce_gradients(self) -> None: ...
 
@@ -158,6 +161,11 @@ class StageFactory(Protocol):
     @staticmethod
     def measure_layer_times(specs: Sequence, input_shape: tuple, batch_size: int) -> list:
         """Forward + backward seconds of each layer (--balance time)."""
+
+    @staticmethod
+    def join_replica_groups(stage_ranks: list) -> list:
+        """Hybrid, collective, once per rank: join Horovod with one process set per stage
+        (``stage_ranks[s]``: stage s's replicas); the sets' handles, in that order."""
 
 
 # --- MPI pieces shared by the pipeline and parameter-server runners -----------------

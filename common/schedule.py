@@ -1,18 +1,25 @@
 """Pipeline schedules as data: what each stage does, in order, for one step.
 
-A schedule is a list of (action, micro-batch) per stage. ``compute_actions``
+A schedule is a list of (action, micro-batch, chunk) per stage. ``compute_actions``
 gives the forwards ("F") and backwards ("B"); ``with_communication`` adds the
 point-to-point actions around them. The transport sends without blocking and
 receives in schedule order, so a schedule is deadlock-free exactly when
 ``simulate`` completes it; the unit tests check that for every layout.
+
+A *chunk* is one of the ``chunks`` contiguous model pieces a stage holds. GPipe
+and 1F1B give each stage one chunk; the interleaved schedule gives it several:
+with K stages, virtual stage ``g = chunk * K + stage`` holds the g-th of K x V
+model pieces, so a micro-batch goes round the ranks V times (Megatron-LM's
+interleaved 1F1B). The bubble shrinks from (K - 1) / (M + K - 1) of a step to
+(K - 1) / (V x M + K - 1), for V - 1 more hops per micro-batch each way.
 """
 
 from __future__ import annotations
 
 from collections import namedtuple
 
-Action = namedtuple("Action", "kind microbatch")
-SCHEDULES = ("gpipe", "1f1b")
+Action = namedtuple("Action", "kind microbatch chunk", defaults=(0,))
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 FORWARD, BACKWARD = "F", "B"
 RECV_ACTIVATION, SEND_ACTIVATION = "recv_act", "send_act"
@@ -29,42 +36,74 @@ def one_f_one_b(stage: int, stages: int, microbatches: int) -> list[Action]:
     """1F1B (PipeDream-flush): stages - stage - 1 warm-up forwards, then one
     forward / one backward, then the remaining backwards; at most
     stages - stage activations are held at once."""
-    warmup = min(stages - stage - 1, microbatches)
-    actions = [Action(FORWARD, m) for m in range(warmup)]
-    forward, backward = warmup, 0
-    while forward < microbatches:
-        actions += [Action(FORWARD, forward), Action(BACKWARD, backward)]
-        forward, backward = forward + 1, backward + 1
-    actions += [Action(BACKWARD, m) for m in range(backward, microbatches)]
-    return actions
+    return _warmup_steady_cooldown([Action(FORWARD, m) for m in range(microbatches)],
+                                   [Action(BACKWARD, m) for m in range(microbatches)],
+                                   stages - stage - 1)
 
 
-def compute_actions(schedule: str, stage: int, stages: int, microbatches: int) -> list[Action]:
+def interleaved_warmup(stage: int, stages: int, chunks: int) -> int:
+    """Forwards an interleaved stage runs before its first backward (Megatron-LM's count):
+    the later stages' first round trip, plus one round of the stage's other chunks."""
+    return (stages - stage - 1) * 2 + (chunks - 1) * stages
+
+
+def interleaved(stage: int, stages: int, microbatches: int, chunks: int) -> list[Action]:
+    """Interleaved 1F1B over ``chunks`` model pieces per stage. Micro-batches go in rounds
+    of ``stages``: a round runs through chunk 0, then chunk 1, ...; backwards take the
+    chunks in reverse. Needs micro-batches in whole rounds (a multiple of ``stages``)."""
+    if microbatches % stages:
+        raise ValueError(f"interleaved: {microbatches} micro-batches are not a multiple of {stages} stages")
+
+    def order(kind, reverse):
+        actions = []
+        for k in range(microbatches * chunks):
+            round_, within = divmod(k, stages * chunks)
+            chunk = within // stages
+            actions.append(Action(kind, round_ * stages + k % stages, chunks - 1 - chunk if reverse else chunk))
+        return actions
+    return _warmup_steady_cooldown(order(FORWARD, False), order(BACKWARD, True),
+                                   interleaved_warmup(stage, stages, chunks))
+
+
+def _warmup_steady_cooldown(forwards: list[Action], backwards: list[Action], warmup: int) -> list[Action]:
+    """``warmup`` forwards, then alternate one forward and one backward, then the rest."""
+    warmup = min(warmup, len(forwards))
+    actions = forwards[:warmup]
+    for forward, backward in zip(forwards[warmup:], backwards):
+        actions += [forward, backward]
+    return actions + backwards[len(forwards) - warmup:]
+
+
+def compute_actions(schedule: str, stage: int, stages: int, microbatches: int, chunks: int = 1) -> list[Action]:
+    if schedule == "interleaved":
+        return interleaved(stage, stages, microbatches, chunks)
     return {"gpipe": gpipe, "1f1b": one_f_one_b}[schedule](stage, stages, microbatches)
 
 
-def with_communication(actions: list[Action], stage: int, stages: int) -> list[Action]:
-    """Insert the receives before and the sends after each compute action."""
-    first, last = stage == 0, stage == stages - 1
+def with_communication(actions: list[Action], stage: int, stages: int, chunks: int = 1) -> list[Action]:
+    """Insert the receives before and the sends after each compute action: nothing comes
+    into the model's first piece or goes out of its last (virtual stages 0 and K x V - 1)."""
     full = []
     for action in actions:
-        m = action.microbatch
+        m, chunk = action.microbatch, action.chunk
+        virtual = chunk * stages + stage
+        first, last = virtual == 0, virtual == stages * chunks - 1
         if action.kind == FORWARD:
-            full += ([] if first else [Action(RECV_ACTIVATION, m)]) + [action] \
-                + ([] if last else [Action(SEND_ACTIVATION, m)])
+            full += ([] if first else [Action(RECV_ACTIVATION, m, chunk)]) + [action] \
+                + ([] if last else [Action(SEND_ACTIVATION, m, chunk)])
         else:
-            full += ([] if last else [Action(RECV_GRADIENT, m)]) + [action] \
-                + ([] if first else [Action(SEND_GRADIENT, m)])
+            full += ([] if last else [Action(RECV_GRADIENT, m, chunk)]) + [action] \
+                + ([] if first else [Action(SEND_GRADIENT, m, chunk)])
     return full
 
 
-def stage_schedules(schedule: str, stages: int, microbatches: int) -> list[list[Action]]:
-    return [with_communication(compute_actions(schedule, s, stages, microbatches), s, stages)
+def stage_schedules(schedule: str, stages: int, microbatches: int, chunks: int = 1) -> list[list[Action]]:
+    return [with_communication(compute_actions(schedule, s, stages, microbatches, chunks), s, stages, chunks)
             for s in range(stages)]
 
 
 def peak_activations(actions: list[Action]) -> int:
-    """Most micro-batches whose forward has run but whose backward has not."""
+    """Most (micro-batch, chunk) pieces whose forward has run but whose backward has not."""
     held = peak = 0
     for action in actions:
         held += {FORWARD: 1, BACKWARD: -1}.get(action.kind, 0)
@@ -72,7 +111,7 @@ def peak_activations(actions: list[Action]) -> int:
     return peak
 
 
-def simulate(schedules: list[list[Action]]) -> bool:
+def simulate(schedules: list[list[Action]]) -> list:
     """Run the stages' action lists with non-blocking sends and blocking receives.
 
     Returns the global order of executed actions as (stage, action); raises
@@ -80,27 +119,24 @@ def simulate(schedules: list[list[Action]]) -> bool:
     """
     stages = len(schedules)
     position = [0] * stages
-    in_flight = set()  # (kind of message, micro-batch, receiving stage)
+    in_flight = set()  # (kind of message, micro-batch, receiving virtual stage)
     order = []
     while any(position[s] < len(schedules[s]) for s in range(stages)):
         progressed = False
         for s in range(stages):
             while position[s] < len(schedules[s]):
                 action = schedules[s][position[s]]
-                if action.kind == RECV_ACTIVATION:
-                    message = ("activation", action.microbatch, s)
-                elif action.kind == RECV_GRADIENT:
-                    message = ("gradient", action.microbatch, s)
-                else:
-                    message = None
-                if message is not None:
+                virtual = action.chunk * stages + s
+                if action.kind in (RECV_ACTIVATION, RECV_GRADIENT):
+                    message = ("activation" if action.kind == RECV_ACTIVATION else "gradient", action.microbatch,
+                               virtual)
                     if message not in in_flight:
                         break  # blocked until the neighbour sends it
                     in_flight.remove(message)
                 elif action.kind == SEND_ACTIVATION:
-                    in_flight.add(("activation", action.microbatch, s + 1))
+                    in_flight.add(("activation", action.microbatch, virtual + 1))
                 elif action.kind == SEND_GRADIENT:
-                    in_flight.add(("gradient", action.microbatch, s - 1))
+                    in_flight.add(("gradient", action.microbatch, virtual - 1))
                 order.append((s, action))
                 position[s] += 1
                 progressed = True
@@ -110,3 +146,34 @@ def simulate(schedules: list[list[Action]]) -> bool:
     if in_flight:
         raise RuntimeError(f"messages never received: {sorted(in_flight)}")
     return order
+
+
+def bubble_bound(schedule: str, stages: int, microbatches: int, chunks: int = 1) -> float:
+    """The fraction of a step each stage computes when every piece costs the same and
+    communication is free: M / (M + K - 1), or V x M / (V x M + K - 1) interleaved."""
+    work = microbatches * (chunks if schedule == "interleaved" else 1)
+    return work / (work + stages - 1)
+
+
+def step_time(schedules: list[list[Action]], chunks: int = 1, forward: float = 1.0, backward: float = 2.0) -> float:
+    """How long a step of ``schedules`` takes when a stage's whole forward costs ``forward``
+    and its backward ``backward`` (each chunk 1/chunks of that) and messages are free:
+    each stage runs its actions in order, a receive waits for its send. Deadlock-free
+    schedules only (``simulate`` first)."""
+    clock = [0.0] * len(schedules)
+    sent = {}
+    stages = len(schedules)
+    for s, action in simulate(schedules):  # an order in which every receive follows its send
+        virtual = action.chunk * stages + s
+        if action.kind == FORWARD:
+            clock[s] += forward / chunks
+        elif action.kind == BACKWARD:
+            clock[s] += backward / chunks
+        elif action.kind == SEND_ACTIVATION:
+            sent[("activation", action.microbatch, virtual + 1)] = clock[s]
+        elif action.kind == SEND_GRADIENT:
+            sent[("gradient", action.microbatch, virtual - 1)] = clock[s]
+        else:
+            kind = "activation" if action.kind == RECV_ACTIVATION else "gradient"
+            clock[s] = max(clock[s], sent[(kind, action.microbatch, virtual)])
+    return max(clock)

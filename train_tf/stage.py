@@ -2,16 +2,16 @@
 whole model's (ps). The runners in common/ (pipeline.py, parameter_server.py)
 hold one and drive it; see common/runner.py's Stage. Each part is a compiled tf.function (run
 eagerly, a small CNN's micro-batches spent most of their time in TF's per-op
-overhead). A tape cannot outlive a tf.function, so:
+overhead):
 - the last stage computes a micro-batch's loss and all its gradients in one
   call at its forward and keeps them for its backward;
-- other stages run the forward alone, keep the input, and at the backward
-  recompute the forward under a tape and ask it for the input and parameter
-  gradients given the next stage's output gradients (``output_gradients``).
-  The recomputation leaves BatchNorm's running statistics alone (they moved
-  once, at the forward), so the results equal the eager tape's.
+- other stages run the compiled forward under an eager tape and keep the tape;
+  at the backward it runs the forward's compiled gradient, given the next
+  stage's output gradients (``output_gradients``), on the intermediates the
+  forward kept. (Until 2026-11 the backward recomputed the forward under a tape
+  inside a tf.function: a third more arithmetic for those stages.)
 Activations travel channel-first, as in common/, so a TF stage and a PyTorch
-stage exchange the same arrays.
+stage exchange the same arrays; the transposes run inside the compiled graphs.
 """
 
 import time
@@ -25,10 +25,18 @@ from common.runner import StagePlace
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.data_parallel import average_batch_norm_statistics
 from train_tf.device import pin_gpu
-from train_tf.model import (build_model, build_stage, frozen_batch_norm_statistics, set_batch_norm_reduction,
-                            to_channels_first, to_channels_last)
+from train_tf.model import build_model, build_stage, set_batch_norm_reduction, to_channels_first, to_channels_last
 from train_tf.optimizer import Optimizer
 from train_tf.precision import set_precision
+
+
+def channels_last(x):
+    """NCHW -> NHWC inside a graph (other ranks pass through)."""
+    return tf.transpose(x, [0, 2, 3, 1]) if x.shape.rank == 4 else x
+
+
+def channels_first(x):
+    return tf.transpose(x, [0, 3, 1, 2]) if x.shape.rank == 4 else x
 
 
 class TfStage:
@@ -64,7 +72,7 @@ class TfStage:
     def __init__(self, place: StagePlace):
         self.first, self.last = place.first, place.last
         self.config = place.config
-        self.stage_set = None  # hybrid: this stage's replicas (init_replica_allreduce)
+        self.stage_set = None  # hybrid: this stage's replicas (use_replica_group)
         self.in_shape = models.layer_shapes(place.specs, place.input_shape)[place.start]
         set_precision(place.config)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start, place.end)
@@ -72,26 +80,18 @@ class TfStage:
         self.has_parameters = bool(self.variables)
         self.optimizer = Optimizer(self.variables, place.config)
         self._apply = tf.function(lambda gradients: self.optimizer.apply(gradients, self.variables))
-        # float32 on the wire and into the loss, whatever --amp computes in
-        self._forward = tf.function(lambda x: tf.cast(self.model(x, training=True), tf.float32),
-                                    reduce_retracing=True)
-        self._recompute_backward = tf.function(self._gradients_given_output_gradients, reduce_retracing=True)
+        # Compiled, channel-first in and out (the wire's layout, transposed inside the
+        # graph), float32 on the wire and into the loss, whatever --amp computes in.
+        self._forward = tf.function(lambda x: channels_first(tf.cast(self.model(channels_last(x), training=True),
+                                                                     tf.float32)), reduce_retracing=True)
         self._loss_backward = tf.function(self._loss_and_gradients, reduce_retracing=True)
+        self._accumulate = tf.function(lambda totals, new: [total + part for total, part in zip(totals, new)])
         self.stash, self.gradients = {}, []
-
-    def _gradients_given_output_gradients(self, x, upstream, accumulated):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            with frozen_batch_norm_statistics():  # they moved at the forward
-                out = self.model(x, training=True)
-        gradients = tape.gradient(out, [x] + list(self.variables), output_gradients=tf.cast(upstream, out.dtype),
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return gradients[0], [total + gradient for total, gradient in zip(accumulated, gradients[1:])]
 
     def _loss_and_gradients(self, x, labels, scale, accumulated):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            out = tf.cast(self.model(x, training=True), tf.float32)
+            out = tf.cast(self.model(channels_last(x), training=True), tf.float32)
             loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, out))
             target = loss_sum * scale  # scaled once: the micro-batches add up to the batch mean
         gradients = tape.gradient(target, [x] + list(self.variables),
@@ -100,7 +100,8 @@ class TfStage:
         return (loss_sum, correct, gradients[0],
                 [total + gradient for total, gradient in zip(accumulated, gradients[1:])])
 
-    def init_replica_allreduce(self, stage_ranks, stage):
+    @staticmethod
+    def join_replica_groups(stage_ranks):
         import horovod.tensorflow as hvd
         from mpi4py import MPI
 
@@ -108,10 +109,14 @@ class TfStage:
         # every rank); each stage's replicas allreduce their gradients inside it.
         sets = [hvd.ProcessSet(ranks) for ranks in stage_ranks]
         hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
-        self.hvd, self.stage_set = hvd, sets[stage]
+        return sets
+
+    def use_replica_group(self, group, name):
+        import horovod.tensorflow as hvd
+
+        self.hvd, self.stage_set, self.stage_name = hvd, group, name
         if self.config.sync_bn:  # Horovod: BatchNorm over the micro-batch of every replica of this stage
-            set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum,
-                                                                            process_set=self.stage_set))
+            set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum, process_set=group))
 
     def share_batch_norm_statistics(self):
         """Hybrid: this stage's replicas average their BatchNorm running statistics."""
@@ -125,10 +130,18 @@ class TfStage:
         self.optimizer.lr.assign(value)
 
     def forward(self, m, inputs, labels, scale):
-        x = tf.constant(to_channels_last(inputs))
+        x = tf.convert_to_tensor(inputs)
         if not self.last:
-            self.stash[m] = x
-            return np.ascontiguousarray(to_channels_first(self._forward(x).numpy())), (0.0, 0.0)
+            # An eager tape around the compiled forward keeps what its backward needs (TF
+            # makes the function return its intermediates), so the backward is one compiled
+            # call and nothing is computed twice; the first stage needs no input gradient.
+            tape = tf.GradientTape()
+            with tape:
+                if not self.first:
+                    tape.watch(x)
+                out = self._forward(x)
+            self.stash[m] = tape, x, out
+            return out.numpy(), (0.0, 0.0)
         loss_sum, correct, input_gradient, self.gradients = self._loss_backward(
             x, tf.constant(labels), tf.constant(scale, tf.float32), self.gradients)
         self.stash[m] = input_gradient
@@ -138,9 +151,13 @@ class TfStage:
         if self.last:
             input_gradient = self.stash.pop(m)  # computed with the loss, at the forward
         else:
-            upstream = tf.constant(to_channels_last(output_gradient))
-            input_gradient, self.gradients = self._recompute_backward(self.stash.pop(m), upstream, self.gradients)
-        return None if self.first else np.ascontiguousarray(to_channels_first(input_gradient.numpy()))
+            tape, x, out = self.stash.pop(m)
+            sources = list(self.variables) if self.first else [x, *self.variables]
+            gradients = tape.gradient(out, sources, output_gradients=tf.convert_to_tensor(output_gradient),
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            input_gradient = None if self.first else gradients[0]
+            self.gradients = self._accumulate(self.gradients, gradients[0 if self.first else 1:])
+        return None if self.first else input_gradient.numpy()
 
     def allreduce_gradients(self):
         # Horovod: sum this stage's gradients over its replicas.

@@ -47,7 +47,7 @@ class TorchStage:
     def __init__(self, place: StagePlace):
         self.first, self.last = place.first, place.last
         self.config = place.config
-        self.stage_set = None  # hybrid: this stage's replicas (init_replica_allreduce)
+        self.stage_set = None  # hybrid: this stage's replicas (use_replica_group)
         self.device = pick_device(place.local_rank)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start,
                                  place.end).to(self.device)
@@ -56,7 +56,8 @@ class TorchStage:
         self.optimizer = make_local_optimizer(self.model, place.config) if self.parameters else None
         self.stash = {}
 
-    def init_replica_allreduce(self, stage_ranks, stage):
+    @staticmethod
+    def join_replica_groups(stage_ranks):
         import horovod.torch as hvd
         from mpi4py import MPI
 
@@ -64,10 +65,14 @@ class TorchStage:
         # every rank); each stage's replicas allreduce their gradients inside it.
         sets = [hvd.ProcessSet(ranks) for ranks in stage_ranks]
         hvd.init(comm=MPI.COMM_WORLD, process_sets=sets)
-        self.hvd, self.stage_set, self.stage_name = hvd, sets[stage], f"stage{stage}_gradients"
+        return sets
+
+    def use_replica_group(self, group, name):
+        import horovod.torch as hvd
+
+        self.hvd, self.stage_set, self.stage_name = hvd, group, name
         if self.config.sync_bn:  # Horovod: BatchNorm over the micro-batch of every replica of this stage
-            set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum,
-                                                                            process_set=self.stage_set))
+            set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum, process_set=group))
 
     def share_batch_norm_statistics(self):
         """Hybrid: this stage's replicas average their BatchNorm running statistics."""

@@ -24,11 +24,12 @@ RESNET = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
 # Each schedule with one and several micro-batches and both depths in PyTorch (the
 # schedules themselves are checked for every (schedule, stage, M) by simulation in
 # tests/unit/test_schedule.py); TensorFlow runs the same common/ pipeline code with
-# pp 2 here, and pp 3 in the BatchNorm test below.
+# pp 2 here, and pp 3 with GPipe in the BatchNorm test below. Interleaved: 2 ranks
+# holding 2 pieces each, so every micro-batch crosses between the ranks three times.
 # GPipe with 4 micro-batches on 2 stages, and TF hybrid, run across two hosts:
 # tests/e2e/test_multi_node.py::test_mpirun_hostfile_pipelines_equal_one_process.
-PIPELINES = [("torch", "gpipe", 1, 3), ("torch", "1f1b", 2, 3), ("torch", "1f1b", 4, 2),
-             ("tf", "gpipe", 2, 2), ("tf", "1f1b", 4, 2)]
+PIPELINES = [("torch", "gpipe", 1, 3), ("torch", "1f1b", 2, 3), ("torch", "interleaved", 4, 2),
+             ("tf", "1f1b", 4, 2), ("tf", "interleaved", 4, 2)]
 
 
 def weights_after(tmp_path, framework, name, extra, np_=None, architecture=None):
@@ -58,10 +59,12 @@ def test_pipeline_equals_single_process(tmp_path, single_process_cnn, framework,
     assert_same_weights(pipelined, single_process_cnn[framework])
 
 
-def test_hybrid_equals_single_process(tmp_path, single_process_cnn):
+def test_interleaved_hybrid_equals_single_process(tmp_path, single_process_cnn):
+    """Two replicas of a 2-stage pipeline whose ranks hold two pieces each: both pieces of a
+    rank allreduce over its stage's replicas. (Hybrid 1F1B: the BatchNorm test below.)"""
     framework = "torch"
     hybrid = weights_after(tmp_path, framework, "hybrid", ["--mode", "hybrid", "--pp", 2, "--dp", 2,
-                                                           "--microbatches", 2], np_=4)
+                                                           "--microbatches", 2, "--schedule", "interleaved"], np_=4)
     assert_same_weights(hybrid, single_process_cnn[framework])
 
 

@@ -44,6 +44,11 @@ def test_flags_parse_into_the_config():
     (["--mode", "ps", "--microbatches", "4"], "--microbatches does not apply to --mode ps"),
     (["--elastic-commit-steps", "0"], "--elastic-commit-steps must be at least 1"),
     (["--metrics-file", "/nonexistent/dir/m.jsonl"], "does not exist"),
+    (["--mode", "model", "--pp", "2", "--schedule", "interleaved", "--microbatches", "3"],
+     "rounds of --pp 2; use --microbatches a multiple of 2 .got 3., e.g. 4"),
+    (["--mode", "model", "--pp", "2", "--schedule", "interleaved", "--microbatches", "4", "--virtual-stages", "1"],
+     "--virtual-stages >= 2 .got 1.; with one piece per rank use --schedule 1f1b"),
+    (["--mode", "model", "--pp", "1", "--schedule", "interleaved"], "use --pp >= 2"),
 ])
 def test_bad_flags_raise_a_usage_error(argv, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace("[", r"\[")):

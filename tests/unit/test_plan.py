@@ -3,7 +3,8 @@ import pytest
 from common import models
 from common.config import RunConfig
 from common.errors import UsageError
-from common.plan import ParallelPlan, balanced_split, check_batch, make_plan, partition, stage_ranges
+from common.plan import (ParallelPlan, balanced_split, check_batch, check_stages, make_plan, partition,
+                         stage_ranges)
 
 
 def test_rank_mapping_is_a_grid():
@@ -22,6 +23,37 @@ def test_make_plan_per_mode():
     assert make_plan(RunConfig(mode="hybrid", pp=2), 6) == ParallelPlan("hybrid", 2, 3)
     ps = make_plan(RunConfig(mode="ps"), 3)
     assert ps == ParallelPlan("ps", 1, 2, servers=1) and ps.world_size == 3 and not ps.pipelined
+
+
+def test_interleaved_deals_the_pieces_round_the_stages():
+    plan = make_plan(RunConfig(mode="hybrid", pp=2, dp=2, schedule="interleaved", virtual_stages=3), 4)
+    assert plan == ParallelPlan("hybrid", 2, 2, chunks=3) and plan.virtual_stages == 6
+    # Pieces 0, 2, 4 on stage 0 and 1, 3, 5 on stage 1: a micro-batch goes round three times.
+    assert [plan.place_of(v) for v in range(6)] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    assert all(plan.virtual_stage(*plan.place_of(v)) == v for v in range(6))
+    assert make_plan(RunConfig(mode="model", pp=2, virtual_stages=3), 2).chunks == 1  # 1f1b: one piece
+
+
+def test_interleaved_pieces_balance_the_ranks_not_only_the_pieces():
+    costs = [2, 1, 9, 1, 1, 1, 1]
+    ranges = partition(costs, 2, chunks=2)
+    loads = [sum(sum(costs[a:b]) for a, b in ranges[stage::2]) for stage in range(2)]
+    # Every cut into 4 contiguous pieces, dealt 0 1 0 1, loads one rank at least this much.
+    assert max(loads) == 9 + 1 and len(ranges) == 4
+    assert all(b > a for a, b in ranges)
+    # Balancing the pieces alone puts the 9 with the 2 on rank 0: 11 against 4.
+    alone = stage_ranges(balanced_split(costs, 4), len(costs))
+    assert max(sum(sum(costs[a:b]) for a, b in alone[stage::2]) for stage in range(2)) == 11
+
+
+def test_interleaved_pieces_must_fit_the_model():
+    specs = models.model_specs("cnn", (1, 8, 8), 10)
+    check_stages(RunConfig(mode="model", pp=2, schedule="interleaved", virtual_stages=2), specs)
+    too_many = len(specs) // 2 + 1
+    with pytest.raises(UsageError, match=f"--pp 2 x --virtual-stages {too_many} is {2 * too_many} pieces"):
+        check_stages(RunConfig(mode="model", pp=2, schedule="interleaved", virtual_stages=too_many), specs)
+    with pytest.raises(UsageError, match="must list 3 comma-separated layer indices for 4 stages"):
+        check_stages(RunConfig(mode="model", pp=2, schedule="interleaved", split="2"), specs)
 
 
 @pytest.mark.parametrize("config,world,message", [

@@ -3,10 +3,14 @@ import pytest
 from common import schedule
 from common.schedule import BACKWARD, FORWARD, Action
 
+ONE_CHUNK = ("gpipe", "1f1b")  # one model piece per stage
 LAYOUTS = [(stages, microbatches) for stages in (1, 2, 3, 4, 5) for microbatches in (1, 2, 3, 4, 8)]
+# Interleaved: micro-batches in whole rounds of the stages, 2-4 chunks per stage.
+INTERLEAVED = [(stages, microbatches, chunks) for stages in (2, 3, 4, 5) for chunks in (2, 3, 4)
+               for microbatches in (stages, 2 * stages, 3 * stages)]
 
 
-@pytest.mark.parametrize("kind", schedule.SCHEDULES)
+@pytest.mark.parametrize("kind", ONE_CHUNK)
 @pytest.mark.parametrize("stages,microbatches", LAYOUTS)
 def test_every_microbatch_forward_then_backward_once_per_stage(kind, stages, microbatches):
     for stage in range(stages):
@@ -19,7 +23,7 @@ def test_every_microbatch_forward_then_backward_once_per_stage(kind, stages, mic
         assert [a.microbatch for a in actions if a.kind == BACKWARD] == list(range(microbatches))
 
 
-@pytest.mark.parametrize("kind", schedule.SCHEDULES)
+@pytest.mark.parametrize("kind", ONE_CHUNK)
 @pytest.mark.parametrize("stages,microbatches", LAYOUTS)
 def test_schedules_are_deadlock_free_and_respect_dependencies(kind, stages, microbatches):
     order = schedule.simulate(schedule.stage_schedules(kind, stages, microbatches))
@@ -50,6 +54,11 @@ def test_one_f_one_b_order_on_four_stages():
 def test_communication_around_compute():
     actions = schedule.with_communication([Action(FORWARD, 0), Action(BACKWARD, 0)], stage=1, stages=3)
     assert [a.kind for a in actions] == ["recv_act", "F", "send_act", "recv_grad", "B", "send_grad"]
+    # Interleaved on 2 stages: stage 1's chunk 0 (virtual stage 1) sends on to stage 0's
+    # chunk 1; its chunk 1 (virtual stage 3) is the model's end.
+    pieces = [Action(FORWARD, 0, 0), Action(FORWARD, 0, 1), Action(BACKWARD, 0, 1), Action(BACKWARD, 0, 0)]
+    assert [a.kind for a in schedule.with_communication(pieces, stage=1, stages=2, chunks=2)] == \
+        ["recv_act", "F", "send_act", "recv_act", "F", "B", "send_grad", "recv_grad", "B", "send_grad"]
 
 
 def test_simulator_detects_a_deadlock():
@@ -62,3 +71,65 @@ def test_simulator_detects_a_deadlock():
     cyclic[0] = [early] + [a for a in cyclic[0] if a != early]
     with pytest.raises(RuntimeError, match="deadlock"):
         schedule.simulate(cyclic)
+
+
+@pytest.mark.parametrize("stages,microbatches,chunks", INTERLEAVED)
+def test_interleaved_runs_every_piece_once_in_order(stages, microbatches, chunks):
+    for stage in range(stages):
+        actions = schedule.interleaved(stage, stages, microbatches, chunks)
+        for kind in (FORWARD, BACKWARD):
+            pieces = sorted((a.chunk, a.microbatch) for a in actions if a.kind == kind)
+            assert pieces == [(c, m) for c in range(chunks) for m in range(microbatches)]
+        for chunk in range(chunks):
+            # Each chunk's backwards in micro-batch order, each after its forward.
+            assert [a.microbatch for a in actions if a.kind == BACKWARD and a.chunk == chunk] == \
+                list(range(microbatches))
+            for m in range(microbatches):
+                assert actions.index(Action(FORWARD, m, chunk)) < actions.index(Action(BACKWARD, m, chunk))
+
+
+@pytest.mark.parametrize("stages,microbatches,chunks", INTERLEAVED)
+def test_interleaved_is_deadlock_free_and_follows_the_virtual_stages(stages, microbatches, chunks):
+    order = schedule.simulate(schedule.stage_schedules("interleaved", stages, microbatches, chunks))
+    done = {(a.chunk * stages + s, a.kind, a.microbatch): i for i, (s, a) in enumerate(order)}
+    last = stages * chunks - 1
+    for m in range(microbatches):
+        for virtual in range(1, last + 1):  # the piece before a piece runs its forward first
+            assert done[(virtual - 1, FORWARD, m)] < done[(virtual, FORWARD, m)]
+        for virtual in range(last):  # and its backward after
+            assert done[(virtual + 1, BACKWARD, m)] < done[(virtual, BACKWARD, m)]
+        assert done[(last, FORWARD, m)] < done[(last, BACKWARD, m)]
+
+
+@pytest.mark.parametrize("stages,microbatches,chunks", INTERLEAVED)
+def test_interleaved_activation_memory(stages, microbatches, chunks):
+    for stage, actions in enumerate(schedule.stage_schedules("interleaved", stages, microbatches, chunks)):
+        # Warm-up forwards plus the one in flight: fewer pieces than GPipe's M x V.
+        held = schedule.peak_activations(actions)
+        assert held == min(microbatches * chunks, schedule.interleaved_warmup(stage, stages, chunks) + 1)
+
+
+def test_interleaved_order_on_two_stages():
+    def written(stage):
+        return [f"{a.kind}{a.microbatch}.{a.chunk}" for a in schedule.interleaved(stage, 2, 4, 2)]
+    assert written(0) == ["F0.0", "F1.0", "F0.1", "F1.1", "F2.0", "B0.1", "F3.0", "B1.1",
+                          "F2.1", "B0.0", "F3.1", "B1.0", "B2.1", "B3.1", "B2.0", "B3.0"]
+    assert written(1) == ["F0.0", "F1.0", "F0.1", "B0.1", "F1.1", "B1.1", "F2.0", "B0.0",
+                          "F3.0", "B1.0", "F2.1", "B2.1", "F3.1", "B3.1", "B2.0", "B3.0"]
+
+
+def test_interleaved_needs_whole_rounds():
+    with pytest.raises(ValueError, match="multiple of 2 stages"):
+        schedule.interleaved(0, 2, 3, 2)
+
+
+@pytest.mark.parametrize("stages,microbatches", [(2, 4), (2, 8), (4, 4), (4, 8)])
+def test_each_schedule_reaches_its_bubble_bound_and_interleaving_beats_1f1b(stages, microbatches):
+    """With equal pieces, backward = 2 x forward and free messages, a step lasts exactly
+    what the bubble bound says; interleaving V = 2 or 3 chunks shortens it below 1F1B's."""
+    efficiency = {}
+    for name, chunks in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("interleaved", 3)):
+        seconds = schedule.step_time(schedule.stage_schedules(name, stages, microbatches, chunks), chunks)
+        efficiency[name, chunks] = microbatches * 3.0 / seconds  # each stage's work: M x (1 + 2)
+        assert efficiency[name, chunks] == pytest.approx(schedule.bubble_bound(name, stages, microbatches, chunks))
+    assert efficiency["1f1b", 1] < efficiency["interleaved", 2] < efficiency["interleaved", 3]
