@@ -6,6 +6,8 @@ every stride, BatchNorm with PyTorch's semantics, and Flatten in channel-first
 order. Nothing here knows about distribution.
 """
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -13,6 +15,21 @@ from common import models, weights
 
 BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * old + m * batch
 BN_EPSILON = 1e-5
+
+
+class _Statistics:
+    frozen = False  # read while a tf.function traces: True leaves the update out of that graph
+
+
+@contextlib.contextmanager
+def frozen_batch_norm_statistics():
+    """Inside: training-mode BatchNorm normalises by the batch but does not move its
+    running statistics (a pipeline stage recomputing a forward pass it already ran)."""
+    previous, _Statistics.frozen = _Statistics.frozen, True
+    try:
+        yield
+    finally:
+        _Statistics.frozen = previous
 
 
 class TorchBatchNorm(keras.layers.Layer):
@@ -49,8 +66,9 @@ class TorchBatchNorm(keras.layers.Layer):
         else:
             mean, variance, count = self._global_moments(x)
         unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
-        self.moving_mean.assign((1 - BN_MOMENTUM) * self.moving_mean + BN_MOMENTUM * mean)
-        self.moving_var.assign((1 - BN_MOMENTUM) * self.moving_var + BN_MOMENTUM * unbiased)
+        if not _Statistics.frozen:
+            self.moving_mean.assign((1 - BN_MOMENTUM) * self.moving_mean + BN_MOMENTUM * mean)
+            self.moving_var.assign((1 - BN_MOMENTUM) * self.moving_var + BN_MOMENTUM * unbiased)
         # (x - mean) * scale, not tf.nn.batch_normalization's x * scale - mean * scale,
         # whose cancellation costs digits in the gradients when |mean| >> std.
         return (x - mean) * (tf.math.rsqrt(variance + BN_EPSILON) * self.gamma) + self.beta

@@ -5,11 +5,15 @@ eagerly, a small CNN's micro-batches spent most of their time in TF's per-op
 overhead):
 - the last stage computes a micro-batch's loss and all its gradients in one
   call at its forward and keeps them for its backward;
-- other stages run the compiled forward under an eager tape and keep the tape;
-  at the backward it runs the forward's compiled gradient, given the next
-  stage's output gradients (``output_gradients``), on the intermediates the
-  forward kept. (Until 2026-11 the backward recomputed the forward under a tape
-  inside a tf.function: a third more arithmetic for those stages.)
+- other stages run the forward alone, keep the input, and at the backward
+  recompute the forward under a tape and ask it for the parameter gradients
+  (and, after the first stage, the input's) given the next stage's output
+  gradients (``output_gradients``). The recomputation leaves BatchNorm's
+  running statistics alone (they moved once, at the forward), so the results
+  equal the eager tape's. Keeping an eager tape around the compiled forward
+  instead (TF then makes the function return its intermediates) was measured
+  slower: 12 ms against 6.7 ms for the seed CNN's first stage's backward on a
+  32-image micro-batch, recomputation included (benchmarks/README.md).
 Activations travel channel-first, as in common/, so a TF stage and a PyTorch
 stage exchange the same arrays; the transposes run inside the compiled graphs.
 """
@@ -25,7 +29,8 @@ from common.runner import StagePlace
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.data_parallel import average_batch_norm_statistics
 from train_tf.device import pin_gpu
-from train_tf.model import build_model, build_stage, set_batch_norm_reduction, to_channels_first, to_channels_last
+from train_tf.model import (build_model, build_stage, frozen_batch_norm_statistics, set_batch_norm_reduction,
+                            to_channels_first, to_channels_last)
 from train_tf.optimizer import Optimizer
 from train_tf.precision import set_precision
 
@@ -84,9 +89,20 @@ class TfStage:
         # graph), float32 on the wire and into the loss, whatever --amp computes in.
         self._forward = tf.function(lambda x: channels_first(tf.cast(self.model(channels_last(x), training=True),
                                                                      tf.float32)), reduce_retracing=True)
+        self._recompute_backward = tf.function(self._gradients_given_output_gradients, reduce_retracing=True)
         self._loss_backward = tf.function(self._loss_and_gradients, reduce_retracing=True)
-        self._accumulate = tf.function(lambda totals, new: [total + part for total, part in zip(totals, new)])
         self.stash, self.gradients = {}, []
+
+    def _gradients_given_output_gradients(self, x, upstream, accumulated):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            with frozen_batch_norm_statistics():  # they moved at the forward
+                out = channels_first(self.model(channels_last(x), training=True))
+        sources = list(self.variables) if self.first else [x, *self.variables]  # no input gradient to send
+        gradients = tape.gradient(out, sources, output_gradients=tf.cast(upstream, out.dtype),
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        input_gradient = tf.zeros(()) if self.first else gradients.pop(0)
+        return input_gradient, [total + gradient for total, gradient in zip(accumulated, gradients)]
 
     def _loss_and_gradients(self, x, labels, scale, accumulated):
         with tf.GradientTape() as tape:
@@ -132,16 +148,8 @@ class TfStage:
     def forward(self, m, inputs, labels, scale):
         x = tf.convert_to_tensor(inputs)
         if not self.last:
-            # An eager tape around the compiled forward keeps what its backward needs (TF
-            # makes the function return its intermediates), so the backward is one compiled
-            # call and nothing is computed twice; the first stage needs no input gradient.
-            tape = tf.GradientTape()
-            with tape:
-                if not self.first:
-                    tape.watch(x)
-                out = self._forward(x)
-            self.stash[m] = tape, x, out
-            return out.numpy(), (0.0, 0.0)
+            self.stash[m] = x
+            return self._forward(x).numpy(), (0.0, 0.0)
         loss_sum, correct, input_gradient, self.gradients = self._loss_backward(
             x, tf.constant(labels), tf.constant(scale, tf.float32), self.gradients)
         self.stash[m] = input_gradient
@@ -151,12 +159,8 @@ class TfStage:
         if self.last:
             input_gradient = self.stash.pop(m)  # computed with the loss, at the forward
         else:
-            tape, x, out = self.stash.pop(m)
-            sources = list(self.variables) if self.first else [x, *self.variables]
-            gradients = tape.gradient(out, sources, output_gradients=tf.convert_to_tensor(output_gradient),
-                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            input_gradient = None if self.first else gradients[0]
-            self.gradients = self._accumulate(self.gradients, gradients[0 if self.first else 1:])
+            input_gradient, self.gradients = self._recompute_backward(
+                self.stash.pop(m), tf.convert_to_tensor(output_gradient), self.gradients)
         return None if self.first else input_gradient.numpy()
 
     def allreduce_gradients(self):
