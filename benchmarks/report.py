@@ -2,13 +2,17 @@
 
 FRAMEWORKS = ("torch", "tf")
 PEERS = {"torch": "DDP np2 (torchrun, gloo)", "tf": "MultiWorkerMirroredStrategy, 2 workers"}
+ZOO_PEERS = {"torch": "resnet18 32px DDP np2", "tf": "resnet18 32px MultiWorkerMirrored np2"}
 
 
 def find(results, name, framework):
-    for case in results["cases"]:
-        if case["name"] == name and case["framework"] == framework:
-            return case["median"]
-    return None
+    case = find_case(results, name, framework)
+    return case["median"] if case else None
+
+
+def find_case(results, name, framework):
+    return next((case for case in results["cases"] if case["name"] == name and case["framework"] == framework),
+                None)
 
 
 def ratio(numerator, denominator, scale=1.0):
@@ -17,9 +21,57 @@ def ratio(numerator, denominator, scale=1.0):
     return numerator / (denominator * scale)
 
 
-def pipeline_bound(microbatches, stages=2):
-    """The fraction of time a stage computes under a GPipe/1F1B schedule: M / (M + K - 1)."""
-    return microbatches / (microbatches + stages - 1)
+def pipeline_bound(microbatches, stages=2, chunks=1):
+    """The fraction of time a stage computes under a GPipe/1F1B schedule: M / (M + K - 1);
+    interleaved over V chunks per stage: V x M / (V x M + K - 1) (common/schedule.bubble_bound)."""
+    return microbatches * chunks / (microbatches * chunks + stages - 1)
+
+
+def ratio_spread(results, numerator, denominator, scale=1.0):
+    """(median ratio, lowest, highest) of two cases (name, framework), the spread from their
+    windows' extremes; None where either was not measured."""
+    top, bottom = find_case(results, *numerator), find_case(results, *denominator)
+    if not top or not bottom:
+        return None
+    return (top["median"] / (bottom["median"] * scale), top["min"] / (bottom["max"] * scale),
+            top["max"] / (bottom["min"] * scale))
+
+
+def _per_bound(spread, bound):
+    return None if spread is None else tuple(value / bound for value in spread)
+
+
+def goals(results):
+    """(measure, goal, {framework: (median, low, high) or None}) rows: issue 15's targets,
+    each measured as a ratio of cases from this one run."""
+    rows = []
+
+    def row(label, goal, value_of):
+        rows.append((label, goal, {framework: value_of(framework) for framework in FRAMEWORKS}))
+
+    for prefix, label, peer in (("", "seed CNN", PEERS), ("resnet18 32px ", "ResNet-18 32px", ZOO_PEERS)):
+        data_one, data_two = f"{prefix}data np1", f"{prefix}data np2"
+        row(f"{label}: data scaling np2 / (2 x np1)", 0.90,
+            lambda f, a=data_two, b=data_one: ratio_spread(results, (a, f), (b, f), 2))
+        row(f"{label}: Horovod data np2 / peer (DDP; MultiWorkerMirrored)", 1.10,
+            lambda f, a=data_two, p=peer: ratio_spread(results, (a, f), (p[f], f + " (peer)")))
+        for schedule in ("gpipe", "1f1b"):
+            for microbatches in (4, 8):
+                name = f"{prefix}model pp2, {schedule} M{microbatches}"
+                row(f"{label}: pipeline {schedule} M{microbatches} efficiency / its bound "
+                    f"{pipeline_bound(microbatches):.2f}", 0.90,
+                    lambda f, n=name, m=microbatches: _per_bound(
+                        ratio_spread(results, (n, f), (data_one, f), 2), pipeline_bound(m)))
+        row(f"{label}: interleaved M4 efficiency / the 1F1B bound {pipeline_bound(4):.2f}", 1.00,
+            lambda f, n=f"{prefix}model pp2, interleaved M4": _per_bound(
+                ratio_spread(results, (n, f), (data_one, f), 2), pipeline_bound(4)))
+        row(f"{label}: interleaved M4 / 1f1b M4 throughput", 1.00,
+            lambda f, n=f"{prefix}model pp2, interleaved M4", o=f"{prefix}model pp2, 1f1b M4":
+            ratio_spread(results, (n, f), (o, f)))
+        row(f"{label}: TensorFlow / PyTorch pipeline, 1f1b M4", 0.90,
+            lambda f, n=f"{prefix}model pp2, 1f1b M4": ratio_spread(results, (n, "tf"), (n, "torch"))
+            if f == "tf" else None)
+    return rows
 
 
 def derived(results):
@@ -35,11 +87,11 @@ def derived(results):
         lambda f: ratio(find(results, "data np2", f), find(results, PEERS[f], f + " (peer)")))
     row("Horovod data np2, Horovod's own defaults / peer",
         lambda f: ratio(find(results, "data np2, Horovod defaults", f), find(results, PEERS[f], f + " (peer)")))
-    for schedule in ("gpipe", "1f1b"):
-        for microbatches in (1, 4, 8):
+    for schedule, chunks in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+        for microbatches in ((4, 8) if chunks > 1 else (1, 4, 8)):
             name = f"model pp2, {schedule} M{microbatches}"
             row(f"pipeline efficiency {schedule} M{microbatches}: pp2 / (2 x np1) "
-                f"(bound {pipeline_bound(microbatches):.2f})",
+                f"(bound {pipeline_bound(microbatches, chunks=chunks):.2f})",
                 lambda f, n=name: ratio(find(results, n, f), find(results, "data np1", f), 2))
     for schedule in ("gpipe", "1f1b"):
         for microbatches in (4, 8):
@@ -113,6 +165,26 @@ def _number(value, digits=2):
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _goal_cell(spread, goal):
+    if spread is None:
+        return "–"
+    median, low, high = spread
+    return f"{median:.2f} ({low:.2f}–{high:.2f}) {'✔' if round(median, 2) >= goal else '✗'}"  # as printed
+
+
+def goals_markdown(results):
+    rows = [(label, goal, values) for label, goal, values in goals(results)
+            if any(value is not None for value in values.values())]
+    if not rows:
+        return []
+    lines = ["", "Issue 15's goals, from this run (median ratio, its spread over the windows' extremes; "
+             "✔ = the median meets the goal):", "", "| measure | goal | PyTorch | TensorFlow |", "|---|---|---|---|"]
+    for label, goal, values in rows:
+        lines.append(f"| {label} | ≥ {goal:.2f} | {_goal_cell(values['torch'], goal)} | "
+                     f"{_goal_cell(values['tf'], goal)} |")
+    return lines
+
+
 def markdown(results):
     machine, settings = results["machine"], results["settings"]
     lines = [f"Measured {machine['date']} on `{machine['host']}`: {machine['cores']} cores "
@@ -128,6 +200,7 @@ def markdown(results):
                      f"{case['min']:,.0f}–{case['max']:,.0f} | {case['median'] / case['ranks']:,.0f} |")
     lines += _measures_table("measure", derived(results))
     lines += _zoo_markdown(results)
+    lines += goals_markdown(results)
     for label, run in results["allreduce"].items():
         lines += ["", f"Allreduce bandwidth, {run['world_size']} ranks ({label.replace('_', ' ')}): "
                   "bytes / median seconds, MB/s", "", "| size | mpi4py Allreduce | Horovod allreduce |",

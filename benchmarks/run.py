@@ -152,7 +152,8 @@ def zoo_cases():
     resnet32 = Settings(False, "resnet18", "3,32,32", 32, windows=3, steps=4)
     resnet64 = Settings(False, "resnet18", "3,64,64", 32, windows=3, steps=3)
     vgg32 = Settings(False, "vgg16", "3,32,32", 32, windows=3, steps=4)
-    pipeline = ["--mode", "model", "--pp", 2, "--schedule", "1f1b", "--microbatches", 4]
+    def pipeline(schedule, microbatches):
+        return ["--mode", "model", "--pp", 2, "--schedule", schedule, "--microbatches", microbatches]
     listed = []
     for framework in ("torch", "tf"):
         def ours(settings, np_, flags=(), framework=framework):
@@ -163,11 +164,13 @@ def zoo_cases():
             ("resnet18 32px data np2 --sync-bn", "zoo", framework, 2, False, *ours(resnet32, 2, ["--sync-bn"])),
             ("resnet18 32px data np1 --amp bf16", "zoo", framework, 1, False,
              *ours(resnet32, 1, ["--amp", "bf16"])),
-            ("resnet18 32px model pp2, 1f1b M4", "zoo", framework, 2, False, *ours(resnet32, 2, pipeline)),
+            *[(f"resnet18 32px model pp2, {schedule} M{microbatches}", "zoo", framework, 2, False,
+               *ours(resnet32, 2, pipeline(schedule, microbatches)))
+              for schedule, microbatches in (("gpipe", 4), ("gpipe", 8), ("1f1b", 4), ("1f1b", 8), ("interleaved", 4))],
             ("resnet18 64px data np1", "zoo", framework, 1, False, *ours(resnet64, 1)),
             ("resnet18 64px data np2", "zoo", framework, 2, False, *ours(resnet64, 2)),
             ("vgg16 32px data np2", "zoo", framework, 2, False, *ours(vgg32, 2)),
-            ("vgg16 32px model pp2, 1f1b M4", "zoo", framework, 2, False, *ours(vgg32, 2, pipeline)),
+            ("vgg16 32px model pp2, 1f1b M4", "zoo", framework, 2, False, *ours(vgg32, 2, pipeline("1f1b", 4))),
         ]
     listed += [
         ("resnet18 32px DDP np2", "zoo", "torch (peer)", 2, False, resnet32,
@@ -205,8 +208,8 @@ def main_cases(settings, quick):
             ("hybrid dp2 x pp2, 1f1b M4", "hybrid", framework, 4, True,
              ours(4, ["--mode", "hybrid", "--pp", 2, "--dp", 2, "--microbatches", 4])),
         ]
-        for schedule in ("gpipe", "1f1b"):
-            for microbatches in (1, 4, 8):
+        for schedule, counts in (("gpipe", (1, 4, 8)), ("1f1b", (1, 4, 8)), ("interleaved", (4, 8))):
+            for microbatches in counts:
                 listed.append((f"model pp2, {schedule} M{microbatches}", "model", framework, 2, False,
                                ours(2, ["--mode", "model", "--pp", 2, "--schedule", schedule,
                                         "--microbatches", microbatches])))

@@ -55,3 +55,19 @@ def test_zoo_cases_get_their_own_table_and_ratios():
     table = report.markdown(results)
     assert "| resnet18 32px data np2 --sync-bn | torch | resnet18 3x32x32, batch 32 | 12.0 |" in table
     assert "| resnet18 32px data np1 | torch | 1 |" not in table  # not in the seed CNN's table
+
+
+def test_goals_divide_by_the_bound_and_carry_the_windows_spread():
+    cases = [case("data np1", "torch", 1000, 1),
+             {**case("model pp2, 1f1b M4", "torch", 1440), "min": 1400, "max": 1500},
+             case("model pp2, interleaved M4", "torch", 1600), case("model pp2, 1f1b M4", "tf", 720)]
+    rows = {label: (goal, values) for label, goal, values in report.goals({**RESULTS, "cases": cases})}
+    goal, values = rows["seed CNN: pipeline 1f1b M4 efficiency / its bound 0.80"]
+    assert goal == 0.90 and values["torch"] == pytest.approx((0.9, 0.875, 1500 / 1600)) and values["tf"] is None
+    # Interleaving's efficiency 0.8 against the 1F1B bound 0.8, and its throughput against 1F1B's.
+    assert rows["seed CNN: interleaved M4 efficiency / the 1F1B bound 0.80"][1]["torch"][0] == pytest.approx(1.0)
+    assert rows["seed CNN: interleaved M4 / 1f1b M4 throughput"][1]["torch"][0] == pytest.approx(1600 / 1440)
+    assert rows["seed CNN: TensorFlow / PyTorch pipeline, 1f1b M4"][1]["tf"][0] == pytest.approx(0.5)
+    table = report.markdown({**RESULTS, "cases": cases})
+    assert "| seed CNN: pipeline 1f1b M4 efficiency / its bound 0.80 | ≥ 0.90 | 0.90 (0.87–0.94) ✔ | – |" in table
+    assert "| seed CNN: TensorFlow / PyTorch pipeline, 1f1b M4 | ≥ 0.90 | – | 0.50 (0.48–0.51) ✗ |" in table
