@@ -50,9 +50,14 @@ def interleaved_warmup(stage: int, stages: int, chunks: int) -> int:
 def interleaved(stage: int, stages: int, microbatches: int, chunks: int) -> list[Action]:
     """Interleaved 1F1B over ``chunks`` model pieces per stage. Micro-batches go in rounds
     of ``stages``: a round runs through chunk 0, then chunk 1, ...; backwards take the
-    chunks in reverse. Needs micro-batches in whole rounds (a multiple of ``stages``)."""
+    chunks in reverse. A step without whole rounds (--microbatches is a multiple of the
+    stages, but an epoch's short last batch may have fewer micro-batches) runs every
+    forward, then every backward, piece by piece: always deadlock-free, and such a batch
+    is small."""
     if microbatches % stages:
-        raise ValueError(f"interleaved: {microbatches} micro-batches are not a multiple of {stages} stages")
+        forwards = [Action(FORWARD, m, chunk) for chunk in range(chunks) for m in range(microbatches)]
+        return forwards + [Action(BACKWARD, m, chunk) for chunk in reversed(range(chunks))
+                           for m in range(microbatches)]
 
     def order(kind, reverse):
         actions = []

@@ -118,9 +118,19 @@ def test_interleaved_order_on_two_stages():
                           "F3.0", "B1.0", "F2.1", "B2.1", "F3.1", "B3.1", "B2.0", "B3.0"]
 
 
-def test_interleaved_needs_whole_rounds():
-    with pytest.raises(ValueError, match="multiple of 2 stages"):
-        schedule.interleaved(0, 2, 3, 2)
+@pytest.mark.parametrize("stages,chunks", [(2, 2), (3, 2), (4, 3), (5, 4)])
+def test_interleaved_steps_without_whole_rounds_run_forwards_then_backwards(stages, chunks):
+    """An epoch's short last batch may give fewer micro-batches than whole rounds."""
+    for microbatches in range(1, 2 * stages):
+        if microbatches % stages == 0:
+            continue
+        order = schedule.simulate(schedule.stage_schedules("interleaved", stages, microbatches, chunks))
+        for stage in range(stages):
+            actions = [a for s, a in order if s == stage and a.kind in (FORWARD, BACKWARD)]
+            assert actions[:microbatches * chunks] == [Action(FORWARD, m, c) for c in range(chunks)
+                                                       for m in range(microbatches)]
+            assert sorted(actions[microbatches * chunks:]) == sorted(Action(BACKWARD, m, c) for c in range(chunks)
+                                                                     for m in range(microbatches))
 
 
 @pytest.mark.parametrize("stages,microbatches", [(2, 4), (2, 8), (4, 4), (4, 8)])
