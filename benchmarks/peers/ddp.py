@@ -32,6 +32,7 @@ def main():
     rates = timed_windows(step, args.windows, args.steps, args.batch_size)
     if rank == 0:
         report(rates, world_size=world)
+    dist.barrier()  # no rank tears gloo down while another still reports (seen: SIGABRT at exit)
     dist.destroy_process_group()
 
 

@@ -49,6 +49,7 @@ def main():
     rates = timed_windows(step, args.windows, args.steps, args.batch_size)
     if last:
         report(rates, world_size=stages, schedule=args.schedule, microbatches=args.microbatches)
+    dist.barrier()  # no rank tears gloo down while another still reports (seen: SIGABRT at exit)
     dist.destroy_process_group()
 
 
