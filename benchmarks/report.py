@@ -93,8 +93,8 @@ def derived(results):
             row(f"pipeline efficiency {schedule} M{microbatches}: pp2 / (2 x np1) "
                 f"(bound {pipeline_bound(microbatches, chunks=chunks):.2f})",
                 lambda f, n=name: ratio(find(results, n, f), find(results, "data np1", f), 2))
-    for schedule in ("gpipe", "1f1b"):
-        for microbatches in (4, 8):
+    for schedule, counts in (("gpipe", (4, 8)), ("1f1b", (4, 8)), ("interleaved", (4,))):
+        for microbatches in counts:
             peer = f"torch.distributed.pipelining pp2, {schedule} M{microbatches}"
             row(f"our pp2 {schedule} M{microbatches} / torch.distributed.pipelining",
                 lambda f, p=peer, n=f"model pp2, {schedule} M{microbatches}":
@@ -132,10 +132,11 @@ def zoo_derived(results):
     row(f"ResNet-18 32px pipeline 1f1b M4: pp2 / (2 x np1) (bound {pipeline_bound(4):.2f})",
         lambda f: ratio(find(results, "resnet18 32px model pp2, 1f1b M4", f),
                         find(results, "resnet18 32px data np1", f), 2))
-    row("ResNet-18 32px our pp2 1f1b M4 / torch.distributed.pipelining",
-        lambda f: ratio(find(results, "resnet18 32px model pp2, 1f1b M4", f), find(
-            results, "resnet18 32px torch.distributed.pipelining pp2, 1f1b M4", "torch (peer)"))
-        if f == "torch" else None)
+    for schedule in ("1f1b", "interleaved"):
+        row(f"ResNet-18 32px our pp2 {schedule} M4 / torch.distributed.pipelining",
+            lambda f, s=schedule: ratio(find(results, f"resnet18 32px model pp2, {s} M4", f), find(
+                results, f"resnet18 32px torch.distributed.pipelining pp2, {s} M4", "torch (peer)"))
+            if f == "torch" else None)
     row("VGG-16 32px model parallel pp2 / data parallel np2",
         lambda f: ratio(find(results, "vgg16 32px model pp2, 1f1b M4", f), find(results, "vgg16 32px data np2", f)))
     return rows

@@ -142,6 +142,10 @@ def free_port():
 
 
 HOROVOD_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "0"}  # undo our shipped default (common/launch.py)
+# Pipelines (ours and torch.distributed.pipelining's) cut where each layer's measured time
+# says, not its FLOPs: on CPUs FLOPs misjudge pooling and small convolutions (README,
+# "Where a step's time goes").
+BALANCE = ["--balance", "time"]
 
 
 def zoo_cases():
@@ -153,7 +157,7 @@ def zoo_cases():
     resnet64 = Settings(False, "resnet18", "3,64,64", 32, windows=3, steps=3)
     vgg32 = Settings(False, "vgg16", "3,32,32", 32, windows=3, steps=4)
     def pipeline(schedule, microbatches):
-        return ["--mode", "model", "--pp", 2, "--schedule", schedule, "--microbatches", microbatches]
+        return ["--mode", "model", "--pp", 2, "--schedule", schedule, "--microbatches", microbatches, *BALANCE]
     listed = []
     for framework in ("torch", "tf"):
         def ours(settings, np_, flags=(), framework=framework):
@@ -179,8 +183,10 @@ def zoo_cases():
          lambda: torchrun_case(resnet64, "ddp.py", 2)),
         ("resnet18 32px MultiWorkerMirrored np2", "zoo", "tf (peer)", 2, False, resnet32,
          lambda: multiworker_case(resnet32)),
-        ("resnet18 32px torch.distributed.pipelining pp2, 1f1b M4", "zoo", "torch (peer)", 2, False, resnet32,
-         lambda: torchrun_case(resnet32, "torch_pipelining.py", 2, ["--schedule", "1f1b", "--microbatches", 4])),
+        *[(f"resnet18 32px torch.distributed.pipelining pp2, {schedule} M4", "zoo", "torch (peer)", 2, False,
+           resnet32, lambda s=schedule: torchrun_case(resnet32, "torch_pipelining.py", 2,
+                                                      ["--schedule", s, "--microbatches", 4, *BALANCE]))
+          for schedule in ("1f1b", "interleaved")],
     ]
     return listed
 
@@ -212,17 +218,17 @@ def main_cases(settings, quick):
             for microbatches in counts:
                 listed.append((f"model pp2, {schedule} M{microbatches}", "model", framework, 2, False,
                                ours(2, ["--mode", "model", "--pp", 2, "--schedule", schedule,
-                                        "--microbatches", microbatches])))
+                                        "--microbatches", microbatches, *BALANCE])))
     listed += [("DDP np2 (torchrun, gloo)", "data", "torch (peer)", 2, False,
                 lambda: torchrun_case(settings, "ddp.py", 2)),
                ("MultiWorkerMirroredStrategy, 2 workers", "data", "tf (peer)", 2, False,
                 lambda: multiworker_case(settings))]
-    for schedule in ("gpipe", "1f1b"):
-        for microbatches in (4, 8):
+    for schedule, counts in (("gpipe", (4, 8)), ("1f1b", (4, 8)), ("interleaved", (4,))):
+        for microbatches in counts:
             listed.append((f"torch.distributed.pipelining pp2, {schedule} M{microbatches}", "model",
                            "torch (peer)", 2, False,
                            lambda s=schedule, m=microbatches: torchrun_case(
-                               settings, "torch_pipelining.py", 2, ["--schedule", s, "--microbatches", m])))
+                               settings, "torch_pipelining.py", 2, ["--schedule", s, "--microbatches", m, *BALANCE])))
     return listed
 
 

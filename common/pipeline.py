@@ -71,7 +71,7 @@ class PipelineRunner:
         local_rank, self.threads = node_placement(self.comm, config)
         stage_factory.set_threads(self.threads, local_rank)
         costs = self._layer_costs(stage_factory)
-        self.ranges = plan.partition(costs, self.plan.pp, config.split, self.plan.chunks)
+        self.ranges = plan.partition(costs, self.plan.pp, config.split, self.plan.chunks, config.microbatches)
         self.layout = [f"{self._piece_name(v)}: layers {a}-{b - 1} "
                        f"({', '.join(type(x).__name__ for x in specs[a:b])}), cost {sum(costs[a:b]):.3g} "
                        f"({config.balance}), ranks {self.plan.stage_ranks(self.plan.place_of(v)[0])}"

@@ -194,37 +194,43 @@ def stage_ranges(bounds: Sequence[int], num_layers: int) -> list[tuple[int, int]
     return list(zip(edges[:-1], edges[1:]))
 
 
-# Cuts tried one by one when interleaved pieces are balanced per rank; beyond, the
-# pieces are balanced one by one instead.
-INTERLEAVED_SEARCH_LIMIT = 200_000
+# Cuts whose step is modelled one by one when interleaved pieces are balanced; beyond,
+# the pieces are balanced one by one instead.
+INTERLEAVED_SEARCH_LIMIT = 20_000
 
 
-def interleaved_split(costs: Sequence[float], stages: int, chunks: int) -> list[int]:
+def interleaved_split(costs: Sequence[float], stages: int, chunks: int, microbatches: int) -> list[int]:
     """Boundaries cutting ``costs`` into stages x chunks contiguous pieces, piece v on stage
-    v % stages, that minimise the most loaded stage (its pieces' sum: every micro-batch
-    passes through all of them), then the most expensive piece. Balancing pieces alone
-    can leave one rank with the heavy ones."""
+    v % stages, whose interleaved step is shortest by common/schedule.step_time's model
+    (each piece's forward its cost, its backward twice that, messages free), then whose
+    largest piece is smallest. Neither equal pieces nor equal loads per rank suffice: equal
+    pieces can leave one rank the heavy ones, equal loads can leave pieces so unequal that
+    the ranks wait on each other."""
     from itertools import accumulate, combinations
     from math import comb
+
+    from common import schedule
 
     pieces, count = stages * chunks, len(costs)
     if comb(count - 1, pieces - 1) > INTERLEAVED_SEARCH_LIMIT:
         return balanced_split(costs, pieces)
+    schedules = schedule.stage_schedules("interleaved", stages, microbatches, chunks)
+    order = schedule.simulate(schedules)  # the same for every cut: only the costs change
     prefix = [0.0, *accumulate(costs)]
     best, best_bounds = None, None
     for bounds in combinations(range(1, count), pieces - 1):
         edges = (0, *bounds, count)
         piece_costs = [prefix[b] - prefix[a] for a, b in zip(edges[:-1], edges[1:])]
-        loads = [sum(piece_costs[stage::stages]) for stage in range(stages)]
-        score = (max(loads), max(piece_costs))
+        score = (schedule.step_time(schedules, piece_costs, order=order), max(piece_costs))
         if best is None or score < best:
             best, best_bounds = score, list(bounds)
     return best_bounds
 
 
-def partition(costs: Sequence[float], stages: int, split: str = "", chunks: int = 1) -> list[tuple[int, int]]:
+def partition(costs: Sequence[float], stages: int, split: str = "", chunks: int = 1,
+              microbatches: int = 1) -> list[tuple[int, int]]:
     """Layer ranges per piece (stages x chunks of them, piece v on stage v % stages): from
-    --split if given, else balanced by ``costs``."""
+    --split if given, else balanced by ``costs`` (interleaved: for ``microbatches``)."""
     pieces = stages * chunks
     if pieces > len(costs):
         raise UsageError(f"--pp {stages} is more stages than the model's {len(costs)} layers; "
@@ -232,7 +238,7 @@ def partition(costs: Sequence[float], stages: int, split: str = "", chunks: int 
     if split:
         bounds = parse_split(split, len(costs), pieces)
     elif chunks > 1:
-        bounds = interleaved_split(costs, stages, chunks)
+        bounds = interleaved_split(costs, stages, chunks, microbatches)
     else:
         bounds = balanced_split(costs, stages)
     return stage_ranges(bounds, len(costs))

@@ -27,7 +27,12 @@ RECV_GRADIENT, SEND_GRADIENT = "recv_grad", "send_grad"
 
 
 def gpipe(stage: int, stages: int, microbatches: int) -> list[Action]:
-    """GPipe: every forward, then every backward; holds all M activations."""
+    """GPipe: every forward, then every backward; holds all M activations. The last stage
+    needs nothing from another stage for its backwards, so it runs each right after its
+    forward (holding one activation) and the previous stage gets its first gradient
+    as early as it can use it, instead of after the last stage's M forwards."""
+    if stage == stages - 1:
+        return [Action(kind, m) for m in range(microbatches) for kind in (FORWARD, BACKWARD)]
     return ([Action(FORWARD, m) for m in range(microbatches)]
             + [Action(BACKWARD, m) for m in range(microbatches)])
 
@@ -160,20 +165,21 @@ def bubble_bound(schedule: str, stages: int, microbatches: int, chunks: int = 1)
     return work / (work + stages - 1)
 
 
-def step_time(schedules: list[list[Action]], chunks: int = 1, forward: float = 1.0, backward: float = 2.0) -> float:
-    """How long a step of ``schedules`` takes when a stage's whole forward costs ``forward``
-    and its backward ``backward`` (each chunk 1/chunks of that) and messages are free:
-    each stage runs its actions in order, a receive waits for its send. Deadlock-free
-    schedules only (``simulate`` first)."""
-    clock = [0.0] * len(schedules)
-    sent = {}
+def step_time(schedules: list[list[Action]], piece_costs: list, backward_ratio: float = 2.0,
+              order: list | None = None) -> float:
+    """How long a step of ``schedules`` takes when piece v's forward costs ``piece_costs[v]``
+    and its backward ``backward_ratio`` times that, and messages are free: each stage runs
+    its actions in order, a receive waits for its send. Deadlock-free schedules only; pass
+    ``simulate(schedules)`` as ``order`` to time many cost sets of one schedule."""
     stages = len(schedules)
-    for s, action in simulate(schedules):  # an order in which every receive follows its send
+    clock = [0.0] * stages
+    sent = {}
+    for s, action in order if order is not None else simulate(schedules):  # each receive after its send
         virtual = action.chunk * stages + s
         if action.kind == FORWARD:
-            clock[s] += forward / chunks
+            clock[s] += piece_costs[virtual]
         elif action.kind == BACKWARD:
-            clock[s] += backward / chunks
+            clock[s] += backward_ratio * piece_costs[virtual]
         elif action.kind == SEND_ACTIVATION:
             sent[("activation", action.microbatch, virtual + 1)] = clock[s]
         elif action.kind == SEND_GRADIENT:

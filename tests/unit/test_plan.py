@@ -1,6 +1,8 @@
+import itertools
+
 import pytest
 
-from common import models
+from common import models, schedule
 from common.config import RunConfig
 from common.errors import UsageError
 from common.plan import (ParallelPlan, balanced_split, check_batch, check_stages, make_plan, partition,
@@ -34,16 +36,19 @@ def test_interleaved_deals_the_pieces_round_the_stages():
     assert make_plan(RunConfig(mode="model", pp=2, virtual_stages=3), 2).chunks == 1  # 1f1b: one piece
 
 
-def test_interleaved_pieces_balance_the_ranks_not_only_the_pieces():
-    costs = [2, 1, 9, 1, 1, 1, 1]
-    ranges = partition(costs, 2, chunks=2)
-    loads = [sum(sum(costs[a:b]) for a, b in ranges[stage::2]) for stage in range(2)]
-    # Every cut into 4 contiguous pieces, dealt 0 1 0 1, loads one rank at least this much.
-    assert max(loads) == 9 + 1 and len(ranges) == 4
-    assert all(b > a for a, b in ranges)
-    # Balancing the pieces alone puts the 9 with the 2 on rank 0: 11 against 4.
-    alone = stage_ranges(balanced_split(costs, 4), len(costs))
-    assert max(sum(sum(costs[a:b]) for a, b in alone[stage::2]) for stage in range(2)) == 11
+def test_interleaved_pieces_are_cut_for_the_shortest_modelled_step():
+    costs = [1, 8, 5, 4, 2, 6, 1]
+    ranges = partition(costs, 2, chunks=2, microbatches=4)
+    assert len(ranges) == 4 and all(b > a for a, b in ranges)
+    schedules = schedule.stage_schedules("interleaved", 2, 4, 2)
+
+    def modelled(cut):
+        return schedule.step_time(schedules, [sum(costs[a:b]) for a, b in cut])
+    every_cut = [stage_ranges(list(bounds), len(costs)) for bounds in itertools.combinations(range(1, 7), 3)]
+    assert modelled(ranges) == min(modelled(cut) for cut in every_cut)
+    # Balancing the pieces alone (1 | 8 | 5 4 | 2 6 1: loads 10 and 17) makes the step 13% longer.
+    assert ranges == [(0, 2), (2, 3), (3, 5), (5, 7)] and modelled(ranges) == 186
+    assert modelled(stage_ranges(balanced_split(costs, 4), len(costs))) == 210
 
 
 def test_interleaved_pieces_must_fit_the_model():

@@ -40,7 +40,7 @@ def test_activation_memory(stages, microbatches):
     for stage in range(stages):
         gpipe = schedule.with_communication(schedule.gpipe(stage, stages, microbatches), stage, stages)
         ofob = schedule.with_communication(schedule.one_f_one_b(stage, stages, microbatches), stage, stages)
-        assert schedule.peak_activations(gpipe) == microbatches
+        assert schedule.peak_activations(gpipe) == (1 if stage == stages - 1 else microbatches)
         assert schedule.peak_activations(ofob) == min(stages - stage, microbatches)
 
 
@@ -139,7 +139,16 @@ def test_each_schedule_reaches_its_bubble_bound_and_interleaving_beats_1f1b(stag
     what the bubble bound says; interleaving V = 2 or 3 chunks shortens it below 1F1B's."""
     efficiency = {}
     for name, chunks in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("interleaved", 3)):
-        seconds = schedule.step_time(schedule.stage_schedules(name, stages, microbatches, chunks), chunks)
+        seconds = schedule.step_time(schedule.stage_schedules(name, stages, microbatches, chunks),
+                                     [1.0 / chunks] * (stages * chunks))
         efficiency[name, chunks] = microbatches * 3.0 / seconds  # each stage's work: M x (1 + 2)
         assert efficiency[name, chunks] == pytest.approx(schedule.bubble_bound(name, stages, microbatches, chunks))
     assert efficiency["1f1b", 1] < efficiency["interleaved", 2] < efficiency["interleaved", 3]
+
+
+def test_step_time_follows_the_slowest_piece():
+    """Unequal pieces stretch a step: 1F1B on 2 stages whose second costs twice the first
+    is paced by the second (M forwards and backwards of cost 2 + 4, plus the first's
+    forward and backward of one micro-batch: the fill and drain)."""
+    seconds = schedule.step_time(schedule.stage_schedules("1f1b", 2, 4), [1.0, 2.0])
+    assert seconds == pytest.approx(4 * (2.0 + 4.0) + 1.0 + 2.0)
