@@ -1,7 +1,7 @@
 """Throughput of every mode in both frameworks beside the tools users would pick
 instead, on the same model, batch, threads and machine (see README.md, "Benchmarks").
 
-    python benchmarks/run.py                      # the full suite (make bench), ~15 min on 2 cores
+    python benchmarks/run.py                      # the full suite (make bench), ~20 min on 2 cores
     python benchmarks/run.py --only resnet18      # only the cases whose name matches
     python benchmarks/run.py --quick --out DIR    # a smoke run: two tiny cases (make test)
 
