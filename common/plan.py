@@ -10,8 +10,11 @@ crosses nodes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate, combinations
+from math import comb
 from typing import TYPE_CHECKING, Sequence
 
+from common import schedule
 from common.errors import UsageError
 
 if TYPE_CHECKING:
@@ -206,11 +209,6 @@ def interleaved_split(costs: Sequence[float], stages: int, chunks: int, microbat
     largest piece is smallest. Neither equal pieces nor equal loads per rank suffice: equal
     pieces can leave one rank the heavy ones, equal loads can leave pieces so unequal that
     the ranks wait on each other."""
-    from itertools import accumulate, combinations
-    from math import comb
-
-    from common import schedule
-
     pieces, count = stages * chunks, len(costs)
     if comb(count - 1, pieces - 1) > INTERLEAVED_SEARCH_LIMIT:
         return balanced_split(costs, pieces)

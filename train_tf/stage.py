@@ -13,7 +13,7 @@ overhead):
   equal the eager tape's. Keeping an eager tape around the compiled forward
   instead (TF then makes the function return its intermediates) was measured
   slower: 12 ms against 6.7 ms for the seed CNN's first stage's backward on a
-  32-image micro-batch, recomputation included (benchmarks/README.md).
+  32-image micro-batch, recomputation included (README.md, "Where a step's time goes").
 Activations travel channel-first, as in common/, so a TF stage and a PyTorch
 stage exchange the same arrays; the transposes run inside the compiled graphs.
 """
@@ -130,7 +130,8 @@ class TfStage:
     def use_replica_group(self, group, name):
         import horovod.tensorflow as hvd
 
-        self.hvd, self.stage_set, self.stage_name = hvd, group, name
+        # (Horovod's TF grouped_allreduce takes no name: it names its ops itself.)
+        self.hvd, self.stage_set = hvd, group
         if self.config.sync_bn:  # Horovod: BatchNorm over the micro-batch of every replica of this stage
             set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum, process_set=group))
 
