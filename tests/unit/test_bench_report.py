@@ -69,5 +69,6 @@ def test_goals_divide_by_the_bound_and_carry_the_windows_spread():
     assert rows["seed CNN: interleaved M4 / 1f1b M4 throughput"][1]["torch"][0] == pytest.approx(1600 / 1440)
     assert rows["seed CNN: TensorFlow / PyTorch pipeline, 1f1b M4"][1]["tf"][0] == pytest.approx(0.5)
     table = report.markdown({**RESULTS, "cases": cases})
-    assert "| seed CNN: pipeline 1f1b M4 efficiency / its bound 0.80 | ≥ 0.90 | 0.90 (0.87–0.94) ✔ | – |" in table
+    assert ("| seed CNN: pipeline 1f1b M4 efficiency / its bound 0.80 | ≥ 0.90 | 0.90 (0.87–0.94) ✔ | – |"
+            in table)
     assert "| seed CNN: TensorFlow / PyTorch pipeline, 1f1b M4 | ≥ 0.90 | – | 0.50 (0.48–0.51) ✗ |" in table
