@@ -60,7 +60,6 @@ class PipelineRunner:
         self.rank, self.world_size = self.comm.rank, self.comm.size
         self.plan = plan.make_plan(config, self.world_size)
         self.stage_index, self.replica = self.plan.stage_of(self.rank), self.plan.replica_of(self.rank)
-        self.last = self.stage_index == self.plan.pp - 1
         self.primary_rank = self.plan.rank_of(self.plan.pp - 1, 0)  # metrics live on the last stage
         self.primary = self.rank == self.primary_rank
         self.data_shards, self.data_shard = self.plan.dp, self.replica
