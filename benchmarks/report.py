@@ -1,5 +1,7 @@
 """Tables and plot from benchmarks/run.py's results (pure: no measuring here)."""
 
+from common.schedule import bubble_bound
+
 FRAMEWORKS = ("torch", "tf")
 PEERS = {"torch": "DDP np2 (torchrun, gloo)", "tf": "MultiWorkerMirroredStrategy, 2 workers"}
 ZOO_PEERS = {"torch": "resnet18 32px DDP np2", "tf": "resnet18 32px MultiWorkerMirrored np2"}
@@ -22,9 +24,9 @@ def ratio(numerator, denominator, scale=1.0):
 
 
 def pipeline_bound(microbatches, stages=2, chunks=1):
-    """The fraction of time a stage computes under a GPipe/1F1B schedule: M / (M + K - 1);
-    interleaved over V chunks per stage: V x M / (V x M + K - 1) (common/schedule.bubble_bound)."""
-    return microbatches * chunks / (microbatches * chunks + stages - 1)
+    """The fraction of time a stage computes under a GPipe/1F1B schedule (chunks 1) or an
+    interleaved one over ``chunks`` pieces per stage: common/schedule.bubble_bound."""
+    return bubble_bound("interleaved" if chunks > 1 else "1f1b", stages, microbatches, chunks)
 
 
 def ratio_spread(results, numerator, denominator, scale=1.0):
