@@ -4,25 +4,29 @@
 #              make soak   (memory and descriptors over 120 epochs, 10 stop/resume cycles; ~6 min)
 #              make elpv   (real images: ELPV solar cells as class folders in data/elpv)
 #              make plot RUNS="a.jsonl b.jsonl" [OUT=curves.png]  (overlay runs' metrics files)
-# Variables:   FRAMEWORK=torch|tf  NP=2  ARGS="--epochs 5 ..."  GPU=1 (CUDA install)
+#              make gpu-build  (both CUDA venvs with Horovod + NCCL, checked; no GPU needed)
+# Variables:   FRAMEWORK=torch|tf  NP=2  ARGS="--epochs 5 ..."
+#              GPU=1 (CUDA builds in .venv-gpu-$(FRAMEWORK): make install/train/test GPU=1)
 
 SHELL := /bin/bash
-VENV ?= .venv
-PYTHON := $(VENV)/bin/python
 FRAMEWORK ?= torch
 NP ?= 2
 ARGS ?=
 GPU ?= 0
-REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu.txt,requirements.txt)
+# CUDA PyTorch (CUDA 13) and CUDA TensorFlow (CUDA 12) cannot share a venv
+# (requirements-gpu.txt says why): one per framework.
+VENV ?= $(if $(filter 1,$(GPU)),.venv-gpu-$(FRAMEWORK),.venv)
+PYTHON := $(VENV)/bin/python
+REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu-$(FRAMEWORK).txt requirements-gpu.txt,requirements.txt)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 # Keep TensorFlow's C++ log lines out of the user's way (set to 0 to see them).
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install train test test-unit bench soak elpv plot clean help
+.PHONY: install train test test-unit bench soak elpv plot gpu-build clean help
 
 help:
-	@sed -n '1,8p' Makefile
+	@sed -n '1,9p' Makefile
 
 install: $(VENV)/.horovod-installed
 
@@ -33,7 +37,7 @@ $(VENV)/.system-checked: common/install/system_packages.sh
 $(VENV)/.requirements-installed: $(REQUIREMENTS) $(VENV)/.system-checked
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip wheel setuptools
-	$(PYTHON) -m pip install -q -r $(REQUIREMENTS)
+	$(PYTHON) -m pip install -q -r $(firstword $(REQUIREMENTS))
 	touch $@
 
 $(VENV)/.horovod-installed: $(VENV)/.requirements-installed common/install/build_horovod.sh
@@ -58,6 +62,12 @@ plot: install
 elpv: install
 	@test -d data/elpv || $(PYTHON) -m common.elpv data/elpv
 	@echo "train on it: make train ARGS=\"--dataset folder --data-dir data/elpv --model resnet8 --image-size 64\""
+
+# The NCCL build of Horovod in both GPU venvs, each checked by horovodrun --check-build
+# (it needs no GPU: this is what CI machines without one can prove). ~25 min the first time.
+gpu-build:
+	time $(MAKE) install GPU=1 FRAMEWORK=torch
+	time $(MAKE) install GPU=1 FRAMEWORK=tf
 
 test-unit: install
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
