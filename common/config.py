@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 from common import models
 from common.errors import UsageError
@@ -23,6 +24,8 @@ DATASETS = ("digits", "cifar10", "synthetic", "folder")
 IMAGE_CHECKS = ("full", "header", "none")
 MODELS = (*models.ARCHITECTURES, *models.ALIASES)
 AMP_MODES = ("off", "bf16", "fp16")
+DECODERS = ("cpu", "gpu")
+P2P_MEMORY = ("auto", "host", "device")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -45,6 +48,10 @@ class RunConfig:
                                 "into pp x this many stages, dealt round the ranks)")
     balance: str = _flag("flops", "model/hybrid: balance stages by layer flops, params, or time "
                          "(measured once)", choices=BALANCES)
+    p2p_memory: str = _flag("auto", "model/hybrid on GPUs: where activations and gradients are handed to MPI: "
+                            "host (through page-locked host buffers), device (CUDA tensors, for a CUDA-aware MPI; "
+                            "PyTorch), or auto (device when the MPI reports CUDA support, else host)",
+                            choices=P2P_MEMORY)
     split: str = _flag("", "model/hybrid: explicit stage boundaries, e.g. 2,4 (first layer of "
                        "stages 1, 2, ...); overrides --balance")
     dataset: str = _flag("digits", "digits (bundled with scikit-learn), cifar10 (from --data-dir), "
@@ -60,10 +67,13 @@ class RunConfig:
                           "resize + centre crop, as evaluation does)")
     data_workers: int = _flag(-1, "folder: decoder processes per rank (-1: the CPUs per rank; 0: decode in "
                               "the rank itself)")
-    prefetch_batches: int = _flag(2, "folder: batches decoded ahead of the one training (bounds memory)")
+    prefetch_batches: int = _flag(2, "batches read ahead of the one training, by a thread of each rank (folder: "
+                                  "decoded ahead; bounds memory)")
     check_images: str = _flag("full", "folder: before training, decode every image (full), read every "
                               "header (header: faster, corrupt pixels then stop the job when read) or none",
                               choices=IMAGE_CHECKS)
+    decode: str = _flag("cpu", "folder: where JPEGs are decoded: cpu (decoder processes) or gpu (PyTorch: nvJPEG "
+                        "on the rank's GPU, crops resampled there; other formats stay on the CPU)", choices=DECODERS)
     skip_bad_images: bool = _flag(False, "folder: an image that fails to decode during training is replaced "
                                   "by a blank one and counted, instead of stopping the job")
     synthetic_shape: str = _flag("3,32,32", "synthetic image shape as C,H,W")
@@ -82,7 +92,8 @@ class RunConfig:
                      choices=AMP_MODES, nargs="?", const="bf16")
     loss_scale: float = _flag(65536.0, "--amp fp16: the initial dynamic loss scale (halved after "
                               "each overflow, doubled after 2000 clean steps)")
-    channels_last: bool = _flag(False, "PyTorch on GPU: NHWC memory format (faster convolutions with --amp)")
+    channels_last: Optional[bool] = _flag(None, "PyTorch: NHWC memory format (faster convolutions with --amp on "
+                                          "a GPU; default: on exactly then, i.e. with --amp on CUDA)")
     epochs: int = _flag(10, "training epochs (0: only evaluate)")
     batch_size: int = _flag(64, "GLOBAL batch size, shared by all ranks; --lr applies to it")
     batch_size_per_rank: int = _flag(0, "instead of --batch-size: per-rank batch (Horovod's weak "
@@ -243,6 +254,8 @@ def validate(config: RunConfig) -> RunConfig:
         config.synthetic_image_shape()
     if config.dataset == "folder":
         _validate_folder_options(config)
+    elif config.decode == "gpu":
+        raise UsageError("--decode gpu decodes image files: it is for --dataset folder (drop it)")
     if config.metrics_file:
         parent = os.path.dirname(os.path.abspath(config.metrics_file))
         if not os.path.isdir(parent):
@@ -296,7 +309,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         meta = dict(spec.metadata)
         help_text = meta.pop("help")
         flags = (flag, *meta.pop("aliases", ()))
-        if spec.type in (bool, "bool"):
+        if spec.type in (bool, "bool", "Optional[bool]"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
                                 default=spec.default, help=help_text)
         else:

@@ -1,8 +1,11 @@
-"""Datasets (NCHW float32 images, int64 labels) and exact sharding.
+"""Datasets (NCHW images, int64 labels) and exact sharding.
 
-Small datasets are numpy arrays held in memory; image folders are streamed
-from disk (common/images.py) behind the same indexing, ``x_train[indices]``.
-Images are channel-first here; the TensorFlow side transposes to NHWC.
+Small datasets are held in memory as pixels (uint8 where the data is bytes)
+with their normalisation (common/batches.py); image folders are streamed from
+disk (common/images.py) behind the same indexing: ``x_train[indices]`` is the
+float32 model input, ``x_train.read_into(indices, out)`` the pixels a device
+normalises itself. Images are channel-first here; the TensorFlow side
+transposes to NHWC.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from common import images
+from common import images, jpeg
+from common.batches import InMemoryImages, Normalisation
 from common.errors import UsageError, launcher_rank
 from common.launch import cpus_per_rank, launcher_world_size
 
@@ -29,20 +33,29 @@ CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1)
 CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1)
+CIFAR10_NORMALISATION = Normalisation.from_mean_std(CIFAR10_MEAN.ravel(), CIFAR10_STD.ravel())
+# Synthetic pixels are uniform over 0..255: this makes them mean 0, variance 1.
+SYNTHETIC_NORMALISATION = Normalisation.from_mean_std((127.5 / 255,), (np.sqrt((256**2 - 1) / 12) / 255,))
 
 
 @dataclass
 class Dataset:
     name: str
-    x_train: np.ndarray
+    x_train: InMemoryImages | images.StreamedImages
     y_train: np.ndarray
-    x_test: np.ndarray
+    x_test: InMemoryImages | images.StreamedImages
     y_test: np.ndarray
     num_classes: int
+    decode_on_device: bool = False   # --decode gpu: the device decodes the JPEGs (common/jpeg.py)
 
     @property
     def image_shape(self):
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def normalisation(self) -> Normalisation:
+        """How this set's pixels become model inputs (the same for train and test)."""
+        return self.x_train.normalisation
 
     @property
     def streamed(self) -> bool:
@@ -57,13 +70,11 @@ class Dataset:
         if self.streamed:
             self.x_test.plan(order, 0, lookahead)
 
-    def take_wait_seconds(self) -> float:
-        """Seconds this rank waited for streamed training images since the last call."""
-        if not self.streamed:
-            return 0.0
-        seconds = self.x_train.wait_seconds
-        self.x_train.wait_seconds = 0.0
-        return seconds
+    def encoded_reader(self, split: str):
+        """--decode gpu: the function that reads a split's files for the device to decode, or None."""
+        if not (self.decode_on_device and self.streamed):
+            return None
+        return (self.x_train if split == "train" else self.x_test).read_encoded
 
     def close(self) -> None:
         if self.streamed:
@@ -106,7 +117,22 @@ def load_folder(config: RunConfig) -> Dataset:
     test = images.StreamedImages(index.val.paths, images.ImageTransform(config.image_size, channels, False),
                                  pool, config.skip_bad_images)
     return Dataset(f"folder {index.root} ({len(index.classes)} classes, {index.layout})", train,
-                   index.train.labels, test, index.val.labels, len(index.classes))
+                   index.train.labels, test, index.val.labels, len(index.classes),
+                   decode_on_device=config.decode == "gpu" and _device_can_decode(every_file))
+
+
+def _device_can_decode(paths) -> bool:
+    """--decode gpu: whether the folder's files are JPEGs the device decodes (a sample of them
+    is looked at), saying so in one line when some or all are not."""
+    decodable, looked_at = jpeg.count_decodable(paths)
+    if launcher_rank() == 0 and decodable < looked_at:
+        if decodable == 0:
+            print(f"--decode gpu: none of {looked_at} files looked at is a JPEG the GPU decodes (baseline or "
+                  "progressive, 8-bit, gray or RGB); every image is decoded on the CPU", flush=True)
+        else:
+            print(f"--decode gpu: {looked_at - decodable} of {looked_at} files looked at are not JPEGs the GPU "
+                  "decodes (PNG, CMYK, ...); those are decoded on the CPU, the rest on the GPU", flush=True)
+    return decodable > 0
 
 
 def load_digits(test_fraction: float = 0.2) -> Dataset:
@@ -115,11 +141,13 @@ def load_digits(test_fraction: float = 0.2) -> Dataset:
     from sklearn.model_selection import train_test_split
 
     bunch = sklearn_digits()
-    images = (bunch.images.astype(np.float32) / 16.0 - 0.5)[:, None, :, :]
+    pixels = bunch.images.astype(np.uint8)[:, None, :, :]  # grey levels 0..16
     labels = bunch.target.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=test_fraction, random_state=0, stratify=labels)
-    return Dataset("digits", x_train, y_train, x_test, y_test, num_classes=10)
+        pixels, labels, test_size=test_fraction, random_state=0, stratify=labels)
+    normalisation = Normalisation((1 / 16,), (0.5,))  # level / 16 - 0.5, in [-0.5, 0.5]
+    return Dataset("digits", InMemoryImages(x_train, normalisation), y_train, InMemoryImages(x_test, normalisation),
+                   y_test, num_classes=10)
 
 
 MAX_CIFAR_FILE_BYTES = 512 << 20  # a CIFAR-10 batch is 31 MB, CIFAR-100's train file 158 MB
@@ -204,8 +232,7 @@ def _read_cifar_batch(path):
     except Exception as error:  # any unpickling/shape failure means a bad file
         raise UsageError(f"cifar10: cannot read {path} ({type(error).__name__}: {error}); the file "
                          f"is corrupt or not CIFAR-10 python format: re-download {CIFAR10_URL}") from None
-    images = data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0
-    return (images - CIFAR10_MEAN) / CIFAR10_STD, labels
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def load_cifar10(data_dir):
@@ -214,20 +241,24 @@ def load_cifar10(data_dir):
                          "extract it and pass the cifar-10-batches-py directory as --data-dir")
     parts = [_read_cifar_batch(os.path.join(data_dir, name)) for name in CIFAR10_TRAIN_FILES]
     x_test, y_test = _read_cifar_batch(os.path.join(data_dir, CIFAR10_TEST_FILE))
-    x_train = np.concatenate([images for images, _ in parts])
+    x_train = np.concatenate([pixels for pixels, _ in parts])
     y_train = np.concatenate([labels for _, labels in parts])
-    return Dataset("cifar10", x_train, y_train, x_test, y_test, num_classes=10)
+    return Dataset("cifar10", InMemoryImages(x_train, CIFAR10_NORMALISATION), y_train,
+                   InMemoryImages(x_test, CIFAR10_NORMALISATION), y_test, num_classes=10)
 
 
 def make_synthetic(image_shape: tuple, train_samples: int, num_classes: int, seed: int) -> Dataset:
-    """Random images with random labels: for throughput, not for accuracy."""
+    """Random images (uniform bytes, normalised to mean 0 and variance 1) with random labels:
+    for throughput, not for accuracy."""
     rng = np.random.default_rng(seed + 12345)
     test_samples = max(1, train_samples // 4)
     total = train_samples + test_samples
-    images = rng.standard_normal((total, *image_shape), dtype=np.float32)
+    pixels = rng.integers(0, 256, size=(total, *image_shape), dtype=np.uint8)
     labels = rng.integers(0, num_classes, size=total, dtype=np.int64)
-    return Dataset("synthetic", images[:train_samples], labels[:train_samples],
-                   images[train_samples:], labels[train_samples:], num_classes)
+    normalisation = Normalisation(SYNTHETIC_NORMALISATION.scale * image_shape[0],
+                                  SYNTHETIC_NORMALISATION.shift * image_shape[0])
+    return Dataset("synthetic", InMemoryImages(pixels[:train_samples], normalisation), labels[:train_samples],
+                   InMemoryImages(pixels[train_samples:], normalisation), labels[train_samples:], num_classes)
 
 
 # --- Exact sharding -----------------------------------------------------------

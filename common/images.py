@@ -27,6 +27,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from common import batches, jpeg
+from common.batches import Normalisation
 from common.errors import RankUsageError, UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -186,6 +188,13 @@ class ImageTransform:
     seed: int = 0
 
     def load(self, path: str, index: int, epoch: int) -> np.ndarray:
+        """The sample as the model sees it: ``read``'s pixels, mirrored when drawn so."""
+        pixels, flip = self.read(path, index, epoch)
+        return pixels[..., ::-1] if flip else pixels
+
+    def read(self, path: str, index: int, epoch: int) -> tuple[np.ndarray, bool]:
+        """(uint8 (C, size, size) pixels of this sample's crop, whether to mirror them): the
+        mirroring is left to whoever normalises the batch (the device, or normalise())."""
         from PIL import Image
 
         mode = "L" if self.channels == 1 else "RGB"
@@ -201,8 +210,7 @@ class ImageTransform:
         if image.mode != mode:  # convert() copies even when the mode is already right
             image = image.convert(mode)
         pixels = np.asarray(image, dtype=np.uint8)
-        pixels = pixels[:, ::-1] if flip else pixels
-        return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        return (pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)), flip
 
     def crop(self, width: int, height: int, index: int, epoch: int) -> tuple:
         """(left, top, width, height, flip) of this sample's view of a width x height image."""
@@ -222,15 +230,16 @@ class ImageTransform:
         return box[0] * x_scale, box[1] * y_scale, box[2] * x_scale, box[3] * y_scale
 
 
+def pixel_normalisation(channels: int) -> Normalisation:
+    """ImageNet's statistics (grayscale: their mean) as the scale and shift of uint8 pixels."""
+    mean, std = (GRAY_MEAN, GRAY_STD) if channels == 1 else (RGB_MEAN, RGB_STD)
+    return Normalisation.from_mean_std(mean, std)
+
+
 def normalise(batch: np.ndarray, channels: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """uint8 (N, C, H, W) -> float32 scaled to [0, 1], minus the mean, over the std per
     channel; written into ``out`` when given (one pass, no temporaries)."""
-    mean, std = (GRAY_MEAN, GRAY_STD) if channels == 1 else (RGB_MEAN, RGB_STD)
-    scale = np.asarray([1 / (255 * s) for s in std], dtype=np.float32).reshape(1, -1, 1, 1)
-    shift = np.asarray([m / s for m, s in zip(mean, std)], dtype=np.float32).reshape(1, -1, 1, 1)
-    out = np.empty(batch.shape, dtype=np.float32) if out is None else out
-    np.multiply(batch, scale, out=out)
-    return np.subtract(out, shift, out=out)
+    return batches.normalise(batch, pixel_normalisation(channels), out)
 
 
 # --- checking files before training --------------------------------------------------
@@ -285,32 +294,34 @@ def _become_worker() -> None:
 
 
 def decode_samples(paths: Sequence[str], transform: ImageTransform, indices: Sequence[int],
-                   epoch: int, skip_bad: bool, out: Optional[np.ndarray] = None) -> tuple[np.ndarray, list]:
-    """uint8 samples of files ``paths`` (sample numbers ``indices``), in ``out`` if given,
-    and the (path, problem) of each unreadable one: with ``skip_bad`` a blank sample takes
-    its place, else the first one stops the job (RankUsageError)."""
+                   epoch: int, skip_bad: bool, out: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, list]:
+    """uint8 samples of files ``paths`` (sample numbers ``indices``), unmirrored, in ``out`` if
+    given; whether each is to be mirrored; and the (path, problem) of each unreadable one:
+    with ``skip_bad`` a blank sample takes its place, else the first one stops the job
+    (RankUsageError)."""
     shape = (len(paths), transform.channels, transform.size, transform.size)
     out = np.empty(shape, dtype=np.uint8) if out is None else out[:len(paths)]
+    flips = np.zeros(len(paths), dtype=bool)
     bad = []
     for slot, (path, index) in enumerate(zip(paths, indices)):
         try:
             with decompression_bombs_refused():
-                out[slot] = transform.load(path, int(index), epoch)
+                out[slot], flips[slot] = transform.read(path, int(index), epoch)
         except Exception as error:  # noqa: BLE001 - named and counted, or the job stops on it
             if not skip_bad:
                 raise RankUsageError(bad_image_message(path, describe_problem(error))) from None
             out[slot] = 0
             bad.append((path, describe_problem(error)))
-    return out, bad
+    return out, flips, bad
 
 
 _attached: dict = {}  # a worker's view of the rank's shared blocks, by name
 
 
 def _decode_into_block(block_name: str, paths, transform: ImageTransform, indices, epoch: int,
-                       skip_bad: bool) -> list:
+                       skip_bad: bool) -> tuple[np.ndarray, list]:
     """In a worker: decode into the rank's shared-memory block ``block_name`` (nothing
-    but the list of bad files travels back through the pipe)."""
+    but the flips and the list of bad files travels back through the pipe)."""
     if block_name not in _attached:
         from multiprocessing import shared_memory
         # Attaching registers the block with the resource tracker a second time; spawned
@@ -318,7 +329,8 @@ def _decode_into_block(block_name: str, paths, transform: ImageTransform, indice
         _attached[block_name] = shared_memory.SharedMemory(block_name)
     buffer = np.ndarray((SAMPLES_PER_TASK, transform.channels, transform.size, transform.size), np.uint8,
                         buffer=_attached[block_name].buf)
-    return decode_samples(paths, transform, indices, epoch, skip_bad, buffer)[1]
+    _, flips, bad = decode_samples(paths, transform, indices, epoch, skip_bad, buffer)
+    return flips, bad
 
 
 def _check_task(paths: Sequence[str], full: bool) -> list:
@@ -397,11 +409,14 @@ class _Task:
     count: int
     used: int = 0
     samples: Optional[np.ndarray] = None
+    flips: Optional[np.ndarray] = None
 
 
 class StreamedImages:
     """An image set read from disk, indexed like the arrays of the in-memory datasets:
-    ``images[indices]`` is a float32 (N, C, H, W) batch.
+    ``images[indices]`` is a float32 (N, C, H, W) batch; ``read_into(indices, out)`` puts
+    the uint8 pixels in ``out`` and returns which samples to mirror (the input path that
+    leaves normalising and mirroring to the device).
 
     ``plan(order, epoch)`` announces the order in which this rank will ask for samples;
     from the first request on, worker processes decode up to ``lookahead`` samples
@@ -414,6 +429,8 @@ class StreamedImages:
         self.paths, self.transform, self.pool, self.skip_bad, self.log = tuple(paths), transform, pool, skip_bad, log
         self.shape = (len(self.paths), transform.channels, transform.size, transform.size)
         self.dtype = np.dtype(np.float32)
+        self.pixel_dtype = np.dtype(np.uint8)
+        self.normalisation = pixel_normalisation(transform.channels)
         self.blocks = _Blocks(self.shape[1:])
         self.wait_seconds = 0.0
         self.skipped = 0
@@ -435,15 +452,42 @@ class StreamedImages:
 
     def __getitem__(self, key) -> np.ndarray:
         indices = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        pixels = np.empty((len(indices), *self.shape[1:]), dtype=np.uint8)
+        flips = self.read_into(indices, pixels)
+        return batches.normalise(batches.apply_flips(pixels, flips), self.normalisation)
+
+    def read_into(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The uint8 pixels of ``indices`` (unmirrored) into ``out``; which to mirror."""
+        indices = np.asarray(indices, dtype=np.int64)
         started = time.perf_counter()
-        out = np.empty((len(indices), *self.shape[1:]), dtype=np.float32)
+        flips = np.zeros(len(indices), dtype=bool)
         end = self.consumed + len(indices)
         if end <= len(self.order) and np.array_equal(self.order[self.consumed:end], indices):
-            self._take_into(out)
+            self._take_into(out, flips)
         else:
-            self._decode_now(indices, out)
+            self._decode_now(indices, out, flips)
         self.wait_seconds += time.perf_counter() - started
-        return out
+        return flips
+
+    def read_encoded(self, indices: np.ndarray) -> list:
+        """--decode gpu: each sample's file bytes and crop for the device to decode (files it
+        cannot decode come decoded, as the CPU path decodes them); common/jpeg.py."""
+        started = time.perf_counter()
+        samples = []
+        for index in np.asarray(indices, dtype=np.int64):
+            path = self.paths[index]
+            try:
+                with decompression_bombs_refused():
+                    samples.append(jpeg.encoded_sample(path, self.transform, int(index), self.epoch))
+            except Exception as error:  # noqa: BLE001 - named and counted, or the job stops on it
+                if not self.skip_bad:
+                    raise RankUsageError(bad_image_message(path, describe_problem(error))) from None
+                self.skipped += 1
+                self.log(f"skipped unreadable image {path} ({describe_problem(error)}); a blank image takes its "
+                         f"place ({self.skipped} so far)")
+                samples.append(jpeg.HostDecoded(np.zeros(self.shape[1:], dtype=np.uint8), False))
+        self.wait_seconds += time.perf_counter() - started
+        return samples
 
     def close(self) -> None:
         """Stop the decoders, free the shared blocks and the pool's semaphores (a run ended
@@ -456,14 +500,15 @@ class StreamedImages:
 
     # -- internals --
 
-    def _take_into(self, out: np.ndarray) -> None:
+    def _take_into(self, out: np.ndarray, flips: np.ndarray) -> None:
         filled = 0
         while filled < len(out):
             self._fill(self.consumed + len(out) - filled)
             task = self.pending[0]
             samples = self._samples(task)
             part = min(len(out) - filled, task.count - task.used)
-            normalise(samples[task.used:task.used + part], self.transform.channels, out[filled:filled + part])
+            out[filled:filled + part] = samples[task.used:task.used + part]
+            flips[filled:filled + part] = task.flips[task.used:task.used + part]
             task.used += part
             filled += part
             self.consumed += part
@@ -494,9 +539,9 @@ class StreamedImages:
         """The task's uint8 samples, once decoded (waiting for them if need be)."""
         if task.samples is None:
             if task.block is None:
-                task.samples, bad = task.pending
+                task.samples, task.flips, bad = task.pending
             else:
-                bad = task.pending.result()
+                task.flips, bad = task.pending.result()
                 task.samples = self.blocks.view(task.block, task.count)
             for path, problem in bad:
                 self.skipped += 1
@@ -508,13 +553,14 @@ class StreamedImages:
         if task.block is not None:
             self.blocks.give_back(task.block)
 
-    def _decode_now(self, indices: np.ndarray, out: np.ndarray) -> None:
+    def _decode_now(self, indices: np.ndarray, out: np.ndarray, flips: np.ndarray) -> None:
         tasks = [self._submit(indices[start:start + SAMPLES_PER_TASK])
                  for start in range(0, len(indices), SAMPLES_PER_TASK)]
         try:
             for number, task in enumerate(tasks):
                 start = number * SAMPLES_PER_TASK
-                normalise(self._samples(task), self.transform.channels, out[start:start + task.count])
+                out[start:start + task.count] = self._samples(task)
+                flips[start:start + task.count] = task.flips
         finally:
             self._forget(tasks)
 

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol, Union
 
 import numpy as np
 
@@ -40,6 +40,22 @@ class Meter:
         if count == 0:
             return float("nan"), float("nan")
         return loss_sum / count, correct / count
+
+
+class PendingSums(Protocol):
+    """A step's (loss sum, correct, count) still on the device: reading it waits for the
+    step. The trainer reads a step's sums only once the next step is queued, so the
+    device never idles while the host looks at them."""
+
+    def resolve(self) -> np.ndarray: ...
+
+
+StepSums = Union[np.ndarray, PendingSums]
+
+
+def resolved(sums: StepSums) -> np.ndarray:
+    """float64 (loss sum, correct, count), waiting for the device if they are still there."""
+    return np.asarray(sums.resolve() if hasattr(sums, "resolve") else sums, dtype=np.float64)
 
 
 class Stopwatch:

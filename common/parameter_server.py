@@ -26,7 +26,8 @@ from typing import Optional
 
 import numpy as np
 
-from common import data, metrics, plan, weights
+from common import metrics, plan, weights
+from common.batches import Batch, Reads
 from common.checkpoint import NeutralState
 from common.config import RunConfig
 from common.data import Dataset
@@ -56,9 +57,11 @@ class ParameterServerRunner:
 
         local_rank, self.threads = node_placement(self.comm, config)
         stage_factory.set_threads(self.threads, local_rank)
+        self.reads = Reads(images=not self.server, labels=not self.server)  # the server reads no data
+        self.feed = stage_factory.make_feed(config, local_rank, dataset, self.reads)
         # The whole model is one stage on every rank.
         self.stage = stage_factory(StagePlace(tuple(specs), dataset.image_shape, 0, len(specs), True, True,
-                                              config, local_rank))
+                                              config, local_rank, self.feed))
         self.parameter_count = self.stage.parameter_vector().size  # the length of every message
         self.timeline = Timeline()
         self.layout = [f"parameter server: rank {SERVER} sums the gradients and updates "
@@ -75,22 +78,20 @@ class ParameterServerRunner:
         gather_timeline(self.comm, self.timeline, self.config.timeline,
                         f"rank {self.rank}: {'server' if self.server else 'worker'}")
 
-    def train_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
+    def train_step(self, batch: Batch, global_count: int) -> np.ndarray:
         with self.timeline.span("step", "step"):
-            return self._serve_step() if self.server else self._work_step(indices, global_count)
+            return self._serve_step() if self.server else self._work_step(batch, global_count)
 
-    def _work_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
+    def _work_step(self, batch: Batch, global_count: int) -> np.ndarray:
         stage, span = self.stage, self.timeline.span
         stage.zero_grad()
         meter = metrics.Meter()
-        if len(indices):
-            with span("load batch", "data"):
-                images = self.dataset.x_train[indices]
+        if batch.count:
             with span("forward", "forward", microbatch=0):
-                _, (loss_sum, correct) = stage.forward(0, images, self.dataset.y_train[indices], 1.0 / global_count)
+                _, (loss_sum, correct) = stage.forward(0, None, batch, 1.0 / global_count)
             with span("backward", "backward", microbatch=0):
                 stage.backward(0, None)
-            meter.add(loss_sum, correct, len(indices))
+            meter.add(loss_sum, correct, batch.count)
         # An empty share (last batch smaller than the workers) sends a zero gradient.
         with span("send gradient", "send"):
             self.comm.Send(np.ascontiguousarray(stage.gradient_vector(), dtype=np.float32), dest=SERVER,
@@ -122,13 +123,11 @@ class ParameterServerRunner:
                                  for worker in self.workers])
         return metrics.Meter().sums
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    def evaluate(self, batches) -> np.ndarray:
         meter = metrics.Meter()
-        if self.server:
-            return meter.sums
-        for indices in data.batched(data.eval_shard(len(y), len(self.workers), self.data_shard), batch_size):
-            logits = self.stage.predict(x[indices])
-            meter.add(*metrics.softmax_cross_entropy_sums(logits, y[indices]), len(indices))
+        for batch in batches:
+            if not self.server:  # the server reads no data: its batches are empty of it
+                meter.add(*self.stage.predict(None, batch), batch.count)
         return meter.sums
 
     def checkpoint_shard(self) -> Optional[tuple[int, NeutralState]]:

@@ -24,14 +24,13 @@ from typing import Optional
 
 import numpy as np
 
-from common import data, metrics, models, p2p, plan, schedule, weights
+from common import metrics, models, p2p, plan, schedule, weights
+from common.batches import Batch, Reads
 from common.checkpoint import NeutralState
 from common.config import RunConfig
 from common.data import Dataset
 from common.runner import MpiCollectives, OpenCheckpoint, Stage, StageFactory, StagePlace, node_placement
 from common.timeline import Timeline, gather_timeline, start_timeline
-
-EVAL_TAG = 1 << 20  # above every training tag (p2p.tag), plus the receiving piece
 
 
 @dataclass
@@ -71,12 +70,18 @@ class PipelineRunner:
         stage_factory.set_threads(self.threads, local_rank)
         costs = self._layer_costs(stage_factory)
         self.ranges = plan.partition(costs, self.plan.pp, config.split, self.plan.chunks, config.microbatches)
+        virtual = [self.plan.virtual_stage(self.stage_index, chunk) for chunk in range(self.plan.chunks)]
+        # The model's first piece reads the images, its last the labels.
+        self.reads = Reads(images=0 in virtual, labels=self.plan.virtual_stages - 1 in virtual)
+        self.feed = stage_factory.make_feed(config, local_rank, dataset, self.reads)
         self.layout = [f"{self._piece_name(v)}: layers {a}-{b - 1} "
                        f"({', '.join(type(x).__name__ for x in specs[a:b])}), cost {sum(costs[a:b]):.3g} "
                        f"({config.balance}), ranks {self.plan.stage_ranks(self.plan.place_of(v)[0])}"
                        for v, (a, b) in enumerate(self.ranges)]
         self.pieces = [self._make_piece(chunk, stage_factory, local_rank) for chunk in range(self.plan.chunks)]
-        self.transport = p2p.Transport(self.comm, self.plan.chunks)
+        self.transport = p2p.Transport(self.comm, stage_factory.make_wire(config, local_rank), self.plan.chunks)
+        self.layout.append(f"activations and gradients via {self.transport.wire.description} "
+                           f"(--p2p-memory {config.p2p_memory})")
         self.timeline = Timeline()
         if self.plan.dp > 1:
             # Horovod: one process set per stage; each piece allreduces over its stage's replicas.
@@ -97,7 +102,7 @@ class PipelineRunner:
         def rank_of(other):
             return self.plan.rank_of(self.plan.place_of(other)[0], self.replica)
         stage = stage_factory(StagePlace(tuple(self.specs), self.dataset.image_shape, start, end, first, last,
-                                         self.config, local_rank))
+                                         self.config, local_rank, self.feed))
         return Piece(chunk, virtual, start, end, first, last, None if first else rank_of(virtual - 1),
                      None if last else rank_of(virtual + 1), shapes[start], shapes[end], stage)
 
@@ -125,23 +130,23 @@ class PipelineRunner:
         gather_timeline(self.comm, self.timeline, self.config.timeline,
                         f"rank {self.rank}: stage {self.stage_index}, replica {self.replica}")
 
-    def train_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
+    def train_step(self, batch: Batch, global_count: int) -> np.ndarray:
         with self.timeline.span("step", "step"):
-            return self._train_step(indices, global_count)
+            return self._train_step(batch, global_count)
 
-    def _train_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
+    def _train_step(self, batch: Batch, global_count: int) -> np.ndarray:
         span = self.timeline.span
         for piece in self.pieces:
             piece.stage.zero_grad()
-        microbatches = [chunk for chunk in np.array_split(indices, self.config.microbatches) if len(chunk)]
-        for m, chunk in enumerate(microbatches):
+        microbatches = [part for part in batch.parts(self.config.microbatches) if part.count]
+        for m, part in enumerate(microbatches):
             for piece in self.pieces:
                 if not piece.first:
                     self.transport.post_receive(p2p.ACTIVATION, m, piece.chunk, piece.previous,
-                                                (len(chunk), *piece.in_shape))
+                                                (part.count, *piece.in_shape))
                 if not piece.last:
                     self.transport.post_receive(p2p.GRADIENT, m, piece.chunk, piece.next,
-                                                (len(chunk), *piece.out_shape))
+                                                (part.count, *piece.out_shape))
         meter = metrics.Meter()
         for action in schedule.compute_actions(self.config.schedule, self.stage_index, self.plan.pp,
                                                len(microbatches), self.plan.chunks):
@@ -162,19 +167,16 @@ class PipelineRunner:
                     piece.stage.step()
         return meter.sums  # zeros except on last stages
 
-    def _forward(self, piece: Piece, m: int, samples: np.ndarray, global_count: int, meter: metrics.Meter) -> None:
+    def _forward(self, piece: Piece, m: int, part: Batch, global_count: int, meter: metrics.Meter) -> None:
         span = self.timeline.span
-        if piece.first:
-            with span("load batch", "data", microbatch=m):
-                inputs = self.dataset.x_train[samples]
-        else:
+        inputs = None
+        if not piece.first:
             with span("receive activation", "wait", microbatch=m, chunk=piece.chunk):
                 inputs = self.transport.receive(p2p.ACTIVATION, m, piece.chunk)
-        labels = self.dataset.y_train[samples] if piece.last else None
         with span("forward", "forward", microbatch=m, chunk=piece.chunk):
-            output, (loss_sum, correct) = piece.stage.forward(m, inputs, labels, 1.0 / global_count)
+            output, (loss_sum, correct) = piece.stage.forward(m, inputs, part, 1.0 / global_count)
         if piece.last:
-            meter.add(loss_sum, correct, len(samples))
+            meter.add(loss_sum, correct, part.count)
         else:
             with span("send activation", "send", microbatch=m, chunk=piece.chunk):
                 self.transport.send(output, p2p.ACTIVATION, m, self._chunk_of(piece.virtual + 1), piece.next)
@@ -197,22 +199,20 @@ class PipelineRunner:
 
     # --- evaluation, forward only through the pipeline ---------------------------
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    def evaluate(self, batches) -> np.ndarray:
         self.share_batch_norm_statistics()
         meter = metrics.Meter()
-        for indices in data.batched(data.eval_shard(len(y), self.plan.dp, self.replica), batch_size):
+        for batch in batches:
             for piece in self.pieces:  # in model order; each piece's input comes from the one before
-                if piece.first:
-                    inputs = x[indices]
-                else:
-                    inputs = np.empty((len(indices), *piece.in_shape), dtype=np.float32)
-                    self.comm.Recv(inputs, source=piece.previous, tag=EVAL_TAG + piece.virtual)
-                output = piece.stage.predict(inputs)
+                inputs = None
+                if not piece.first:
+                    inputs = self.transport.receive_now(piece.previous, (batch.count, *piece.in_shape),
+                                                        p2p.EVALUATION_TAG + piece.virtual)
+                output = piece.stage.predict(inputs, batch)
                 if piece.last:
-                    meter.add(*metrics.softmax_cross_entropy_sums(output, y[indices]), len(indices))
+                    meter.add(*output, batch.count)
                 else:
-                    self.comm.Send(np.ascontiguousarray(output, dtype=np.float32), dest=piece.next,
-                                   tag=EVAL_TAG + piece.virtual + 1)
+                    self.transport.send_now(output, piece.next, p2p.EVALUATION_TAG + piece.virtual + 1)
         return meter.sums
 
     def share_batch_norm_statistics(self) -> None:

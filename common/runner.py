@@ -14,14 +14,17 @@ Nothing here imports a framework or MPI.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 
+from common.batches import Batch, Feed, Reads
 from common.checkpoint import Checkpoint, NeutralState
 from common.timeline import Timeline
 from common.config import RunConfig
 from common.launch import cpus_per_rank
+from common.metrics import StepSums
+from common.p2p import Wire
 from common.plan import ParallelPlan
 
 OpenCheckpoint = Callable[[], Checkpoint]
@@ -58,15 +61,17 @@ class Runner(Protocol):
     collectives: Collectives
     checkpoint_shards: int           # how many shards this layout's checkpoints have
     timeline: Timeline               # --timeline's spans (enabled in model/hybrid/ps mode)
+    reads: Reads                     # what this rank needs of each batch (images, labels)
+    feed: Feed                       # where its batches are read into and how they reach its device
 
     def set_lr(self, value: float) -> None: ...
 
-    def train_step(self, indices: np.ndarray, global_count: int) -> np.ndarray:
-        """One optimizer step on this rank's ``indices`` of a global batch of ``global_count``;
-        this rank's (loss sum, correct, count)."""
+    def train_step(self, batch: Batch, global_count: int) -> StepSums:
+        """One optimizer step on this rank's ``batch`` (staged by ``feed``) of a global batch of
+        ``global_count``; this rank's (loss sum, correct, count), possibly still on the device."""
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """(loss sum, correct, count) over this rank's slice of ``x``."""
+    def evaluate(self, batches: Iterable[Batch]) -> StepSums:
+        """(loss sum, correct, count) over this rank's slice of the test set, in ``batches``."""
 
     def checkpoint_shard(self) -> Optional[tuple[int, NeutralState]]:
         """Collective: (shard index, state under whole-model keys) on the ranks that write one."""
@@ -99,6 +104,7 @@ class StagePlace:
     last: bool
     config: RunConfig
     local_rank: int                  # picks this rank's GPU, where there are GPUs
+    feed: Feed                       # the rank's input path (StageFactory.make_feed)
 
 
 class Stage(Protocol):
@@ -114,13 +120,14 @@ class Stage(Protocol):
 
     def set_lr(self, value: float) -> None: ...
 
-    def forward(self, microbatch: int, inputs: np.ndarray, labels: Optional[np.ndarray],
-                scale: float) -> tuple[Optional[np.ndarray], tuple[float, float]]:
-        """(output for the next stage, or None on the last; (loss sum, correct) on the last).
-        Labels and scale (1 / global batch) only on the last stage."""
+    def forward(self, microbatch: int, inputs, batch: Batch, scale: float) -> tuple[object, tuple[float, float]]:
+        """(output tensor for the next stage, or None on the last; (loss sum, correct) on the
+        last). ``inputs``: the previous stage's output (a tensor from the Wire), None on the
+        first, which reads ``batch``'s pixels; the last reads its labels. ``scale`` is
+        1 / global batch."""
 
-    def backward(self, microbatch: int, output_gradient: Optional[np.ndarray]) -> Optional[np.ndarray]:
-        """The gradient for the previous stage (None on the first)."""
+    def backward(self, microbatch: int, output_gradient) -> object:
+        """The gradient (a tensor) for the previous stage (None on the first)."""
 
     def use_replica_group(self, group, name: str) -> None:
         """Hybrid: allreduce this piece's gradients (and, with --sync-bn, BatchNorm sums)
@@ -131,7 +138,9 @@ class Stage(Protocol):
 
     def step(self) -> None: ...
 
-    def predict(self, inputs: np.ndarray) -> np.ndarray: ...
+    def predict(self, inputs, batch: Batch):
+        """Forward only: the output tensor for the next piece; on the last piece the batch's
+        (loss sum, correct)."""
 
     def state(self) -> NeutralState:
         """Weights and optimizer state under the stage's own keys (layer 0 = its first)."""
@@ -157,6 +166,14 @@ class StageFactory(Protocol):
 
     @staticmethod
     def set_threads(threads: int, local_rank: int) -> None: ...
+
+    @staticmethod
+    def make_feed(config: RunConfig, local_rank: int, dataset, reads: Reads) -> Feed:
+        """The input path of a rank on ``local_rank``'s device."""
+
+    @staticmethod
+    def make_wire(config: RunConfig, local_rank: int) -> Wire:
+        """How the rank's activations and gradients reach MPI (--p2p-memory)."""
 
     @staticmethod
     def measure_layer_times(specs: Sequence, input_shape: tuple, batch_size: int) -> list:

@@ -17,6 +17,7 @@ import sys
 from typing import Callable, Optional
 
 import numpy as np
+from common import batches as batches_module
 from common import checkpoint, data, lr, metrics, models, run_dir, weights
 from common.config import RunConfig, parse_config
 from common.errors import RankUsageError, RunStopped, UsageError
@@ -27,7 +28,6 @@ from common.progress import ProgressBar
 from common.runner import Runner, StageFactory
 
 Position = tuple  # (completed epochs, steps done in the next epoch)
-EVAL_LOOKAHEAD = 512  # streamed evaluation images decoded ahead: the runners' evaluation batch
 
 
 def load_run(argv: list[str] | None, prog: str) -> tuple[RunConfig, data.Dataset, list]:
@@ -127,7 +127,12 @@ class Trainer:
         self.launcher_watch = watch_launcher(self.stop.request)
         self.health = Health(self.stop, runner, config.allow_nonfinite)
         self.global_batch = config.global_batch_size(runner.data_shards)
+        self.rank_batch = -(-self.global_batch // runner.data_shards)  # a replica's share, and its evaluation batch
         self.steps = data.steps_per_epoch(len(dataset.y_train), self.global_batch, config.steps_per_epoch)
+        self.train_reader = batches_module.BatchReader(dataset.x_train, dataset.y_train, runner.reads, runner.feed,
+                                                       dataset.encoded_reader("train"))
+        self.test_reader = batches_module.BatchReader(dataset.x_test, dataset.y_test, runner.reads, runner.feed,
+                                                      dataset.encoded_reader("test"))
         self.writer = metrics.JsonLinesWriter(config.metrics_file if runner.primary else "")
         self.progress = ProgressBar(False, 0, 0, 0)
         self.tensorboard = None
@@ -183,6 +188,9 @@ class Trainer:
         for epoch in range(start_epoch, self.config.epochs):
             train = self.train_epoch(epoch, start_step if epoch == start_epoch else 0, commit)
             if train.stopped_after is not None:
+                # Every step's loss is read now: never save one that was not finite.
+                self.health.stop_agreed(self.collectives.flag_sum(self.health.code()),
+                                        (epoch, train.stopped_after - 1))
                 return self.stop_at((epoch, train.stopped_after))
             # Before saving: never let a non-finite last step overwrite a good checkpoint.
             stopping = self.health.stop_agreed(self.collectives.flag_sum(self.health.code()),
@@ -203,44 +211,69 @@ class Trainer:
 
     def train_epoch(self, epoch: int, first_step: int, commit: Optional[Callable] = None) -> metrics.EpochResult:
         """Steps first_step.. of ``epoch``; stops early, every rank together, on a stop
-        request (saying after how many steps) or a non-finite loss (raising RunStopped)."""
+        request (saying after how many steps) or a non-finite loss (raising RunStopped).
+
+        A step's sums are read once the next step has been handed to the runner (a GPU
+        then has the next step queued while the host waits for them), so a non-finite
+        loss is noticed a step later; nothing is saved before every step is read."""
         runner, config = self.runner, self.config
         global_batch = config.global_batch_size(runner.data_shards)
         batches = data.rank_batches(len(self.dataset.y_train), global_batch, runner.data_shards, runner.data_shard,
                                     config.seed, epoch, config.steps_per_epoch)
         ahead = batches[first_step:]
         self.dataset.plan_train(np.concatenate([indices for indices, _ in ahead]) if ahead else np.arange(0),
-                                epoch, config.prefetch_batches * -(-global_batch // runner.data_shards))
+                                epoch, config.prefetch_batches * self.rank_batch)
         meter, images, step_lr, stopped_after = metrics.Meter(), 0, config.lr, None
-        stopwatch = metrics.Stopwatch()
-        for step, (indices, global_count) in enumerate(batches[first_step:], start=first_step):
-            step_lr = lr.lr_at(epoch * self.steps + step, self.steps, config, runner.data_shards)
-            runner.set_lr(step_lr)
-            # A sync point: a signal or a non-finite loss may have reached only some ranks.
-            agreed = self.collectives.start_flag_sum(self.health.code())
-            injected_failure(runner.rank, epoch * self.steps + step)
-            runner.timeline.at_step(epoch * self.steps + step)
-            sums = runner.train_step(indices, global_count)
-            self.health.check_loss(sums[0], (epoch, step))
+        unread = None  # the previous step: (its sums, epoch, step)
+
+        def read(step_sums, at_epoch, at_step):
+            sums = metrics.resolved(step_sums)
+            self.health.check_loss(sums[0], (at_epoch, at_step))
             meter.sums += sums
-            images += global_count
-            self.log_step_loss(epoch * self.steps + step + 1, sums)
-            self.progress.step(epoch, meter.sums[0] / max(1.0, meter.sums[2]), images / stopwatch.seconds())
-            if self.health.stop_agreed(agreed(), (epoch, step)) and step + 1 < len(batches):
-                stopped_after = step + 1
-                break
-            if commit and step + 1 < len(batches):
-                commit(epoch, step + 1)
+            self.log_step_loss(at_epoch * self.steps + at_step + 1, sums)
+
+        stopwatch = metrics.Stopwatch()
+        prefetch = batches_module.Prefetcher(self.train_reader.read, runner.feed.stage,
+                                             [indices for indices, _ in ahead], config.prefetch_batches)
+        try:
+            for step, (indices, global_count) in enumerate(ahead, start=first_step):
+                step_lr = lr.lr_at(epoch * self.steps + step, self.steps, config, runner.data_shards)
+                runner.set_lr(step_lr)
+                # A sync point: a signal or a non-finite loss may have reached only some ranks.
+                agreed = self.collectives.start_flag_sum(self.health.code())
+                injected_failure(runner.rank, epoch * self.steps + step)
+                runner.timeline.at_step(epoch * self.steps + step)
+                sums = runner.train_step(self.next_batch(prefetch), global_count)
+                if unread is not None:
+                    read(*unread)
+                unread = (sums, epoch, step)
+                images += global_count
+                self.progress.step(epoch, meter.sums[0] / max(1.0, meter.sums[2]), images / stopwatch.seconds())
+                if self.health.stop_agreed(agreed(), (epoch, step)) and step + 1 < len(batches):
+                    stopped_after = step + 1
+                    break
+                if commit and step + 1 < len(batches):
+                    commit(epoch, step + 1)
+            if unread is not None:
+                read(*unread)
+        finally:
+            prefetch.close()
         seconds = stopwatch.seconds()
-        waited = self.dataset.take_wait_seconds()
+        waited = prefetch.wait_seconds if runner.reads.images else 0.0
         # One allreduce: the metric sums, and the data wait of the ranks that read images.
-        totals = self.collectives.allreduce_sums(np.append(meter.sums, (waited, 1.0 if waited else 0.0)),
+        totals = self.collectives.allreduce_sums(np.append(meter.sums, (waited, 1.0 if runner.reads.images else 0.0)),
                                                  "train_sums")
         loss, accuracy = metrics.Meter.results(totals[:3])
         wait_share = totals[3] / max(1.0, totals[4]) / seconds if seconds > 0 else 0.0
         steps = (stopped_after or len(batches)) - first_step
         return metrics.EpochResult(loss, accuracy, images / seconds if seconds > 0 else 0.0, seconds, step_lr,
                                    stopped_after, wait_share, steps)
+
+    def next_batch(self, prefetch) -> batches_module.Batch:
+        if not self.runner.reads.images:
+            return prefetch.next()
+        with self.runner.timeline.span("wait for batch", "data"):
+            return prefetch.next()
 
     def log_step_loss(self, global_step: int, sums) -> None:
         """--tensorboard: every --log-every steps, the global batch's mean loss (one small
@@ -254,10 +287,17 @@ class Trainer:
                               lambda: self.tensorboard.step_loss(global_step, loss_sum / count), self._stop_tensorboard)
 
     def evaluate(self) -> tuple:
+        """(loss, accuracy) on the test set: each replica its slice, in batches of the
+        rank's training share (--batch-size over the replicas), read ahead as in training."""
         runner, dataset = self.runner, self.dataset
-        dataset.plan_test(data.eval_shard(len(dataset.y_test), runner.data_shards, runner.data_shard),
-                          EVAL_LOOKAHEAD)
-        sums = self.runner.evaluate(self.dataset.x_test, self.dataset.y_test)
+        shard = data.eval_shard(len(dataset.y_test), runner.data_shards, runner.data_shard)
+        dataset.plan_test(shard, self.config.prefetch_batches * self.rank_batch)
+        prefetch = batches_module.Prefetcher(self.test_reader.read, runner.feed.stage,
+                                             list(data.batched(shard, self.rank_batch)), self.config.prefetch_batches)
+        try:
+            sums = metrics.resolved(runner.evaluate(iter(prefetch)))
+        finally:
+            prefetch.close()
         return metrics.Meter.results(self.collectives.allreduce_sums(sums, "eval_sums"))
 
     def record(self, epoch: int, train: metrics.EpochResult, test: tuple) -> None:
@@ -438,9 +478,11 @@ class Trainer:
                     f"({'--threads' if config.threads else read_cpu_share().threads()[1]})")
         if dataset.streamed:
             workers = dataset.x_train.workers
-            metrics.log(f"images streamed from disk: {workers or 'no'} decoder process{'es' if workers != 1 else ''}"
-                        f"/rank, {config.prefetch_batches} batches ahead, augmentation "
-                        f"{'on' if config.augment else 'off'}")
+            decoding = ("JPEGs decoded on the GPU (--decode gpu), other files by "
+                        if dataset.decode_on_device else "")
+            metrics.log(f"images streamed from disk: {decoding}{workers or 'no'} decoder "
+                        f"process{'es' if workers != 1 else ''}/rank, {config.prefetch_batches} batches ahead, "
+                        f"augmentation {'on' if config.augment else 'off'}")
         if len(self.hosts) > 1:
             metrics.log(host_placement(self.hosts))
         for line in runner.layout:

@@ -9,16 +9,17 @@ the operation hvd.DistributedGradientTape performs, which cannot accumulate.
 """
 
 
-import numpy as np
 import tensorflow as tf
 
-from common import data, metrics, weights
+from common import weights
+from common.batches import Reads
 from common.data_parallel import (apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline,
                                   run_elastic, start_horovod_timeline)
 from common.launch import cpus_per_rank
 from common.loss_scale import DynamicLossScale
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
+from train_tf.input import DeviceMeter, make_feed
 from train_tf.model import batch_norm_statistics, build_model, set_batch_norm_reduction
 from train_tf.optimizer import Optimizer
 from train_tf.precision import set_precision
@@ -29,16 +30,12 @@ def init_horovod(config):
 
     request_horovod_timeline(config)
     hvd.init()  # Horovod: one process per rank, started by horovodrun/mpirun/srun.
-    pin_gpu(hvd.local_rank())  # Horovod: one GPU per local rank, where there are GPUs
+    device = pin_gpu(hvd.local_rank())  # Horovod: one GPU per local rank, where there are GPUs
     threads = config.threads or cpus_per_rank(hvd.local_size())
     # Horovod: share the node's cores between its ranks (before TF runs any op).
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    return hvd, threads
-
-
-def nhwc(images):
-    return tf.constant(np.ascontiguousarray(images.transpose(0, 2, 3, 1)))
+    return hvd, threads, device
 
 
 class HorovodCollectives:
@@ -143,10 +140,12 @@ class DataParallelRunner:
     framework = "tf"
     checkpoint_shards = 1
     layout = ()
+    reads = Reads(images=True, labels=True)  # every replica trains on its share of each batch
 
     def __init__(self, config, dataset, specs):
-        hvd, self.threads = init_horovod(config)
+        hvd, self.threads, device = init_horovod(config)
         self.hvd = hvd
+        self.feed = make_feed(config, device, dataset)
         apply_data_layout(self, hvd, config)
         self.collectives = HorovodCollectives(hvd)
         self.config, self.dataset = config, dataset
@@ -199,46 +198,48 @@ class DataParallelRunner:
     def set_lr(self, value):
         self.optimizer.lr.assign(value)
 
-    def train_step(self, indices, global_count):
-        """One optimizer step on this rank's ``indices`` of a global batch of ``global_count``."""
-        meter, x, y = metrics.Meter(), self.dataset.x_train, self.dataset.y_train
-        scale = 1.0 / max(1, len(indices)) if self.config.adasum else 1.0 / global_count
+    def train_step(self, batch, global_count):
+        """One optimizer step on this rank's ``batch`` of a global batch of ``global_count``;
+        its sums stay tensors until the trainer reads them."""
+        meter = DeviceMeter()
+        batch = self.feed.arrive(batch)
+        scale = 1.0 / max(1, batch.count) if self.config.adasum else 1.0 / global_count
         if self.loss_scale:  # --amp fp16: scale the loss up so small gradients survive fp16
             scale *= self.loss_scale.scale
         total = [tf.zeros_like(variable) for variable in self.variables]
-        for chunk in np.array_split(indices, self.config.accumulation_steps):
-            if len(chunk) == 0 and not self.config.sync_bn:
+        for chunk in batch.parts(self.config.accumulation_steps):
+            if chunk.count == 0 and not self.config.sync_bn:
                 continue  # an empty share contributes zeros but still joins the allreduce
             # (with --sync-bn it runs the empty batch: every BatchNorm layer's allreduce needs it)
-            gradients, loss_sum, correct = self._chunk_gradients(nhwc(x[chunk]), tf.constant(y[chunk]),
+            gradients, loss_sum, correct = self._chunk_gradients(self.feed.inputs(chunk), self.feed.labels(chunk),
                                                                  tf.constant(scale, tf.float32))
             total = [a + b for a, b in zip(total, gradients)]
-            meter.add(float(loss_sum), float(correct), len(chunk))
+            meter.add(loss_sum, correct, chunk.count)
         reduced = self._allreduce_gradients(total)
         if self.loss_scale:
             # Horovod: after the allreduce every rank sees the same overflow, so all skip alike.
             reduced = [gradient / self.loss_scale.scale for gradient in reduced]
             finite = bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(gradient)) for gradient in reduced]))
             if not self.loss_scale.update(finite, self.primary):
-                return meter.sums
+                return meter.pending()
         self._apply(reduced)
-        return meter.sums
+        return meter.pending()
 
     def share_batch_norm_statistics(self):
         if self.world_size > 1 and not self.config.sync_bn:  # --sync-bn keeps them equal already
             average_batch_norm_statistics(self.hvd, self.model)
 
-    def evaluate(self, x, y, batch_size=512):
+    def evaluate(self, batches):
+        """Sums over this rank's slice of the test set (Horovod: each rank a slice)."""
         self.share_batch_norm_statistics()
-        meter = metrics.Meter()
-        shard = data.eval_shard(len(y), self.world_size, self.rank)  # Horovod: each rank a slice.
-        for indices in data.batched(shard, batch_size):
-            logits = self._logits(nhwc(x[indices]))
-            labels = tf.constant(y[indices])
+        meter = DeviceMeter()
+        for batch in batches:
+            batch = self.feed.arrive(batch)
+            logits, labels = self._logits(self.feed.inputs(batch)), self.feed.labels(batch)
             loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
             correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
-            meter.add(float(loss_sum), float(correct), len(indices))
-        return meter.sums
+            meter.add(loss_sum, correct, batch.count)
+        return meter.pending()
 
     def checkpoint_shard(self):
         self.share_batch_norm_statistics()

@@ -23,14 +23,16 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from common import models
+from common import metrics, models
 from common.checkpoint import NeutralState
 from common.runner import StagePlace
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.data_parallel import average_batch_norm_statistics
 from train_tf.device import pin_gpu
+from train_tf.input import make_feed
+from train_tf.wire import make_wire
 from train_tf.model import (build_model, build_stage, frozen_batch_norm_statistics, set_batch_norm_reduction,
-                            to_channels_first, to_channels_last)
+                            to_channels_last)
 from train_tf.optimizer import Optimizer
 from train_tf.precision import set_precision
 
@@ -74,9 +76,17 @@ class TfStage:
             x = out
         return times
 
+    @staticmethod
+    def make_feed(config, local_rank, dataset, reads):
+        return make_feed(config, pin_gpu(local_rank), dataset)
+
+    @staticmethod
+    def make_wire(config, local_rank):
+        return make_wire(config.p2p_memory)
+
     def __init__(self, place: StagePlace):
         self.first, self.last = place.first, place.last
-        self.config = place.config
+        self.config, self.feed = place.config, place.feed
         self.stage_set = None  # hybrid: this stage's replicas (use_replica_group)
         self.in_shape = models.layer_shapes(place.specs, place.input_shape)[place.start]
         set_precision(place.config)
@@ -146,13 +156,19 @@ class TfStage:
     def set_lr(self, value):
         self.optimizer.lr.assign(value)
 
-    def forward(self, m, inputs, labels, scale):
-        x = tf.convert_to_tensor(inputs)
+    def _inputs(self, inputs, batch):
+        """Channel-first float32: the wire's layout (the first piece makes it of the batch)."""
+        if self.first:
+            return self.feed.inputs_channels_first(self.feed.arrive(batch))
+        return tf.convert_to_tensor(inputs)
+
+    def forward(self, m, inputs, batch, scale):
+        x = self._inputs(inputs, batch)
         if not self.last:
             self.stash[m] = x
-            return self._forward(x).numpy(), (0.0, 0.0)
+            return self._forward(x), (0.0, 0.0)
         loss_sum, correct, input_gradient, self.gradients = self._loss_backward(
-            x, tf.constant(labels), tf.constant(scale, tf.float32), self.gradients)
+            x, self.feed.labels(batch), tf.constant(scale, tf.float32), self.gradients)
         self.stash[m] = input_gradient
         return None, (float(loss_sum), float(correct))
 
@@ -162,7 +178,7 @@ class TfStage:
         else:
             input_gradient, self.gradients = self._recompute_backward(
                 self.stash.pop(m), tf.convert_to_tensor(output_gradient), self.gradients)
-        return None if self.first else input_gradient.numpy()
+        return None if self.first else input_gradient
 
     def allreduce_gradients(self):
         # Horovod: sum this stage's gradients over its replicas.
@@ -172,9 +188,13 @@ class TfStage:
     def step(self):
         self._apply(self.gradients)
 
-    def predict(self, inputs):
-        logits = self.model(tf.constant(to_channels_last(inputs)), training=False)
-        return to_channels_first(tf.cast(logits, tf.float32).numpy())
+    def predict(self, inputs, batch):
+        """Evaluation, forward only: the output for the next piece (channel-first), or on the
+        last piece the batch's (loss sum, correct) (in float64, from float32 logits)."""
+        out = tf.cast(self.model(channels_last(self._inputs(inputs, batch)), training=False), tf.float32)
+        if not self.last:
+            return channels_first(out)
+        return metrics.softmax_cross_entropy_sums(out.numpy(), np.asarray(self.feed.labels(batch)))
 
     def state(self) -> NeutralState:
         return neutral_state(self.model, self.in_shape, self.optimizer)

@@ -9,17 +9,18 @@ unevenly the last batch splits.
 
 import contextlib
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import data, metrics, weights
+from common import weights
+from common.batches import Reads
 from common.errors import UsageError
 from common.launch import cpus_per_rank, launcher_world_size
 from common.data_parallel import (apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline,
                                   run_elastic, start_horovod_timeline)
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
-from train_torch.device import pick_device, to_device
+from train_torch.device import pick_device
+from train_torch.input import DeviceMeter, make_feed
 from train_torch.model import batch_norm_statistics, build_model, set_batch_norm_reduction
 from train_torch.optimizer import make_local_optimizer
 from train_torch.precision import LossScaler, autocast
@@ -135,7 +136,7 @@ def backward_pass(runner, images, labels, scale, meter):
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
     target = loss_sum * scale
     (runner.scaler.scale(target) if runner.scaler else target).backward()
-    meter.add(loss_sum.item(), (logits.argmax(1) == labels).sum().item(), len(labels))
+    meter.add(loss_sum, (logits.argmax(1) == labels).sum(), len(labels))
 
 
 class HorovodCollectives:
@@ -168,6 +169,7 @@ class DataParallelRunner:
     framework = "torch"
     checkpoint_shards = 1
     layout = ()
+    reads = Reads(images=True, labels=True)  # every replica trains on its share of each batch
 
     def __init__(self, config, dataset, specs):
         self.hvd = init_horovod(config)
@@ -177,9 +179,9 @@ class DataParallelRunner:
         self.config, self.dataset = config, dataset
         self.keys = weights.expected_keys(specs, dataset.image_shape)
         self.device = pick_device(self.hvd.local_rank())  # Horovod: one GPU per local rank
-        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.feed = make_feed(config, self.device, dataset, self.reads)
         self.model = build_model(specs, dataset.image_shape, config.seed).to(self.device,
-                                                                             memory_format=self.memory_format)
+                                                                             memory_format=self.feed.memory_format)
         if config.sync_bn:  # Horovod: BatchNorm statistics of the global batch (autograd-aware sum)
             set_batch_norm_reduction(self.model, lambda sums: self.hvd.allreduce(sums, op=self.hvd.Sum))
         self.optimizer = make_optimizer(self.model, config, self.hvd)
@@ -192,40 +194,42 @@ class DataParallelRunner:
         for group in self.optimizer.param_groups:
             group["lr"] = value
 
-    def train_step(self, indices, global_count):
-        """One optimizer step on this rank's ``indices`` of a global batch of ``global_count``."""
+    def train_step(self, batch, global_count):
+        """One optimizer step on this rank's ``batch`` of a global batch of ``global_count``;
+        its sums stay on the device until the trainer reads them."""
         self.model.train()
-        meter, x, y = metrics.Meter(), self.dataset.x_train, self.dataset.y_train
+        batch = self.feed.arrive(batch)
+        images, labels = self.feed.inputs(batch), self.feed.labels(batch)
+        meter = DeviceMeter(self.device)
         self.optimizer.zero_grad()
-        scale = 1.0 / max(1, len(indices)) if self.config.adasum else 1.0 / global_count
-        for chunk in np.array_split(indices, self.config.accumulation_steps):
-            backward_pass(self, self.images(x[chunk]), to_device(y[chunk], self.device), scale, meter)
+        scale = 1.0 / max(1, batch.count) if self.config.adasum else 1.0 / global_count
+        chunks = self.config.accumulation_steps
+        for chunk_images, chunk_labels in zip(images.tensor_split(chunks), labels.tensor_split(chunks)):
+            backward_pass(self, chunk_images, chunk_labels, scale, meter)
         if self.scaler:
             self.scaler.step(self.optimizer, self.optimizer.synchronize)  # Horovod: allreduce, then unscale
         else:
             self.optimizer.step()  # Horovod: waits for the allreduce of every gradient.
-        return meter.sums
-
-    def images(self, array):
-        return to_device(array, self.device).contiguous(memory_format=self.memory_format)
+        return meter.pending()
 
     def share_batch_norm_statistics(self):
         if self.world_size > 1 and not self.config.sync_bn:  # --sync-bn keeps them equal already
             average_batch_norm_statistics(self.hvd, self.model)
 
     @torch.no_grad()
-    def evaluate(self, x, y, batch_size=512):
+    def evaluate(self, batches):
+        """Sums over this rank's slice of the test set (Horovod: each rank a slice)."""
         self.share_batch_norm_statistics()
         self.model.eval()
-        meter = metrics.Meter()
-        shard = data.eval_shard(len(y), self.world_size, self.rank)  # Horovod: each rank a slice.
-        for indices in data.batched(shard, batch_size):
-            images, labels = self.images(x[indices]), to_device(y[indices], self.device)
+        meter = DeviceMeter(self.device)
+        for batch in batches:
+            batch = self.feed.arrive(batch)
+            images, labels = self.feed.inputs(batch), self.feed.labels(batch)
             with autocast(self.config, self.device):
                 logits = self.model(images).float()
-            meter.add(F.cross_entropy(logits, labels, reduction="sum").item(),
-                      (logits.argmax(1) == labels).sum().item(), len(labels))
-        return meter.sums
+            meter.add(F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum(),
+                      len(labels))
+        return meter.pending()
 
     def checkpoint_shard(self):
         self.share_batch_norm_statistics()

@@ -9,14 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
+from common import metrics
 from common.checkpoint import NeutralState
 from common.runner import StagePlace
 from train_torch.checkpoint import load_neutral_state, neutral_state
 from train_torch.data_parallel import average_batch_norm_statistics
-from train_torch.device import pick_device, to_device, to_numpy
+from train_torch.device import pick_device, to_numpy
+from train_torch.input import make_feed
 from train_torch.model import build_model, build_stage, set_batch_norm_reduction
 from train_torch.optimizer import make_local_optimizer
 from train_torch.precision import autocast
+from train_torch.wire import StagedWire, make_wire
 
 
 class TorchStage:
@@ -44,13 +47,22 @@ class TorchStage:
             x = out.detach()
         return times
 
+    @staticmethod
+    def make_feed(config, local_rank, dataset, reads):
+        return make_feed(config, pick_device(local_rank), dataset, reads)
+
+    @staticmethod
+    def make_wire(config, local_rank):
+        return make_wire(config.p2p_memory, pick_device(local_rank))
+
     def __init__(self, place: StagePlace):
         self.first, self.last = place.first, place.last
-        self.config = place.config
+        self.config, self.feed = place.config, place.feed
         self.stage_set = None  # hybrid: this stage's replicas (use_replica_group)
-        self.device = pick_device(place.local_rank)
+        self.device = pick_device(place.local_rank)  # each stage on its rank's local GPU
+        self.host = StagedWire(self.device) if self.device.type == "cuda" else None  # --mode ps vectors
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start,
-                                 place.end).to(self.device)
+                                 place.end).to(self.device, memory_format=self.feed.memory_format)
         self.parameters = list(self.model.parameters())
         self.has_parameters = bool(self.parameters)
         self.optimizer = make_local_optimizer(self.model, place.config) if self.parameters else None
@@ -88,16 +100,21 @@ class TorchStage:
         for group in (self.optimizer.param_groups if self.optimizer else []):
             group["lr"] = value
 
-    def forward(self, m, inputs, labels, scale):
-        x = to_device(inputs, self.device)
+    def _inputs(self, inputs, batch):
+        if self.first:
+            return self.feed.inputs(self.feed.arrive(batch))
+        return inputs.to(self.device)
+
+    def forward(self, m, inputs, batch, scale):
+        x = self._inputs(inputs, batch)
         if not self.first:
             x.requires_grad_()
         with autocast(self.config, self.device):
             out = self.model(x)
         if not self.last:
             self.stash[m] = (x, out)
-            return to_numpy(out.float()), (0.0, 0.0)  # float32 on the wire, whatever --amp computes in
-        labels = to_device(labels, self.device)
+            return out.float(), (0.0, 0.0)  # float32 on the wire, whatever --amp computes in
+        labels = self.feed.labels(self.feed.arrive(batch))
         loss_sum = F.cross_entropy(out.float(), labels, reduction="sum")
         self.stash[m] = (x, loss_sum * scale)  # scaled once: the micro-batches add up to the batch mean
         return None, (loss_sum.item(), (out.argmax(1) == labels).sum().item())
@@ -107,8 +124,8 @@ class TorchStage:
         if output_gradient is None:
             out.backward()
         else:
-            out.backward(to_device(output_gradient, self.device).to(out.dtype))
-        return None if self.first else to_numpy(x.grad)
+            out.backward(output_gradient.to(self.device).to(out.dtype))
+        return None if self.first else x.grad
 
     def allreduce_gradients(self):
         gradients = [parameter.grad for parameter in self.parameters]
@@ -122,10 +139,16 @@ class TorchStage:
         self.optimizer.step()
 
     @torch.no_grad()
-    def predict(self, inputs):
+    def predict(self, inputs, batch):
+        """Evaluation, forward only: the output for the next piece, or on the last piece the
+        (loss sum, correct) of the batch (in float64, from float32 logits)."""
         self.model.eval()
         with autocast(self.config, self.device):
-            return to_numpy(self.model(to_device(inputs, self.device)).float())
+            out = self.model(self._inputs(inputs, batch)).float()
+        if not self.last:
+            return out
+        labels = self.feed.labels(self.feed.arrive(batch))
+        return metrics.softmax_cross_entropy_sums(to_numpy(out), to_numpy(labels))
 
     def state(self) -> NeutralState:
         return neutral_state(self.model, self.optimizer)
@@ -136,24 +159,28 @@ class TorchStage:
     # --- flat vectors for --mode ps ---------------------------------------------------
 
     def gradient_vector(self):
-        return to_numpy(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                                   for p in self.parameters]))
+        return self._to_host("gradient", torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                                    for p in self.parameters]))
 
     def set_gradient_vector(self, vector):
         for parameter, piece in self._pieces(vector):
             parameter.grad = piece.clone()
 
     def parameter_vector(self):
-        return to_numpy(parameters_to_vector(self.parameters).detach())
+        return self._to_host("parameters", parameters_to_vector(self.parameters).detach())
 
     @torch.no_grad()
     def set_parameter_vector(self, vector):
         for parameter, piece in self._pieces(vector):
             parameter.copy_(piece)
 
+    def _to_host(self, key, tensor):
+        """A flat vector as host memory (through a page-locked buffer from a GPU)."""
+        return self.host.send_buffer((key,), tensor) if self.host else to_numpy(tensor)
+
     def _pieces(self, vector):
+        whole = torch.from_numpy(vector).to(self.device)
         offset = 0
         for parameter in self.parameters:
-            piece = to_device(vector[offset:offset + parameter.numel()], self.device)
-            yield parameter, piece.reshape(parameter.shape)
+            yield parameter, whole[offset:offset + parameter.numel()].reshape(parameter.shape)
             offset += parameter.numel()

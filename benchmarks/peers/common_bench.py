@@ -34,6 +34,22 @@ def parse(extra=None):
     return args
 
 
+def torchvision_datasets_and_transforms():
+    """torchvision's datasets and transforms modules, also beside CPU PyTorch: the torchvision
+    wheel the registries serve is built for CUDA PyTorch, its C++ ops do not load beside CPU
+    PyTorch, and registering their Python fakes then fails. The datasets and PIL transforms
+    need none of them."""
+    import torch.library
+
+    register_fake = torch.library.register_fake
+    torch.library.register_fake = lambda *a, **k: (lambda function: function)
+    try:
+        from torchvision import datasets, transforms
+    finally:
+        torch.library.register_fake = register_fake
+    return datasets, transforms
+
+
 def synthetic_batch(batch, image_shape, seed=0):
     import numpy as np
 

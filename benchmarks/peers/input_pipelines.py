@@ -18,7 +18,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common_bench import REPO, report  # noqa: E402
+from common_bench import REPO, report, torchvision_datasets_and_transforms  # noqa: E402
 
 BATCH = 64
 
@@ -44,17 +44,8 @@ def ours(args):
 
 def torchvision_loader(args):
     import torch
-    import torch.library
 
-    # The torchvision wheel the registries serve is built for CUDA PyTorch: its C++ ops do
-    # not load beside CPU PyTorch, and registering their Python fakes then fails. The
-    # datasets and PIL transforms used here need none of them.
-    register_fake = torch.library.register_fake
-    torch.library.register_fake = lambda *a, **k: (lambda function: function)
-    try:
-        from torchvision import datasets, transforms
-    finally:
-        torch.library.register_fake = register_fake
+    datasets, transforms = torchvision_datasets_and_transforms()
     transform = transforms.Compose([
         transforms.RandomResizedCrop(args.size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])

@@ -28,8 +28,11 @@ RESNET = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
 # holding 2 pieces each, so every micro-batch crosses between the ranks three times.
 # GPipe with 4 micro-batches on 2 stages, and TF hybrid, run across two hosts:
 # tests/e2e/test_multi_node.py::test_mpirun_hostfile_pipelines_equal_one_process.
-PIPELINES = [("torch", "gpipe", 1, 3), ("torch", "1f1b", 2, 3), ("torch", "interleaved", 4, 2),
-             ("tf", "1f1b", 4, 2), ("tf", "interleaved", 4, 2)]
+# Where PyTorch hands MPI its tensors (--p2p-memory): as arrays of their own memory
+# (auto on a CPU), copied through buffers of their own (host: what a GPU does with
+# page-locked memory) or the tensors themselves (device: what a CUDA-aware MPI takes).
+PIPELINES = [("torch", "gpipe", 1, 3, "auto"), ("torch", "1f1b", 2, 3, "host"), ("torch", "interleaved", 4, 2, "device"),
+             ("tf", "1f1b", 4, 2, "auto"), ("tf", "interleaved", 4, 2, "host")]
 
 
 def weights_after(tmp_path, framework, name, extra, np_=None, architecture=None):
@@ -52,10 +55,12 @@ def single_process_cnn(tmp_path_factory):
     return {framework: weights_after(directory, framework, "single", []) for framework in FRAMEWORKS}
 
 
-@pytest.mark.parametrize("framework,schedule,microbatches,pp", PIPELINES)
-def test_pipeline_equals_single_process(tmp_path, single_process_cnn, framework, schedule, microbatches, pp):
+@pytest.mark.parametrize("framework,schedule,microbatches,pp,p2p_memory", PIPELINES)
+def test_pipeline_equals_single_process(tmp_path, single_process_cnn, framework, schedule, microbatches, pp,
+                                        p2p_memory):
     pipelined = weights_after(tmp_path, framework, "pipeline", ["--mode", "model", "--pp", pp, "--microbatches",
-                                                                microbatches, "--schedule", schedule], np_=pp)
+                                                                microbatches, "--schedule", schedule,
+                                                                "--p2p-memory", p2p_memory], np_=pp)
     assert_same_weights(pipelined, single_process_cnn[framework])
 
 

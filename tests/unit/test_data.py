@@ -25,7 +25,9 @@ def test_digits_split_and_shapes():
     assert len(dataset.y_train) + len(dataset.y_test) == 1797
     assert len(dataset.y_test) == 360
     assert dataset.x_train.dtype == np.float32 and dataset.y_train.dtype == np.int64
-    assert -0.5 <= dataset.x_train.min() and dataset.x_train.max() <= 0.5
+    assert dataset.x_train.pixel_dtype == np.uint8  # held as bytes, normalised when read
+    inputs = dataset.x_train[:]
+    assert inputs.dtype == np.float32 and -0.5 <= inputs.min() and inputs.max() <= 0.5
     assert set(np.unique(dataset.y_test)) == set(range(10))
 
 
