@@ -190,8 +190,10 @@ def goals_markdown(results):
 
 def markdown(results):
     machine, settings = results["machine"], results["settings"]
+    features = ", ".join(machine.get("cpu_features") or []) or "features not recorded"
     lines = [f"Measured {machine['date']} on `{machine['host']}`: {machine['cores']} cores "
-             f"({machine['cpu'] or 'unknown CPU'}), Python {machine['python']}, {machine.get('gpu') or 'no GPU'}. "
+             f"({machine['cpu'] or 'unknown CPU'}; {features}), Python {machine['python']}, "
+             f"{machine.get('gpu') or 'no GPU'}. "
              f"Workload: the {settings['model']}, synthetic {settings['image_shape']} images, global batch "
              f"{settings['global_batch']}, {settings['threads_per_rank']} thread per rank; images/sec is the "
              f"median of {settings['windows'] - 1} timed windows of {settings['steps_per_window']} steps after "
@@ -212,10 +214,24 @@ def markdown(results):
             lines.append(f"| {_size(size['bytes'])} | {size['mpi4py_bytes_per_sec'] / 1e6:,.0f} | "
                          f"{size['horovod_bytes_per_sec'] / 1e6:,.0f} |")
     lines += ["", *gpu_markdown(results.get("gpu") or {})]
+    lines += not_measured_markdown(results)
     return "\n".join(lines) + "\n"
 
 
+def not_measured_markdown(results):
+    """The cases this run has no figure for: skipped (and why) or failed (and how it ended)."""
+    lines = []
+    for kind in ("skipped", "failed"):
+        for case in results.get(kind, []):
+            reason = case[kind] + (f"; last line: `{case['tail'].splitlines()[-1]}`"
+                                   if kind == "failed" and case.get("tail") else "")
+            lines.append(f"- {case.get('framework', '')} {case['name']}: {kind}, {reason}".replace("-  ", "- "))
+    return ["", "Cases without a figure in this run:", "", *lines] if lines else []
+
+
 def gpu_markdown(gpu):
+    if gpu.get("failed"):
+        return ["GPU section (benchmarks/gpu.py): failed, see below."]
     if not gpu.get("gpu"):
         return [f"GPU section (benchmarks/gpu.py: the zoo's ResNet-50/18 and the seed CNN, fp32 vs bf16 vs fp16): not run "
                 f"here, {gpu.get('reason', 'no CUDA device')}."]

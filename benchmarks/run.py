@@ -28,6 +28,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 from benchmarks import report  # noqa: E402
+from common import hardware  # noqa: E402
 
 PYTHON = sys.executable
 BIN = os.path.dirname(PYTHON)
@@ -71,12 +72,25 @@ def mpirun(np_, env_names=()):
     return ["mpirun", "-np", str(np_), *oversubscribe, *forwarded]
 
 
-def run(command, env, cwd=REPO):
-    result = subprocess.run([str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=TIMEOUT)
+class CaseFailed(Exception):
+    """A case's job exited non-zero or ran out of time: why, and the end of its output."""
+
+    def __init__(self, reason: str, output: str):
+        super().__init__(reason)
+        self.reason, self.tail = reason, "\n".join(output.strip().splitlines()[-20:])
+
+
+def run(command, env, cwd=REPO, timeout=None):
+    command = [str(part) for part in command]
+    try:
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=timeout or TIMEOUT)
+    except subprocess.TimeoutExpired as expired:
+        output = "".join(part.decode() if isinstance(part, bytes) else part
+                         for part in (expired.stdout or "", expired.stderr or ""))
+        raise CaseFailed(f"timed out after {expired.timeout:.0f} s: {' '.join(command)}", output) from None
     if result.returncode:
-        raise RuntimeError(f"{' '.join(map(str, command))} exited {result.returncode}:\n"
-                           f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        raise CaseFailed(f"exited {result.returncode}: {' '.join(command)}", result.stdout + result.stderr)
     return result.stdout
 
 
@@ -118,9 +132,14 @@ def multiworker_case(settings, workers=2):
             [PYTHON, os.path.join(HERE, "peers", "tf_multiworker.py"), *map(str, settings.peer_flags())],
             cwd=os.path.join(HERE, "peers"), env=job_env({"TF_CONFIG": json.dumps(config)}),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [process.communicate(timeout=TIMEOUT) for process in processes]
+    try:
+        outputs = [process.communicate(timeout=TIMEOUT) for process in processes]
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        raise CaseFailed(f"timed out after {TIMEOUT} s: tf_multiworker.py", "") from None
     if any(process.returncode for process in processes):
-        raise RuntimeError("tf_multiworker.py failed:\n" + "\n".join(err[-2000:] for _, err in outputs))
+        raise CaseFailed("tf_multiworker.py exited non-zero", "\n".join(err for _, err in outputs))
     return summary(peer_result(outputs[0][0])["images_per_sec"])
 
 
@@ -233,14 +252,23 @@ def main_cases(settings, quick):
 
 
 def machine():
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"host": socket.gethostname(), "cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+    return {"host": socket.gethostname(), "cores": os.cpu_count(), "cpu": hardware.cpu_model(),
+            "cpu_features": hardware.cpu_features().names(), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def measure_case(name, measure, features):
+    """A case's throughput, or why it has none: {"skipped": ...} for a bf16 case on a CPU that
+    would emulate bf16 (it would take twenty times as long), {"failed": ..., "tail": ...}
+    for a job that exited non-zero or timed out. The run goes on either way."""
+    if "--amp bf16" in name and not features.native_bf16:
+        return {"skipped": f"this CPU has no native bf16 ({features.describe()}): bf16 would be emulated"}
+    try:
+        return measure()
+    except CaseFailed as failure:
+        return {"failed": failure.reason, "tail": failure.tail}
+    except Exception as error:  # noqa: BLE001 - a broken case is recorded; the others still run
+        return {"failed": f"{type(error).__name__}: {error}", "tail": ""}
 
 
 def main(argv=None):
@@ -253,22 +281,38 @@ def main(argv=None):
     results = {"machine": machine(), "settings": {"model": "seed CNN", "image_shape": settings.shape,
                                                   "global_batch": settings.batch, "threads_per_rank": settings.threads,
                                                   "windows": settings.windows, "steps_per_window": settings.steps},
-               "cases": [], "allreduce": {}}
+               "cases": [], "failed": [], "skipped": [], "allreduce": {}}
+    features = hardware.cpu_features()
+    print(f"machine: {results['machine']['cpu'] or 'unknown CPU'} ({features.describe()}), "
+          f"{results['machine']['cores']} cores", flush=True)
     for name, group, framework, ranks, oversubscribed, workload, measure in cases(settings, args.quick):
         if args.only and not re.search(args.only, name):
             continue
         print(f"{framework:18s} {name} ...", end=" ", flush=True)
-        throughput = measure()
+        throughput = measure_case(name, measure, features)
+        record = {"name": name, "group": group, "framework": framework, "ranks": ranks,
+                  "oversubscribed": oversubscribed, "workload": workload.workload, **throughput}
+        if "skipped" in throughput or "failed" in throughput:
+            print(f"{'skipped' if 'skipped' in throughput else 'FAILED'}: "
+                  f"{throughput.get('skipped') or throughput['failed']}", flush=True)
+            results["skipped" if "skipped" in throughput else "failed"].append(record)
+            continue
         print(f"{throughput['median']:,.0f} img/s", flush=True)
-        results["cases"].append({"name": name, "group": group, "framework": framework, "ranks": ranks,
-                                 "oversubscribed": oversubscribed, "workload": workload.workload, **throughput})
+        results["cases"].append(record)
     for label, env in (("shipped", None), ("horovod_defaults", None if args.quick else HOROVOD_DEFAULTS)):
         if args.quick and label != "shipped":
             continue
         print(f"allreduce bandwidth ({label}) ...", flush=True)
-        results["allreduce"][label] = allreduce_case(args.quick, env)
+        measured = measure_case(f"allreduce bandwidth ({label})", lambda env=env: allreduce_case(args.quick, env),
+                                features)
+        if "failed" in measured:
+            results["failed"].append({"name": f"allreduce bandwidth ({label})", **measured})
+        else:
+            results["allreduce"][label] = measured
     print("GPU section ...", flush=True)
-    results["gpu"] = gpu_case(args.quick)
+    results["gpu"] = measure_case("GPU section", lambda: gpu_case(args.quick), features)
+    if "failed" in results["gpu"]:
+        results["failed"].append({"name": "GPU section", **results["gpu"]})
     results["machine"]["gpu"] = results["gpu"].get("gpu")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as out:
@@ -280,6 +324,10 @@ def main(argv=None):
     if not args.quick and not args.only:
         from benchmarks import input_pipeline  # the data section: its own table
         input_pipeline.main(["--out", args.out])
+    if results["failed"]:
+        print(f"{len(results['failed'])} case(s) failed: " + "; ".join(case["name"] for case in results["failed"]),
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,8 @@ class Reads:
 class Feed(Protocol):
     """A framework's side of the input path (train_torch/input.py, train_tf/input.py)."""
 
+    on_gpu: bool  # whether the rank computes on a GPU
+
     def host_buffer(self, shape: tuple, dtype) -> np.ndarray:
         """Where a batch's pixels are read into (page-locked memory on a GPU)."""
 
@@ -165,6 +167,8 @@ class Feed(Protocol):
 class HostFeed:
     """The feed of ranks whose framework tensors are the numpy arrays themselves (tests,
     and runners that send host arrays on)."""
+
+    on_gpu = False
 
     def host_buffer(self, shape: tuple, dtype) -> np.ndarray:
         return np.empty(shape, dtype=dtype)

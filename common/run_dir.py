@@ -27,6 +27,7 @@ import subprocess
 import sys
 from typing import Optional
 
+from common import hardware
 from common.errors import UsageError
 from common.launch import ancestors, launcher_words
 
@@ -112,6 +113,7 @@ def _write_record(directory: str, config, framework: str, world_size: int, argv:
     os.chmod(command_path, 0o755)
     description = {"started": now.isoformat(timespec="seconds"), "framework": framework, "world_size": world_size,
                    "host": platform.node(), "command": argv, "launcher": launcher, "cwd": os.getcwd(),
+                   "cpu": hardware.cpu_model(), "cpu_features": hardware.cpu_features().names(),
                    "python": platform.python_version(), "git_commit": git_commit(),
                    "slurm_job": os.environ.get("SLURM_JOB_ID"),
                    "config": dataclasses.asdict(config)}

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 from common import batches as batches_module
-from common import checkpoint, data, lr, metrics, models, run_dir, weights
+from common import checkpoint, data, hardware, lr, metrics, models, run_dir, weights
 from common.config import RunConfig, parse_config
 from common.errors import RankUsageError, RunStopped, UsageError
 from common.launch import (ContactDeadline, apply_tuned_defaults, host_placement, injected_failure, read_cpu_share,
@@ -485,6 +485,9 @@ class Trainer:
                         f"augmentation {'on' if config.augment else 'off'}")
         if len(self.hosts) > 1:
             metrics.log(host_placement(self.hosts))
+        notice = hardware.emulated_precision_notice(config.amp, runner.feed.on_gpu)
+        if notice:
+            metrics.log(notice)
         for line in runner.layout:
             metrics.log(line)
         if config.run_dir != run_dir.NO_RUN_DIR:

@@ -52,6 +52,7 @@ class TfFeed:
 
     def __init__(self, device: str, normalisation: Normalisation):
         self.device = device  # "cpu" or a GPU's name (train_tf/device.py)
+        self.on_gpu = device != "cpu"
         scale, shift = normalisation.arrays()
         self.identity = normalisation.is_identity
         self.scale, self.shift = tf.constant(scale), tf.constant(shift)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
 from common.p2p import NumpyWire, mpi_reports_cuda_support
