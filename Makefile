@@ -23,7 +23,7 @@ BENCH_ARGS ?=
 # Keep TensorFlow's C++ log lines out of the user's way (set to 0 to see them).
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install train test test-unit bench soak elpv plot gpu-build clean help
+.PHONY: install train test test-unit bench soak elpv plot gpu-build gpu-check-sdist clean help
 
 help:
 	@sed -n '1,9p' Makefile
@@ -68,6 +68,10 @@ elpv: install
 gpu-build:
 	time $(MAKE) install GPU=1 FRAMEWORK=torch
 	time $(MAKE) install GPU=1 FRAMEWORK=tf
+
+# Before carrying benchmarks/gpu_check.py to a lent GPU (no registry there): Horovod's sdist into .whl/.
+gpu-check-sdist: install
+	mkdir -p .whl && $(PYTHON) -m pip download -q --no-deps --no-binary :all: horovod==0.28.1 -d .whl
 
 test-unit: install
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)

@@ -2,7 +2,8 @@
 step, JPEG folders decoded on the CPU and on the GPU, a pipeline of two processes on
 the one GPU, and Horovod built there with NCCL. About 7 minutes on one H200.
 
-    python benchmarks/gpu_check.py --out DIR            # on the GPU machine
+    make gpu-check-sdist                                # first, where a registry is: Horovod's sdist in .whl/
+    python benchmarks/gpu_check.py --out DIR            # on the GPU machine (carry .whl/ there)
     python benchmarks/gpu_check.py --out DIR --dry-run  # anywhere: every command, tiny, on the CPU
 
 It looks first at what the machine has (CUDA, torchvision's nvJPEG, mpirun, a

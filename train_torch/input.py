@@ -27,32 +27,34 @@ from common.metrics import log
 
 
 class TorchSums:
-    """A step's (loss sum, correct, count) as a float64 tensor on the device, read later."""
+    """A step's (loss sum, correct) as a float64 tensor on the device and its sample count,
+    read later as (loss sum, correct, count)."""
 
-    def __init__(self, sums: torch.Tensor):
-        self.sums = sums
+    def __init__(self, sums: torch.Tensor, count: int):
+        self.sums, self.count = sums, count
 
     def resolve(self) -> np.ndarray:
-        return self.sums.cpu().numpy()
+        return np.append(self.sums.cpu().numpy(), float(self.count))
 
 
 class DeviceMeter:
     """(loss sum, correct, count) kept on a GPU: adding a chunk's results does not wait for
-    it. On a CPU there is nothing to wait for, and the sums are read at once."""
+    it (nothing crosses to the host: a tensor made from a host number would be a blocking
+    copy). On a CPU there is nothing to wait for, and the sums are read at once."""
 
     def __init__(self, device):
-        self.on_gpu = device.type == "cuda"
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device) if self.on_gpu else np.zeros(3)
+        self.on_gpu, self.count = device.type == "cuda", 0
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device) if self.on_gpu else np.zeros(3)
 
     def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, count: int) -> None:
         if not self.on_gpu:
             self.sums += (loss_sum.item(), correct.item(), count)
             return
-        self.sums += torch.stack([loss_sum.detach().double(), correct.double(),
-                                  torch.tensor(float(count), dtype=torch.float64, device=self.sums.device)])
+        self.sums += torch.stack([loss_sum.detach().double(), correct.double()])
+        self.count += count
 
     def pending(self):
-        return TorchSums(self.sums) if self.on_gpu else self.sums
+        return TorchSums(self.sums, self.count) if self.on_gpu else self.sums
 
 
 class _HostSlot:
@@ -72,7 +74,7 @@ class TorchFeed:
     def __init__(self, device: torch.device, normalisation: Normalisation, memory_format=torch.contiguous_format,
                  decoder: Optional["JpegDecoder"] = None):
         self.device, self.memory_format, self.decoder = device, memory_format, decoder
-        self.cuda = device.type == "cuda"
+        self.cuda = self.on_gpu = device.type == "cuda"
         scale, shift = normalisation.arrays()
         self.identity = normalisation.is_identity
         self.scale, self.shift = torch.from_numpy(scale).to(device), torch.from_numpy(shift).to(device)
