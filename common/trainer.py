@@ -17,8 +17,8 @@ import sys
 from typing import Callable, Optional
 
 import numpy as np
-from common import batches as batches_module
 from common import checkpoint, data, hardware, lr, metrics, models, run_dir, weights
+from common.batches import Batch, BatchReader, Prefetcher
 from common.config import RunConfig, parse_config
 from common.errors import RankUsageError, RunStopped, UsageError
 from common.launch import (ContactDeadline, apply_tuned_defaults, host_placement, injected_failure, read_cpu_share,
@@ -127,11 +127,10 @@ class Trainer:
         self.launcher_watch = watch_launcher(self.stop.request)
         self.health = Health(self.stop, runner, config.allow_nonfinite)
         self.global_batch = config.global_batch_size(runner.data_shards)
-        self.rank_batch = -(-self.global_batch // runner.data_shards)  # a replica's share, and its evaluation batch
         self.steps = data.steps_per_epoch(len(dataset.y_train), self.global_batch, config.steps_per_epoch)
-        self.train_reader = batches_module.BatchReader(dataset.x_train, dataset.y_train, runner.reads, runner.feed,
+        self.train_reader = BatchReader(dataset.x_train, dataset.y_train, runner.reads, runner.feed,
                                                        dataset.encoded_reader("train"))
-        self.test_reader = batches_module.BatchReader(dataset.x_test, dataset.y_test, runner.reads, runner.feed,
+        self.test_reader = BatchReader(dataset.x_test, dataset.y_test, runner.reads, runner.feed,
                                                       dataset.encoded_reader("test"))
         self.writer = metrics.JsonLinesWriter(config.metrics_file if runner.primary else "")
         self.progress = ProgressBar(False, 0, 0, 0)
@@ -139,6 +138,12 @@ class Trainer:
         if config.tensorboard and runner.primary:
             from common.tensorboard import TensorBoardLog
             self.tensorboard = TensorBoardLog(config.tensorboard, dataclasses.asdict(config), sys.argv)
+
+    @property
+    def rank_batch(self) -> int:
+        """A replica's share of the global batch: what it trains on, reads ahead, and evaluates
+        in (read each time: elastic training changes the replicas)."""
+        return -(-self.config.global_batch_size(self.runner.data_shards) // self.runner.data_shards)
 
     def settle_run_directory(self) -> None:
         """The primary claims the run directory and records the launch; every rank then
@@ -233,8 +238,8 @@ class Trainer:
             self.log_step_loss(at_epoch * self.steps + at_step + 1, sums)
 
         stopwatch = metrics.Stopwatch()
-        prefetch = batches_module.Prefetcher(self.train_reader.read, runner.feed.stage,
-                                             [indices for indices, _ in ahead], config.prefetch_batches)
+        prefetch = Prefetcher(self.train_reader.read, runner.feed.stage, [indices for indices, _ in ahead],
+                              config.prefetch_batches)
         try:
             for step, (indices, global_count) in enumerate(ahead, start=first_step):
                 step_lr = lr.lr_at(epoch * self.steps + step, self.steps, config, runner.data_shards)
@@ -269,7 +274,7 @@ class Trainer:
         return metrics.EpochResult(loss, accuracy, images / seconds if seconds > 0 else 0.0, seconds, step_lr,
                                    stopped_after, wait_share, steps)
 
-    def next_batch(self, prefetch) -> batches_module.Batch:
+    def next_batch(self, prefetch) -> Batch:
         if not self.runner.reads.images:
             return prefetch.next()
         with self.runner.timeline.span("wait for batch", "data"):
@@ -292,8 +297,8 @@ class Trainer:
         runner, dataset = self.runner, self.dataset
         shard = data.eval_shard(len(dataset.y_test), runner.data_shards, runner.data_shard)
         dataset.plan_test(shard, self.config.prefetch_batches * self.rank_batch)
-        prefetch = batches_module.Prefetcher(self.test_reader.read, runner.feed.stage,
-                                             list(data.batched(shard, self.rank_batch)), self.config.prefetch_batches)
+        prefetch = Prefetcher(self.test_reader.read, runner.feed.stage, list(data.batched(shard, self.rank_batch)),
+                              self.config.prefetch_batches)
         try:
             sums = metrics.resolved(runner.evaluate(iter(prefetch)))
         finally:
