@@ -17,14 +17,9 @@ CNN = {"model": "cnn", "input_shape": [3, 32, 32], "num_classes": 2}
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from tests.unit.test_jpeg import photo
+    from tests.unit.test_jpeg import photo_tree
 
-    root = tmp_path_factory.mktemp("photos")
-    for label in ("a", "b"):
-        (root / label).mkdir()
-        for i in range(12):
-            photo(120 + 8 * i, 90 + 4 * i, i + (label == "b")).save(root / label / f"{i}.jpg", quality=90)
-    return root
+    return photo_tree(tmp_path_factory.mktemp("photos"), 12, 120, 90, 8)
 
 
 def folder(photos, *extra):

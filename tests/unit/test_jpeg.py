@@ -80,13 +80,19 @@ def test_the_device_resamples_as_the_numpy_reference():
         assert difference.max() <= 1 and (difference == 0).mean() > 0.99
 
 
-@pytest.fixture(scope="module")
-def jpeg_tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jpegs")
+def photo_tree(root, per_class, width, height, step):
+    """Two class folders of JPEG photos, ``width + step * i`` x ``height + step * i // 2`` each."""
     for label in ("a", "b"):
         (root / label).mkdir()
-        for i in range(6):
-            photo(160 + 16 * i, 120 + 8 * i, i).save(root / label / f"{i}.jpg", quality=92)
+        for i in range(per_class):
+            photo(width + step * i, height + step * i // 2, i + (label == "b")).save(root / label / f"{i}.jpg",
+                                                                                    quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def jpeg_tree(tmp_path_factory):
+    root = photo_tree(tmp_path_factory.mktemp("jpegs"), 6, 160, 120, 16)
     photo(100, 80).save(root / "a" / "drawn.png")  # a file the device cannot decode
     return str(root)
 
