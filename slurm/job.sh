@@ -11,7 +11,8 @@ DP=${DP:-}                             # hybrid: replicas (default: tasks / PP)
 MICROBATCHES=${MICROBATCHES:-4}        # model/hybrid
 EPOCHS=${EPOCHS:-10}
 TRAIN_ARGS=${TRAIN_ARGS:-}             # more flags, e.g. "--dataset cifar10 --data-dir /data/cifar-10-batches-py"
-VENV=${VENV:-$SLURM_SUBMIT_DIR/.venv}
+GPU=${GPU:-0}                          # 1: the CUDA venv of make install GPU=1 FRAMEWORK=...
+if [ "$GPU" = 1 ]; then VENV=${VENV:-$SLURM_SUBMIT_DIR/.venv-gpu-$FRAMEWORK}; else VENV=${VENV:-$SLURM_SUBMIT_DIR/.venv}; fi
 NETWORK_INTERFACE=${NETWORK_INTERFACE:-}   # multi-node: the interface connecting the nodes (eth1, ib0, ...)
 RUN_ROOT=${RUN_ROOT:-$SLURM_SUBMIT_DIR/runs}
 
