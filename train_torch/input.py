@@ -168,8 +168,8 @@ class TorchFeed:
 class JpegDecoder:
     """--decode gpu: a batch of files' bytes -> uint8 (N, C, size, size) pixels on the device.
 
-    nvJPEG (torchvision.io.decode_jpeg, one batched call) where torchvision and CUDA are
-    there; otherwise (a CPU device, or a torchvision whose image library does not load)
+    torchvision.io.decode_jpeg, one batched call: nvJPEG on a GPU, libjpeg-turbo on a CPU;
+    where torchvision's image library does not load (beside a CPU-only PyTorch build),
     Pillow decodes the whole image on the host and the device does the rest. Each crop
     is resized with Pillow's coefficients (common/jpeg.py) as two batched matrix
     products, rounded to bytes after each as Pillow rounds."""
@@ -178,20 +178,31 @@ class JpegDecoder:
 
     def __init__(self, device: torch.device, channels: int, size: int):
         self.device, self.channels, self.size = device, channels, size
-        self.nvjpeg = device.type == "cuda" and self._torchvision_decoder() is not None
+        self.torchvision = self._torchvision_decoder(device)
 
     @staticmethod
-    def _torchvision_decoder():
+    def _torchvision_decoder(device):
+        """torchvision's decode_jpeg and its read modes, if they decode on ``device`` here (its
+        image library does not load beside a CPU-only PyTorch build)."""
+        import io
+
+        from PIL import Image
+
         try:
             from torchvision.io import ImageReadMode, decode_jpeg
+            probe = io.BytesIO()
+            Image.new("RGB", (8, 8), (90, 20, 200)).save(probe, "JPEG")
+            decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8), device=device)
             return decode_jpeg, ImageReadMode
-        except (ImportError, RuntimeError, AttributeError):
+        except Exception:  # noqa: BLE001 - any failure to load or decode: Pillow decodes instead
             return None
 
     def describe(self) -> str:
-        return ("nvJPEG (torchvision.io.decode_jpeg) on " + str(self.device) if self.nvjpeg else
-                f"Pillow on the host (no nvJPEG here: {'no CUDA device' if self.device.type != 'cuda' else 'torchvision does not load'}), "
-                f"crops resampled by PyTorch on {self.device}")
+        if self.torchvision:
+            decoder = "nvJPEG" if self.device.type == "cuda" else "libjpeg-turbo, on the CPU"
+            return f"torchvision.io.decode_jpeg ({decoder}) on {self.device}"
+        return (f"Pillow on the host (torchvision's decoder does not load here), crops resampled by PyTorch on "
+                f"{self.device}")
 
     def decode(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty((len(samples), self.channels, self.size, self.size), dtype=torch.uint8, device=self.device)
@@ -209,13 +220,13 @@ class JpegDecoder:
     def _decode_all(self, samples: list) -> list:
         if not samples:
             return []
-        if self.nvjpeg:
-            decode_jpeg, mode = self._torchvision_decoder()
+        if self.torchvision:
+            decode_jpeg, mode = self.torchvision
             data = [torch.from_numpy(sample.data) for sample in samples]
             read_mode = mode.GRAY if self.channels == 1 else mode.RGB
             try:
                 return decode_jpeg(data, mode=read_mode, device=self.device)
-            except RuntimeError:  # one file nvJPEG refuses: the others on the GPU, that one by Pillow
+            except RuntimeError:  # one file torchvision refuses: the others by it, that one by Pillow
                 return [self._decode_one(decode_jpeg, one, read_mode, sample) for one, sample in zip(data, samples)]
         return [torch.from_numpy(self._pillow_decode(sample.data)).to(self.device) for sample in samples]
 
