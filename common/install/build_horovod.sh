@@ -115,15 +115,13 @@ cuda_view() {
     ln -s libcudart.so.13 "$root/lib64/libcudart.so"
 }
 
-# The fixes CUDA 13 and TensorFlow 2.21 need in Horovod's GPU build.
+# The fix TensorFlow 2.21 needs in Horovod's GPU build.
 patch_gpu_sources() {
-    local src=$1 kernels
-    kernels=$(find "$src/horovod" -path '*/ops/cuda/CMakeLists.txt')  # Horovod's CUDA kernels
-    # CUDA 13's headers (CCCL) need C++17; Horovod compiles its kernels as C++11.
-    sed -i 's/set(CMAKE_CUDA_STANDARD 11)/set(CMAKE_CUDA_STANDARD 17)/' "$kernels"
-    # TensorFlow >= 2.17 no longer exports stream_executor::gpu::AsGpuStreamValue, which
-    # Horovod declares and calls to find TensorFlow's CUDA stream: the extension would
-    # build and then fail to load (undefined symbol). Define it from the stream's handle.
+    local src=$1
+    # TensorFlow >= 2.17 no longer exports stream_executor::gpu::AsGpuStreamValue (none of
+    # its libraries has it), which Horovod declares and calls to find TensorFlow's CUDA
+    # stream: the extension would build and then fail to load (undefined symbol). Define
+    # it from the stream's handle.
     "$py" - "$src/horovod/tensorflow/mpi_ops.cc" <<'PATCH'
 import sys
 path = sys.argv[1]
@@ -141,10 +139,6 @@ if text.count(declaration) != 1 or text.count(include) != 1:
 text = text.replace(declaration, "").replace(include, include + definition)
 open(path, "w").write(text)
 PATCH
-    if grep -q "CMAKE_CUDA_STANDARD 11" "$kernels"; then
-        echo "horovod: the CUDA build patch did not apply; the sdist layout changed" >&2
-        exit 1
-    fi
 }
 
 # NCCL from the venv's nvidia-nccl wheel, which ships libnccl.so.2 but no libnccl.so
@@ -226,8 +220,8 @@ if [ -z "$wheel" ]; then
         [ -n "${HOROVOD_NCCL_HOME:-}" ] || nccl_for_build "$work/nccl-lib"
         # CMake's FindCUDAToolkit looks here, not at the compiler's path.
         export CUDAToolkit_ROOT="$HOROVOD_CUDA_HOME" CUDA_HOME="$HOROVOD_CUDA_HOME"
-        # Horovod compiles its kernels for every architecture nvcc knows (sm_75..sm_121 for
-        # CUDA 13: ten, in minutes each); these cover Turing to Blackwell, with PTX for newer.
+        # Horovod compiles its kernels for every architecture nvcc knows (twelve for CUDA 13,
+        # sm_75 to sm_121); these seven cover Turing to Blackwell, with PTX for newer ones.
         export HOROVOD_BUILD_CUDA_CC_LIST="${HOROVOD_BUILD_CUDA_CC_LIST:-75,80,86,89,90,100,120}"
         export HOROVOD_GPU_OPERATIONS=NCCL
         echo "horovod: CUDA from $HOROVOD_CUDA_HOME ($("$HOROVOD_CUDA_HOME/bin/nvcc" --version | tail -1))," \
