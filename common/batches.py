@@ -37,14 +37,6 @@ class Normalisation:
         return cls(tuple(float(np.float32(1 / (peak * s))) for s in std),
                    tuple(float(np.float32(m / s)) for m, s in zip(mean, std)))
 
-    @classmethod
-    def identity(cls, channels: int) -> "Normalisation":
-        return cls((1.0,) * channels, (0.0,) * channels)
-
-    @property
-    def is_identity(self) -> bool:
-        return all(s == 1.0 for s in self.scale) and all(s == 0.0 for s in self.shift)
-
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(scale, shift) as float32 (1, C, 1, 1), to broadcast over an NCHW batch."""
         return (np.asarray(self.scale, dtype=np.float32).reshape(1, -1, 1, 1),
@@ -54,9 +46,6 @@ class Normalisation:
 def normalise(pixels: np.ndarray, normalisation: Normalisation, out: Optional[np.ndarray] = None) -> np.ndarray:
     """(N, C, H, W) pixels -> float32 by ``normalisation``, into ``out`` when given (one pass)."""
     out = np.empty(pixels.shape, dtype=np.float32) if out is None else out
-    if normalisation.is_identity:
-        out[...] = pixels
-        return out
     scale, shift = normalisation.arrays()
     np.multiply(pixels, scale, out=out)
     return np.subtract(out, shift, out=out)
@@ -109,21 +98,24 @@ def reference_inputs(batch: Batch, normalisation: Normalisation) -> np.ndarray:
 
 
 class ImageSource(Protocol):
-    """A dataset's images, indexable like an array: ``images[indices]`` is float32 NCHW."""
+    """A dataset's images (InMemoryImages, common/images.StreamedImages), indexable like an
+    array: ``images[indices]`` is float32 NCHW, the host's model inputs."""
 
     shape: tuple
+    pixel_dtype: np.dtype
+    normalisation: Normalisation
 
     def __len__(self) -> int: ...
 
     def __getitem__(self, key) -> np.ndarray: ...
 
     def read_into(self, indices: np.ndarray, out: np.ndarray) -> Optional[np.ndarray]:
-        """Pixels of ``indices`` into ``out`` (uint8, or float32 for float datasets); their flips."""
+        """The pixels of ``indices`` into ``out``; which samples to mirror (None: none)."""
 
 
 class InMemoryImages:
-    """A small dataset's images, held as pixels (uint8, or float32 for data that is not
-    bytes) with the normalisation that makes them model inputs."""
+    """A small dataset's images, held as uint8 pixels with the normalisation that makes
+    them model inputs."""
 
     def __init__(self, pixels: np.ndarray, normalisation: Normalisation):
         self.pixels, self.normalisation = pixels, normalisation
@@ -164,23 +156,10 @@ class Feed(Protocol):
         """Start moving a read batch to the device (called from the prefetch thread)."""
 
 
-class HostFeed:
-    """The feed of ranks whose framework tensors are the numpy arrays themselves (tests,
-    and runners that send host arrays on)."""
-
-    on_gpu = False
-
-    def host_buffer(self, shape: tuple, dtype) -> np.ndarray:
-        return np.empty(shape, dtype=dtype)
-
-    def stage(self, batch: Batch) -> Batch:
-        return batch
-
-
 class BatchReader:
     """Reads the parts of a set's batches a rank needs (``reads``) into its feed's buffers."""
 
-    def __init__(self, images, labels: np.ndarray, reads: Reads, feed: Feed,
+    def __init__(self, images: ImageSource, labels: np.ndarray, reads: Reads, feed: Feed,
                  read_encoded: Optional[Callable[[np.ndarray], object]] = None):
         self.images, self.labels, self.reads, self.feed = images, labels, reads, feed
         self.read_encoded = read_encoded  # --decode gpu: the files, for the feed to decode
@@ -191,8 +170,7 @@ class BatchReader:
             return Batch(indices, labels)
         if self.read_encoded is not None:
             return Batch(indices, labels, encoded=self.read_encoded(indices))
-        pixel_dtype = getattr(self.images, "pixel_dtype", np.dtype(np.float32))
-        pixels = self.feed.host_buffer((len(indices), *self.images.shape[1:]), pixel_dtype)
+        pixels = self.feed.host_buffer((len(indices), *self.images.shape[1:]), self.images.pixel_dtype)
         flips = self.images.read_into(indices, pixels)
         return Batch(indices, labels, pixels, flips)
 

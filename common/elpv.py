@@ -3,7 +3,6 @@
     python -m common.elpv data/elpv                      # 2,624 images: functional/ and defective/
     python -m common.elpv data/elpv-small --per-class 40 # a small subset (the tests use one)
     python -m common.elpv data/elpv4 --classes 4         # the four annotated probabilities
-    python -m common.elpv data/elpv-jpeg --jpeg 500x375  # as RGB JPEGs of an ImageNet photo's size
 
 The package holds 2,624 real 300x300 grayscale electroluminescence images of
 solar-cell crops, each labelled with the probability that the cell is
@@ -53,29 +52,9 @@ def read_labels(data: str) -> list[tuple[str, float, str]]:
     return rows
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--jpeg {text!r} is not WIDTHxHEIGHT; use e.g. --jpeg 500x375") from None
-    if width < 1 or height < 1:
-        raise UsageError(f"--jpeg {text!r}: both sides must be positive")
-    return width, height
-
-
-def write_jpeg(source: str, target: str, size: tuple[int, int], quality: int = 90) -> None:
-    """``source`` resized to ``size`` (bilinear), as an RGB JPEG: the shape of an ImageNet
-    photo, for the input pipeline's benchmarks and the GPU decoder's check."""
-    from PIL import Image
-
-    with Image.open(source) as image:
-        image.convert("RGB").resize(size, Image.Resampling.BILINEAR).save(target, "JPEG", quality=quality)
-
-
-def write_tree(out: str, scheme: str = "binary", per_class: int = 0, jpeg_size: tuple | None = None) -> dict:
+def write_tree(out: str, scheme: str = "binary", per_class: int = 0) -> dict:
     """Copy the images into ``out/<class>/``; {class: count}. With ``per_class`` only the first
-    that many of each class (in file order, so a subset is the same on every machine); with
-    ``jpeg_size`` (width, height) each as an RGB JPEG of that size."""
+    that many of each class (in file order, so a subset is the same on every machine)."""
     name_of = CLASS_SCHEMES[scheme]
     counts: dict = {}
     for path, probability, cell_type in read_labels(package_data()):
@@ -84,11 +63,7 @@ def write_tree(out: str, scheme: str = "binary", per_class: int = 0, jpeg_size: 
             continue
         folder = os.path.join(out, label)
         os.makedirs(folder, exist_ok=True)
-        name = os.path.join(folder, f"{cell_type}_{os.path.basename(path)}")
-        if jpeg_size:
-            write_jpeg(path, os.path.splitext(name)[0] + ".jpg", jpeg_size)
-        else:
-            shutil.copyfile(path, name)
+        shutil.copyfile(path, os.path.join(folder, f"{cell_type}_{os.path.basename(path)}"))
         counts[label] = counts.get(label, 0) + 1
     return counts
 
@@ -98,12 +73,10 @@ def main(argv=None) -> None:
     parser.add_argument("out", help="directory to write (it must not exist yet, or be empty)")
     parser.add_argument("--classes", choices=sorted(CLASS_SCHEMES), default="binary")
     parser.add_argument("--per-class", type=int, default=0, help="at most this many images per class (0: all)")
-    parser.add_argument("--jpeg", metavar="WxH", default="",
-                        help="write RGB JPEGs resized to WIDTHxHEIGHT (e.g. 500x375) instead of the PNGs")
     args = parser.parse_args(argv)
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise UsageError(f"{args.out} is not empty; choose a new directory (or remove it first)")
-    counts = write_tree(args.out, args.classes, args.per_class, parse_size(args.jpeg) if args.jpeg else None)
+    counts = write_tree(args.out, args.classes, args.per_class)
     print(f"wrote {sum(counts.values())} images to {args.out}: "
           + ", ".join(f"{name} {count}" for name, count in sorted(counts.items())))
 

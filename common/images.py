@@ -18,7 +18,6 @@ import contextlib
 import math
 import os
 import signal
-import time
 import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -432,7 +431,6 @@ class StreamedImages:
         self.pixel_dtype = np.dtype(np.uint8)
         self.normalisation = pixel_normalisation(transform.channels)
         self.blocks = _Blocks(self.shape[1:])
-        self.wait_seconds = 0.0
         self.skipped = 0
         self.pending: deque = deque()
         self.plan(np.arange(0), 0)
@@ -459,20 +457,17 @@ class StreamedImages:
     def read_into(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
         """The uint8 pixels of ``indices`` (unmirrored) into ``out``; which to mirror."""
         indices = np.asarray(indices, dtype=np.int64)
-        started = time.perf_counter()
         flips = np.zeros(len(indices), dtype=bool)
         end = self.consumed + len(indices)
         if end <= len(self.order) and np.array_equal(self.order[self.consumed:end], indices):
             self._take_into(out, flips)
         else:
             self._decode_now(indices, out, flips)
-        self.wait_seconds += time.perf_counter() - started
         return flips
 
     def read_encoded(self, indices: np.ndarray) -> list:
         """--decode gpu: each sample's file bytes and crop for the device to decode (files it
         cannot decode come decoded, as the CPU path decodes them); common/jpeg.py."""
-        started = time.perf_counter()
         samples = []
         for index in np.asarray(indices, dtype=np.int64):
             path = self.paths[index]
@@ -482,11 +477,8 @@ class StreamedImages:
             except Exception as error:  # noqa: BLE001 - named and counted, or the job stops on it
                 if not self.skip_bad:
                     raise RankUsageError(bad_image_message(path, describe_problem(error))) from None
-                self.skipped += 1
-                self.log(f"skipped unreadable image {path} ({describe_problem(error)}); a blank image takes its "
-                         f"place ({self.skipped} so far)")
+                self._note_skipped(path, describe_problem(error))
                 samples.append(jpeg.HostDecoded(np.zeros(self.shape[1:], dtype=np.uint8), False))
-        self.wait_seconds += time.perf_counter() - started
         return samples
 
     def close(self) -> None:
@@ -544,10 +536,13 @@ class StreamedImages:
                 task.flips, bad = task.pending.result()
                 task.samples = self.blocks.view(task.block, task.count)
             for path, problem in bad:
-                self.skipped += 1
-                self.log(f"skipped unreadable image {path} ({problem}); a blank image takes its place "
-                         f"({self.skipped} so far)")
+                self._note_skipped(path, problem)
         return task.samples
+
+    def _note_skipped(self, path: str, problem: str) -> None:
+        self.skipped += 1
+        self.log(f"skipped unreadable image {path} ({problem}); a blank image takes its place "
+                 f"({self.skipped} so far)")
 
     def _release(self, task: _Task) -> None:
         if task.block is not None:

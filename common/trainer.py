@@ -129,9 +129,9 @@ class Trainer:
         self.global_batch = config.global_batch_size(runner.data_shards)
         self.steps = data.steps_per_epoch(len(dataset.y_train), self.global_batch, config.steps_per_epoch)
         self.train_reader = BatchReader(dataset.x_train, dataset.y_train, runner.reads, runner.feed,
-                                                       dataset.encoded_reader("train"))
+                                        dataset.encoded_reader("train"))
         self.test_reader = BatchReader(dataset.x_test, dataset.y_test, runner.reads, runner.feed,
-                                                      dataset.encoded_reader("test"))
+                                       dataset.encoded_reader("test"))
         self.writer = metrics.JsonLinesWriter(config.metrics_file if runner.primary else "")
         self.progress = ProgressBar(False, 0, 0, 0)
         self.tensorboard = None

@@ -54,7 +54,6 @@ class TfFeed:
         self.device = device  # "cpu" or a GPU's name (train_tf/device.py)
         self.on_gpu = device != "cpu"
         scale, shift = normalisation.arrays()
-        self.identity = normalisation.is_identity
         self.scale, self.shift = tf.constant(scale), tf.constant(shift)
         self._inputs = tf.function(lambda pixels, flips: tf.transpose(self._normalised(pixels, flips), [0, 2, 3, 1]),
                                    reduce_retracing=True)  # NCHW (common/) -> NHWC (Keras)
@@ -98,9 +97,7 @@ class TfFeed:
         common.batches.normalise computes them)."""
         x = tf.cast(pixels, tf.float32)
         x = tf.where(tf.reshape(flips, [-1, 1, 1, 1]), tf.reverse(x, axis=[3]), x)
-        if not self.identity:
-            x = tf.subtract(tf.multiply(x, self.scale), self.shift)
-        return x
+        return tf.subtract(tf.multiply(x, self.scale), self.shift)
 
     def labels(self, batch: Batch):
         return batch.labels

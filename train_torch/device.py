@@ -12,10 +12,5 @@ def pick_device(local_rank):
     return torch.device("cuda", index)
 
 
-def to_device(array, device):
-    """A numpy batch as a tensor on ``device`` (shares memory on the CPU)."""
-    return torch.from_numpy(array).to(device, non_blocking=True)
-
-
 def to_numpy(tensor):
     return tensor.detach().cpu().numpy()
