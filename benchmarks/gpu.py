@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.run import summary  # noqa: E402
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # name: (label, model, input shape, batch, classes)
 CASES = {"resnet50-224": ("ResNet-50, 224x224", "resnet50", (3, 224, 224), 256, 1000),
@@ -80,11 +82,6 @@ def throughput(model, shape, batch, classes, precision, windows, steps, device):
         synchronize(device)
         rates.append(steps * batch / (time.perf_counter() - start))
     return summary(rates)
-
-
-def summary(rates):
-    timed = rates[1:] or rates
-    return {"median": statistics.median(timed), "min": min(timed), "max": max(timed), "windows": rates}
 
 
 def dataloader_throughput(folder, model, size, batch, classes, precision, windows, steps, device, workers):

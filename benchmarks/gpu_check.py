@@ -31,6 +31,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+from benchmarks.run import job_env, peer_result  # noqa: E402
+
 PYTHON = sys.executable
 SDIST = os.path.join(REPO, ".whl", "horovod-0.28.1.tar.gz")
 
@@ -56,20 +60,19 @@ class Check:
     def time_left(self):
         return self.deadline - time.monotonic()
 
-    def run(self, section, label, command, env=None, timeout=300, record=True):
+    def run(self, section, label, command, env=None, timeout=300):
         """Run one command; its output's tail, exit status and seconds go into the report."""
         timeout = max(10, min(timeout, self.time_left()))
         started = time.monotonic()
         try:
             result = subprocess.run([str(part) for part in command], cwd=REPO, capture_output=True, text=True,
-                                    env={**job_env(), **(env or {})}, timeout=timeout)
+                                    env=job_env(env), timeout=timeout)
             ok, output = result.returncode == 0, result.stdout + result.stderr
         except subprocess.TimeoutExpired as expired:
             ok, output = False, f"timed out after {timeout:.0f} s\n{expired.stdout or ''}{expired.stderr or ''}"
         entry = {"label": label, "command": " ".join(map(str, command)), "ok": ok,
                  "seconds": round(time.monotonic() - started, 1), "tail": tail(output)}
-        if record:
-            (section["dry_run"] if self.dry_run else section.setdefault("runs", [])).append(entry)
+        (section["dry_run"] if self.dry_run else section.setdefault("runs", [])).append(entry)
         print(f"  {'ok ' if ok else 'FAILED'} {label} ({entry['seconds']} s)", flush=True)
         if not ok:
             print(entry["tail"], flush=True)
@@ -85,11 +88,6 @@ class Check:
 
 def tail(text, lines=25):
     return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def job_env():
-    return dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1",
-                TF_CPP_MIN_LOG_LEVEL="3", PATH=os.path.dirname(PYTHON) + os.pathsep + os.environ.get("PATH", ""))
 
 
 def command_version(command, line=-1):
@@ -127,7 +125,6 @@ def machine():
 
 def mpi_cuda_aware():
     try:
-        sys.path.insert(0, REPO)
         from common.p2p import mpi_reports_cuda_support
         return mpi_reports_cuda_support()
     except Exception:  # noqa: BLE001 - no mpi4py, no MPI library: not CUDA-aware
@@ -135,18 +132,10 @@ def mpi_cuda_aware():
 
 
 def nvjpeg_available():
-    try:
-        import torch
-        from torchvision.io import decode_jpeg
-        from PIL import Image
-        import io
+    import torch
 
-        buffer = io.BytesIO()
-        Image.new("RGB", (16, 16), (200, 10, 10)).save(buffer, "JPEG")
-        decode_jpeg(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), device="cuda")
-        return True
-    except Exception:  # noqa: BLE001 - any failure means: no nvJPEG here
-        return False
+    from train_torch.input import torchvision_decoder
+    return torchvision_decoder(torch.device("cuda")) is not None
 
 
 def nccl_header():
@@ -171,11 +160,6 @@ def metrics_rates(path, skip=1):
             [record["train_loss"] for record in records if "train_loss" in record])
 
 
-def bench_result(output):
-    line = next(line for line in reversed(output.splitlines()) if line.startswith("BENCH_RESULT "))
-    return json.loads(line[len("BENCH_RESULT "):])
-
-
 # --- the parts ---------------------------------------------------------------------------------
 
 def single_process(check):
@@ -194,7 +178,7 @@ def single_process(check):
         ok, output = check.run(section, f"bare step {case} {precision}",
                                [PYTHON, "benchmarks/gpu.py", "--case", case, "--precision", precision, "--batch",
                                 batch, "--windows", windows, "--steps", steps])
-        bare = bench_result(output)["cases"][0]["median"] if ok else None
+        bare = peer_result(output)["cases"][0]["median"] if ok else None
         metrics = os.path.join(check.scratch, f"{case}-{precision}.jsonl")
         ok, _ = check.run(section, f"entry script {case} {precision}",
                           [PYTHON, "train_torch/main.py", "--no-progress", "--run-dir", "none", "--model", model,
@@ -269,7 +253,7 @@ def jpeg_folder(check):
                             "resnet50-224" if check.cuda else "cnn-32", "--precision", "bf16", "--batch", batch,
                             "--windows", epochs, "--steps", steps, "--workers", workers])
     if ok:
-        result = bench_result(output)["cases"][0]
+        result = peer_result(output)["cases"][0]
         section["cases"].append({"case": "torchvision DataLoader", "img_s": result["median"],
                                  "data_wait": result["data_wait"], "workers": workers})
     check.write()

@@ -23,6 +23,7 @@ import torch
 
 from common import jpeg
 from common.batches import Batch, Normalisation
+from common.errors import launcher_rank
 from common.metrics import log
 
 
@@ -76,7 +77,6 @@ class TorchFeed:
         self.device, self.memory_format, self.decoder = device, memory_format, decoder
         self.cuda = self.on_gpu = device.type == "cuda"
         scale, shift = normalisation.arrays()
-        self.identity = normalisation.is_identity
         self.scale, self.shift = torch.from_numpy(scale).to(device), torch.from_numpy(shift).to(device)
         self.side = torch.cuda.Stream(device) if self.cuda else None
         self.slots: list[Optional[_HostSlot]] = [None] * self.RING
@@ -157,8 +157,7 @@ class TorchFeed:
         x = batch.pixels.to(torch.float32)
         if batch.flips is not None and len(batch.flips):
             x = torch.where(batch.flips.view(-1, 1, 1, 1), x.flip(-1), x)
-        if not self.identity:
-            x = torch.sub(torch.mul(x, self.scale), self.shift)
+        x = torch.sub(torch.mul(x, self.scale), self.shift)
         return x.contiguous(memory_format=self.memory_format)
 
     def labels(self, batch: Batch) -> torch.Tensor:
@@ -178,24 +177,7 @@ class JpegDecoder:
 
     def __init__(self, device: torch.device, channels: int, size: int):
         self.device, self.channels, self.size = device, channels, size
-        self.torchvision = self._torchvision_decoder(device)
-
-    @staticmethod
-    def _torchvision_decoder(device):
-        """torchvision's decode_jpeg and its read modes, if they decode on ``device`` here (its
-        image library does not load beside a CPU-only PyTorch build)."""
-        import io
-
-        from PIL import Image
-
-        try:
-            from torchvision.io import ImageReadMode, decode_jpeg
-            probe = io.BytesIO()
-            Image.new("RGB", (8, 8), (90, 20, 200)).save(probe, "JPEG")
-            decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8), device=device)
-            return decode_jpeg, ImageReadMode
-        except Exception:  # noqa: BLE001 - any failure to load or decode: Pillow decodes instead
-            return None
+        self.torchvision = torchvision_decoder(device)
 
     def describe(self) -> str:
         if self.torchvision:
@@ -264,6 +246,23 @@ class JpegDecoder:
         return _to_bytes(torch.matmul(down_t.unsqueeze(1), rows)).to(torch.uint8)  # (N, C, size, size)
 
 
+def torchvision_decoder(device: torch.device):
+    """torchvision's decode_jpeg and its read modes, if they decode on ``device`` here (its
+    image library does not load beside a CPU-only PyTorch build)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        probe = io.BytesIO()
+        Image.new("RGB", (8, 8), (90, 20, 200)).save(probe, "JPEG")
+        decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8), device=device)
+        return decode_jpeg, ImageReadMode
+    except Exception:  # noqa: BLE001 - any failure to load or decode: Pillow decodes instead
+        return None
+
+
 def _to_bytes(values: torch.Tensor) -> torch.Tensor:
     """Pillow's rounding of a pass to 8 bits (kept as float for the next product)."""
     return torch.clamp(torch.floor(values + 0.5), 0, 255)
@@ -288,5 +287,6 @@ def make_decoder(config, device, dataset) -> Optional[JpegDecoder]:
     if config.decode != "gpu" or not dataset.encoded_reader("train"):
         return None
     decoder = JpegDecoder(device, dataset.image_shape[0], dataset.image_shape[1])
-    log(f"--decode gpu: JPEGs decoded by {decoder.describe()}")
+    if launcher_rank() == (1 if config.mode == "ps" else 0):  # the first rank that reads images says it once
+        log(f"--decode gpu: JPEGs decoded by {decoder.describe()}")
     return decoder
