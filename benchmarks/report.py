@@ -44,7 +44,7 @@ def _per_bound(spread, bound):
 
 
 def goals(results):
-    """(measure, goal, {framework: (median, low, high) or None}) rows: issue 15's targets,
+    """(measure, goal, {framework: (median, low, high) or None}) rows: the data- and pipeline-parallel targets,
     each measured as a ratio of cases from this one run."""
     rows = []
 
@@ -180,7 +180,7 @@ def goals_markdown(results):
             if any(value is not None for value in values.values())]
     if not rows:
         return []
-    lines = ["", "Issue 15's goals, from this run (median ratio, its spread over the windows' extremes; "
+    lines = ["", "The goals for data and pipeline parallelism, from this run (median ratio, its spread over the windows' extremes; "
              "✔ = the median meets the goal):", "", "| measure | goal | PyTorch | TensorFlow |", "|---|---|---|---|"]
     for label, goal, values in rows:
         lines.append(f"| {label} | ≥ {goal:.2f} | {_goal_cell(values['torch'], goal)} | "
