@@ -1,5 +1,8 @@
 """Tables and plot from benchmarks/run.py's results (pure: no measuring here)."""
 
+from dataclasses import dataclass
+
+from benchmarks.pairing import CaseKey, Ratio, Run, ratio_range
 from common.schedule import bubble_bound
 
 FRAMEWORKS = ("torch", "tf")
@@ -29,51 +32,73 @@ def pipeline_bound(microbatches, stages=2, chunks=1):
     return bubble_bound("interleaved" if chunks > 1 else "1f1b", stages, microbatches, chunks)
 
 
-def ratio_spread(results, numerator, denominator, scale=1.0):
-    """(median ratio, lowest, highest) of two cases (name, framework), the spread from their
-    windows' extremes; None where either was not measured."""
-    top, bottom = find_case(results, *numerator), find_case(results, *denominator)
-    if not top or not bottom:
-        return None
-    return (top["median"] / (bottom["median"] * scale), top["min"] / (bottom["max"] * scale),
-            top["max"] / (bottom["min"] * scale))
+WORKLOADS = (("", "seed CNN", PEERS), ("resnet18 32px ", "ResNet-18 32px", ZOO_PEERS))
 
 
-def _per_bound(spread, bound):
-    return None if spread is None else tuple(value / bound for value in spread)
+@dataclass(frozen=True)
+class Goal:
+    """A target for one ratio of two cases, per framework (a framework without the ratio
+    has no entry)."""
+
+    label: str
+    threshold: float
+    ratios: dict[str, Ratio]
+
+
+def goal_list() -> list[Goal]:
+    """The data- and pipeline-parallel targets, on the seed CNN and ResNet-18 at 32 px."""
+    listed = []
+    for prefix, label, peer in WORKLOADS:
+        one, two = f"{prefix}data np1", f"{prefix}data np2"
+
+        def per_framework(ratio_of):
+            return {framework: ratio_of(framework) for framework in FRAMEWORKS}
+
+        listed.append(Goal(f"{label}: data scaling np2 / (2 x np1)", 0.90,
+                           per_framework(lambda f: Ratio((two, f), (one, f), scale=2))))
+        listed.append(Goal(f"{label}: Horovod data np2 / peer (DDP; MultiWorkerMirrored)", 1.10,
+                           per_framework(lambda f: Ratio((two, f), (peer[f], f + " (peer)")))))
+        for schedule in ("gpipe", "1f1b"):
+            for microbatches in (4, 8):
+                name, bound = f"{prefix}model pp2, {schedule} M{microbatches}", pipeline_bound(microbatches)
+                listed.append(Goal(f"{label}: pipeline {schedule} M{microbatches} efficiency / its bound {bound:.2f}",
+                                   0.90, per_framework(lambda f, n=name, b=bound: Ratio((n, f), (one, f), 2, b))))
+        interleaved, one_f_one_b = f"{prefix}model pp2, interleaved M4", f"{prefix}model pp2, 1f1b M4"
+        listed.append(Goal(f"{label}: interleaved M4 efficiency / the 1F1B bound {pipeline_bound(4):.2f}", 1.00,
+                           per_framework(lambda f: Ratio((interleaved, f), (one, f), 2, pipeline_bound(4)))))
+        listed.append(Goal(f"{label}: interleaved M4 / 1f1b M4 throughput", 1.00,
+                           per_framework(lambda f: Ratio((interleaved, f), (one_f_one_b, f)))))
+        listed.append(Goal(f"{label}: TensorFlow / PyTorch pipeline, 1f1b M4", 0.90,
+                           {"tf": Ratio((one_f_one_b, "tf"), (one_f_one_b, "torch"))}))
+    return listed
+
+
+def goal_sequence() -> list[CaseKey]:
+    """The order the goals' cases run in within a round: every goal's two sides at most two
+    runs apart (data np1, the denominator of six goals per framework, runs twice), PyTorch's
+    cases, then TensorFlow's in mirror order, so the two 1f1b M4 runs that the TF/PyTorch
+    goal divides come next to each other."""
+    sequence = []
+    for prefix, _, peer in WORKLOADS:
+        ours = [f"{prefix}{name}" for name in ("data np2", "data np1", "model pp2, gpipe M4", "model pp2, gpipe M8",
+                                               "model pp2, 1f1b M8", "data np1", "model pp2, interleaved M4",
+                                               "model pp2, 1f1b M4")]
+        sequence += [(peer["torch"], "torch (peer)"), *[(name, "torch") for name in ours]]
+        sequence += [*[(name, "tf") for name in reversed(ours)], (peer["tf"], "tf (peer)")]
+    return sequence
+
+
+def paired_runs(results) -> list[list[Run]]:
+    """The rounds of paired runs in ``results`` (benchmarks/run.py's "paired" section)."""
+    return [[Run((run["name"], run["framework"]), run["position"], run["median"]) for run in runs]
+            for runs in (results.get("paired") or {}).get("rounds", [])]
 
 
 def goals(results):
-    """(measure, goal, {framework: (median, low, high) or None}) rows: the data- and pipeline-parallel targets,
-    each measured as a ratio of cases from this one run."""
-    rows = []
-
-    def row(label, goal, value_of):
-        rows.append((label, goal, {framework: value_of(framework) for framework in FRAMEWORKS}))
-
-    for prefix, label, peer in (("", "seed CNN", PEERS), ("resnet18 32px ", "ResNet-18 32px", ZOO_PEERS)):
-        data_one, data_two = f"{prefix}data np1", f"{prefix}data np2"
-        row(f"{label}: data scaling np2 / (2 x np1)", 0.90,
-            lambda f, a=data_two, b=data_one: ratio_spread(results, (a, f), (b, f), 2))
-        row(f"{label}: Horovod data np2 / peer (DDP; MultiWorkerMirrored)", 1.10,
-            lambda f, a=data_two, p=peer: ratio_spread(results, (a, f), (p[f], f + " (peer)")))
-        for schedule in ("gpipe", "1f1b"):
-            for microbatches in (4, 8):
-                name = f"{prefix}model pp2, {schedule} M{microbatches}"
-                row(f"{label}: pipeline {schedule} M{microbatches} efficiency / its bound "
-                    f"{pipeline_bound(microbatches):.2f}", 0.90,
-                    lambda f, n=name, m=microbatches: _per_bound(
-                        ratio_spread(results, (n, f), (data_one, f), 2), pipeline_bound(m)))
-        row(f"{label}: interleaved M4 efficiency / the 1F1B bound {pipeline_bound(4):.2f}", 1.00,
-            lambda f, n=f"{prefix}model pp2, interleaved M4": _per_bound(
-                ratio_spread(results, (n, f), (data_one, f), 2), pipeline_bound(4)))
-        row(f"{label}: interleaved M4 / 1f1b M4 throughput", 1.00,
-            lambda f, n=f"{prefix}model pp2, interleaved M4", o=f"{prefix}model pp2, 1f1b M4":
-            ratio_spread(results, (n, f), (o, f)))
-        row(f"{label}: TensorFlow / PyTorch pipeline, 1f1b M4", 0.90,
-            lambda f, n=f"{prefix}model pp2, 1f1b M4": ratio_spread(results, (n, "tf"), (n, "torch"))
-            if f == "tf" else None)
-    return rows
+    """(goal, {framework: RatioRange or None}) rows: each goal's ratio over the paired rounds."""
+    rounds = paired_runs(results)
+    return [(goal, {framework: ratio_range(rounds, goal.ratios[framework]) if framework in goal.ratios else None
+                    for framework in FRAMEWORKS}) for goal in goal_list()]
 
 
 def derived(results):
@@ -149,10 +174,10 @@ def _zoo_markdown(results):
     if not zoo:
         return []
     lines = ["", "The zoo (one thread per rank, 2 timed windows after a warm-up):", "",
-             "| case | framework | workload | images/sec | spread |", "|---|---|---|---|---|"]
+             "| case | framework | workload | images/sec | spread | runs |", "|---|---|---|---|---|---|"]
     for case in zoo:
         lines.append(f"| {case['name']} | {case['framework']} | {case.get('workload', '')} | "
-                     f"{case['median']:,.1f} | {case['min']:,.1f}–{case['max']:,.1f} |")
+                     f"{case['median']:,.1f} | {case['min']:,.1f}–{case['max']:,.1f} | {case.get('runs', 1)} |")
     return lines + _measures_table("zoo measure", zoo_derived(results))
 
 
@@ -171,20 +196,22 @@ def _number(value, digits=2):
 def _goal_cell(spread, goal):
     if spread is None:
         return "–"
-    median, low, high = spread
-    return f"{median:.2f} ({low:.2f}–{high:.2f}) {'✔' if round(median, 2) >= goal else '✗'}"  # as printed
+    return f"{spread.median:.2f} ({spread.low:.2f}–{spread.high:.2f}) {spread.verdict(goal)}"
 
 
 def goals_markdown(results):
-    rows = [(label, goal, values) for label, goal, values in goals(results)
-            if any(value is not None for value in values.values())]
+    rows = [(goal, values) for goal, values in goals(results) if any(value is not None for value in values.values())]
     if not rows:
         return []
-    lines = ["", "The goals for data and pipeline parallelism, from this run (median ratio, its spread over the windows' extremes; "
-             "✔ = the median meets the goal):", "", "| measure | goal | PyTorch | TensorFlow |", "|---|---|---|---|"]
-    for label, goal, values in rows:
-        lines.append(f"| {label} | ≥ {goal:.2f} | {_goal_cell(values['torch'], goal)} | "
-                     f"{_goal_cell(values['tf'], goal)} |")
+    pairs = max(value.pairs for _, values in rows for value in values.values() if value is not None)
+    lines = ["", f"The goals for data and pipeline parallelism: each ratio taken in each of {pairs} rounds from "
+             "runs at most two cases apart, the order reversed every other round; the median ratio, its range "
+             "over the rounds, and the verdict: met when the range's lower end clears the goal, not met when "
+             "its upper end falls short, within noise otherwise.", "",
+             "| measure | goal | PyTorch | TensorFlow |", "|---|---|---|---|"]
+    for goal, values in rows:
+        lines.append(f"| {goal.label} | ≥ {goal.threshold:.2f} | {_goal_cell(values['torch'], goal.threshold)} | "
+                     f"{_goal_cell(values['tf'], goal.threshold)} |")
     return lines
 
 
@@ -197,12 +224,14 @@ def markdown(results):
              f"Workload: the {settings['model']}, synthetic {settings['image_shape']} images, global batch "
              f"{settings['global_batch']}, {settings['threads_per_rank']} thread per rank; images/sec is the "
              f"median of {settings['windows'] - 1} timed windows of {settings['steps_per_window']} steps after "
-             "a warm-up window, with the spread (min–max). * = more processes than cores.", "",
-             "| case | framework | ranks | images/sec | spread | per rank |", "|---|---|---|---|---|---|"]
+             "a warm-up window, with the spread (min–max); a case the goals divide ran once a round (runs): its "
+             "figure is the median of its runs' medians, the spread theirs. * = more processes than cores.", "",
+             "| case | framework | ranks | images/sec | spread | per rank | runs |", "|---|---|---|---|---|---|---|"]
     for case in (case for case in results["cases"] if case.get("group") != "zoo"):
         flag = " *" if case["oversubscribed"] else ""
         lines.append(f"| {case['name']}{flag} | {case['framework']} | {case['ranks']} | {case['median']:,.0f} | "
-                     f"{case['min']:,.0f}–{case['max']:,.0f} | {case['median'] / case['ranks']:,.0f} |")
+                     f"{case['min']:,.0f}–{case['max']:,.0f} | {case['median'] / case['ranks']:,.0f} | "
+                     f"{case.get('runs', 1)} |")
     lines += _measures_table("measure", derived(results))
     lines += _zoo_markdown(results)
     lines += goals_markdown(results)

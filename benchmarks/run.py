@@ -1,14 +1,18 @@
 """Throughput of every mode in both frameworks beside the tools users would pick
 instead, on the same model, batch, threads and machine (see README.md, "Benchmarks").
 
-    python benchmarks/run.py                      # the full suite (make bench), ~20 min on 2 cores
+    python benchmarks/run.py                      # the full suite (make bench)
+    python benchmarks/run.py --repeat 5           # five paired rounds of the goals' cases (default 3)
     python benchmarks/run.py --only resnet18      # only the cases whose name matches
     python benchmarks/run.py --quick --out DIR    # a smoke run: two tiny cases (make test)
 
-Writes DIR/results.json (every window of every case), DIR/results.md (the
-tables the README shows) and DIR/results.png (throughput, efficiencies,
+Writes DIR/results.json (every window of every run), DIR/results.md (the
+tables the docs show) and DIR/results.png (throughput, efficiencies,
 allreduce bandwidth). Each case runs as its own job; its throughput is the
 median over timed windows after a warm-up window, with the spread (min-max).
+The cases the goals divide run first, in --repeat rounds of one sequence
+(benchmarks/pairing.py): each goal's ratio is taken round by round from runs
+close together, and its verdict comes from the range over the rounds.
 """
 
 import argparse
@@ -22,12 +26,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from benchmarks import report  # noqa: E402
+from benchmarks import pairing, report  # noqa: E402
 from common import hardware  # noqa: E402
 
 PYTHON = sys.executable
@@ -40,7 +46,7 @@ class Settings:
     The main table's is the seed CNN on 3x32x32; the zoo section's are larger networks
     with fewer, shorter windows (a ResNet-18 step takes ~100x a seed-CNN step)."""
 
-    def __init__(self, quick, model="cnn", shape="3,32,32", batch=128, windows=6, steps=10):
+    def __init__(self, quick, model="cnn", shape="3,32,32", batch=128, windows=4, steps=10):
         self.model, self.shape, self.batch, self.threads = model, shape, batch, 1
         self.windows, self.steps = (2, 2) if quick else (windows, steps)  # the first window is the warm-up
 
@@ -172,7 +178,7 @@ def zoo_cases():
     MultiWorkerMirrored, a 2-stage pipeline beside torch.distributed.pipelining, the
     cost of --sync-bn and the gain of --amp bf16) and VGG-16 at 32 px, whose 19 M
     dense parameters make model parallelism worth a look."""
-    resnet32 = Settings(False, "resnet18", "3,32,32", 32, windows=3, steps=4)
+    resnet32 = Settings(False, "resnet18", "3,32,32", 32, windows=3, steps=3)
     resnet64 = Settings(False, "resnet18", "3,64,64", 32, windows=3, steps=3)
     vgg32 = Settings(False, "vgg16", "3,32,32", 32, windows=3, steps=4)
     def pipeline(schedule, microbatches):
@@ -210,9 +216,31 @@ def zoo_cases():
     return listed
 
 
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: what it is, for the tables, and how to measure it once."""
+
+    name: str
+    group: str
+    framework: str
+    ranks: int
+    oversubscribed: bool
+    settings: Settings
+    measure: Callable[[], dict]
+
+    @property
+    def key(self) -> pairing.CaseKey:
+        return self.name, self.framework
+
+    def record(self, throughput: dict) -> dict:
+        return {"name": self.name, "group": self.group, "framework": self.framework, "ranks": self.ranks,
+                "oversubscribed": self.oversubscribed, "workload": self.settings.workload, **throughput}
+
+
 def cases(settings, quick):
-    """(name, group, framework, ranks, oversubscribed, settings, function) for every case."""
-    return [(*case[:5], settings, case[5]) for case in main_cases(settings, quick)] + ([] if quick else zoo_cases())
+    """Every case: the seed CNN's, then (unless quick) the zoo's."""
+    return ([Case(*case[:5], settings, case[5]) for case in main_cases(settings, quick)] +
+            ([] if quick else [Case(*case) for case in zoo_cases()]))
 
 
 def main_cases(settings, quick):
@@ -271,44 +299,95 @@ def measure_case(name, measure, features):
         return {"failed": f"{type(error).__name__}: {error}", "tail": ""}
 
 
+def measure_rounds(sequence, by_key, repeat, features, results):
+    """The goals' cases, ``repeat`` rounds of ``sequence`` (reversed every other round):
+    {case key: [one summary per run]}. Each round's runs go into results["paired"], with
+    their positions, for benchmarks/pairing.py to pair; a case that fails is recorded once
+    and not run again."""
+    rounds, summaries, given_up = [], {}, set()
+    for index in range(repeat):
+        runs = []
+        for position, key in enumerate(pairing.round_order(sequence, index)):
+            if key in given_up:
+                continue
+            case = by_key[key]
+            print(f"round {index + 1}/{repeat} {case.framework:14s} {case.name} ...", end=" ", flush=True)
+            throughput = measured(case, features, results)
+            if throughput is None:
+                given_up.add(key)
+                continue
+            runs.append({"name": case.name, "framework": case.framework, "position": position, **throughput})
+            summaries.setdefault(key, []).append(throughput)
+        rounds.append(runs)
+    results["paired"] = {"repeat": repeat, "sequence": [list(key) for key in sequence], "rounds": rounds}
+    return summaries
+
+
+def measured(case, features, results):
+    """One run of a case, printed: its summary, or None once recorded as skipped or failed."""
+    throughput = measure_case(case.name, case.measure, features)
+    for kind in ("skipped", "failed"):
+        if kind in throughput:
+            print(f"{'skipped' if kind == 'skipped' else 'FAILED'}: {throughput[kind]}", flush=True)
+            results[kind].append(case.record(throughput))
+            return None
+    print(f"{throughput['median']:,.0f} img/s", flush=True)
+    return throughput
+
+
+def over_runs(summaries):
+    """A repeated case's figure: the median of its runs' medians, their spread, every run."""
+    medians = [summary["median"] for summary in summaries]
+    return {"median": statistics.median(medians), "min": min(medians), "max": max(medians),
+            "runs": len(summaries), "windows": [summary["windows"] for summary in summaries]}
+
+
+def measure_all(listed, repeat, features, results):
+    """The goals' cases in paired rounds, then every other case once, into results["cases"]
+    in the listed order."""
+    by_key = {case.key: case for case in listed}
+    sequence = pairing.measurement_order(report.goal_sequence(), set(by_key))
+    paired = measure_rounds(sequence, by_key, repeat, features, results)
+    figures = {key: over_runs(summaries) for key, summaries in paired.items()}
+    for case in listed:
+        if case.key not in sequence:
+            print(f"{case.framework:20s} {case.name} ...", end=" ", flush=True)
+            figures[case.key] = measured(case, features, results)
+    results["cases"] = [case.record(figures[case.key]) for case in listed if figures.get(case.key)]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--quick", action="store_true", help="a smoke run: two tiny cases")
     parser.add_argument("--only", default="", help="run only cases whose name matches this regex")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="rounds of the goals' paired cases (default 3; 2 with --quick)")
     args = parser.parse_args(argv)
+    repeat = args.repeat or (2 if args.quick else 3)
+    if repeat < 1:
+        parser.error("--repeat must be at least 1")
     settings = Settings(args.quick)
     results = {"machine": machine(), "settings": {"model": "seed CNN", "image_shape": settings.shape,
                                                   "global_batch": settings.batch, "threads_per_rank": settings.threads,
-                                                  "windows": settings.windows, "steps_per_window": settings.steps},
+                                                  "windows": settings.windows, "steps_per_window": settings.steps,
+                                                  "repeat": repeat},
                "cases": [], "failed": [], "skipped": [], "allreduce": {}}
     features = hardware.cpu_features()
     print(f"machine: {results['machine']['cpu'] or 'unknown CPU'} ({features.describe()}), "
           f"{results['machine']['cores']} cores", flush=True)
-    for name, group, framework, ranks, oversubscribed, workload, measure in cases(settings, args.quick):
-        if args.only and not re.search(args.only, name):
-            continue
-        print(f"{framework:18s} {name} ...", end=" ", flush=True)
-        throughput = measure_case(name, measure, features)
-        record = {"name": name, "group": group, "framework": framework, "ranks": ranks,
-                  "oversubscribed": oversubscribed, "workload": workload.workload, **throughput}
-        if "skipped" in throughput or "failed" in throughput:
-            print(f"{'skipped' if 'skipped' in throughput else 'FAILED'}: "
-                  f"{throughput.get('skipped') or throughput['failed']}", flush=True)
-            results["skipped" if "skipped" in throughput else "failed"].append(record)
-            continue
-        print(f"{throughput['median']:,.0f} img/s", flush=True)
-        results["cases"].append(record)
+    listed = [case for case in cases(settings, args.quick) if not args.only or re.search(args.only, case.name)]
+    measure_all(listed, repeat, features, results)
     for label, env in (("shipped", None), ("horovod_defaults", None if args.quick else HOROVOD_DEFAULTS)):
         if args.quick and label != "shipped":
             continue
         print(f"allreduce bandwidth ({label}) ...", flush=True)
-        measured = measure_case(f"allreduce bandwidth ({label})", lambda env=env: allreduce_case(args.quick, env),
-                                features)
-        if "failed" in measured:
-            results["failed"].append({"name": f"allreduce bandwidth ({label})", **measured})
+        measured_bandwidth = measure_case(f"allreduce bandwidth ({label})",
+                                          lambda env=env: allreduce_case(args.quick, env), features)
+        if "failed" in measured_bandwidth:
+            results["failed"].append({"name": f"allreduce bandwidth ({label})", **measured_bandwidth})
         else:
-            results["allreduce"][label] = measured
+            results["allreduce"][label] = measured_bandwidth
     print("GPU section ...", flush=True)
     results["gpu"] = measure_case("GPU section", lambda: gpu_case(args.quick), features)
     if "failed" in results["gpu"]:

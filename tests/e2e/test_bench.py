@@ -1,6 +1,7 @@
 """The benchmark script runs and writes what it promises (no timing is asserted)."""
 
 import json
+import re
 import subprocess
 
 from tests.helpers import PYTHON, REPO, job_env
@@ -12,9 +13,12 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert {case["name"] for case in results["cases"]} == {"data np1", "data np2"}
-    for case in results["cases"]:
+    for case in results["cases"]:  # both are a goal's sides: one run a round, two rounds
         assert case["median"] > 0 and case["min"] <= case["median"] <= case["max"], case
-        assert len(case["windows"]) == 2
+        assert case["runs"] == 2 and [len(windows) for windows in case["windows"]] == [2, 2]
+    rounds = results["paired"]["rounds"]  # np2 then np1, then the other way round
+    assert [[(run["name"], run["position"]) for run in runs] for runs in rounds] == \
+        [[("data np2", 0), ("data np1", 1)], [("data np1", 0), ("data np2", 1)]]
     sizes = results["allreduce"]["shipped"]["sizes"]
     assert [size["bytes"] for size in sizes] == [1024, 4096, 16384]
     assert all(size["horovod_bytes_per_sec"] > 0 and size["mpi4py_bytes_per_sec"] > 0 for size in sizes)
@@ -22,6 +26,8 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     assert gpu["gpu"] is None and "no CUDA device" in gpu["reason"] or gpu["cases"], gpu
     table = (tmp_path / "results.md").read_text()
     assert "| data np2 | torch | 2 |" in table and "scaling efficiency" in table
+    scaling = next(line for line in table.splitlines() if line.startswith("| seed CNN: data scaling"))
+    assert re.search(r"\| \d\.\d\d \(\d\.\d\d–\d\.\d\d\) (met|not met|within noise) \| – \|$", scaling), scaling
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
