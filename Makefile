@@ -57,10 +57,10 @@ soak: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) benchmarks/soak.py
 
 plot: install
-	$(PYTHON) -m common.plot $(RUNS) -o $(or $(OUT),curves.png)
+	$(PYTHON) -m common.observe.plot $(RUNS) -o $(or $(OUT),curves.png)
 
 elpv: install
-	@test -d data/elpv || $(PYTHON) -m common.elpv data/elpv
+	@test -d data/elpv || $(PYTHON) -m common.data.elpv data/elpv
 	@echo "train on it: make train ARGS=\"--dataset folder --data-dir data/elpv --model resnet8 --image-size 64\""
 
 # The NCCL build of Horovod in both GPU venvs, each checked by horovodrun --check-build

@@ -34,9 +34,9 @@ def median_seconds(operation, repeats, comm):
 
 
 def main():
+    import horovod.torch as hvd
     import numpy as np
     import torch
-    import horovod.torch as hvd
 
     comm = MPI.COMM_WORLD
     hvd.init(comm=comm)

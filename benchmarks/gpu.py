@@ -4,7 +4,7 @@
     python benchmarks/gpu.py --case resnet50-224 --precision bf16 --windows 4 --steps 15
     python benchmarks/gpu.py --dataloader DIR --case resnet50-224 --precision bf16
 
-The zoo's networks as train_torch/model.py builds them from common/models.py
+The zoo's networks as train_torch/model.py builds them from common/model/networks.py
 (ResNet-50 and ResNet-18 at 224x224 with the ImageNet stem, ResNet-18 at 32x32
 with the CIFAR stem, the seed CNN), channels-last, in fp32, bf16 autocast and
 fp16 autocast with a GradScaler (what --amp does). The bare step trains on one
@@ -39,10 +39,10 @@ CASES = {"resnet50-224": ("ResNet-50, 224x224", "resnet50", (3, 224, 224), 256, 
 
 
 def zoo_model(name, shape, classes):
-    from common import models
+    from common.model import networks
     from train_torch.model import build_model
 
-    return build_model(models.model_specs(name, shape, classes), shape, seed=0)
+    return build_model(networks.model_specs(name, shape, classes), shape, seed=0)
 
 
 class Step:

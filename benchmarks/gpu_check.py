@@ -44,7 +44,7 @@ class Check:
 
     def __init__(self, out, dry_run, budget):
         self.out, self.dry_run, self.deadline = out, dry_run, time.monotonic() + budget
-        self.report = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        self.report = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                        "dry_run": dry_run, "machine": machine(), "sections": []}
         self.scratch = tempfile.mkdtemp(prefix="gpu-check-")
 
@@ -125,7 +125,7 @@ def machine():
 
 def mpi_cuda_aware():
     try:
-        from common.p2p import mpi_reports_cuda_support
+        from common.parallel.p2p import mpi_reports_cuda_support
         return mpi_reports_cuda_support()
     except Exception:  # noqa: BLE001 - no mpi4py, no MPI library: not CUDA-aware
         return False

@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from benchmarks.run import PYTHON, REPO, job_env, machine, mpirun, peer_result, run  # noqa: E402
-from common import elpv  # noqa: E402
+from common.data import elpv  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "torchvision", "tf")
 

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from benchmarks.pairing import CaseKey, Ratio, Run, ratio_range
-from common.schedule import bubble_bound
+from common.parallel.schedule import bubble_bound
 
 FRAMEWORKS = ("torch", "tf")
 PEERS = {"torch": "DDP np2 (torchrun, gloo)", "tf": "MultiWorkerMirroredStrategy, 2 workers"}
@@ -28,7 +28,7 @@ def ratio(numerator, denominator, scale=1.0):
 
 def pipeline_bound(microbatches, stages=2, chunks=1):
     """The fraction of time a stage computes under a GPipe/1F1B schedule (chunks 1) or an
-    interleaved one over ``chunks`` pieces per stage: common/schedule.bubble_bound."""
+    interleaved one over ``chunks`` pieces per stage: common/parallel/schedule.bubble_bound."""
     return bubble_bound("interleaved" if chunks > 1 else "1f1b", stages, microbatches, chunks)
 
 

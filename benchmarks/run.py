@@ -34,7 +34,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 from benchmarks import pairing, report  # noqa: E402
-from common import hardware  # noqa: E402
+from common.launch import hardware  # noqa: E402
 
 PYTHON = sys.executable
 BIN = os.path.dirname(PYTHON)
@@ -166,7 +166,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
-HOROVOD_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "0"}  # undo our shipped default (common/launch.py)
+HOROVOD_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "0"}  # undo our shipped default (common/launch/)
 # Pipelines (ours and torch.distributed.pipelining's) cut where each layer's measured time
 # says, not its FLOPs: on CPUs FLOPs misjudge pooling and small convolutions (README,
 # "Where a step's time goes").
@@ -282,7 +282,7 @@ def main_cases(settings, quick):
 def machine():
     return {"host": socket.gethostname(), "cores": os.cpu_count(), "cpu": hardware.cpu_model(),
             "cpu_features": hardware.cpu_features().names(), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def measure_case(name, measure, features):

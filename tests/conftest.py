@@ -11,7 +11,7 @@ from tests.helpers import local_hosts
 def elpv_small(tmp_path_factory):
     """A class-folder tree of 80 real solar-cell images (40 defective, 40 functional),
     written from the elpv-dataset package the way `make elpv` writes all of them."""
-    from common import elpv
+    from common.data import elpv
 
     root = tmp_path_factory.mktemp("elpv") / "elpv"
     elpv.write_tree(str(root), "binary", per_class=40)

@@ -93,16 +93,16 @@ def folder_cnn(size=16):
 
 def checkpoint_path(directory, epoch, step=0):
     """Where a run saves after ``epoch`` epochs (and ``step`` steps into the next)."""
-    from common.checkpoint import checkpoint_path as path
+    from common.model.checkpoint import checkpoint_path as path
 
     return pathlib.Path(path(str(directory), (epoch, step)))
 
 
 def _open(path, architecture):
-    from common import checkpoint, models, weights
+    from common.model import checkpoint, networks, weights
 
     architecture = architecture or DIGITS_CNN
-    specs = models.model_specs(architecture["model"], tuple(architecture["input_shape"]),
+    specs = networks.model_specs(architecture["model"], tuple(architecture["input_shape"]),
                                architecture["num_classes"])
     return checkpoint.Checkpoint(str(path), architecture,
                                  weights.expected_shapes(specs, tuple(architecture["input_shape"])))

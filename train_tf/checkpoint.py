@@ -1,11 +1,11 @@
-"""TensorFlow model and optimizer <-> the neutral state that common/checkpoint.py stores.
+"""TensorFlow model and optimizer <-> the neutral state that common/model/checkpoint.py stores.
 
-The files themselves are written and read by common/checkpoint.py (safetensors +
+The files themselves are written and read by common/model/checkpoint.py (safetensors +
 JSON, the same for both frameworks); this only converts variables to and from
 it (TF's kernel layouts to the channel-first neutral ones, and back).
 """
 
-from common.checkpoint import NeutralState
+from common.model.checkpoint import NeutralState
 from train_tf.model import load_neutral, to_neutral
 from train_tf.optimizer import load_optimizer_neutral, optimizer_to_neutral
 

@@ -1,4 +1,4 @@
-"""Data-parallel training with Horovod ring-allreduce (a common/runner.py Runner).
+"""Data-parallel training with Horovod ring-allreduce (a common/core/runner.py Runner).
 
 Lines that differ from single-process training are marked "# Horovod:".
 As in train_torch: each rank divides its summed loss by the global batch size
@@ -11,12 +11,18 @@ the operation hvd.DistributedGradientTape performs, which cannot accumulate.
 
 import tensorflow as tf
 
-from common import weights
-from common.batches import Reads
-from common.data_parallel import (apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline,
-                                  run_elastic, start_horovod_timeline)
-from common.launch import cpus_per_rank
-from common.loss_scale import DynamicLossScale
+from common.data.batches import Reads
+from common.launch.cpu_budget import cpus_per_rank
+from common.model import weights
+from common.model.loss_scale import DynamicLossScale
+from common.parallel.data_parallel import (
+    apply_data_layout,
+    primary_shard,
+    read_on_primary,
+    request_horovod_timeline,
+    run_elastic,
+    start_horovod_timeline,
+)
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
 from train_tf.input import DeviceMeter, make_feed
@@ -260,6 +266,6 @@ class DataParallelRunner:
         return [variable.value for variable in self.model.variables] + self.optimizer.variables
 
     def run_elastic(self, start, train_from):
-        """Horovod elastic (common/data_parallel.run_elastic) over the model's and optimizer's variables."""
+        """Horovod elastic (common/parallel/data_parallel.run_elastic) over the model's and optimizer's variables."""
         state = variables_state(self.hvd, self.all_variables(), epoch=0, step=0, started=False)
         return run_elastic(self, self.hvd, state, start, train_from, elastic_run(self.hvd))

@@ -1,10 +1,10 @@
-"""The TensorFlow end of the input path (common/batches.py): batches reach the device as bytes.
+"""The TensorFlow end of the input path (common/data/batches.py): batches reach the device as bytes.
 
 The prefetch thread reads each batch's uint8 pixels and copies them to the
 rank's GPU (TensorFlow's own host-to-device copy, started from that thread: the
 prefetch to the GPU happens while the current step trains); a compiled function
 then mirrors and normalises them there and transposes them to NHWC. On a CPU
-the same function gives exactly ``common.batches.reference_inputs``, transposed.
+the same function gives exactly ``common.data.batches.reference_inputs``, transposed.
 
 --decode gpu is PyTorch's (nvJPEG through torchvision): TensorFlow's JPEG
 decoder has no GPU kernel.
@@ -13,13 +13,12 @@ decoder has no GPU kernel.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-from common.batches import Batch, Normalisation
-from common.errors import UsageError
+from common.core.errors import UsageError
+from common.data.batches import Batch, Normalisation
 
 
 class TfSums:
@@ -47,7 +46,7 @@ class DeviceMeter:
 
 
 class TfFeed:
-    """common.batches.Feed for one device: host buffers, the copy to the device, and the
+    """common.data.batches.Feed for one device: host buffers, the copy to the device, and the
     NHWC float32 model inputs made there."""
 
     def __init__(self, device: str, normalisation: Normalisation):
@@ -74,7 +73,7 @@ class TfFeed:
         return "/CPU:0" if self.device == "cpu" else "/GPU:0"  # the one GPU pin_gpu left visible
 
     @staticmethod
-    def _copy(array: Optional[np.ndarray]):
+    def _copy(array: np.ndarray | None):
         return None if array is None else tf.identity(tf.constant(np.ascontiguousarray(array)))
 
     def arrive(self, batch: Batch) -> Batch:
@@ -94,7 +93,7 @@ class TfFeed:
 
     def _normalised(self, pixels, flips):
         """Pixels mirrored where drawn, then * scale - shift (two operations, as
-        common.batches.normalise computes them)."""
+        common.data.batches.normalise computes them)."""
         x = tf.cast(pixels, tf.float32)
         x = tf.where(tf.reshape(flips, [-1, 1, 1, 1]), tf.reverse(x, axis=[3]), x)
         return tf.subtract(tf.multiply(x, self.scale), self.shift)

@@ -14,8 +14,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import trainer  # noqa: E402
-from common.launch import quiet_stderr, run_entry  # noqa: E402
+from common.core import trainer  # noqa: E402
+from common.launch.entry import quiet_stderr, run_entry  # noqa: E402
+from common.parallel import drivers  # noqa: E402
 
 
 def main(argv=None):
@@ -23,7 +24,7 @@ def main(argv=None):
     verbose = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3") != "3"
     with quiet_stderr(enabled=not verbose):  # TF logs to fd 2 before honouring the level
         from train_tf import data_parallel, stage  # heavy imports only once the input is valid
-    runner = trainer.make_runner(config, dataset, specs, lambda: data_parallel.DataParallelRunner,
+    runner = drivers.make_runner(config, dataset, specs, lambda: data_parallel.DataParallelRunner,
                                  lambda: stage.TfStage)
     trainer.run(config, dataset, specs, runner)
 

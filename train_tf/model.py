@@ -1,7 +1,7 @@
-"""Keras 3 layers built from common/models.py layer specs (NHWC inside).
+"""Keras 3 layers built from common/model/networks.py layer specs (NHWC inside).
 
 The layers compute exactly what train_torch/model.py computes, so weights move
-between frameworks through common/weights.py: explicit symmetric padding at
+between frameworks through common/model/weights.py: explicit symmetric padding at
 every stride, BatchNorm with PyTorch's semantics, and Flatten in channel-first
 order. Nothing here knows about distribution.
 """
@@ -11,7 +11,7 @@ import contextlib
 import keras
 import tensorflow as tf
 
-from common import models, weights
+from common.model import networks, weights
 
 BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * old + m * batch
 BN_EPSILON = 1e-5
@@ -103,7 +103,7 @@ class ConvLayer(keras.layers.Layer):
 
     def __init__(self, spec, **kwargs):
         super().__init__(**kwargs)
-        batch_norm = isinstance(spec, models.ConvBN)
+        batch_norm = isinstance(spec, networks.ConvBN)
         self.pad = spec.kernel // 2
         self.conv = _conv2d(spec, use_bias=spec.bias if batch_norm else True)
         self.bn = TorchBatchNorm() if batch_norm else None
@@ -119,7 +119,7 @@ class ConvLayer(keras.layers.Layer):
 
 
 class BlockLayer(keras.layers.Layer):
-    """Any common/models.py block: its path of ConvBN parts in order, plus the
+    """Any common/model/networks.py block: its path of ConvBN parts in order, plus the
     shortcut (projection, identity or none), then ReLU if the block has one."""
 
     def __init__(self, spec, in_shape, **kwargs):
@@ -178,8 +178,8 @@ class AdaptiveAvgPoolLayer(keras.layers.Layer):
 
     def __init__(self, spec, in_shape, **kwargs):
         super().__init__(**kwargs)
-        self.rows = tf.constant(models.adaptive_pool_matrix(in_shape[1], spec.size), tf.float32)
-        self.cols = tf.constant(models.adaptive_pool_matrix(in_shape[2], spec.size), tf.float32)
+        self.rows = tf.constant(networks.adaptive_pool_matrix(in_shape[1], spec.size), tf.float32)
+        self.cols = tf.constant(networks.adaptive_pool_matrix(in_shape[2], spec.size), tf.float32)
 
     def call(self, x, training=False):
         return tf.einsum("nhwc,ih,jw->nijc", x, tf.cast(self.rows, x.dtype), tf.cast(self.cols, x.dtype))
@@ -191,21 +191,21 @@ class GlobalAvgPoolLayer(keras.layers.Layer):
 
 
 def build_layer(spec, in_shape):
-    if isinstance(spec, models.Conv):
+    if isinstance(spec, networks.Conv):
         return ConvLayer(spec)
-    if isinstance(spec, models.ConvBN):
+    if isinstance(spec, networks.ConvBN):
         return ConvLayer(spec)
-    if isinstance(spec, models.BLOCKS):
+    if isinstance(spec, networks.BLOCKS):
         return BlockLayer(spec, in_shape)
-    if isinstance(spec, models.MaxPool):
+    if isinstance(spec, networks.MaxPool):
         return MaxPoolLayer(spec)
-    if isinstance(spec, models.AdaptiveAvgPool):
+    if isinstance(spec, networks.AdaptiveAvgPool):
         return AdaptiveAvgPoolLayer(spec, in_shape)
-    if isinstance(spec, models.GlobalAvgPool):
+    if isinstance(spec, networks.GlobalAvgPool):
         return GlobalAvgPoolLayer()
-    if isinstance(spec, models.Flatten):
+    if isinstance(spec, networks.Flatten):
         return ChannelFirstFlatten()
-    if isinstance(spec, models.Dense):
+    if isinstance(spec, networks.Dense):
         return DenseLayer(spec)
     raise TypeError(f"no Keras layer for spec {spec!r}")
 
@@ -215,7 +215,7 @@ class SpecModel(keras.Model):
 
     def __init__(self, specs, input_shape, **kwargs):
         super().__init__(**kwargs)
-        shapes = models.layer_shapes(specs, input_shape)
+        shapes = networks.layer_shapes(specs, input_shape)
         self.specs = list(specs)
         self.layers_ = [build_layer(spec, shapes[i]) for i, spec in enumerate(specs)]
 
@@ -240,22 +240,22 @@ def batch_norm_statistics(model) -> list:
 
 
 def build_model(specs, input_shape, seed):
-    """Model for NCHW ``input_shape`` (fed NHWC), with common/weights.py's initial
+    """Model for NCHW ``input_shape`` (fed NHWC), with common/model/weights.py's initial
     weights for ``seed`` (the same weights on every rank and in both frameworks)."""
     return build_stage(specs, input_shape, seed, 0, len(specs))
 
 
-# --- The neutral weight layout (common/weights.py) ------------------------------
+# --- The neutral weight layout (common/model/weights.py) ------------------------------
 
 def _part_layers(layer, spec, in_shape):
     parts = weights.layer_parts(spec, in_shape)
-    if isinstance(spec, models.BLOCKS):
+    if isinstance(spec, networks.BLOCKS):
         return [(name, getattr(layer, name), part) for name, part, _ in parts]
     return [(name, layer, part) for name, part, _ in parts]
 
 
 def _part_arrays(layer, part):
-    if isinstance(part, models.Dense):
+    if isinstance(part, networks.Dense):
         kernel, bias = layer.linear.kernel, layer.linear.bias
         return {"kernel": (kernel, weights.dense_kernel_to_tf, weights.dense_kernel_from_tf),
                 "bias": (bias, None, None)}
@@ -276,7 +276,7 @@ def _part_arrays(layer, part):
 def _variables(model, input_shape):
     """{neutral key: (variable, to_tf, from_tf)} for every array of the layout."""
     found = {}
-    shapes = models.layer_shapes(model.specs, input_shape)
+    shapes = networks.layer_shapes(model.specs, input_shape)
     for index, (layer, spec) in enumerate(zip(model.layers_, model.specs)):
         for name, part_layer, part in _part_layers(layer, spec, shapes[index]):
             prefix = f"{index}.{name + '.' if name else ''}"
@@ -314,7 +314,7 @@ def to_channels_first(array):
 
 def build_stage(specs, input_shape, seed, start, end):
     """Layers start..end-1 of the model, holding exactly the whole model's initial weights."""
-    shapes = models.layer_shapes(specs, input_shape)
+    shapes = networks.layer_shapes(specs, input_shape)
     stage = SpecModel(specs[start:end], shapes[start])
     channels_last = shapes[start][1:] + shapes[start][:1] if len(shapes[start]) == 3 else shapes[start]
     stage(tf.zeros((1, *channels_last)))  # create the variables

@@ -4,7 +4,7 @@ Keras' "mixed_bfloat16"/"mixed_float16" policies keep variables float32 and
 compute in the low precision; train_tf/model.py's BatchNorm stays float32
 throughout and the logits are cast back to float32 before the loss, as
 PyTorch's autocast does. fp16's loss scaling is the data-parallel runner's
-(common/loss_scale.py).
+(common/model/loss_scale.py).
 """
 
 import keras

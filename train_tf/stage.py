@@ -1,6 +1,6 @@
 """The TensorFlow stage: one pipeline stage's arithmetic (model/hybrid), or the
 whole model's (ps). The runners in common/ (pipeline.py, parameter_server.py)
-hold one and drive it; see common/runner.py's Stage. Each part is a compiled tf.function (run
+hold one and drive it; see common/core/runner.py's Stage. Each part is a compiled tf.function (run
 eagerly, a small CNN's micro-batches spent most of their time in TF's per-op
 overhead):
 - the last stage computes a micro-batch's loss and all its gradients in one
@@ -23,18 +23,24 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from common import metrics, models
-from common.checkpoint import NeutralState
-from common.runner import StagePlace
+from common.core import metrics
+from common.core.runner import StagePlace
+from common.model import networks
+from common.model.checkpoint import NeutralState
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.data_parallel import average_batch_norm_statistics
 from train_tf.device import pin_gpu
 from train_tf.input import make_feed
-from train_tf.wire import make_wire
-from train_tf.model import (build_model, build_stage, frozen_batch_norm_statistics, set_batch_norm_reduction,
-                            to_channels_last)
+from train_tf.model import (
+    build_model,
+    build_stage,
+    frozen_batch_norm_statistics,
+    set_batch_norm_reduction,
+    to_channels_last,
+)
 from train_tf.optimizer import Optimizer
 from train_tf.precision import set_precision
+from train_tf.wire import make_wire
 
 
 def channels_last(x):
@@ -88,7 +94,7 @@ class TfStage:
         self.first, self.last = place.first, place.last
         self.config, self.feed = place.config, place.feed
         self.stage_set = None  # hybrid: this stage's replicas (use_replica_group)
-        self.in_shape = models.layer_shapes(place.specs, place.input_shape)[place.start]
+        self.in_shape = networks.layer_shapes(place.specs, place.input_shape)[place.start]
         set_precision(place.config)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start, place.end)
         self.variables = self.model.trainable_variables

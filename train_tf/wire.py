@@ -1,4 +1,4 @@
-"""How TensorFlow tensors travel between ranks (common/p2p.py's Wire).
+"""How TensorFlow tensors travel between ranks (common/parallel/p2p.py's Wire).
 
 MPI reads and writes host arrays: a tensor leaves as its numpy copy (from a GPU,
 TensorFlow's own device-to-host copy) and arrives as a host array that the next
@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from common.errors import UsageError
-from common.p2p import NumpyWire
+from common.core.errors import UsageError
+from common.parallel.p2p import NumpyWire
 
 
 class TensorWire(NumpyWire):

@@ -1,12 +1,12 @@
-"""PyTorch model and optimizer <-> the neutral state that common/checkpoint.py stores.
+"""PyTorch model and optimizer <-> the neutral state that common/model/checkpoint.py stores.
 
-The files themselves are written and read by common/checkpoint.py (safetensors +
+The files themselves are written and read by common/model/checkpoint.py (safetensors +
 JSON, the same for both frameworks); this only converts tensors to and from it.
 """
 
 import torch
 
-from common.checkpoint import NeutralState
+from common.model.checkpoint import NeutralState
 from train_torch.model import load_neutral, named_tensors, to_neutral
 
 

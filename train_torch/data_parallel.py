@@ -1,4 +1,4 @@
-"""Data-parallel training with Horovod ring-allreduce (a common/runner.py Runner).
+"""Data-parallel training with Horovod ring-allreduce (a common/core/runner.py Runner).
 
 Lines that differ from single-process training are marked "# Horovod:".
 Gradients are SUMMED across ranks (not averaged) and every rank divides its
@@ -12,12 +12,19 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from common import weights
-from common.batches import Reads
-from common.errors import UsageError
-from common.launch import cpus_per_rank, launcher_world_size
-from common.data_parallel import (apply_data_layout, primary_shard, read_on_primary, request_horovod_timeline,
-                                  run_elastic, start_horovod_timeline)
+from common.core.errors import UsageError
+from common.data.batches import Reads
+from common.launch.cpu_budget import cpus_per_rank
+from common.launch.environment import launcher_world_size
+from common.model import weights
+from common.parallel.data_parallel import (
+    apply_data_layout,
+    primary_shard,
+    read_on_primary,
+    request_horovod_timeline,
+    run_elastic,
+    start_horovod_timeline,
+)
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
 from train_torch.device import pick_device
 from train_torch.input import DeviceMeter, make_feed
@@ -251,6 +258,6 @@ class DataParallelRunner:
             load_optimizer_state(self.model, self.optimizer, slots)
 
     def run_elastic(self, start, train_from):
-        """Horovod elastic (common/data_parallel.run_elastic) over Horovod's PyTorch state."""
+        """Horovod elastic (common/parallel/data_parallel.run_elastic) over Horovod's PyTorch state."""
         state = self.hvd.elastic.TorchState(self.model, self.optimizer, epoch=0, step=0, started=False)
         return run_elastic(self, self.hvd, state, start, train_from, self.hvd.elastic.run)

@@ -1,14 +1,14 @@
-"""The PyTorch end of the input path (common/batches.py): batches reach the device as bytes.
+"""The PyTorch end of the input path (common/data/batches.py): batches reach the device as bytes.
 
 The prefetch thread reads each batch's uint8 pixels straight into page-locked
 host memory and copies them to the GPU on a side CUDA stream, one batch ahead of
 the step that trains on it; the step's stream waits for that copy's event (the
 host does not), then the device mirrors and normalises the pixels. The same
-arithmetic on a CPU device gives exactly ``common.batches.reference_inputs``.
+arithmetic on a CPU device gives exactly ``common.data.batches.reference_inputs``.
 
 --decode gpu (``JpegDecoder``): the prefetch thread reads the files' bytes, the
 GPU decodes them (nvJPEG through torchvision, batched) and resamples each crop
-the way Pillow does on the CPU path (common/jpeg.py's coefficients, two passes,
+the way Pillow does on the CPU path (common/data/jpeg.py's coefficients, two passes,
 rounded to bytes in between).
 """
 
@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import replace
-from typing import Optional
 
 import numpy as np
 import torch
 
-from common import jpeg
-from common.batches import Batch, Normalisation
-from common.errors import launcher_rank
-from common.metrics import log
+from common.core.errors import launcher_rank
+from common.core.metrics import log
+from common.data import jpeg
+from common.data.batches import Batch, Normalisation
 
 
 class TorchSums:
@@ -63,23 +62,23 @@ class _HostSlot:
 
     def __init__(self, shape: tuple, dtype):
         self.tensor = torch.empty(shape, dtype=dtype, pin_memory=True)
-        self.copied: Optional[torch.cuda.Event] = None
+        self.copied: torch.cuda.Event | None = None
 
 
 class TorchFeed:
-    """common.batches.Feed for one device: where batches are read into, their copy to the
+    """common.data.batches.Feed for one device: where batches are read into, their copy to the
     device, and the model inputs made of them there."""
 
     RING = 4  # page-locked buffers in turn: the batch training, the one copying, the one reading, one spare
 
     def __init__(self, device: torch.device, normalisation: Normalisation, memory_format=torch.contiguous_format,
-                 decoder: Optional["JpegDecoder"] = None):
+                 decoder: JpegDecoder | None = None):
         self.device, self.memory_format, self.decoder = device, memory_format, decoder
         self.cuda = self.on_gpu = device.type == "cuda"
         scale, shift = normalisation.arrays()
         self.scale, self.shift = torch.from_numpy(scale).to(device), torch.from_numpy(shift).to(device)
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        self.slots: list[Optional[_HostSlot]] = [None] * self.RING
+        self.slots: list[_HostSlot | None] = [None] * self.RING
         self.turn = 0
         self.by_address: dict = {}
 
@@ -124,14 +123,14 @@ class TorchFeed:
         stack.enter_context(torch.cuda.stream(self.side))
         return stack
 
-    def _pixels(self, array: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+    def _pixels(self, array: np.ndarray | None) -> torch.Tensor | None:
         if array is None:
             return None
         slot = self.by_address.get(array.ctypes.data) if self.cuda else None
         host = slot.tensor if slot is not None else torch.from_numpy(array)
         return host.to(self.device, non_blocking=True) if self.cuda else host
 
-    def _small(self, array: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+    def _small(self, array: np.ndarray | None) -> torch.Tensor | None:
         if array is None:
             return None
         host = torch.from_numpy(np.ascontiguousarray(array))
@@ -153,7 +152,7 @@ class TorchFeed:
 
     def inputs(self, batch: Batch) -> torch.Tensor:
         """The float32 model inputs: pixels mirrored where drawn, then * scale - shift
-        (two operations, as common.batches.normalise computes them)."""
+        (two operations, as common.data.batches.normalise computes them)."""
         x = batch.pixels.to(torch.float32)
         if batch.flips is not None and len(batch.flips):
             x = torch.where(batch.flips.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -170,7 +169,7 @@ class JpegDecoder:
     torchvision.io.decode_jpeg, one batched call: nvJPEG on a GPU, libjpeg-turbo on a CPU;
     where torchvision's image library does not load (beside a CPU-only PyTorch build),
     Pillow decodes the whole image on the host and the device does the rest. Each crop
-    is resized with Pillow's coefficients (common/jpeg.py) as two batched matrix
+    is resized with Pillow's coefficients (common/data/jpeg.py) as two batched matrix
     products, rounded to bytes after each as Pillow rounds."""
 
     CHUNK = 32  # images resampled together (their decoded sizes are padded to the largest)
@@ -282,7 +281,7 @@ def make_feed(config, device: torch.device, dataset, reads) -> TorchFeed:
     return TorchFeed(device, dataset.normalisation, memory_format(config, device), decoder)
 
 
-def make_decoder(config, device, dataset) -> Optional[JpegDecoder]:
+def make_decoder(config, device, dataset) -> JpegDecoder | None:
     """--decode gpu's decoder (None for --decode cpu), with one line on how it decodes."""
     if config.decode != "gpu" or not dataset.encoded_reader("train"):
         return None

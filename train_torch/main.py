@@ -5,7 +5,7 @@
     mpirun -np 2 python train_torch/main.py --mode model --pp 2 --microbatches 4
     mpirun -np 4 python train_torch/main.py --mode hybrid --pp 2 --dp 2
     mpirun -np 3 python train_torch/main.py --mode ps         # parameter server + 2 workers
-    horovodrun -np 3 --min-np 2 --max-np 4 --host-discovery-script common/discover_hosts.sh \
+    horovodrun -np 3 --min-np 2 --max-np 4 --host-discovery-script common/launch/discover_hosts.sh \
         python train_torch/main.py --elastic                    # workers may leave and join
 """
 
@@ -15,13 +15,14 @@ from importlib import import_module
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import trainer  # noqa: E402
-from common.launch import run_entry  # noqa: E402
+from common.core import trainer  # noqa: E402
+from common.launch.entry import run_entry  # noqa: E402
+from common.parallel import drivers  # noqa: E402
 
 
 def main(argv=None):
     config, dataset, specs = trainer.load_run(argv, "train_torch/main.py")
-    runner = trainer.make_runner(config, dataset, specs,
+    runner = drivers.make_runner(config, dataset, specs,
                                  lambda: import_module("train_torch.data_parallel").DataParallelRunner,
                                  lambda: import_module("train_torch.stage").TorchStage)
     trainer.run(config, dataset, specs, runner)

@@ -1,4 +1,4 @@
-"""PyTorch modules built from common/models.py layer specs.
+"""PyTorch modules built from common/model/networks.py layer specs.
 
 The model is a flat nn.Sequential with one module per spec, so a pipeline
 stage is simply a slice of it. Nothing here knows about distribution.
@@ -7,8 +7,7 @@ stage is simply a slice of it. Nothing here knows about distribution.
 import torch
 from torch import nn
 
-from common import models, weights
-
+from common.model import networks, weights
 
 ACTIVATIONS = {"relu": torch.relu, "relu6": nn.functional.relu6, "": None}
 
@@ -73,7 +72,7 @@ class ConvBNLayer(nn.Module):
 
 
 class BlockLayer(nn.Module):
-    """Any common/models.py block: its path of ConvBN parts in order, plus the
+    """Any common/model/networks.py block: its path of ConvBN parts in order, plus the
     shortcut (projection, identity or none), then ReLU if the block has one."""
 
     def __init__(self, spec, in_shape):
@@ -114,28 +113,28 @@ class GlobalAvgPoolLayer(nn.Module):
 
 
 def build_layer(spec, in_shape):
-    if isinstance(spec, models.Conv):
+    if isinstance(spec, networks.Conv):
         return ConvLayer(spec, in_shape[0])
-    if isinstance(spec, models.ConvBN):
+    if isinstance(spec, networks.ConvBN):
         return ConvBNLayer(spec, in_shape[0])
-    if isinstance(spec, models.BLOCKS):
+    if isinstance(spec, networks.BLOCKS):
         return BlockLayer(spec, in_shape)
-    if isinstance(spec, models.MaxPool):
+    if isinstance(spec, networks.MaxPool):
         return nn.MaxPool2d(spec.size, spec.stride or spec.size, spec.padding)
-    if isinstance(spec, models.AdaptiveAvgPool):
+    if isinstance(spec, networks.AdaptiveAvgPool):
         return nn.AdaptiveAvgPool2d(spec.size)
-    if isinstance(spec, models.GlobalAvgPool):
+    if isinstance(spec, networks.GlobalAvgPool):
         return GlobalAvgPoolLayer()
-    if isinstance(spec, models.Flatten):
+    if isinstance(spec, networks.Flatten):
         return nn.Flatten()
-    if isinstance(spec, models.Dense):
+    if isinstance(spec, networks.Dense):
         return DenseLayer(spec, in_shape[0])
     raise TypeError(f"no torch layer for spec {spec!r}")
 
 
 def build_stage(specs, input_shape, seed, start, end):
     """Layers start..end-1 of the model, holding exactly the whole model's initial weights."""
-    shapes = models.layer_shapes(specs, input_shape)
+    shapes = networks.layer_shapes(specs, input_shape)
     stage = nn.Sequential(*(build_layer(specs[i], shapes[i]) for i in range(start, end)))
     load_neutral(stage, weights.stage_arrays(weights.initial_weights(specs, input_shape, seed), start, end))
     return stage
@@ -156,12 +155,12 @@ def batch_norm_statistics(model) -> list:
 
 
 def build_model(specs, input_shape, seed):
-    """nn.Sequential of the specs, with common/weights.py's initial weights for ``seed``
+    """nn.Sequential of the specs, with common/model/weights.py's initial weights for ``seed``
     (the same weights on every rank and in both frameworks)."""
     return build_stage(specs, input_shape, seed, 0, len(specs))
 
 
-# --- The neutral weight layout (common/weights.py) ------------------------------
+# --- The neutral weight layout (common/model/weights.py) ------------------------------
 
 def named_tensors(model):
     """{neutral key: tensor}; the layout is PyTorch's, so only the names change."""

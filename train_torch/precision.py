@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from common.loss_scale import BACKOFF, GROWTH, GROWTH_INTERVAL, report_skip
+from common.model.loss_scale import BACKOFF, GROWTH, GROWTH_INTERVAL, report_skip
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

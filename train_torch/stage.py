@@ -1,6 +1,6 @@
 """The PyTorch stage: one pipeline stage's arithmetic (model/hybrid), or the whole
 model's (ps), with torch autograd. The runners in common/ (pipeline.py,
-parameter_server.py) hold one and drive it; see common/runner.py's Stage.
+parameter_server.py) hold one and drive it; see common/core/runner.py's Stage.
 """
 
 import time
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
-from common import metrics
-from common.checkpoint import NeutralState
-from common.runner import StagePlace
+from common.core import metrics
+from common.core.runner import StagePlace
+from common.model.checkpoint import NeutralState
 from train_torch.checkpoint import load_neutral_state, neutral_state
 from train_torch.data_parallel import average_batch_norm_statistics
 from train_torch.device import pick_device, to_numpy

@@ -1,4 +1,4 @@
-"""How PyTorch tensors travel between ranks (common/p2p.py's Wire), on a CPU or a GPU.
+"""How PyTorch tensors travel between ranks (common/parallel/p2p.py's Wire), on a CPU or a GPU.
 
 - ``ArrayWire`` (a CPU device): MPI reads and writes the tensors' own memory as
   numpy arrays; nothing is copied.
@@ -19,11 +19,9 @@ are then ordinary copies).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from common.p2p import NumpyWire, mpi_reports_cuda_support
+from common.parallel.p2p import NumpyWire, mpi_reports_cuda_support
 
 
 def _wait_for_stream(device: torch.device) -> None:
@@ -44,7 +42,7 @@ class ArrayWire(NumpyWire):
 class _Slot:
     def __init__(self, shape: tuple, pinned: bool):
         self.tensor = torch.empty(shape, dtype=torch.float32, pin_memory=pinned)
-        self.copied: Optional[torch.cuda.Event] = None  # the last copy out of it, still to finish
+        self.copied: torch.cuda.Event | None = None  # the last copy out of it, still to finish
 
 
 class StagedWire:

@@ -14,13 +14,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from common import models  # noqa: E402
+from common.model import networks  # noqa: E402
 
 
 def parse(extra=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch-size", type=int, default=128, help="global batch")
-    parser.add_argument("--model", default="cnn", help="a common/models.py network")
+    parser.add_argument("--model", default="cnn", help="a common/model/networks.py network")
     parser.add_argument("--shape", default="3,32,32")
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
@@ -30,7 +30,7 @@ def parse(extra=None):
         parser.add_argument(name, **kwargs)
     args = parser.parse_args()
     args.image_shape = tuple(int(part) for part in args.shape.split(","))
-    args.specs = models.model_specs(args.model, args.image_shape, 10)
+    args.specs = networks.model_specs(args.model, args.image_shape, 10)
     return args
 
 

@@ -8,7 +8,6 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from common_bench import parse, report, synthetic_batch, timed_windows
 
 from train_torch.model import build_model

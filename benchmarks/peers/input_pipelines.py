@@ -3,7 +3,7 @@
 
     python input_pipelines.py --impl ours|torchvision|tf --dir D --size 224 --workers 2
 
-ours: common/images.py (spawned decoder processes, prefetch); torchvision:
+ours: common/data/decoders.py (spawned decoder processes, prefetch); torchvision:
 datasets.ImageFolder + DataLoader(num_workers) with the same transforms; tf:
 keras.utils.image_dataset_from_directory + tf.data map(num_parallel_calls) with
 tf.image's equivalents. Prints BENCH_RESULT with images/sec per window and the
@@ -26,12 +26,12 @@ BATCH = 64
 def ours(args):
     import numpy as np
 
-    from common import data, images
+    from common.data import datasets, decoders, folders, transforms
 
-    index = images.scan_folder(args.dir, 0.2)
-    transform = images.ImageTransform(args.size, 3, augment=True, seed=0)
-    stream = images.StreamedImages(index.train.paths, transform, images.start_workers(args.workers))
-    order = data.epoch_permutation(len(stream), 0, 0)
+    index = folders.scan_folder(args.dir, 0.2)
+    transform = transforms.ImageTransform(args.size, 3, augment=True, seed=0)
+    stream = decoders.StreamedImages(index.train.paths, transform, decoders.start_workers(args.workers))
+    order = datasets.epoch_permutation(len(stream), 0, 0)
     needed = BATCH * args.batches * args.windows
     order = np.resize(order, needed)  # a folder smaller than the run is read again
     stream.plan(order, 0, lookahead=2 * BATCH)

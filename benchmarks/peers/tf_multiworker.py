@@ -12,7 +12,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tensorflow as tf  # noqa: E402
-
 from common_bench import parse, report, synthetic_batch, timed_windows  # noqa: E402
 
 from train_tf.model import build_model, to_channels_last  # noqa: E402

@@ -1,5 +1,5 @@
-"""torch.distributed.pipelining (GPipe, 1F1B or interleaved 1F1B) on a common/models.py
-network, cut where our --mode model cuts it (common/plan.partition, by FLOPs or, with
+"""torch.distributed.pipelining (GPipe, 1F1B or interleaved 1F1B) on a common/model/networks.py
+network, cut where our --mode model cuts it (common/parallel/plan.partition, by FLOPs or, with
 --balance time, by each layer's forward + backward timed on rank 0): the peer of our pipelines.
 
     torchrun --nproc_per_node 2 benchmarks/peers/torch_pipelining.py --schedule 1f1b --microbatches 4
@@ -10,11 +10,11 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from common_bench import parse, report, synthetic_batch, timed_windows
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from common_bench import parse, report, synthetic_batch, timed_windows
-
-from common import models, plan
+from common.model import networks
+from common.parallel import plan
 from train_torch.model import build_stage
 from train_torch.stage import TorchStage
 
@@ -28,7 +28,7 @@ def main():
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank, stages = dist.get_rank(), dist.get_world_size()
-    costs = [[cost[3] for cost in models.layer_costs(args.specs, args.image_shape)]]
+    costs = [[cost[3] for cost in networks.layer_costs(args.specs, args.image_shape)]]
     if args.balance == "time":  # as our --balance time: timed once on one rank, shared
         if rank == 0:
             costs = [TorchStage.measure_layer_times(args.specs, args.image_shape,

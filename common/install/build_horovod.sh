@@ -62,7 +62,7 @@ fi
 #    SIGINT to that "horovodrun" was ignored and SIGTERM killed only the shell,
 #    leaving mpirun and the ranks training. `exec mpirun` makes horovodrun's PID
 #    mpirun's, which ends the job on SIGTERM, SIGINT and SIGHUP (the ranks save
-#    and stop) and, killed, leaves ranks that notice (common/launch.LauncherWatch).
+#    and stop) and, killed, leaves ranks that notice (common/launch/supervision.LauncherWatch).
 patch_horovodrun() {
     "$venv/bin/python" - <<'PATCH'
 import horovod.common.util as util

@@ -4,7 +4,6 @@ import pytest
 
 from tests.helpers import FRAMEWORKS, assert_ok, final_accuracy, run_training
 
-
 EMULATED = "warning: --amp bf16 is emulated on this CPU"
 
 

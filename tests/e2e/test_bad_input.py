@@ -85,7 +85,7 @@ def test_bad_input_single_process(tmp_path, framework, case):
     assert snapshot(tmp_path) == before, "bad input changed files already saved"
 
 
-# The architecture check is common/checkpoint.py's, before any framework tensor: each framework
+# The architecture check is common/model/checkpoint.py's, before any framework tensor: each framework
 # meets it through one of the two flags.
 @pytest.mark.parametrize("framework,flag", [("torch", "--resume"), ("tf", "--init-from")])
 def test_wrong_architecture_checkpoint_is_refused_and_kept(tmp_path, framework, flag):

@@ -4,8 +4,14 @@ run ends."""
 
 import pytest
 
-from tests.helpers import (assert_ok, checkpoint_path, checkpoint_weights, optimizer_arrays, relative_difference,
-                           run_training)
+from tests.helpers import (
+    assert_ok,
+    checkpoint_path,
+    checkpoint_weights,
+    optimizer_arrays,
+    relative_difference,
+    run_training,
+)
 
 STEPS = ["--steps-per-epoch", 4, "--batch-size", 32]
 PP2 = ["--mode", "model", "--pp", 2, "--microbatches", 2]

@@ -8,9 +8,17 @@ import json
 import numpy as np
 import pytest
 
-from common import models, weights
-from tests.helpers import (DIGITS_CNN, FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, final_accuracy,
-                           relative_difference, run_training)
+from common.model import networks, weights
+from tests.helpers import (
+    DIGITS_CNN,
+    FRAMEWORKS,
+    assert_ok,
+    checkpoint_path,
+    checkpoint_weights,
+    final_accuracy,
+    relative_difference,
+    run_training,
+)
 
 STEPS = ["--epochs", 1, "--steps-per-epoch", 3, "--lr", 0.1]
 
@@ -20,7 +28,7 @@ def weight_changes(tmp_path, name, framework, *extra):
     directory = tmp_path / name
     assert_ok(run_training([*STEPS, *extra, "--checkpoint-dir", directory], np_=2, framework=framework))
     shape = tuple(DIGITS_CNN["input_shape"])
-    initial = weights.initial_weights(models.model_specs("cnn", shape, 10), shape, seed=0)
+    initial = weights.initial_weights(networks.model_specs("cnn", shape, 10), shape, seed=0)
     return {key: value - initial[key] for key, value in checkpoint_weights(checkpoint_path(directory, 1)).items()}
 
 

@@ -9,9 +9,22 @@ import threading
 
 import numpy as np
 
-from tests.helpers import (BIN, ENTRY, JOB_TIMEOUT, PYTHON, REPO, assert_ok, checkpoint_path, kill_tree,
-                           checkpoint_weights, final_accuracy, first_epoch_after, job_env, relative_difference,
-                           run_training)
+from tests.helpers import (
+    BIN,
+    ENTRY,
+    JOB_TIMEOUT,
+    PYTHON,
+    REPO,
+    assert_ok,
+    checkpoint_path,
+    checkpoint_weights,
+    final_accuracy,
+    first_epoch_after,
+    job_env,
+    kill_tree,
+    relative_difference,
+    run_training,
+)
 
 STEPS = 23  # digits: 1437 samples, batches of 64
 EPOCHS = 26  # long enough that the lost worker's host comes back (epoch 11 here) well before the end
@@ -26,7 +39,7 @@ HOSTS = "127.0.0.1:2\nlocalhost:1\n"
 
 def elastic_command(checkpoint_dir):
     return [os.path.join(BIN, "horovodrun"), "-np", "3", "--min-np", "2", "--max-np", "3",
-            "--host-discovery-script", os.path.join(REPO, "common", "discover_hosts.sh"),
+            "--host-discovery-script", os.path.join(REPO, "common", "launch", "discover_hosts.sh"),
             "--blacklist-cooldown-range", "2", "3",
             PYTHON, ENTRY["torch"], "--elastic", "--elastic-commit-steps", "5", "--no-progress",
             "--run-dir", "none", "--checkpoint-dir", str(checkpoint_dir), *map(str, ARGS)]

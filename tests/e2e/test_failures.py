@@ -44,7 +44,7 @@ def training_with(tmp_path, framework, *extra, failure=None):
         os.environ.pop("CNN_PARALLEL_TEST_FAILURE", None)
 
 
-@pytest.mark.parametrize("framework", ["torch"])  # the save and its commit are common/trainer.py's
+@pytest.mark.parametrize("framework", ["torch"])  # the save and its commit are common/core/trainer.py's
 def test_a_kill_during_save_keeps_the_previous_checkpoint(tmp_path, framework):
     assert_ok(training_with(tmp_path, framework, "--epochs", 1))
     # Killed after writing epoch 2's checkpoint, before renaming it into place.
@@ -66,7 +66,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path):
     assert f"resumed from {tmp_path}/ckpt-epoch0001 (after epoch 1)" in resumed.stdout
 
 
-@pytest.mark.parametrize("framework", ["torch"])  # the NaN agreement is common/trainer.py's, framework-blind
+@pytest.mark.parametrize("framework", ["torch"])  # the NaN agreement is common/core/trainer.py's, framework-blind
 def test_a_nonfinite_loss_stops_without_saving(tmp_path, framework):
     assert_ok(training_with(tmp_path, framework, "--epochs", 1))
     before = sorted(os.listdir(tmp_path))

@@ -9,8 +9,17 @@ import time
 import pytest
 
 from tests.e2e.test_bad_input import assert_one_line_error, snapshot
-from tests.helpers import (FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, final_accuracy, folder_args,
-                           folder_cnn, relative_difference, run_training)
+from tests.helpers import (
+    FRAMEWORKS,
+    assert_ok,
+    checkpoint_path,
+    checkpoint_weights,
+    final_accuracy,
+    folder_args,
+    folder_cnn,
+    relative_difference,
+    run_training,
+)
 from tests.unit.test_images import png_claiming
 
 OTHER = {"torch": "tf", "tf": "torch"}

@@ -89,7 +89,7 @@ def test_an_elastic_worker_outlives_no_killed_horovodrun(tmp_path):
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("127.0.0.1:1\nlocalhost:1\n")
     command = [os.path.join(BIN, "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
-               "--host-discovery-script", os.path.join(REPO, "common", "discover_hosts.sh"),
+               "--host-discovery-script", os.path.join(REPO, "common", "launch", "discover_hosts.sh"),
                *rank_command(tmp_path, "HOROVOD_RANK", ["--elastic"])]
     job, processes = launch(tmp_path, command, dict(job_env(), HOSTS_FILE=str(hosts)))
     kill_and_wait(tmp_path, job, processes, "SIGKILL")

@@ -16,9 +16,25 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.helpers import (DIGITS_CNN, ENTRY, FRAMEWORKS, JOB_TIMEOUT, PYTHON, QUIET, REPO, assert_ok,
-                           checkpoint_path, checkpoint_weights, first_epoch_after, job_env, kill_tree, local_hosts,
-                           on_host, relative_difference, run_training)
+from tests.helpers import (
+    DIGITS_CNN,
+    ENTRY,
+    FRAMEWORKS,
+    JOB_TIMEOUT,
+    PYTHON,
+    QUIET,
+    REPO,
+    assert_ok,
+    checkpoint_path,
+    checkpoint_weights,
+    first_epoch_after,
+    job_env,
+    kill_tree,
+    local_hosts,
+    on_host,
+    relative_difference,
+    run_training,
+)
 
 HOROVODRUN = os.path.join(os.path.dirname(PYTHON), "horovodrun")
 MPIRUN_NETWORK = ["--mca", "btl_tcp_if_include", "eth1", "--mca", "oob_tcp_if_include", "eth1"]
@@ -142,7 +158,7 @@ def test_elastic_tensorflow_loses_a_host_rolls_back_and_takes_it_back(hosts, tmp
     hosts_file.write_text("node1:1\nnode2:1\nnode3:1\n")
     command = on_host(hosts, "node1", [
         HOROVODRUN, "-np", 3, "--min-np", 2, "--max-np", 3, "--network-interface", "eth1",
-        "--host-discovery-script", os.path.join(REPO, "common", "discover_hosts.sh"),
+        "--host-discovery-script", os.path.join(REPO, "common", "launch", "discover_hosts.sh"),
         "--blacklist-cooldown-range", 2, 3,
         PYTHON, ENTRY["tf"], "--elastic", "--elastic-commit-steps", 5, *QUIET,
         "--checkpoint-dir", tmp_path / "elastic", *ELASTIC_ARGS])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import plot
-from common.tensorboard import CONFIG_TAG, EPOCH_TAGS, STEP_LOSS_TAG
+from common.observe import plot
+from common.observe.tensorboard import CONFIG_TAG, EPOCH_TAGS, STEP_LOSS_TAG
 from tests.helpers import REPO, assert_ok, checkpoint_path, job_env, run_training
 
 
@@ -64,13 +64,12 @@ def test_torch_ranks_and_a_tf_pipeline_log_the_same_tags_and_their_curves_overla
 def on_terminal(command, timeout=180):
     """Run ``command`` with a pseudo-terminal as its controlling terminal, stdout and stderr
     (what a user at a terminal sees); (exit code, everything it printed)."""
+    import fcntl
     import os
     import pty
-    import time
-
-    import fcntl
     import struct
     import termios
+    import time
 
     pid, master = pty.fork()
     if pid == 0:  # the child: the terminal is already its stdio and controlling terminal

@@ -4,8 +4,14 @@ import re
 
 import pytest
 
-from tests.helpers import (assert_ok, checkpoint_path, checkpoint_weights, final_accuracy,
-                           relative_difference, run_training)
+from tests.helpers import (
+    assert_ok,
+    checkpoint_path,
+    checkpoint_weights,
+    final_accuracy,
+    relative_difference,
+    run_training,
+)
 
 OTHER = {"torch": "tf", "tf": "torch"}
 

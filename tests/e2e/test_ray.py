@@ -1,11 +1,21 @@
-"""Ray as a launcher: python -m common.ray_launch runs the entry script in Horovod workers
+"""Ray as a launcher: python -m common.launch.ray runs the entry script in Horovod workers
 that are Ray actors (horovod.ray.RayExecutor over Gloo), on a Ray instance it starts here
 (2 CPUs, no dashboard, usage statistics off)."""
 
 import subprocess
 
-from tests.helpers import (DIGITS_CNN, PYTHON, QUIET, REPO, assert_ok, checkpoint_path, checkpoint_weights,
-                           job_env, relative_difference, run_training)
+from tests.helpers import (
+    DIGITS_CNN,
+    PYTHON,
+    QUIET,
+    REPO,
+    assert_ok,
+    checkpoint_path,
+    checkpoint_weights,
+    job_env,
+    relative_difference,
+    run_training,
+)
 
 ARGS = ["--epochs", 1, "--steps-per-epoch", 3, "--lr", 0.1, "--momentum", 0.9, "--batch-size", 63, "--threads", 1]
 
@@ -13,7 +23,7 @@ ARGS = ["--epochs", 1, "--steps-per-epoch", 3, "--lr", 0.1, "--momentum", 0.9, "
 def test_two_ray_workers_equal_one_process(tmp_path):
     """63 samples split 32/31 over two Ray workers: ≡ one process (without Horovod's
     allreduce between the actors each would step on its own half)."""
-    command = [PYTHON, "-m", "common.ray_launch", "-np", "2", "train_torch/main.py", *QUIET,
+    command = [PYTHON, "-m", "common.launch.ray", "-np", "2", "train_torch/main.py", *QUIET,
                *map(str, ARGS), "--checkpoint-dir", str(tmp_path / "ray")]
     result = assert_ok(subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True,
                                       timeout=300))
@@ -27,7 +37,7 @@ def test_two_ray_workers_equal_one_process(tmp_path):
 
 def test_a_failing_worker_fails_the_launch(tmp_path):
     """A rank that raises at its second step: the launch exits non-zero, it does not hang."""
-    command = [PYTHON, "-m", "common.ray_launch", "-np", "2", "train_torch/main.py", *QUIET, *map(str, ARGS)]
+    command = [PYTHON, "-m", "common.launch.ray", "-np", "2", "train_torch/main.py", *QUIET, *map(str, ARGS)]
     result = subprocess.run(command, cwd=REPO, env=dict(job_env(), CNN_PARALLEL_TEST_FAILURE="1:1:raise"),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0, result.stdout + result.stderr

@@ -7,8 +7,14 @@ import signal
 
 import pytest
 
-from tests.helpers import (assert_ok, checkpoint_path, checkpoint_weights, relative_difference,
-                           run_and_signal_one_rank, run_training)
+from tests.helpers import (
+    assert_ok,
+    checkpoint_path,
+    checkpoint_weights,
+    relative_difference,
+    run_and_signal_one_rank,
+    run_training,
+)
 
 # Long enough epochs that the signal lands while training, whatever the machine's load.
 ARGS = ["--dataset", "synthetic", "--synthetic-shape", "1,8,8", "--synthetic-samples", 2000,

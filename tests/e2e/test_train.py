@@ -4,8 +4,16 @@ import json
 
 import pytest
 
-from tests.helpers import (FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, final_accuracy,
-                           optimizer_arrays, relative_difference, run_training)
+from tests.helpers import (
+    FRAMEWORKS,
+    assert_ok,
+    checkpoint_path,
+    checkpoint_weights,
+    final_accuracy,
+    optimizer_arrays,
+    relative_difference,
+    run_training,
+)
 
 METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_sec",
                "images_per_sec_per_rank", "world_size", "mode", "framework"}

@@ -10,9 +10,18 @@ import json
 
 import pytest
 
-from common import models, weights
-from tests.helpers import (DIGITS_CNN, FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, folder_args,
-                           folder_cnn, relative_difference, run_training)
+from common.model import networks, weights
+from tests.helpers import (
+    DIGITS_CNN,
+    FRAMEWORKS,
+    assert_ok,
+    checkpoint_path,
+    checkpoint_weights,
+    folder_args,
+    folder_cnn,
+    relative_difference,
+    run_training,
+)
 
 TOLERANCE = 1e-6
 CASES = {
@@ -44,7 +53,7 @@ def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path, request, framewo
     parallel, parallel_metrics = train_few_steps(tmp_path, framework, case, 2, data_args, architecture)
 
     shape = tuple(architecture["input_shape"])
-    initial = weights.initial_weights(models.model_specs("cnn", shape, architecture["num_classes"]), shape, seed=0)
+    initial = weights.initial_weights(networks.model_specs("cnn", shape, architecture["num_classes"]), shape, seed=0)
     for name, value in single.items():
         assert relative_difference(value, initial[name]) > 1e-3, f"{name} did not train"
         assert relative_difference(parallel[name], value) <= TOLERANCE, name

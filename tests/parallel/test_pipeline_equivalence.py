@@ -12,8 +12,7 @@ tolerance; one never sent at all blocks the job until the test's time limit.
 
 import pytest
 
-from tests.helpers import (FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, relative_difference,
-                           run_training)
+from tests.helpers import FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, relative_difference, run_training
 
 TOLERANCE = 1e-5
 # 50 samples do not divide evenly: 4 micro-batches are 13/13/12/12 (one process with

@@ -5,7 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from common import schedule, timeline
+from common.observe import timeline
+from common.parallel import schedule
 from tests.helpers import assert_ok, run_training
 
 STEPS = ["--epochs", 1, "--steps-per-epoch", 4, "--batch-size", 32, "--timeline-steps", 2]

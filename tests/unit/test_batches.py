@@ -1,14 +1,14 @@
 """The input path: batches read as bytes, read ahead, and made into model inputs on the
-device exactly as the host computes them (common/batches.py, train_*/input.py)."""
+device exactly as the host computes them (common/data/batches.py, train_*/input.py)."""
 
 import threading
 
 import numpy as np
 import pytest
 
-from common import batches, data, images
-from common.batches import Batch, BatchReader, Prefetcher, Reads
-from common.config import RunConfig
+from common.core.config import RunConfig
+from common.data import batches, datasets, decoders, folders, transforms
+from common.data.batches import Batch, BatchReader, Prefetcher, Reads
 
 BOTH = Reads(images=True, labels=True)
 
@@ -26,13 +26,13 @@ class HostFeed:
 
 
 def synthetic(shape="3,12,10"):
-    return data.load_dataset(RunConfig(dataset="synthetic", synthetic_shape=shape, synthetic_samples=40))
+    return datasets.load_dataset(RunConfig(dataset="synthetic", synthetic_shape=shape, synthetic_samples=40))
 
 
 def folder_set(tree, augment=True):
-    index = images.scan_folder(tree, 0.25)
-    transform = images.ImageTransform(16, 3, augment, seed=3)
-    return images.StreamedImages(index.train.paths, transform, None), index.train.labels
+    index = folders.scan_folder(tree, 0.25)
+    transform = transforms.ImageTransform(16, 3, augment, seed=3)
+    return decoders.StreamedImages(index.train.paths, transform, None), index.train.labels
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +51,14 @@ def tree(tmp_path_factory):
 
 def test_normalisation_is_the_imagenet_recipe_as_one_multiply_and_one_subtract():
     pixels = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16).repeat(3, axis=1)
-    out = images.normalise(pixels, 3)
-    for channel, (mean, std) in enumerate(zip(images.RGB_MEAN, images.RGB_STD)):
+    out = transforms.normalise(pixels, 3)
+    for channel, (mean, std) in enumerate(zip(transforms.RGB_MEAN, transforms.RGB_STD)):
         scale, shift = np.float32(1 / (255 * std)), np.float32(mean / std)
         assert np.array_equal(out[0, channel], pixels[0, channel] * scale - shift)
 
 
 def test_datasets_hold_bytes_and_read_the_inputs_they_always_gave():
-    digits = data.load_digits()
+    digits = datasets.load_digits()
     assert digits.x_train.pixel_dtype == np.uint8
     from sklearn.datasets import load_digits
     levels = load_digits().images.astype(np.float32)
@@ -123,7 +123,7 @@ def test_the_device_path_gives_the_host_inputs_bit_for_bit(tree, framework):
     equal the float32 batch the CPU path computes (digits, synthetic, an augmented folder)."""
     stream, labels = folder_set(tree)
     stream.plan(np.arange(len(labels)), epoch=1)
-    cases = [(data.load_digits(), np.array([5, 0, 9, 2])), (synthetic(), np.array([7, 3, 3, 0, 11]))]
+    cases = [(datasets.load_digits(), np.array([5, 0, 9, 2])), (synthetic(), np.array([7, 3, 3, 0, 11]))]
     for dataset, indices in cases:
         read = BatchReader(dataset.x_train, dataset.y_train, BOTH, HostFeed()).read(indices)
         expected = dataset.x_train[indices]

@@ -4,12 +4,13 @@ import os
 import numpy as np
 import pytest
 
-from common import checkpoint, metrics, models, weights
-from common.checkpoint import NeutralState
-from common.errors import UsageError
+from common.core import metrics
+from common.core.errors import UsageError
+from common.model import checkpoint, networks, weights
+from common.model.checkpoint import NeutralState
 
 SHAPE = (1, 8, 8)
-SPECS = models.model_specs("cnn", SHAPE, 10)
+SPECS = networks.model_specs("cnn", SHAPE, 10)
 ARCHITECTURE = checkpoint.architecture("cnn", SHAPE, 10)
 SHAPES = weights.expected_shapes(SPECS, SHAPE)
 

@@ -2,10 +2,10 @@ import dataclasses
 
 import pytest
 
-from common import lr
-from common.config import RunConfig, build_parser, parse_config
-from common.plan import ParallelPlan, check_batch
-from common.errors import UsageError
+from common.core import lr
+from common.core.config import RunConfig, build_parser, parse_config
+from common.core.errors import UsageError
+from common.parallel.plan import ParallelPlan, check_batch
 
 
 def test_every_field_is_a_flag_with_its_default():
@@ -82,7 +82,7 @@ def test_cosine_schedule_decays_from_the_peak_after_warmup_to_zero_at_the_end():
 
 
 def test_elastic_is_accepted_by_both_entry_scripts():
-    from common import trainer
+    from common.core import trainer
 
     for prog in ("train_tf/main.py", "train_torch/main.py"):
         assert trainer.load_run(["--elastic", "--run-dir", "none"], prog)[0].elastic

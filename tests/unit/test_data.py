@@ -4,15 +4,15 @@ import pickle
 import numpy as np
 import pytest
 
-from common import data
-from common.config import RunConfig
-from common.errors import UsageError
+from common.core.config import RunConfig
+from common.core.errors import UsageError
+from common.data import datasets
 
 
 def write_cifar_dir(directory, per_batch=6, protocol=2):
     """CIFAR-10's python batches, pickled as the real files are (protocol 2, numpy arrays)."""
     rng = np.random.default_rng(0)
-    for name in (*data.CIFAR10_TRAIN_FILES, data.CIFAR10_TEST_FILE):
+    for name in (*datasets.CIFAR10_TRAIN_FILES, datasets.CIFAR10_TEST_FILE):
         batch = {b"data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
                  b"labels": rng.integers(0, 10, size=per_batch).tolist()}
         with open(os.path.join(directory, name), "wb") as handle:
@@ -20,7 +20,7 @@ def write_cifar_dir(directory, per_batch=6, protocol=2):
 
 
 def test_digits_split_and_shapes():
-    dataset = data.load_digits()
+    dataset = datasets.load_digits()
     assert dataset.image_shape == (1, 8, 8)
     assert len(dataset.y_train) + len(dataset.y_test) == 1797
     assert len(dataset.y_test) == 360
@@ -34,12 +34,12 @@ def test_digits_split_and_shapes():
 @pytest.mark.parametrize("protocol", [2, 5])  # the real files' protocol, and today's numpy pickles
 def test_cifar10_loads_the_python_format(tmp_path, protocol):
     write_cifar_dir(tmp_path, protocol=protocol)
-    dataset = data.load_cifar10(str(tmp_path))
+    dataset = datasets.load_cifar10(str(tmp_path))
     assert dataset.x_train.shape == (30, 3, 32, 32) and dataset.x_test.shape == (6, 3, 32, 32)
     with open(tmp_path / "data_batch_2", "rb") as handle:
         raw = pickle.load(handle, encoding="bytes")
     first = raw[b"data"][0].reshape(3, 32, 32) / 255.0
-    expected = (first - data.CIFAR10_MEAN[0]) / data.CIFAR10_STD[0]
+    expected = (first - datasets.CIFAR10_MEAN[0]) / datasets.CIFAR10_STD[0]
     np.testing.assert_allclose(dataset.x_train[6], expected, rtol=1e-5, atol=1e-5)
     assert dataset.y_train[6] == raw[b"labels"][0]
 
@@ -52,20 +52,20 @@ def test_cifar10_loads_the_python_format(tmp_path, protocol):
 def test_cifar_unpickler_refuses_what_cifar_files_never_hold(tmp_path, content):
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps(content, protocol=2))
-    with pytest.raises(data.CifarFileRefused):
-        data.read_cifar_pickle(str(path))
+    with pytest.raises(datasets.CifarFileRefused):
+        datasets.read_cifar_pickle(str(path))
 
 
 def test_cifar10_missing_directory_says_where_to_get_it(tmp_path):
     with pytest.raises(UsageError, match="not found.*cifar-10-python.tar.gz"):
-        data.load_cifar10(str(tmp_path / "absent"))
+        datasets.load_cifar10(str(tmp_path / "absent"))
 
 
 def test_cifar10_missing_file_is_named(tmp_path):
     write_cifar_dir(tmp_path)
     os.remove(tmp_path / "data_batch_3")
     with pytest.raises(UsageError, match="data_batch_3 is missing"):
-        data.load_cifar10(str(tmp_path))
+        datasets.load_cifar10(str(tmp_path))
 
 
 @pytest.mark.parametrize("content", [b"not a pickle", pickle.dumps({b"data": np.zeros((2, 5)), b"labels": [0, 1]})])
@@ -73,11 +73,11 @@ def test_cifar10_corrupt_file_is_named(tmp_path, content):
     write_cifar_dir(tmp_path)
     (tmp_path / "test_batch").write_bytes(content)
     with pytest.raises(UsageError, match="cannot read .*test_batch"):
-        data.load_cifar10(str(tmp_path))
+        datasets.load_cifar10(str(tmp_path))
 
 
 def test_synthetic_has_the_requested_shape():
     config = RunConfig(dataset="synthetic", synthetic_shape="3,16,12", synthetic_samples=40, num_classes=7)
-    dataset = data.load_dataset(config)
+    dataset = datasets.load_dataset(config)
     assert dataset.x_train.shape == (40, 3, 16, 12) and dataset.x_test.shape == (10, 3, 16, 12)
     assert dataset.y_train.max() < 7 and dataset.num_classes == 7

@@ -10,7 +10,7 @@ NAMED = re.compile(r"\b((?:common|train_torch|train_tf|slurm|tests|benchmarks|\.
 
 
 def exists(path):
-    """A file or directory, or a module's attribute such as common/trainer.Trainer.run."""
+    """A file or directory, or a module's attribute such as common/core/trainer.Trainer.run."""
     folder, _, name = path.rpartition("/")
     module = os.path.join(folder, name.split(".")[0] + ".py")
     return os.path.exists(os.path.join(REPO, path)) or os.path.exists(os.path.join(REPO, module))

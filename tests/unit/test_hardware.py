@@ -1,9 +1,9 @@
 """The CPU's relevant features from its flags, and the one line --amp gets where its
-precision would be emulated (common/hardware.py)."""
+precision would be emulated (common/launch/hardware.py)."""
 
 import pytest
 
-from common.hardware import CpuFeatures, cpu_features, emulated_precision_notice
+from common.launch.hardware import CpuFeatures, cpu_features, emulated_precision_notice
 
 AVX2_EPYC = "fpu sse4_2 avx avx2 fma bmi2"
 AVX512_EPYC = AVX2_EPYC + " avx512f avx512bw avx512vl avx512_bf16"

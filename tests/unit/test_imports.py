@@ -1,5 +1,6 @@
 """The import graph the design promises: common/ never imports a framework, the
-two framework folders never import each other, and no module cycle exists."""
+two framework folders never import each other, the pure modules never reach MPI,
+the training core never reaches the parallel drivers, and no module cycle exists."""
 
 import ast
 import os
@@ -10,16 +11,32 @@ PACKAGES = ("common", "train_torch", "train_tf")
 FRAMEWORKS = ("torch", "tensorflow", "keras", "horovod.torch", "horovod.tensorflow")
 
 
+MPI = ("mpi4py", "horovod")
+# The modules that drive MPI or Horovod; everything else in common/ is pure.
+DRIVERS = {"common.parallel.pipeline", "common.parallel.parameter_server", "common.parallel.data_parallel",
+           "common.parallel.p2p", "common.parallel.collectives", "common.parallel.drivers", "common.launch.entry",
+           "common.launch.ray"}
+
+
 def modules():
     for package in PACKAGES:
-        for name in sorted(os.listdir(os.path.join(REPO, package))):
-            if name.endswith(".py"):
-                yield f"{package}.{name[:-3]}", os.path.join(REPO, package, name)
+        for root, folders, names in os.walk(os.path.join(REPO, package)):
+            folders[:] = sorted(folder for folder in folders if folder != "__pycache__")
+            for name in sorted(names):
+                if name.endswith(".py"):
+                    dotted = os.path.relpath(os.path.join(root, name[:-3]), REPO).replace(os.sep, ".")
+                    yield dotted.removesuffix(".__init__"), os.path.join(root, name)
+
+
+def is_main_block(node):
+    return isinstance(node, ast.If) and ast.unparse(node.test) in ("__name__ == '__main__'", '__name__ == "__main__"')
 
 
 def imports(path):
-    """Every module ``path`` imports, at any depth (function-level imports included)."""
+    """Every module ``path`` imports, at any depth (function-level imports included), but
+    its ``if __name__ == "__main__":`` block."""
     tree = ast.parse(open(path, encoding="utf-8").read())
+    tree.body = [node for node in tree.body if not is_main_block(node)]  # runs only as a command
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -63,3 +80,38 @@ def test_no_import_cycle():
     assert len(edges) > 20
     for node in edges:
         visit(node, [])
+
+
+def reaches(name):
+    """Every module of ours ``name`` imports, directly or through others, and the outside
+    modules those import."""
+    seen, frontier = set(), [name]
+    while frontier:
+        for imported in GRAPH[frontier.pop()]:
+            if imported not in seen:
+                seen.add(imported)
+                if imported in GRAPH:
+                    frontier.append(imported)
+    return seen
+
+
+def test_common_is_grouped_into_packages():
+    packages = {name for name, path in modules() if path.endswith("__init__.py")}
+    flat = [name for name in GRAPH if name.count(".") == 1 and name.startswith("common.") and name not in packages]
+    assert not flat, f"modules outside a package of common/: {flat}"
+    assert {name.split(".")[1] for name in GRAPH if name.count(".") == 2 and name.startswith("common.")} == \
+        {"core", "parallel", "model", "data", "observe", "launch"}
+
+
+def test_pure_modules_never_reach_mpi():
+    pure = [name for name in GRAPH if name.startswith("common.") and name not in DRIVERS]
+    assert "common.parallel.plan" in pure and "common.parallel.schedule" in pure and len(pure) > 30
+    for name in pure:
+        reached = [module for module in reaches(name) if module.split(".")[0] in MPI]
+        assert not reached, f"{name} reaches {reached}"
+
+
+def test_the_core_never_reaches_the_parallel_drivers():
+    for name in (name for name in GRAPH if name.startswith("common.core.")):
+        reached = [module for module in reaches(name) if module in DRIVERS]
+        assert not reached, f"{name} reaches {reached}"

@@ -1,5 +1,5 @@
 """--decode gpu: JPEG headers, Pillow's resampling as matrices, and the device's crops held
-against the CPU path's (common/jpeg.py, train_torch/input.py's JpegDecoder, run on the CPU:
+against the CPU path's (common/data/jpeg.py, train_torch/input.py's JpegDecoder, run on the CPU:
 Pillow stands in for nvJPEG there; the device check runs nvJPEG itself)."""
 
 import io
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import images, jpeg
+from common.data import decoders, folders, jpeg, transforms
 
 torch = pytest.importorskip("torch")
 
@@ -47,7 +47,7 @@ def boxes(rng, width, height):
         box_width, box_height = int(rng.integers(4, width + 1)), int(rng.integers(4, height + 1))
         yield (int(rng.integers(0, width - box_width + 1)), int(rng.integers(0, height - box_height + 1)),
                box_width, box_height)
-    yield images.centre_crop_box(width, height, 24)
+    yield transforms.centre_crop_box(width, height, 24)
 
 
 def test_pillows_resampling_as_matrices_matches_pillow():
@@ -100,9 +100,9 @@ def jpeg_tree(tmp_path_factory):
 def device_and_host_samples(tree, epoch, augment=True):
     from train_torch.input import JpegDecoder
 
-    index = images.scan_folder(tree, 0.25)
+    index = folders.scan_folder(tree, 0.25)
     paths = index.train.paths + index.val.paths
-    stream = images.StreamedImages(paths, images.ImageTransform(48, 3, augment, seed=4), None)
+    stream = decoders.StreamedImages(paths, transforms.ImageTransform(48, 3, augment, seed=4), None)
     order = np.arange(len(paths))
     stream.plan(order, epoch)
     host = np.empty((len(order), 3, 48, 48), dtype=np.uint8)

@@ -4,8 +4,8 @@ import subprocess
 import sys
 import threading
 
-from common import launch
-from common.launch import Process
+from common.launch import cpu_budget, placement, supervision
+from common.launch.supervision import Process
 
 
 def process(pid, *words):
@@ -16,14 +16,14 @@ def test_a_rank_watches_its_ancestors_up_to_the_outermost_launcher():
     rank_parent = process(30, "mpirun", "--tag-output", "-np", "2", "/v/bin/python", "main.py")
     shell = process(20, "/bin/sh", "-c", "mpirun --tag-output -np 2 python main.py")  # what horovodrun exec'd
     login = process(10, "bash")
-    assert launch.launcher_chain([rank_parent, shell, login]) == [rank_parent, shell]
-    assert launch.launcher_chain([rank_parent, login]) == [rank_parent]  # typed in a shell: not the shell
+    assert supervision.launcher_chain([rank_parent, shell, login]) == [rank_parent, shell]
+    assert supervision.launcher_chain([rank_parent, login]) == [rank_parent]  # typed in a shell: not the shell
     elastic = [process(5, "/bin/sh", "-c", "env HOROVOD_RANK=0 python main.py"), process(4, "python", "-c", "spawn"),
                process(3, "python", "/v/bin/horovodrun", "-np", "2", "python", "main.py"), login]
-    assert launch.launcher_chain(elastic) == elastic[:3]
+    assert supervision.launcher_chain(elastic) == elastic[:3]
     orted = process(40, "orted", "-mca", "ess", "env")  # a remote host: no launcher here, its daemon is enough
-    assert launch.launcher_chain([orted, process(39, "sshd")]) == [orted]
-    assert launch.launcher_chain([]) == []
+    assert supervision.launcher_chain([orted, process(39, "sshd")]) == [orted]
+    assert supervision.launcher_chain([]) == []
     assert elastic[2].describe() == "pid 3: horovodrun -np 2"
     assert rank_parent.describe(width=12) == "pid 30: mpirun --tag ..."
 
@@ -31,10 +31,10 @@ def test_a_rank_watches_its_ancestors_up_to_the_outermost_launcher():
 def test_the_end_of_a_watched_process_is_noticed_at_once_and_a_process_reused_pid_is_not_it():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        watched = launch._read_process(child.pid)[0]
+        watched = supervision._read_process(child.pid)[0]
         assert watched.alive() and not Process(child.pid, watched.started + 1, watched.words).alive()
         causes, noticed = [], threading.Event()
-        watch = launch.LauncherWatch([watched], lambda cause: (causes.append(cause), noticed.set()), grace=300)
+        watch = supervision.LauncherWatch([watched], lambda cause: (causes.append(cause), noticed.set()), grace=300)
         try:
             assert not noticed.wait(0.3)  # alive: nothing to say
             child.kill()
@@ -51,14 +51,14 @@ def test_the_end_of_a_watched_process_is_noticed_at_once_and_a_process_reused_pi
 def test_a_closed_watch_stops_quietly_and_a_rank_without_a_launcher_watches_nothing(monkeypatch):
     for name in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE", "SLURM_NTASKS", "HOROVOD_RANK"):
         monkeypatch.delenv(name, raising=False)
-    assert launch.watch_launcher(lambda cause: None).watched == []  # nohup python main.py & outlives its shell
-    watch = launch.LauncherWatch([launch.ancestors()[0]], lambda cause: None)
+    assert supervision.watch_launcher(lambda cause: None).watched == []  # nohup python main.py & outlives its shell
+    watch = supervision.LauncherWatch([supervision.ancestors()[0]], lambda cause: None)
     watch.close()
     assert watch.cause is None
 
 
 def share(cpuset=16, affinity=16, quota=None, slurm=None, local=1):
-    return launch.CpuShare(cpuset=cpuset, affinity=affinity, quota=quota, slurm_cpus_per_task=slurm, local_ranks=local)
+    return cpu_budget.CpuShare(cpuset=cpuset, affinity=affinity, quota=quota, slurm_cpus_per_task=slurm, local_ranks=local)
 
 
 def test_threads_per_rank_follow_the_cpus_the_rank_may_use():
@@ -73,15 +73,15 @@ def test_threads_per_rank_follow_the_cpus_the_rank_may_use():
 
 
 def test_cpu_lists_and_quotas_parse_as_the_kernel_writes_them():
-    assert launch.parse_cpu_list("0-3,8,10-11\n") == 7 and launch.parse_cpu_list("5") == 1
-    assert launch.parse_cpu_max("200000 100000\n") == 2.0 and launch.parse_cpu_max("max 100000") is None
-    here = launch.read_cpu_share(local_ranks=2)
+    assert cpu_budget.parse_cpu_list("0-3,8,10-11\n") == 7 and cpu_budget.parse_cpu_list("5") == 1
+    assert cpu_budget.parse_cpu_max("200000 100000\n") == 2.0 and cpu_budget.parse_cpu_max("max 100000") is None
+    here = cpu_budget.read_cpu_share(local_ranks=2)
     assert here.local_ranks == 2 and 1 <= here.affinity <= here.cpuset and here.threads()[0] >= 1
 
 
 def test_host_placement_names_each_hosts_ranks_in_order():
-    assert launch.host_placement(["node1", "node1", "node2", "node2"]) == "hosts: node1 ranks 0-1, node2 ranks 2-3"
+    assert placement.host_placement(["node1", "node1", "node2", "node2"]) == "hosts: node1 ranks 0-1, node2 ranks 2-3"
     # Round-robin (mpirun --map-by node): each host's ranks are not contiguous.
-    assert launch.host_placement(["b", "a", "b", "a", "b"]) == "hosts: b ranks 0,2,4, a ranks 1,3"
-    assert launch.host_placement(["n1", "n2", "n2", "n2", "n1"]) == "hosts: n1 ranks 0,4, n2 ranks 1-3"
-    assert launch.host_placement(["solo"]) == "hosts: solo rank 0"
+    assert placement.host_placement(["b", "a", "b", "a", "b"]) == "hosts: b ranks 0,2,4, a ranks 1,3"
+    assert placement.host_placement(["n1", "n2", "n2", "n2", "n1"]) == "hosts: n1 ranks 0,4, n2 ranks 1-3"
+    assert placement.host_placement(["solo"]) == "hosts: solo rank 0"

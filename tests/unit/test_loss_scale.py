@@ -1,8 +1,8 @@
-"""common/loss_scale.py: TensorFlow's fp16 loss scale moves exactly as torch.amp.GradScaler's."""
+"""common/model/loss_scale.py: TensorFlow's fp16 loss scale moves exactly as torch.amp.GradScaler's."""
 
 import torch
 
-from common.loss_scale import GROWTH_INTERVAL, DynamicLossScale
+from common.model.loss_scale import GROWTH_INTERVAL, DynamicLossScale
 
 
 def test_overflow_halves_and_skips_clean_steps_double_after_the_interval():

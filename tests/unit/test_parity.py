@@ -13,8 +13,8 @@ import tensorflow as tf
 import torch
 import torch.nn.functional as F
 
-from common import checkpoint, models, weights
-from common.config import RunConfig
+from common.core.config import RunConfig
+from common.model import checkpoint, networks, weights
 from tests.helpers import relative_difference
 from train_tf import checkpoint as tf_checkpoint
 from train_tf import model as tf_model
@@ -29,7 +29,7 @@ CASES = [("cnn", (1, 8, 8)), ("cnn", (3, 12, 10)), ("resnet", (1, 8, 8)), ("resn
 
 def twin_models(name, shape, stem="auto"):
     """A torch model and a TF model holding the torch model's weights (TF built from another seed)."""
-    specs = models.model_specs(name, shape, 10, stem) if isinstance(name, str) else name
+    specs = networks.model_specs(name, shape, 10, stem) if isinstance(name, str) else name
     torch_net = torch_model.build_model(specs, shape, seed=1)
     tf_net = tf_model.build_model(specs, shape, seed=2)
     tf_model.load_neutral(tf_net, shape, torch_model.to_neutral(torch_net))
@@ -120,10 +120,10 @@ ZOO = [("resnet18", (3, 16, 16), "auto"), ("resnet34", (3, 32, 32), "auto"), ("r
        ("vgg11", (3, 32, 32), "auto"), ("vgg11_bn", (3, 32, 32), "auto"), ("vgg16", (3, 32, 32), "auto"),
        ("vgg16_bn", (3, 32, 32), "auto"), ("mobilenet_v2", (3, 32, 32), "auto"),
        ("resnet18", (3, 38, 34), "imagenet"), ("mobilenet_v2", (1, 70, 66), "imagenet"),
-       ([models.ConvBN(6, 3, 2, bias=True), models.MaxPool(3, 2, padding=1), models.AdaptiveAvgPool(7),
-         models.Flatten(), models.Dense(10)], (3, 20, 30), "upsampling adaptive pool"),
-       ([models.ConvBN(4, 3, 1, activation="relu6"), models.AdaptiveAvgPool(3), models.Flatten(),
-         models.Dense(10)], (2, 11, 7), "shrinking adaptive pool")]
+       ([networks.ConvBN(6, 3, 2, bias=True), networks.MaxPool(3, 2, padding=1), networks.AdaptiveAvgPool(7),
+         networks.Flatten(), networks.Dense(10)], (3, 20, 30), "upsampling adaptive pool"),
+       ([networks.ConvBN(4, 3, 1, activation="relu6"), networks.AdaptiveAvgPool(3), networks.Flatten(),
+         networks.Dense(10)], (2, 11, 7), "shrinking adaptive pool")]
 
 
 @pytest.mark.parametrize("name,shape,stem", ZOO, ids=[f"{name if isinstance(name, str) else stem}-"
@@ -169,7 +169,7 @@ def save_and_open(directory, state, name, shape, optimizer):
     checkpoint.write_shard(checkpoint.temporary_path(path), 0, state)
     checkpoint.commit(checkpoint.temporary_path(path), path, checkpoint.make_meta(
         (1, 0), architecture, {"optimizer": optimizer}, 1, "either", {}, {}))
-    shapes = weights.expected_shapes(models.model_specs(name, shape, 10), shape)
+    shapes = weights.expected_shapes(networks.model_specs(name, shape, 10), shape)
     return checkpoint.Checkpoint(path, architecture, shapes).state(list(shapes), optimizer)
 
 
@@ -233,12 +233,12 @@ def tf_stage_pass(stage, in_shape, x, upstream):
 def test_pipeline_stages_compute_the_same_in_both_frameworks(name, shape):
     """The same split, weights and batch: the same stage activations, input
     gradients and parameter gradients (what crosses the wire is channel-first)."""
-    from common.plan import partition
+    from common.parallel.plan import partition
 
-    specs = models.model_specs(name, shape, 10)
-    shapes = models.layer_shapes(specs, shape)
+    specs = networks.model_specs(name, shape, 10)
+    shapes = networks.layer_shapes(specs, shape)
     rng = np.random.default_rng(3)
-    for start, end in partition([cost[3] for cost in models.layer_costs(specs, shape)], 3):
+    for start, end in partition([cost[3] for cost in networks.layer_costs(specs, shape)], 3):
         x = rng.standard_normal((5, *shapes[start])).astype(np.float32)
         upstream = rng.standard_normal((5, *shapes[end])).astype(np.float32)
         torch_out, torch_in_grad, torch_grads = torch_stage_pass(
@@ -262,7 +262,7 @@ def test_bf16_logits_and_step_agree_within_bf16_tolerance(name, shape):
 
     from train_torch.precision import autocast
 
-    specs = models.model_specs(name, shape, 10)
+    specs = networks.model_specs(name, shape, 10)
     torch_net = torch_model.build_model(specs, shape, seed=1)
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:

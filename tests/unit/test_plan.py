@@ -2,11 +2,19 @@ import itertools
 
 import pytest
 
-from common import models, schedule
-from common.config import RunConfig
-from common.errors import UsageError
-from common.plan import (ParallelPlan, balanced_split, check_batch, check_stages, make_plan, partition,
-                         stage_ranges)
+from common.core.config import RunConfig
+from common.core.errors import UsageError
+from common.model import networks
+from common.parallel import schedule
+from common.parallel.plan import (
+    ParallelPlan,
+    balanced_split,
+    check_batch,
+    check_stages,
+    make_plan,
+    partition,
+    stage_ranges,
+)
 
 
 def test_rank_mapping_is_a_grid():
@@ -52,7 +60,7 @@ def test_interleaved_pieces_are_cut_for_the_shortest_modelled_step():
 
 
 def test_interleaved_pieces_must_fit_the_model():
-    specs = models.model_specs("cnn", (1, 8, 8), 10)
+    specs = networks.model_specs("cnn", (1, 8, 8), 10)
     check_stages(RunConfig(mode="model", pp=2, schedule="interleaved", virtual_stages=2), specs)
     too_many = len(specs) // 2 + 1
     with pytest.raises(UsageError, match=f"--pp 2 x --virtual-stages {too_many} is {2 * too_many} pieces"):
@@ -96,8 +104,8 @@ def test_balanced_split_minimises_the_largest_stage():
 
 
 def test_partition_of_the_seed_cnn_by_flops():
-    specs = models.model_specs("cnn", (3, 32, 32), 10)
-    flops = [cost[3] for cost in models.layer_costs(specs, (3, 32, 32))]
+    specs = networks.model_specs("cnn", (3, 32, 32), 10)
+    flops = [cost[3] for cost in networks.layer_costs(specs, (3, 32, 32))]
     ranges = partition(flops, 2)
     assert ranges[0][0] == 0 and ranges[-1][1] == len(specs)
     assert all(a < b for a, b in ranges) and ranges[0][1] == ranges[1][0]
@@ -121,7 +129,7 @@ def test_explicit_split_and_too_many_stages():
 def test_balance_by_measured_time_cuts_valid_stages():
     from train_torch.stage import TorchStage
 
-    specs = models.model_specs("resnet", (1, 8, 8), 10)
+    specs = networks.model_specs("resnet", (1, 8, 8), 10)
     times = TorchStage.measure_layer_times(specs, (1, 8, 8), batch_size=8, repeats=1)
     assert len(times) == len(specs) and all(t > 0 for t in times)
     ranges = partition(times, 3)

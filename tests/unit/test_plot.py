@@ -7,8 +7,8 @@ import sys
 import pytest
 from PIL import Image
 
-from common import plot
-from common.errors import UsageError
+from common.core.errors import UsageError
+from common.observe import plot
 from tests.helpers import REPO
 
 
@@ -40,7 +40,7 @@ def test_unreadable_or_empty_metrics_files_are_named(tmp_path):
 
 
 def test_the_tensorboard_writer_loads_no_framework(tmp_path):
-    probe = ("import sys; from common.tensorboard import TensorBoardLog; "
+    probe = ("import sys; from common.observe.tensorboard import TensorBoardLog; "
              f"log = TensorBoardLog({str(tmp_path)!r}, {{'model': 'cnn'}}); log.epoch({{'epoch': 1, 'lr': 0.1}}); "
              "log.step_loss(3, 2.0); log.close(); print(sorted({'torch', 'tensorflow'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)

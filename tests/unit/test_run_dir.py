@@ -7,9 +7,10 @@ import shlex
 
 import pytest
 
-from common import launch, run_dir
-from common.config import parse_config
-from common.errors import UsageError
+from common.core.config import parse_config
+from common.core.errors import UsageError
+from common.launch import supervision
+from common.observe import run_dir
 
 START = datetime.datetime(2026, 11, 27, 19, 55, 1)
 
@@ -75,7 +76,7 @@ def test_the_record_repeats_the_run_and_each_start_is_appended(tmp_path, monkeyp
     (["python", "main.py", "mpirun"], None),
 ])
 def test_the_launcher_is_read_from_its_command_line(words, launcher):
-    assert launch.launcher_words(words) == launcher
+    assert supervision.launcher_words(words) == launcher
 
 
 def test_the_outermost_launcher_among_the_ancestors_is_recorded(tmp_path):
@@ -83,7 +84,7 @@ def test_the_outermost_launcher_among_the_ancestors_is_recorded(tmp_path):
     import subprocess
     import sys
 
-    rank = f"import sys; sys.path.insert(0, {os.getcwd()!r}); from common import run_dir; " \
+    rank = f"import sys; sys.path.insert(0, {os.getcwd()!r}); from common.observe import run_dir; " \
            "print(run_dir.launcher_command())"
     for name, child in (("srun", [sys.executable, "-c", rank]), ("mpirun", [str(tmp_path / "srun"), "-n", "2"])):
         (tmp_path / name).write_text(f"#!{sys.executable}\nimport subprocess, sys\n"

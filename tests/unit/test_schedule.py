@@ -1,7 +1,7 @@
 import pytest
 
-from common import schedule
-from common.schedule import BACKWARD, FORWARD, Action
+from common.parallel import schedule
+from common.parallel.schedule import BACKWARD, FORWARD, Action
 
 ONE_CHUNK = ("gpipe", "1f1b")  # one model piece per stage
 LAYOUTS = [(stages, microbatches) for stages in (1, 2, 3, 4, 5) for microbatches in (1, 2, 3, 4, 8)]

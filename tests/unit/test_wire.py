@@ -1,12 +1,12 @@
-"""Where tensors meet MPI (common/p2p.py's Wire, train_torch/wire.py, train_tf/wire.py):
+"""Where tensors meet MPI (common/parallel/p2p.py's Wire, train_torch/wire.py, train_tf/wire.py):
 every wire hands back what was sent, keeps a message's buffer from step to step, and
 does not let a received buffer be overwritten before its contents have been taken."""
 
 import numpy as np
 import pytest
 
-from common import p2p
-from common.errors import UsageError
+from common.core.errors import UsageError
+from common.parallel import p2p
 
 torch = pytest.importorskip("torch")
 from train_torch import wire as torch_wire  # noqa: E402

@@ -1,0 +1,322 @@
+"""One run configuration for both frameworks, and the CLI generated from it.
+
+Every flag is a field of ``RunConfig``; ``parse_config`` builds the argparse
+parser from the fields, so train_torch/main.py and train_tf/main.py accept
+exactly the same command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from common.core.errors import UsageError
+from common.model import networks
+from common.observe.run_dir import NO_RUN_DIR, TIMELINE_IN_RUN_DIR
+
+MODES = ("data", "model", "hybrid", "ps")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+BALANCES = ("flops", "params", "time")
+DATASETS = ("digits", "cifar10", "synthetic", "folder")
+IMAGE_CHECKS = ("full", "header", "none")
+MODELS = (*networks.ARCHITECTURES, *networks.ALIASES)
+AMP_MODES = ("off", "bf16", "fp16")
+DECODERS = ("cpu", "gpu")
+P2P_MEMORY = ("auto", "host", "device")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _flag(default, help, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class RunConfig:
+    mode: str = _flag("data", "parallelism: data (Horovod allreduce), model (pipeline of --pp "
+                      "stages over MPI), hybrid (--dp replicas of a --pp stage pipeline) or ps "
+                      "(parameter server over MPI: rank 0 updates, the others compute gradients)",
+                      choices=MODES)
+    pp: int = _flag(0, "pipeline stages (model: = ranks; hybrid: ranks = pp x dp)")
+    dp: int = _flag(0, "hybrid: data-parallel replicas of the pipeline (0: ranks / pp)")
+    microbatches: int = _flag(1, "model/hybrid: micro-batches per replica per step")
+    schedule: str = _flag("1f1b", "model/hybrid: pipeline schedule (interleaved: 1F1B over --virtual-stages "
+                          "model pieces per rank, a smaller bubble for more messages)", choices=SCHEDULES)
+    virtual_stages: int = _flag(2, "--schedule interleaved: model pieces each rank holds (the model is cut "
+                                "into pp x this many stages, dealt round the ranks)")
+    balance: str = _flag("flops", "model/hybrid: balance stages by layer flops, params, or time "
+                         "(measured once)", choices=BALANCES)
+    p2p_memory: str = _flag("auto", "model/hybrid on GPUs: where activations and gradients are handed to MPI: "
+                            "host (through page-locked host buffers), device (CUDA tensors, for a CUDA-aware MPI; "
+                            "PyTorch), or auto (device when the MPI reports CUDA support, else host)",
+                            choices=P2P_MEMORY)
+    split: str = _flag("", "model/hybrid: explicit stage boundaries, e.g. 2,4 (first layer of "
+                       "stages 1, 2, ...); overrides --balance")
+    dataset: str = _flag("digits", "digits (bundled with scikit-learn), cifar10 (from --data-dir), "
+                         "synthetic (random images) or folder (your images in --data-dir, streamed from disk)",
+                         choices=DATASETS)
+    data_dir: str = _flag("", "cifar10: the python batches (cifar-10-batches-py); folder: DIR/<class>/*.jpg|png|bmp "
+                          "or DIR/train/<class>/* with DIR/val/<class>/*")
+    val_fraction: float = _flag(0.2, "folder without train/ and val/: the share of each class held out for "
+                                "evaluation (a fixed draw, the same whatever --seed)")
+    image_size: int = _flag(224, "folder: training crops and evaluation images are this many pixels square")
+    channels: int = _flag(0, "folder: 1 (grayscale) or 3 (RGB); 0: 1 if the images are grayscale, else 3")
+    augment: bool = _flag(True, "folder: train on random-resized crops with horizontal flips (--no-augment: "
+                          "resize + centre crop, as evaluation does)")
+    data_workers: int = _flag(-1, "folder: decoder processes per rank (-1: the CPUs per rank; 0: decode in "
+                              "the rank itself)")
+    prefetch_batches: int = _flag(2, "batches read ahead of the one training, by a thread of each rank (folder: "
+                                  "decoded ahead; bounds memory)")
+    check_images: str = _flag("full", "folder: before training, decode every image (full), read every "
+                              "header (header: faster, corrupt pixels then stop the job when read) or none",
+                              choices=IMAGE_CHECKS)
+    decode: str = _flag("cpu", "folder: where JPEGs are decoded: cpu (decoder processes) or gpu (PyTorch: nvJPEG "
+                        "on the rank's GPU, crops resampled there; other formats stay on the CPU)", choices=DECODERS)
+    skip_bad_images: bool = _flag(False, "folder: an image that fails to decode during training is replaced "
+                                  "by a blank one and counted, instead of stopping the job")
+    synthetic_shape: str = _flag("3,32,32", "synthetic image shape as C,H,W")
+    synthetic_samples: int = _flag(2048, "synthetic training-set size (test set: a quarter of it)")
+    num_classes: int = _flag(10, "synthetic number of classes")
+    model: str = _flag("cnn", "cnn (the seed's conv32-pool-conv64-pool-dense64-dense), resnet8 (small, "
+                       "BatchNorm; alias resnet), or torchvision's resnet18/34/50, vgg11/16[_bn], mobilenet_v2",
+                       choices=MODELS)
+    stem: str = _flag("auto", "resnet18+/vgg/mobilenet_v2: imagenet stem (7x7/2 conv + max-pool; VGG "
+                      "pools to 7x7) or cifar stem (3x3/1 conv, no pool); auto: cifar for images up to "
+                      f"{networks.SMALL_INPUT} px", choices=networks.STEMS)
+    sync_bn: bool = _flag(False, "BatchNorm statistics over the global batch: across all ranks (data) or "
+                          "a stage's replicas (hybrid); one extra allreduce per BatchNorm layer per step")
+    amp: str = _flag("off", "mixed precision: bf16 autocast (CPU and GPU; --amp alone) or fp16 with "
+                     "dynamic loss scaling (GPU, --mode data); weights, optimizer and checkpoints stay fp32",
+                     choices=AMP_MODES, nargs="?", const="bf16")
+    loss_scale: float = _flag(65536.0, "--amp fp16: the initial dynamic loss scale (halved after "
+                              "each overflow, doubled after 2000 clean steps)")
+    channels_last: bool | None = _flag(None, "PyTorch: NHWC memory format (faster convolutions with --amp on "
+                                          "a GPU; default: on exactly then, i.e. with --amp on CUDA)")
+    epochs: int = _flag(10, "training epochs (0: only evaluate)")
+    batch_size: int = _flag(64, "GLOBAL batch size, shared by all ranks; --lr applies to it")
+    batch_size_per_rank: int = _flag(0, "instead of --batch-size: per-rank batch (Horovod's weak "
+                                     "scaling); --lr is then scaled by the world size with warmup")
+    lr: float = _flag(0.05, "learning rate for the global batch")
+    lr_schedule: str = _flag("constant", "after the warmup: constant, or cosine (decays to 0 at the last "
+                             "step of --epochs)", choices=("constant", "cosine"))
+    warmup_epochs: float = _flag(-1.0, "linear LR warmup epochs (default: 0, or 1 with "
+                                 "--batch-size-per-rank on more than one rank)")
+    optimizer: str = _flag("sgd", "optimizer", choices=OPTIMIZERS)
+    momentum: float = _flag(0.9, "SGD momentum")
+    weight_decay: float = _flag(0.0, "L2 weight decay")
+    fp16_allreduce: bool = _flag(False, "compress gradients to fp16 for the allreduce")
+    accumulation_steps: int = _flag(1, "split each rank's share of a batch into this many backward "
+                                    "passes before one allreduce (same result, less memory)")
+    adasum: bool = _flag(False, "reduce gradients with Adasum instead of a sum (changes the maths)")
+    seed: int = _flag(0, "seed for weights and data order")
+    threads: int = _flag(0, "compute threads per rank (0: cores / ranks on this node)")
+    steps_per_epoch: int = _flag(0, "stop each epoch after this many steps (0: full epoch)")
+    run_dir: str = _flag("", "this run's directory: its command line and resolved configuration, and (unless "
+                         "pointed elsewhere) its metrics, TensorBoard events, checkpoints and timeline; default "
+                         "runs/<time>-<framework>-<mode>; none: write only what the flags below ask for")
+    checkpoint_dir: str = _flag("", "save a checkpoint here after every epoch (rank 0, atomic; default: "
+                                "RUN_DIR/checkpoints)")
+    keep_checkpoints: int = _flag(3, "how many recent checkpoints to keep")
+    keep_going_on_save_error: bool = _flag(False, "when a checkpoint, the metrics file or TensorBoard events "
+                                           "cannot be written (a full disk): warn and train on (default: stop "
+                                           "with one line; earlier checkpoints are kept either way)")
+    resume: bool = _flag(False, "continue the run in --run-dir (or --checkpoint-dir) from its newest checkpoint")
+    init_from: str = _flag("", "start from the weights of this checkpoint directory (ckpt-epochNNNN, "
+                           "written by either framework in any mode); with --epochs 0 it only evaluates")
+    metrics_file: str = _flag("", "append one JSON object per epoch to this file (default: RUN_DIR/metrics.jsonl)")
+    tensorboard: str = _flag("", "write TensorBoard events (losses, accuracy, LR, throughput, step time, data "
+                             "wait, the configuration) to this directory (default: RUN_DIR): tensorboard --logdir runs")
+    timeline: str = _flag("", "record what each rank does over a few steps into FILE (bare --timeline: "
+                          "RUN_DIR/timeline.json): data mode writes Horovod's own timeline; model/hybrid/ps a "
+                          "Chrome-trace JSON, one track per rank (open in ui.perfetto.dev or chrome://tracing). "
+                          "Under horovodrun spell it --timeline-file: horovodrun takes --timeline for its own "
+                          "--timeline-filename", nargs="?", const=TIMELINE_IN_RUN_DIR, metavar="FILE",
+                          aliases=("--timeline-file",))
+    timeline_steps: int = _flag(3, "with --timeline in model/hybrid/ps mode: steps recorded (after the first)")
+    log_every: int = _flag(10, "with --tensorboard: log the global batch's loss every N steps (0: never)")
+    progress: bool = _flag(True, "one progress bar on the reporting rank, when there is a terminal")
+    allow_nonfinite: bool = _flag(False, "keep training when the loss is NaN or infinite (default: "
+                                  "stop, keeping the last good checkpoint)")
+    connect_timeout: float = _flag(300.0, "end the job with a clear line when its ranks have not all reached "
+                                   "each other this many seconds after start-up (a wrong network interface "
+                                   "makes MPI and Gloo wait forever; 0: wait forever)")
+    elastic: bool = _flag(False, "data mode: Horovod elastic training, workers may leave and "
+                          "join (launch with horovodrun --min-np/--max-np --host-discovery-script); "
+                          "the global batch and LR stay fixed")
+    elastic_commit_steps: int = _flag(20, "--elastic: commit the training state every N steps (a "
+                                      "failed worker costs at most N steps of redone work)")
+
+    @property
+    def weak_scaling(self):
+        return self.batch_size_per_rank > 0
+
+    def global_batch_size(self, world_size):
+        if self.weak_scaling:
+            return self.batch_size_per_rank * world_size
+        return self.batch_size
+
+    def synthetic_image_shape(self):
+        try:
+            shape = tuple(int(part) for part in self.synthetic_shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise UsageError(f"--synthetic-shape {self.synthetic_shape!r} is not C,H,W with "
+                             "positive integers; use e.g. --synthetic-shape 3,32,32")
+        return shape
+
+
+_POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples", "num_classes",
+             "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints", "pp", "dp",
+             "microbatches", "elastic_commit_steps", "prefetch_batches", "log_every", "timeline_steps",
+             "connect_timeout")
+
+
+def _validate_interleaving(config: RunConfig) -> None:
+    if config.schedule != "interleaved":
+        return
+    if config.virtual_stages < 2:
+        raise UsageError(f"--schedule interleaved needs --virtual-stages >= 2 (got {config.virtual_stages}); "
+                         "with one piece per rank use --schedule 1f1b")
+    if config.pp < 2:
+        raise UsageError("--schedule interleaved deals model pieces round several ranks; use --pp >= 2")
+    if config.microbatches % config.pp:
+        raise UsageError(f"--schedule interleaved runs micro-batches in rounds of --pp {config.pp}; "
+                         f"use --microbatches a multiple of {config.pp} (got {config.microbatches}), "
+                         f"e.g. {2 * config.pp}")
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Checks that need no data and no other rank; raises UsageError naming the fix."""
+    for name in _POSITIVE:
+        if getattr(config, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must not be negative (got {getattr(config, name)})")
+    for name in ("accumulation_steps", "keep_checkpoints", "num_classes", "synthetic_samples", "microbatches",
+                 "elastic_commit_steps"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.num_classes < 2:
+        raise UsageError("--num-classes must be at least 2")
+    if not config.weak_scaling and config.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if not (config.lr > 0):
+        raise UsageError(f"--lr must be positive (got {config.lr})")
+    if not (0 <= config.momentum < 1):
+        raise UsageError(f"--momentum must be in [0, 1) (got {config.momentum})")
+    if config.weight_decay < 0:
+        raise UsageError("--weight-decay must not be negative")
+    if config.mode == "ps":
+        for flag, value in (("--pp", config.pp > 1), ("--dp", config.dp), ("--microbatches", config.microbatches > 1),
+                            ("--split", config.split), ("--adasum", config.adasum),
+                            ("--fp16-allreduce", config.fp16_allreduce),
+                            ("--accumulation-steps", config.accumulation_steps > 1)):
+            if value:
+                raise UsageError(f"{flag} does not apply to --mode ps (one server, the other ranks "
+                                 "workers); drop it")
+    elif config.mode != "data":
+        if config.pp < 1:
+            raise UsageError(f"--mode {config.mode} needs --pp K, the number of pipeline stages")
+        for flag, value in (("--adasum", config.adasum), ("--fp16-allreduce", config.fp16_allreduce),
+                            ("--accumulation-steps", config.accumulation_steps > 1)):
+            if value:
+                raise UsageError(f"{flag} is for --mode data; pipelines accumulate over --microbatches")
+        _validate_interleaving(config)
+    elif config.dp or config.microbatches > 1 or config.split:
+        raise UsageError("--dp, --microbatches and --split are for --mode model/hybrid; "
+                         "add --mode hybrid --pp K (or drop them)")
+    if config.mode == "model" and config.dp > 1:
+        raise UsageError("--dp is for --mode hybrid; --mode model runs one pipeline")
+    if config.elastic and config.mode != "data":
+        raise UsageError("--elastic is for --mode data (a pipeline cannot lose a stage); drop --elastic")
+    if config.elastic and config.weak_scaling:
+        raise UsageError("--elastic keeps the global batch fixed while workers come and go; use "
+                         "--batch-size instead of --batch-size-per-rank")
+    if config.elastic and not config.run_dir:
+        raise UsageError("--elastic needs --run-dir DIR (or --run-dir none): the default name is the time "
+                         "the run started, which a worker joining later cannot know")
+    if config.adasum and config.fp16_allreduce:
+        raise UsageError("--adasum and --fp16-allreduce cannot be combined; drop one")
+    _validate_model_options(config)
+    if config.resume and not config.checkpoint_dir and config.run_dir in ("", NO_RUN_DIR):
+        raise UsageError("--resume needs the run to continue: --run-dir DIR (or --checkpoint-dir DIR)")
+    if config.init_from and config.resume:
+        raise UsageError("--init-from and --resume exclude each other: --resume continues a run "
+                         "(weights, optimizer, epoch), --init-from starts a new one from weights")
+    if config.init_from and not os.path.exists(config.init_from):
+        raise UsageError(f"--init-from: {config.init_from} does not exist; pass a checkpoint directory "
+                         "(ckpt-epochNNNN) from a --checkpoint-dir")
+    if config.dataset == "cifar10" and not config.data_dir:
+        raise UsageError("--dataset cifar10 needs --data-dir DIR holding data_batch_1..5 and "
+                         "test_batch (the python version from https://www.cs.toronto.edu/~kriz/cifar.html)")
+    if config.dataset == "synthetic":
+        config.synthetic_image_shape()
+    if config.dataset == "folder":
+        _validate_folder_options(config)
+    elif config.decode == "gpu":
+        raise UsageError("--decode gpu decodes image files: it is for --dataset folder (drop it)")
+    if config.metrics_file:
+        parent = os.path.dirname(os.path.abspath(config.metrics_file))
+        if not os.path.isdir(parent):
+            raise UsageError(f"--metrics-file: directory {parent} does not exist; create it first")
+    return config
+
+
+def _validate_folder_options(config: RunConfig) -> None:
+    if not config.data_dir:
+        raise UsageError("--dataset folder needs --data-dir DIR (DIR/<class>/*.jpg, or DIR/train/<class>/* "
+                         "with DIR/val/<class>/*)")
+    if not 0 < config.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be between 0 and 1 (got {config.val_fraction})")
+    if config.image_size < 1:
+        raise UsageError(f"--image-size must be positive (got {config.image_size})")
+    if config.channels not in (0, 1, 3):
+        raise UsageError(f"--channels must be 1 (grayscale) or 3 (RGB), or 0 to follow the images "
+                         f"(got {config.channels})")
+    if config.data_workers < -1:
+        raise UsageError(f"--data-workers must be -1 (automatic), 0 or more (got {config.data_workers})")
+    if config.prefetch_batches < 1:
+        raise UsageError("--prefetch-batches must be at least 1")
+
+
+def _validate_model_options(config: RunConfig) -> None:
+    config.model = networks.canonical_name(config.model)  # checkpoints record one name per network
+    if config.sync_bn and config.mode in ("model", "ps"):
+        raise UsageError(f"--sync-bn synchronises BatchNorm across data-parallel replicas; --mode "
+                         f"{config.mode} has none (use --mode data or hybrid, or drop --sync-bn)")
+    if config.amp == "fp16" and config.mode != "data":
+        raise UsageError("--amp fp16 scales the loss of one whole model (--mode data); pipelines and the "
+                         "parameter server take --amp bf16, which needs no loss scaling")
+    if not config.loss_scale > 0:
+        raise UsageError(f"--loss-scale must be positive (got {config.loss_scale})")
+    if config.amp == "fp16" and config.adasum:
+        raise UsageError("--amp fp16 and --adasum cannot be combined (Adasum needs unscaled gradients); drop one")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line and exit code 2, like every other usage error.
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Train a CNN data parallel (Horovod), model parallel (pipeline "
+                     "over MPI) or hybrid. Launch with horovodrun, mpirun or srun; runs as one process too.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for spec in dataclasses.fields(RunConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        meta = dict(spec.metadata)
+        help_text = meta.pop("help")
+        flags = (flag, *meta.pop("aliases", ()))
+        if spec.type in (bool, "bool", "bool | None"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=spec.default, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(spec.type, spec.type)
+            parser.add_argument(*flags, dest=spec.name, type=kind, default=spec.default, help=help_text, **meta)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunConfig:
+    namespace = build_parser(prog).parse_args(argv)
+    return validate(RunConfig(**vars(namespace)))

@@ -1,0 +1,149 @@
+"""Loss/accuracy meters kept as weighted sums, throughput, and a JSON-lines writer.
+
+Meters hold sums (loss sum, correct count, sample count), never averages, so
+reducing them across ranks is a plain sum and uneven shards count correctly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Protocol, Union
+
+import numpy as np
+
+
+def softmax_cross_entropy_sums(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(summed loss, correct count) of a batch of logits, in float64."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = -log_probabilities[np.arange(len(labels)), labels].sum()
+    return float(loss), float((logits.argmax(axis=1) == labels).sum())
+
+
+class Meter:
+    def __init__(self):
+        self.sums = np.zeros(3, dtype=np.float64)  # loss sum, correct, samples
+
+    def add(self, loss_sum, correct, count):
+        self.sums += (loss_sum, correct, count)
+
+    @staticmethod
+    def results(sums):
+        """(mean loss, accuracy) from summed (loss, correct, count), e.g. after an allreduce."""
+        loss_sum, correct, count = (float(value) for value in sums)
+        if count == 0:
+            return float("nan"), float("nan")
+        return loss_sum / count, correct / count
+
+
+class PendingSums(Protocol):
+    """A step's (loss sum, correct, count) still on the device: reading it waits for the
+    step. The trainer reads a step's sums only once the next step is queued, so the
+    device never idles while the host looks at them."""
+
+    def resolve(self) -> np.ndarray: ...
+
+
+StepSums = Union[np.ndarray, PendingSums]
+
+
+def resolved(sums: StepSums) -> np.ndarray:
+    """float64 (loss sum, correct, count), waiting for the device if they are still there."""
+    return np.asarray(sums.resolve() if hasattr(sums, "resolve") else sums, dtype=np.float64)
+
+
+class Stopwatch:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self):
+        return time.perf_counter() - self.start
+
+
+def append_whole(handle: int, data: bytes) -> None:
+    """Append ``data`` to an O_APPEND descriptor all or nothing: a write cut short (a full
+    disk) is undone, so the file stays readable and a later append continues it cleanly."""
+    size = os.fstat(handle).st_size
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(handle, data[written:])
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(handle, size)
+        raise
+
+
+class JsonLinesWriter:
+    """Appends one JSON object per line, whole or not at all (a full disk leaves the file
+    as it was); a no-op when ``path`` is empty."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def write(self, record):
+        if not self.path:
+            return
+        handle = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            append_whole(handle, (json.dumps(record, sort_keys=True) + "\n").encode())
+        finally:
+            os.close(handle)
+
+
+@dataclass
+class EpochResult:
+    """One epoch's training, over all ranks."""
+    loss: float
+    accuracy: float
+    images_per_sec: float            # all ranks together
+    seconds: float
+    lr: float                        # at the epoch's last step
+    stopped_after: int | None = None  # steps done, when every rank agreed to stop early
+    data_wait: float = 0.0           # share of the epoch the image-reading ranks waited for images
+    steps: int = 0                   # optimizer steps taken
+
+
+def epoch_record(epoch: int, train: EpochResult, test: tuple, world_size: int, config,
+                 framework: str) -> dict:
+    """The metrics-file record for one epoch, identical in shape for both frameworks."""
+    test_loss, test_accuracy = test
+    return {
+        "epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy,
+        "test_loss": test_loss, "test_accuracy": test_accuracy,
+        "images_per_sec": train.images_per_sec, "images_per_sec_per_rank": train.images_per_sec / world_size,
+        "epoch_seconds": train.seconds, "world_size": world_size, "mode": config.mode, "framework": framework,
+        "dataset": config.dataset, "model": config.model,
+        "global_batch_size": config.global_batch_size(world_size), "lr": train.lr,
+        "data_wait_fraction": train.data_wait, "step_seconds": train.seconds / max(1, train.steps),
+    }
+
+
+def evaluation_record(epochs_done: int, test: tuple, world_size: int, config, framework: str) -> dict:
+    """The metrics-file record of a run that only evaluates (--epochs 0, or resumed at its end)."""
+    test_loss, test_accuracy = test
+    return {"epoch": epochs_done, "evaluation_only": True, "test_loss": test_loss, "test_accuracy": test_accuracy,
+            "world_size": world_size, "mode": config.mode, "framework": framework, "dataset": config.dataset,
+            "model": config.model, "init_from": config.init_from}
+
+
+def format_epoch(record: dict, epochs: int) -> str:
+    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.4f}  test loss {record['test_loss']:.4f} "
+            f"acc {record['test_accuracy']:.4f}  {record['images_per_sec']:.0f} img/s "
+            f"({record['images_per_sec_per_rank']:.0f}/rank x {record['world_size']})  "
+            f"{record['epoch_seconds']:.1f}s"
+            + (f"  data wait {record['data_wait_fraction']:.0%}" if record["dataset"] == "folder" else ""))
+
+
+def log(message: str) -> None:
+    """Write one whole line at once: launchers that tag output per write (mpirun
+    --tag-output, horovodrun) would otherwise tag a lone trailing newline."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,203 @@
+"""The contracts between the trainer, the runners and the frameworks' stages, as types.
+
+    Trainer (common/core/trainer.py)  --uses-->  Runner: one rank's part of a step, evaluation,
+                                            checkpoint shards, and its Collectives
+    Runner  (data: train_*/data_parallel.py; model/hybrid: common/parallel/pipeline.py;
+             ps: common/parallel/parameter_server.py)
+    PipelineRunner, ParameterServerRunner  --hold-->  Stage: a framework's arithmetic for
+                                            layers start..end-1 (train_torch/stage.py, train_tf/stage.py);
+                                            a pipeline rank holds one per model piece
+
+Nothing here imports a framework or MPI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from common.core.config import RunConfig
+from common.core.metrics import StepSums
+from common.data.batches import Batch, Feed, Reads
+from common.model.checkpoint import Checkpoint, NeutralState
+from common.observe.timeline import Timeline
+from common.parallel.plan import ParallelPlan
+
+
+class Wire(Protocol):
+    """How one rank's tensors travel: the buffers MPI reads and writes, keyed by message
+    (kind, micro-batch, chunk), so a buffer is reused by the same message every step."""
+
+    description: str  # for the start-up lines: what MPI is handed
+
+    def receive_buffer(self, key: tuple, shape: tuple):
+        """A float32 buffer of ``shape`` for MPI to receive message ``key`` into (free to
+        overwrite: the wire waits for whatever still reads its last contents)."""
+
+    def arrived(self, key: tuple, buffer):
+        """The framework tensor of a received buffer (on the rank's device)."""
+
+    def send_buffer(self, key: tuple, tensor):
+        """A buffer holding ``tensor``'s values, complete, for MPI to send as message ``key``;
+        it stays untouched until Transport.finish."""
+
+
+OpenCheckpoint = Callable[[], Checkpoint]
+
+
+class Collectives(Protocol):
+    """What every rank calls together; the trainer's only way to talk to the other ranks."""
+
+    def allreduce_sums(self, sums: np.ndarray, name: str) -> np.ndarray: ...
+
+    def broadcast_object(self, value, name: str): ...
+
+    def allgather_object(self, value, name: str) -> list:
+        """Every rank's ``value``, in rank order, on every rank."""
+
+    def flag_sum(self, value: int) -> int:
+        """The sum of ``value`` over the ranks (a sync point)."""
+
+    def start_flag_sum(self, value: int) -> Callable[[], int]:
+        """The same, answered by the returned function after the next train_step (so it
+        can travel with that step's communication instead of adding a round trip)."""
+
+
+class Runner(Protocol):
+    framework: str                   # "torch" or "tf"
+    rank: int
+    world_size: int
+    threads: int
+    primary: bool                    # the one rank that logs, writes metrics and commits checkpoints
+    data_shards: int                 # data-parallel replicas sharing each global batch
+    data_shard: int                  # this rank's replica
+    plan: ParallelPlan
+    layout: Sequence[str]            # lines describing the placement, logged once
+    collectives: Collectives
+    checkpoint_shards: int           # how many shards this layout's checkpoints have
+    timeline: Timeline               # --timeline's spans (enabled in model/hybrid/ps mode)
+    reads: Reads                     # what this rank needs of each batch (images, labels)
+    feed: Feed                       # where its batches are read into and how they reach its device
+
+    def set_lr(self, value: float) -> None: ...
+
+    def train_step(self, batch: Batch, global_count: int) -> StepSums:
+        """One optimizer step on this rank's ``batch`` (staged by ``feed``) of a global batch of
+        ``global_count``; this rank's (loss sum, correct, count), possibly still on the device."""
+
+    def evaluate(self, batches: Iterable[Batch]) -> StepSums:
+        """(loss sum, correct, count) over this rank's slice of the test set, in ``batches``."""
+
+    def checkpoint_shard(self) -> tuple[int, NeutralState] | None:
+        """Collective: (shard index, state under whole-model keys) on the ranks that write one."""
+
+    def load_state(self, open_checkpoint: OpenCheckpoint | None, with_optimizer: bool) -> None:
+        """Collective: every rank takes its part of the checkpoint (None: keep the seed's
+        weights, synchronised)."""
+
+    def start_timeline(self) -> None:
+        """Collective, once --timeline's path is settled: begin recording."""
+
+    def write_timeline(self) -> None:
+        """Collective, when ``timeline.enabled``: write every rank's spans to --timeline."""
+
+
+class ElasticRunner(Runner, Protocol):
+    def run_elastic(self, start: Callable[[], tuple], train_from: Callable) -> object:
+        """--elastic: run ``train_from(position, commit)`` from ``start()``'s position, again
+        from the last commit whenever workers leave or join."""
+
+
+@dataclass(frozen=True)
+class StagePlace:
+    """Which layers a stage holds and what it may need to know about its neighbours."""
+    specs: tuple
+    input_shape: tuple               # the whole model's input (C, H, W)
+    start: int
+    end: int
+    first: bool
+    last: bool
+    config: RunConfig
+    local_rank: int                  # picks this rank's GPU, where there are GPUs
+    feed: Feed                       # the rank's input path (StageFactory.make_feed)
+
+
+class Stage(Protocol):
+    """A framework's arithmetic for one pipeline stage (or, in ps mode, the whole model)."""
+
+    has_parameters: bool
+
+    def share_batch_norm_statistics(self) -> None:
+        """Collective over the stage's replicas (hybrid): average the BatchNorm running
+        statistics, so every replica evaluates, and replica 0 saves, the same model."""
+
+    def zero_grad(self) -> None: ...
+
+    def set_lr(self, value: float) -> None: ...
+
+    def forward(self, microbatch: int, inputs, batch: Batch, scale: float) -> tuple[object, tuple[float, float]]:
+        """(output tensor for the next stage, or None on the last; (loss sum, correct) on the
+        last). ``inputs``: the previous stage's output (a tensor from the Wire), None on the
+        first, which reads ``batch``'s pixels; the last reads its labels. ``scale`` is
+        1 / global batch."""
+
+    def backward(self, microbatch: int, output_gradient) -> object:
+        """The gradient (a tensor) for the previous stage (None on the first)."""
+
+    def use_replica_group(self, group, name: str) -> None:
+        """Hybrid: allreduce this piece's gradients (and, with --sync-bn, BatchNorm sums)
+        over ``group``, a handle from StageFactory.join_replica_groups; ``name`` tells its
+        allreduces apart from other pieces'."""
+
+    def allreduce_gradients(self) -> None: ...
+
+    def step(self) -> None: ...
+
+    def predict(self, inputs, batch: Batch):
+        """Forward only: the output tensor for the next piece; on the last piece the batch's
+        (loss sum, correct)."""
+
+    def state(self) -> NeutralState:
+        """Weights and optimizer state under the stage's own keys (layer 0 = its first)."""
+
+    def load_state(self, state: NeutralState) -> None: ...
+
+    # --mode ps: the server and workers exchange flat float32 vectors.
+    def gradient_vector(self) -> np.ndarray: ...
+
+    def set_gradient_vector(self, vector: np.ndarray) -> None: ...
+
+    def parameter_vector(self) -> np.ndarray: ...
+
+    def set_parameter_vector(self, vector: np.ndarray) -> None: ...
+
+
+class StageFactory(Protocol):
+    """A framework's stage class: builds stages, and what must happen before any is built."""
+
+    framework: str
+
+    def __call__(self, place: StagePlace) -> Stage: ...
+
+    @staticmethod
+    def set_threads(threads: int, local_rank: int) -> None: ...
+
+    @staticmethod
+    def make_feed(config: RunConfig, local_rank: int, dataset, reads: Reads) -> Feed:
+        """The input path of a rank on ``local_rank``'s device."""
+
+    @staticmethod
+    def make_wire(config: RunConfig, local_rank: int) -> Wire:
+        """How the rank's activations and gradients reach MPI (--p2p-memory)."""
+
+    @staticmethod
+    def measure_layer_times(specs: Sequence, input_shape: tuple, batch_size: int) -> list:
+        """Forward + backward seconds of each layer (--balance time)."""
+
+    @staticmethod
+    def join_replica_groups(stage_ranks: list) -> list:
+        """Hybrid, collective, once per rank: join Horovod with one process set per stage
+        (``stage_ranks[s]``: stage s's replicas); the sets' handles, in that order."""

@@ -1,0 +1,520 @@
+"""The training loop shared by both frameworks and every mode.
+
+The Trainer owns everything that is not framework arithmetic or parallel
+layout: the epoch and step loop, the data order, the LR rule, the stop/NaN
+agreement between ranks, progress, logs, the metrics file, checkpoints and
+resume. A Runner (common/core/runner.py) does one rank's part of each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+from common.core import lr, metrics
+from common.core.config import RunConfig, parse_config
+from common.core.errors import RankUsageError, RunStopped, UsageError
+from common.core.progress import ProgressBar
+from common.core.runner import Runner
+from common.data import datasets
+from common.data.batches import Batch, BatchReader, Prefetcher
+from common.launch import hardware
+from common.launch.cpu_budget import read_cpu_share
+from common.launch.environment import apply_tuned_defaults
+from common.launch.faults import injected_failure
+from common.launch.placement import host_placement
+from common.launch.supervision import ContactDeadline, watch_launcher
+from common.model import checkpoint, networks, weights
+from common.observe import run_dir
+from common.parallel.plan import check_batch, check_stages
+
+Position = tuple  # (completed epochs, steps done in the next epoch)
+
+
+def load_run(argv: list[str] | None, prog: str) -> tuple[RunConfig, datasets.Dataset, list]:
+    """What both entry scripts do before any framework import: the flags, the
+    data and the model's layer specs, each checked (UsageError on bad input)."""
+    config = parse_config(argv, prog=prog)
+    apply_tuned_defaults()  # read when MPI starts, which is later (in the runner)
+    size_fix = "pass a larger --image-size" if config.dataset == "folder" else "use larger images"
+    if config.dataset == "folder":  # before any image is read: a bad size is found in a moment
+        networks.model_specs(config.model, (config.channels or 1, config.image_size, config.image_size), 2,
+                           config.stem, size_fix)
+    dataset = datasets.load_dataset(config)
+    specs = networks.model_specs(config.model, dataset.image_shape, dataset.num_classes, config.stem, size_fix)
+    check_stages(config, specs)
+    global _contact
+    # Elastic workers come and go by design: Horovod's own timeouts notice a worker that never joins.
+    _contact = ContactDeadline(0 if config.elastic else config.connect_timeout)
+    return config, dataset, specs
+
+
+_contact: ContactDeadline | None = None  # load_run arms it, the Trainer's first collective disarms it
+
+
+class StopRequest:
+    """SIGUSR1/SIGTERM ask for a graceful stop: the ranks agree at the next step
+    boundary, save a checkpoint and exit 0 (Slurm sends these before preemption
+    or the time limit). A second signal ends the process at once. The launcher's
+    end asks for the same (common/launch/supervision.LauncherWatch)."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self):
+        self.cause = None
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, number, frame):
+        if self.cause is not None:
+            os._exit(128 + number)
+        self.cause = signal.Signals(number).name
+
+    def request(self, cause: str) -> None:
+        self.cause = self.cause or cause
+
+    @property
+    def requested(self) -> bool:
+        return self.cause is not None
+
+
+class Health:
+    """What each rank tells the others at every step boundary, as one number to
+    sum: 1 if it was asked to stop, world_size + 1 if it saw a non-finite loss
+    (so any such rank makes the sum exceed world_size)."""
+
+    def __init__(self, stop: StopRequest, runner: Runner, allow_nonfinite: bool):
+        self.stop, self.runner, self.allow_nonfinite = stop, runner, allow_nonfinite
+        self.nonfinite_at = None
+
+    @property
+    def world_size(self) -> int:
+        return self.runner.world_size  # read each time: elastic training changes it
+
+    def check_loss(self, loss_sum: float, position: Position) -> None:
+        if not self.allow_nonfinite and self.nonfinite_at is None and not math.isfinite(loss_sum):
+            self.nonfinite_at = position
+
+    def code(self) -> int:
+        return (self.world_size + 1 if self.nonfinite_at else 0) + (1 if self.stop.requested else 0)
+
+    def stop_agreed(self, total: int, position: Position) -> bool:
+        """Whether the summed codes ask every rank to stop; RunStopped on a non-finite loss."""
+        if total > self.world_size:
+            epoch, step = self.nonfinite_at or position
+            seen = "" if self.nonfinite_at else " (seen on another rank)"
+            raise RunStopped(f"the loss became NaN or infinite at epoch {epoch + 1}, step {step + 1}{seen}; "
+                             "stopped without saving, so the newest checkpoint is the last good one. "
+                             "Lower --lr (or pass --allow-nonfinite)")
+        return total > 0
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, dataset: datasets.Dataset, specs, runner: Runner):
+        check_batch(config, runner.plan)
+        self.config, self.dataset, self.specs, self.runner = config, dataset, specs, runner
+        self.collectives = runner.collectives
+        self.architecture = checkpoint.architecture(
+            config.model, dataset.image_shape, dataset.num_classes,
+            networks.resolved_stem(config.model, config.stem, dataset.image_shape))
+        self.expected_shapes = weights.expected_shapes(specs, dataset.image_shape)
+        self.settle_run_directory()
+        # Where each rank runs (elastic workers come and go: they have no start-up collective).
+        self.hosts = [] if config.elastic else self.collectives.allgather_object(socket.gethostname(), "hosts")
+        if _contact:
+            _contact.reached()
+        runner.start_timeline()
+        self.stop = StopRequest()
+        self.launcher_watch = watch_launcher(self.stop.request)
+        self.health = Health(self.stop, runner, config.allow_nonfinite)
+        self.global_batch = config.global_batch_size(runner.data_shards)
+        self.steps = datasets.steps_per_epoch(len(dataset.y_train), self.global_batch, config.steps_per_epoch)
+        self.train_reader = BatchReader(dataset.x_train, dataset.y_train, runner.reads, runner.feed,
+                                        dataset.encoded_reader("train"))
+        self.test_reader = BatchReader(dataset.x_test, dataset.y_test, runner.reads, runner.feed,
+                                       dataset.encoded_reader("test"))
+        self.writer = metrics.JsonLinesWriter(config.metrics_file if runner.primary else "")
+        self.progress = ProgressBar(False, 0, 0, 0)
+        self.tensorboard = None
+        if config.tensorboard and runner.primary:
+            from common.observe.tensorboard import TensorBoardLog
+            self.tensorboard = TensorBoardLog(config.tensorboard, dataclasses.asdict(config), sys.argv)
+
+    @property
+    def rank_batch(self) -> int:
+        """A replica's share of the global batch: what it trains on, reads ahead, and evaluates
+        in (read each time: elastic training changes the replicas)."""
+        return -(-self.config.global_batch_size(self.runner.data_shards) // self.runner.data_shards)
+
+    def settle_run_directory(self) -> None:
+        """The primary claims the run directory and records the launch; every rank then
+        sends the outputs it was not told to put elsewhere there."""
+        config, runner = self.config, self.runner
+
+        def claim():
+            directory = run_dir.claim(config, runner.framework)
+            run_dir.place_outputs(config, directory)
+            if directory:
+                run_dir.record(directory, config, runner.framework, runner.world_size)
+            return directory
+        if config.elastic:  # a worker that joins later has no start-up collective to take part in
+            named = None if config.run_dir == run_dir.NO_RUN_DIR else config.run_dir
+            run_dir.place_outputs(config, claim() if runner.primary else named)
+        else:
+            run_dir.place_outputs(config, self.on_primary_for_all(claim, "run_dir"))
+
+    def run(self) -> tuple | None:
+        """Train and evaluate; the test (loss, accuracy), or None when stopped early."""
+        self._log_start()
+        try:
+            if self.config.elastic:
+                return self.runner.run_elastic(self.restore, self.train_from)
+            test = self.train_from(self.restore())
+            if self.runner.timeline.enabled:
+                self.runner.timeline.at_step(-1)  # nothing after the run belongs to a step
+                self.runner.write_timeline()
+            return test
+        finally:
+            self.launcher_watch.close()
+            self.progress.close()
+            self.dataset.close()
+            if self.tensorboard:
+                self.tensorboard.close()
+
+    # --- the loop, top to bottom ----------------------------------------------------
+
+    def train_from(self, start: Position, commit: Callable | None = None) -> tuple | None:
+        """Epochs from ``start`` to the end. ``commit(epoch, step)``, if given, is told each
+        position reached (elastic training keeps its recoverable state with it)."""
+        start_epoch, start_step = start
+        test = None
+        self.progress.close()  # elastic training starts over here after a reset
+        self.progress = ProgressBar(self.config.progress and self.runner.primary, self.config.epochs, self.steps,
+                                    start_epoch * self.steps + start_step)
+        for epoch in range(start_epoch, self.config.epochs):
+            train = self.train_epoch(epoch, start_step if epoch == start_epoch else 0, commit)
+            if train.stopped_after is not None:
+                # Every step's loss is read now: never save one that was not finite.
+                self.health.stop_agreed(self.collectives.flag_sum(self.health.code()),
+                                        (epoch, train.stopped_after - 1))
+                return self.stop_at((epoch, train.stopped_after))
+            # Before saving: never let a non-finite last step overwrite a good checkpoint.
+            stopping = self.health.stop_agreed(self.collectives.flag_sum(self.health.code()),
+                                               (epoch, self.steps - 1))
+            test = self.evaluate()
+            self.record(epoch, train, test)
+            path = self.save((epoch + 1, 0))
+            if commit:
+                commit(epoch + 1, 0)
+            if stopping and epoch + 1 < self.config.epochs:
+                return self.report_stop((epoch + 1, 0), path)
+        if test is None:
+            test = self.evaluate()
+            self.record_evaluation(start_epoch, test)
+        if self.runner.primary:
+            metrics.log(f"final test accuracy: {test[1]:.4f}  (test loss {test[0]:.4f})")
+        return test
+
+    def train_epoch(self, epoch: int, first_step: int, commit: Callable | None = None) -> metrics.EpochResult:
+        """Steps first_step.. of ``epoch``; stops early, every rank together, on a stop
+        request (saying after how many steps) or a non-finite loss (raising RunStopped).
+
+        A step's sums are read once the next step has been handed to the runner (a GPU
+        then has the next step queued while the host waits for them), so a non-finite
+        loss is noticed a step later; nothing is saved before every step is read."""
+        runner, config = self.runner, self.config
+        global_batch = config.global_batch_size(runner.data_shards)
+        batches = datasets.rank_batches(len(self.dataset.y_train), global_batch, runner.data_shards, runner.data_shard,
+                                    config.seed, epoch, config.steps_per_epoch)
+        ahead = batches[first_step:]
+        self.dataset.plan_train(np.concatenate([indices for indices, _ in ahead]) if ahead else np.arange(0),
+                                epoch, config.prefetch_batches * self.rank_batch)
+        meter, images, step_lr, stopped_after = metrics.Meter(), 0, config.lr, None
+        unread = None  # the previous step: (its sums, epoch, step)
+
+        def read(step_sums, at_epoch, at_step):
+            sums = metrics.resolved(step_sums)
+            self.health.check_loss(sums[0], (at_epoch, at_step))
+            meter.sums += sums
+            self.log_step_loss(at_epoch * self.steps + at_step + 1, sums)
+
+        stopwatch = metrics.Stopwatch()
+        prefetch = Prefetcher(self.train_reader.read, runner.feed.stage, [indices for indices, _ in ahead],
+                              config.prefetch_batches)
+        try:
+            for step, (indices, global_count) in enumerate(ahead, start=first_step):
+                step_lr = lr.lr_at(epoch * self.steps + step, self.steps, config, runner.data_shards)
+                runner.set_lr(step_lr)
+                # A sync point: a signal or a non-finite loss may have reached only some ranks.
+                agreed = self.collectives.start_flag_sum(self.health.code())
+                injected_failure(runner.rank, epoch * self.steps + step)
+                runner.timeline.at_step(epoch * self.steps + step)
+                sums = runner.train_step(self.next_batch(prefetch), global_count)
+                if unread is not None:
+                    read(*unread)
+                unread = (sums, epoch, step)
+                images += global_count
+                self.progress.step(epoch, meter.sums[0] / max(1.0, meter.sums[2]), images / stopwatch.seconds())
+                if self.health.stop_agreed(agreed(), (epoch, step)) and step + 1 < len(batches):
+                    stopped_after = step + 1
+                    break
+                if commit and step + 1 < len(batches):
+                    commit(epoch, step + 1)
+            if unread is not None:
+                read(*unread)
+        finally:
+            prefetch.close()
+        seconds = stopwatch.seconds()
+        waited = prefetch.wait_seconds if runner.reads.images else 0.0
+        # One allreduce: the metric sums, and the data wait of the ranks that read images.
+        totals = self.collectives.allreduce_sums(np.append(meter.sums, (waited, 1.0 if runner.reads.images else 0.0)),
+                                                 "train_sums")
+        loss, accuracy = metrics.Meter.results(totals[:3])
+        wait_share = totals[3] / max(1.0, totals[4]) / seconds if seconds > 0 else 0.0
+        steps = (stopped_after or len(batches)) - first_step
+        return metrics.EpochResult(loss, accuracy, images / seconds if seconds > 0 else 0.0, seconds, step_lr,
+                                   stopped_after, wait_share, steps)
+
+    def next_batch(self, prefetch) -> Batch:
+        if not self.runner.reads.images:
+            return prefetch.next()
+        with self.runner.timeline.span("wait for batch", "data"):
+            return prefetch.next()
+
+    def log_step_loss(self, global_step: int, sums) -> None:
+        """--tensorboard: every --log-every steps, the global batch's mean loss (one small
+        allreduce: the loss lives on the ranks that compute it, a pipeline's last stage)."""
+        every = self.config.log_every
+        if not (self.config.tensorboard and every and global_step % every == 0):
+            return
+        loss_sum, _, count = self.collectives.allreduce_sums(np.asarray(sums, dtype=np.float64), "step_loss")
+        if self.tensorboard and count:
+            self.write_output("TensorBoard events", self.tensorboard.path,
+                              lambda: self.tensorboard.step_loss(global_step, loss_sum / count), self._stop_tensorboard)
+
+    def evaluate(self) -> tuple:
+        """(loss, accuracy) on the test set: each replica its slice, in batches of the
+        rank's training share (--batch-size over the replicas), read ahead as in training."""
+        runner, dataset = self.runner, self.dataset
+        shard = datasets.eval_shard(len(dataset.y_test), runner.data_shards, runner.data_shard)
+        dataset.plan_test(shard, self.config.prefetch_batches * self.rank_batch)
+        prefetch = Prefetcher(self.test_reader.read, runner.feed.stage, list(datasets.batched(shard, self.rank_batch)),
+                              self.config.prefetch_batches)
+        try:
+            sums = metrics.resolved(runner.evaluate(iter(prefetch)))
+        finally:
+            prefetch.close()
+        return metrics.Meter.results(self.collectives.allreduce_sums(sums, "eval_sums"))
+
+    def record(self, epoch: int, train: metrics.EpochResult, test: tuple) -> None:
+        if not self.runner.primary:
+            return
+        record = metrics.epoch_record(epoch + 1, train, test, self.runner.world_size, self.config,
+                                      self.runner.framework)
+        with self.progress.paused():
+            metrics.log(metrics.format_epoch(record, self.config.epochs))
+        self._publish(record)
+
+    def record_evaluation(self, epochs_done: int, test: tuple) -> None:
+        if self.runner.primary:
+            self._publish(metrics.evaluation_record(epochs_done, test, self.runner.world_size, self.config,
+                                                    self.runner.framework))
+
+    def _publish(self, record: dict) -> None:
+        """A record to the metrics file and TensorBoard (each when asked for)."""
+        if self.writer.path:
+            self.write_output("metrics file", self.writer.path, lambda: self.writer.write(record), self._stop_metrics)
+        if self.tensorboard:
+            self.write_output("TensorBoard events", self.tensorboard.path, lambda: self.tensorboard.epoch(record),
+                              self._stop_tensorboard)
+
+    def write_output(self, what: str, path: str, write: Callable[[], None], stop: Callable[[], None]) -> None:
+        """On the primary: ``write``, which leaves its file whole when it fails (a full disk).
+        Then the job stops with one line, or, with --keep-going-on-save-error, ``stop`` ends
+        that output and training goes on."""
+        try:
+            write()
+            return
+        except OSError as error:
+            problem = f"cannot write the {what} {path} ({error.strerror}; {checkpoint.free_space(path)})"
+        if not self.config.keep_going_on_save_error:
+            raise RankUsageError(f"{problem}; what it holds so far is intact, and so are the checkpoints. "
+                                 "Free space there or write it elsewhere, then --resume; or pass "
+                                 "--keep-going-on-save-error")
+        metrics.log(f"warning: {problem}; no more {what} for this run (--keep-going-on-save-error)")
+        stop()
+
+    def _stop_metrics(self) -> None:
+        self.writer = metrics.JsonLinesWriter("")
+
+    def _stop_tensorboard(self) -> None:
+        self.tensorboard.close()
+        self.tensorboard = None
+
+    # --- stopping ---------------------------------------------------------------------
+
+    def stop_at(self, position: Position) -> None:
+        """Every rank agreed to stop after ``position``: save it and report."""
+        return self.report_stop(position, self.save(position))
+
+    def report_stop(self, position: Position, path: str | None) -> None:
+        if self.runner.primary:
+            epoch, step = position
+            where = f"after {step} steps of epoch {epoch + 1}" if step else f"after epoch {epoch}"
+            cause = self.stop.cause or "a signal to another rank"
+            saved = (f"saved {path}; continue with --resume" if path else
+                     "nothing saved (the save failed)" if self.config.checkpoint_dir else "nothing saved (no --checkpoint-dir)")
+            metrics.log(f"stopped by {cause} {where}; {saved}")
+        return None
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def save(self, position: Position) -> str | None:
+        """Collective: each writing rank stores its shard, then the primary commits."""
+        if not self.config.checkpoint_dir:
+            return None
+        path = checkpoint.checkpoint_path(self.config.checkpoint_dir, position)
+        temporary = checkpoint.temporary_path(path)
+        shard = self.runner.checkpoint_shard()
+        failed, size, errno = 0, 0, 0
+        if shard is not None:
+            size = checkpoint.shard_bytes(shard[1])
+            try:
+                checkpoint.write_shard(temporary, *shard)
+            except OSError as error:
+                failed, errno = 1, error.errno or 0
+        # A sync point: every shard is on disk (or some rank failed) before the commit.
+        failures, size, errnos = self.collectives.allreduce_sums(np.array([failed, size, errno], np.float64), "save")
+        if failures:
+            if self.runner.primary:
+                checkpoint.abandon(temporary)
+            return self.save_failed(path, os.strerror(int(errnos // failures)), size, everywhere=True)
+        if not self.runner.primary:
+            return path
+        meta = checkpoint.make_meta(position, self.architecture, dataclasses.asdict(self.config),
+                                    self.runner.checkpoint_shards, self.runner.framework,
+                                    {"mode": self.runner.plan.mode, "pp": self.runner.plan.pp,
+                                     "dp": self.runner.plan.dp}, checkpoint.rng_state())
+        try:
+            checkpoint.commit(temporary, path, meta, before_rename=lambda: injected_failure(self.runner.rank, "save"))
+        except OSError as error:
+            checkpoint.abandon(temporary)
+            return self.save_failed(path, error.strerror, size, everywhere=False)
+        checkpoint.prune(self.config.checkpoint_dir, self.config.keep_checkpoints)
+        return path
+
+    def save_failed(self, path: str, reason: str, size: float, everywhere: bool) -> None:
+        """A checkpoint that could not be written (its partial files are gone): stop the job
+        with one line (every rank raises alike when ``everywhere``; else only the primary
+        knows and ends the job itself) or, with --keep-going-on-save-error, warn and go on."""
+        problem = (f"could not save checkpoint {path} ({reason}; it needs {size / 2**20:.1f} MB, "
+                   f"{checkpoint.free_space(path)})")
+        if self.config.keep_going_on_save_error:
+            if self.runner.primary:
+                metrics.log(f"warning: {problem}; training on without it (--keep-going-on-save-error)")
+            return None
+        message = (f"{problem}; the previous checkpoints are intact. Free space there or choose another "
+                   "--checkpoint-dir (or --run-dir), then --resume; or pass --keep-going-on-save-error")
+        raise UsageError(message) if everywhere else RankUsageError(message)
+
+    def restore(self) -> Position:
+        """Resume or initialise weights as the flags ask; returns where to start."""
+        config = self.config
+        if config.checkpoint_dir:
+            self.on_primary_for_all(lambda: checkpoint.prepare_directory(config.checkpoint_dir, config.resume),
+                                    "checkpoint_dir")
+        path, start, rng = None, (0, 0), None
+        if config.resume:
+            path, start, rng = self.on_primary_for_all(self._newest_valid, "resume")
+        elif config.init_from:
+            path = config.init_from
+            self.on_primary_for_all(lambda: self.open_checkpoint(path) and None, "init_from")  # checks it loads
+        if rng:
+            checkpoint.restore_rng(rng)
+        self.runner.load_state((lambda: self.open_checkpoint(path)) if path else None, with_optimizer=config.resume)
+        return tuple(start)
+
+    def open_checkpoint(self, path: str) -> checkpoint.Checkpoint:
+        return checkpoint.Checkpoint(path, self.architecture, self.expected_shapes)
+
+    def _newest_valid(self) -> tuple:
+        """(path, position, RNG state) of the newest checkpoint that loads, saying which;
+        older ones only if newer ones fail."""
+        problems = []
+        for _, path in reversed(checkpoint.list_checkpoints(self.config.checkpoint_dir)):
+            try:
+                opened = self.open_checkpoint(path)
+                opened.check_optimizer(self.config.optimizer)
+            except checkpoint.CheckpointMismatch:
+                raise  # the wrong model or optimizer is the user's mistake, not a damaged file
+            except UsageError as error:
+                problems.append(str(error))
+                metrics.log(f"skipping {path}: it does not load")
+                continue
+            epoch, step = opened.position
+            where = f"{step} steps into epoch {epoch + 1}" if step else f"after epoch {epoch}"
+            metrics.log(f"resumed from {path} ({where})")
+            return path, opened.position, opened.meta.get("rng")
+        raise UsageError(problems[0] if len(problems) == 1 else
+                         f"no checkpoint in {self.config.checkpoint_dir} loads ({len(problems)} tried; "
+                         f"newest: {problems[0]})")
+
+    def on_primary_for_all(self, action: Callable, name: str):
+        """Run ``action`` on the primary rank only and share its result, or the
+        UsageError it raised, so every rank goes on (or ends) together."""
+        result, problem = None, None
+        if self.runner.primary:
+            try:
+                result = action()
+            except UsageError as error:
+                problem = str(error)
+        problem, result = self.collectives.broadcast_object((problem, result), name)
+        if problem:
+            raise UsageError(problem)
+        return result
+
+    def _log_start(self) -> None:
+        runner, config, dataset = self.runner, self.config, self.dataset
+        if not runner.primary:
+            return
+        metrics.log(f"{runner.framework}: {config.model} ({networks.total_params(self.specs, dataset.image_shape):,} "
+                    f"params) on {dataset.name} {len(dataset.y_train)} train / {len(dataset.y_test)} test "
+                    f"{'x'.join(map(str, dataset.image_shape))}; {describe(runner.plan, config)}, "
+                    f"global batch {self.global_batch}, {self.steps} steps/epoch, {runner.threads} threads/rank "
+                    f"({'--threads' if config.threads else read_cpu_share().threads()[1]})")
+        if dataset.streamed:
+            workers = dataset.x_train.workers
+            decoding = ("JPEGs decoded on the GPU (--decode gpu), other files by "
+                        if dataset.decode_on_device else "")
+            metrics.log(f"images streamed from disk: {decoding}{workers or 'no'} decoder "
+                        f"process{'es' if workers != 1 else ''}/rank, {config.prefetch_batches} batches ahead, "
+                        f"augmentation {'on' if config.augment else 'off'}")
+        if len(self.hosts) > 1:
+            metrics.log(host_placement(self.hosts))
+        notice = hardware.emulated_precision_notice(config.amp, runner.feed.on_gpu)
+        if notice:
+            metrics.log(notice)
+        for line in runner.layout:
+            metrics.log(line)
+        if config.run_dir != run_dir.NO_RUN_DIR:
+            metrics.log(f"run directory: {config.run_dir}  (tensorboard --logdir {os.path.dirname(config.run_dir) or '.'})")
+
+
+def describe(plan, config: RunConfig) -> str:
+    if plan.mode == "ps":
+        return f"parameter server: rank 0 serves {plan.dp} worker(s)"
+    if not plan.pipelined:
+        return f"data parallel on {plan.world_size} rank(s)"
+    return (f"{plan.mode} parallel: {plan.pp} stages x {plan.dp} replica(s), {config.microbatches} "
+            f"micro-batches, {config.schedule}")
+
+
+def run(config: RunConfig, dataset: datasets.Dataset, specs, runner: Runner) -> tuple | None:
+    return Trainer(config, dataset, specs, runner).run()

@@ -1,0 +1,1 @@
+"""What a run leaves to read: timelines, TensorBoard events, metric plots, the run directory."""

@@ -1,0 +1,148 @@
+"""One directory per run: its metrics, TensorBoard events, timeline and checkpoints,
+and what it takes to repeat it (the command line, the launcher, the resolved
+configuration).
+
+    runs/20261127-195501-torch-data/
+        command.sh          the launch, once per start (a resume appends); bash it to repeat
+        config.json         every flag as resolved, the world size, versions, the git commit
+        metrics.jsonl       one record per epoch (--metrics-file)
+        events.out.tfevents.*   TensorBoard (--tensorboard): tensorboard --logdir runs/
+        checkpoints/        ckpt-epochNNNN (--checkpoint-dir)
+        timeline.json       with a bare --timeline
+
+A flag given explicitly keeps its own path; ``--run-dir none`` writes only what
+the flags ask for. The primary rank picks the default name (the time it started)
+and every rank is told it, so a job never splits over two directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+
+from common.core.errors import UsageError
+from common.launch import hardware
+from common.launch.supervision import ancestors, launcher_words
+
+NO_RUN_DIR = "none"
+DEFAULT_ROOT = "runs"
+TIMELINE_IN_RUN_DIR = "<run-dir>/timeline.json"   # what a bare --timeline means
+METRICS_NAME, CHECKPOINTS_NAME, TIMELINE_NAME = "metrics.jsonl", "checkpoints", "timeline.json"
+CONFIG_NAME, COMMAND_NAME = "config.json", "command.sh"
+
+
+def default_name(framework: str, mode: str, now: datetime.datetime) -> str:
+    return f"{now:%Y%m%d-%H%M%S}-{framework}-{mode}"
+
+
+def claim(config, framework: str, now: datetime.datetime | None = None) -> str | None:
+    """On the primary rank: the run directory (created), or None with --run-dir none.
+    A default name taken by a run started in the same second gets a suffix."""
+    if config.run_dir == NO_RUN_DIR:
+        return None
+    if config.run_dir:
+        directory = config.run_dir
+        _make(directory, exist_ok=True)
+        return directory
+    base = os.path.join(DEFAULT_ROOT, default_name(framework, config.mode, now or datetime.datetime.now()))
+    for suffix in range(1, 1000):
+        directory = base if suffix == 1 else f"{base}-{suffix}"
+        if _make(directory, exist_ok=False):
+            return directory
+    raise UsageError(f"cannot find a free run directory name beside {base}; pass --run-dir DIR")
+
+
+def _make(directory: str, exist_ok: bool) -> bool:
+    try:
+        os.makedirs(directory, exist_ok=exist_ok)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as error:
+        raise UsageError(f"cannot create the run directory {directory} ({error.strerror}); "
+                         "choose a writable --run-dir (or --run-dir none)") from None
+
+
+def place_outputs(config, directory: str | None) -> None:
+    """Every output the user did not point elsewhere goes into ``directory``."""
+    if directory is None:
+        if config.timeline == TIMELINE_IN_RUN_DIR:
+            raise UsageError("a bare --timeline writes into the run directory; with --run-dir none "
+                             "name the file: --timeline FILE")
+        return
+    config.run_dir = directory
+    config.metrics_file = config.metrics_file or os.path.join(directory, METRICS_NAME)
+    config.tensorboard = config.tensorboard or directory
+    config.checkpoint_dir = config.checkpoint_dir or os.path.join(directory, CHECKPOINTS_NAME)
+    if config.timeline == TIMELINE_IN_RUN_DIR:
+        config.timeline = os.path.join(directory, TIMELINE_NAME)
+
+
+def record(directory: str, config, framework: str, world_size: int, argv: list | None = None,
+           now: datetime.datetime | None = None) -> None:
+    """On the primary rank: append this start's launch to command.sh, write config.json."""
+    try:
+        _write_record(directory, config, framework, world_size, list(sys.argv if argv is None else argv),
+                      now or datetime.datetime.now().astimezone())
+    except OSError as error:
+        raise UsageError(f"cannot write to the run directory {directory} ({error.strerror}); "
+                         "choose a writable --run-dir (or --run-dir none)") from None
+
+
+def _write_record(directory: str, config, framework: str, world_size: int, argv: list,
+                  now: datetime.datetime) -> None:
+    launcher = launcher_command()
+    command_path = os.path.join(directory, COMMAND_NAME)
+    fresh = not os.path.exists(command_path)
+    with open(command_path, "a", encoding="utf-8") as script:
+        if fresh:
+            script.write("#!/bin/bash\n# Repeat this run: bash command.sh [more flags, e.g. --run-dir runs/again]\n"
+                         "set -e\n")
+        script.write(f"\n# {now.isoformat(timespec='seconds')}: {world_size} rank(s) on {platform.node()}"
+                     f"{', launched by ' + launcher[0] if launcher else ''}\n")
+        script.write(f"cd {shlex.quote(os.getcwd())}\n")
+        script.write(shlex.join([*(launcher or []), sys.executable if launcher else "python", *argv])
+                     + ' "$@"\n')
+    os.chmod(command_path, 0o755)
+    description = {"started": now.isoformat(timespec="seconds"), "framework": framework, "world_size": world_size,
+                   "host": platform.node(), "command": argv, "launcher": launcher, "cwd": os.getcwd(),
+                   "cpu": hardware.cpu_model(), "cpu_features": hardware.cpu_features().names(),
+                   "python": platform.python_version(), "git_commit": git_commit(),
+                   "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                   "config": dataclasses.asdict(config)}
+    temporary = os.path.join(directory, f".{CONFIG_NAME}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(description, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+    os.replace(temporary, os.path.join(directory, CONFIG_NAME))
+
+
+def launcher_command() -> list | None:
+    """The command line of the outermost launcher (horovodrun, mpirun, srun) among this
+    process's ancestors, as typed; None when the rank was started some other way
+    (or the launcher runs on another host)."""
+    found = None
+    for process in ancestors():
+        found = launcher_words(list(process.words)) or found
+    return found
+
+
+def git_commit() -> str | None:
+    """The project's commit (with '-dirty' for uncommitted changes), when it is a git checkout."""
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(repository, ".git")):
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", repository, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repository, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if dirty else "")) or None
