@@ -1,10 +1,11 @@
 # Quickstart:  make train   (installs what is missing, then trains the default job)
-#              make test
+#              make test   (lint and types first, then every test)
 # Also:        make bench  (every mode beside DDP, pipelining, MultiWorkerMirrored, input pipelines; ~20 min)
 #              make soak   (memory and descriptors over 120 epochs, 10 stop/resume cycles; ~6 min)
 #              make elpv   (real images: ELPV solar cells as class folders in data/elpv)
 #              make plot RUNS="a.jsonl b.jsonl" [OUT=curves.png]  (overlay runs' metrics files)
 #              make gpu-build  (both CUDA venvs with Horovod + NCCL, checked; no GPU needed)
+#              make docs   (the documentation site into site/)   make lint  (ruff and mypy)
 # Variables:   FRAMEWORK=torch|tf  NP=2  ARGS="--epochs 5 ..."
 #              GPU=1 (CUDA builds in .venv-gpu-$(FRAMEWORK): make install/train/test GPU=1)
 
@@ -23,10 +24,10 @@ BENCH_ARGS ?=
 # Keep TensorFlow's C++ log lines out of the user's way (set to 0 to see them).
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install train test test-unit bench soak elpv plot gpu-build gpu-check-sdist clean help
+.PHONY: install train test test-unit lint docs bench soak elpv plot gpu-build gpu-check-sdist clean help
 
 help:
-	@sed -n '1,9p' Makefile
+	@sed -n '1,10p' Makefile
 
 install: $(VENV)/.horovod-installed
 
@@ -47,8 +48,16 @@ $(VENV)/.horovod-installed: $(VENV)/.requirements-installed common/install/build
 train: install
 	$(VENV)/bin/horovodrun -np $(NP) $(PYTHON) train_$(FRAMEWORK)/main.py $(ARGS)
 
-test: install
+test: lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+# The first, fast tier of make test (settings in pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+docs: install
+	$(VENV)/bin/mkdocs build --strict
 
 bench: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) benchmarks/run.py $(BENCH_ARGS)
@@ -73,9 +82,9 @@ gpu-build:
 gpu-check-sdist: install
 	mkdir -p .whl && $(PYTHON) -m pip download -q --no-deps --no-binary :all: horovod==0.28.1 -d .whl
 
-test-unit: install
+test-unit: lint
 	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

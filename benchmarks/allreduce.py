@@ -47,8 +47,10 @@ def main():
         array, out = np.ones(count, dtype=np.float32), np.empty(count, dtype=np.float32)
         tensor = torch.ones(count)
         repeats = 3 if quick else repetitions(size)
-        mpi = median_seconds(lambda: comm.Allreduce(array, out, op=MPI.SUM), repeats, comm)
-        horovod = median_seconds(lambda: hvd.allreduce(tensor, op=hvd.Sum, name=f"bench{size}"), repeats, comm)
+        mpi = median_seconds(lambda array=array, out=out: comm.Allreduce(array, out, op=MPI.SUM), repeats, comm)
+        def horovod_call(tensor=tensor, name=f"bench{size}"):
+            return hvd.allreduce(tensor, op=hvd.Sum, name=name)
+        horovod = median_seconds(horovod_call, repeats, comm)
         results.append({"bytes": size, "mpi4py_seconds": mpi, "horovod_seconds": horovod,
                         "mpi4py_bytes_per_sec": size / mpi, "horovod_bytes_per_sec": size / horovod})
     if comm.rank == 0:

@@ -167,7 +167,8 @@ def single_process(check):
     synthetic data of the same network, precision and batch; the entry script's figure is
     its training steps' (the metrics file's img/s), epochs after the first."""
     section = check.section("single process")
-    cases = [("resnet50-224", "resnet50", "3,224,224", 256, "bf16"), ("resnet18-32", "resnet18", "3,32,32", 1024, "bf16"),
+    cases = [("resnet50-224", "resnet50", "3,224,224", 256, "bf16"),
+             ("resnet18-32", "resnet18", "3,32,32", 1024, "bf16"),
              ("resnet18-32", "resnet18", "3,32,32", 1024, "fp32")]
     steps, epochs, windows = 15, 4, 4
     if check.dry_run or not check.cuda:
@@ -276,8 +277,9 @@ def pipeline(check):
     common = ["--no-progress", "--run-dir", "none", "--model", model, "--dataset", "synthetic", "--synthetic-shape",
               shape, "--synthetic-samples", batch * steps, "--batch-size", batch, "--epochs", epochs, "--lr", 0.01,
               "--threads", 2]
-    layouts = [("one process", None, []), ("pipeline, host buffers", 2,
-                                             ["--mode", "model", "--pp", 2, "--microbatches", 4, "--p2p-memory", "host"]),
+    layouts = [("one process", None, []),
+               ("pipeline, host buffers", 2,
+                ["--mode", "model", "--pp", 2, "--microbatches", 4, "--p2p-memory", "host"]),
                ("pipeline, auto", 2, ["--mode", "model", "--pp", 2, "--microbatches", 4]),
                ("parameter server + 2 workers", 3, ["--mode", "ps"])]
     for label, np_, extra in layouts:
@@ -325,7 +327,8 @@ def horovod(check):
                       "-H", "localhost:1"]
         metrics = os.path.join(check.scratch, "horovod.jsonl")
         venv_python = os.path.join(venv, "bin", "python")  # sees the machine's packages and the new Horovod
-        ok, _ = check.run(section, "horovodrun -np 1", [*horovodrun, venv_python, "train_torch/main.py", "--no-progress",
+        ok, _ = check.run(section, "horovodrun -np 1", [*horovodrun, venv_python, "train_torch/main.py",
+                                                        "--no-progress",
                                                         "--run-dir", "none", "--model", "resnet18", "--dataset",
                                                         "synthetic", "--synthetic-shape", "3,32,32",
                                                         "--synthetic-samples", 4096, "--batch-size", 512, "--epochs",

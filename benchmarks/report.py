@@ -50,24 +50,20 @@ def goal_list() -> list[Goal]:
     listed = []
     for prefix, label, peer in WORKLOADS:
         one, two = f"{prefix}data np1", f"{prefix}data np2"
-
-        def per_framework(ratio_of):
-            return {framework: ratio_of(framework) for framework in FRAMEWORKS}
-
+        interleaved, one_f_one_b = f"{prefix}model pp2, interleaved M4", f"{prefix}model pp2, 1f1b M4"
         listed.append(Goal(f"{label}: data scaling np2 / (2 x np1)", 0.90,
-                           per_framework(lambda f: Ratio((two, f), (one, f), scale=2))))
+                           {f: Ratio((two, f), (one, f), scale=2) for f in FRAMEWORKS}))
         listed.append(Goal(f"{label}: Horovod data np2 / peer (DDP; MultiWorkerMirrored)", 1.10,
-                           per_framework(lambda f: Ratio((two, f), (peer[f], f + " (peer)")))))
+                           {f: Ratio((two, f), (peer[f], f + " (peer)")) for f in FRAMEWORKS}))
         for schedule in ("gpipe", "1f1b"):
             for microbatches in (4, 8):
                 name, bound = f"{prefix}model pp2, {schedule} M{microbatches}", pipeline_bound(microbatches)
                 listed.append(Goal(f"{label}: pipeline {schedule} M{microbatches} efficiency / its bound {bound:.2f}",
-                                   0.90, per_framework(lambda f, n=name, b=bound: Ratio((n, f), (one, f), 2, b))))
-        interleaved, one_f_one_b = f"{prefix}model pp2, interleaved M4", f"{prefix}model pp2, 1f1b M4"
+                                   0.90, {f: Ratio((name, f), (one, f), 2, bound) for f in FRAMEWORKS}))
         listed.append(Goal(f"{label}: interleaved M4 efficiency / the 1F1B bound {pipeline_bound(4):.2f}", 1.00,
-                           per_framework(lambda f: Ratio((interleaved, f), (one, f), 2, pipeline_bound(4)))))
+                           {f: Ratio((interleaved, f), (one, f), 2, pipeline_bound(4)) for f in FRAMEWORKS}))
         listed.append(Goal(f"{label}: interleaved M4 / 1f1b M4 throughput", 1.00,
-                           per_framework(lambda f: Ratio((interleaved, f), (one_f_one_b, f)))))
+                           {f: Ratio((interleaved, f), (one_f_one_b, f)) for f in FRAMEWORKS}))
         listed.append(Goal(f"{label}: TensorFlow / PyTorch pipeline, 1f1b M4", 0.90,
                            {"tf": Ratio((one_f_one_b, "tf"), (one_f_one_b, "torch"))}))
     return listed
@@ -152,7 +148,8 @@ def zoo_derived(results):
         lambda f: ratio(find(results, "resnet18 64px data np2", f), find(results, "resnet18 64px DDP np2",
                                                                            "torch (peer)")) if f == "torch" else None)
     row("--sync-bn cost: np2 with / np2 without",
-        lambda f: ratio(find(results, "resnet18 32px data np2 --sync-bn", f), find(results, "resnet18 32px data np2", f)))
+        lambda f: ratio(find(results, "resnet18 32px data np2 --sync-bn", f),
+                        find(results, "resnet18 32px data np2", f)))
     row("--amp bf16 gain: np1 bf16 / np1 fp32",
         lambda f: ratio(find(results, "resnet18 32px data np1 --amp bf16", f),
                         find(results, "resnet18 32px data np1", f)))
@@ -262,8 +259,8 @@ def gpu_markdown(gpu):
     if gpu.get("failed"):
         return ["GPU section (benchmarks/gpu.py): failed, see below."]
     if not gpu.get("gpu"):
-        return [f"GPU section (benchmarks/gpu.py: the zoo's ResNet-50/18 and the seed CNN, fp32 vs bf16 vs fp16): not run "
-                f"here, {gpu.get('reason', 'no CUDA device')}."]
+        return ["GPU section (benchmarks/gpu.py: the zoo's ResNet-50/18 and the seed CNN, fp32 vs bf16 vs fp16): "
+                f"not run here, {gpu.get('reason', 'no CUDA device')}."]
     lines = [f"GPU section: {gpu['gpu']}, torch {gpu['torch']}, one device.", "",
              "| model | precision | batch | images/sec | spread |", "|---|---|---|---|---|"]
     for case in gpu["cases"]:

@@ -165,7 +165,8 @@ def report_markdown(results):
                          f"{values['rss_mb_per_100_epochs']:+.2f} | {values['fds_after_warmup']} → "
                          f"{values['fds_max_after_warmup']} → {values['fds_last']} | "
                          f"{values['fds_per_100_epochs']:+.2f} | {run['seconds']:.0f} |")
-    lines += ["", f"Stop and resume, PyTorch, {CYCLES} SIGUSR1 stops then --resume, {RESUME_EPOCHS} epochs of 20 steps:", "",
+    lines += ["", f"Stop and resume, PyTorch, {CYCLES} SIGUSR1 stops then --resume, {RESUME_EPOCHS} epochs of "
+              "20 steps:", "",
               "| mode | stops | final weights vs uninterrupted (max relative difference) |", "|---|---|---|"]
     for layout, run in results["resume"].items():
         lines.append(f"| {layout} | {len(run['stops'])} | {run['max_relative_difference']:.2e} |")

@@ -6,7 +6,7 @@
 # draw without a GPU; the Time Series dashboard's WebGL ones stay blank).
 #   bash benchmarks/tensorboard_screenshot.sh [OUT.png]   (from the repository root, after make install)
 set -euo pipefail
-out=$(realpath -m "${1:-benchmarks/results/tensorboard_runs.png}")
+out=$(realpath -m "${1:-docs/img/tensorboard_runs.png}")
 repo=$(pwd)
 work=$(mktemp -d)
 trap 'kill "${board:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT

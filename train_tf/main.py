@@ -15,19 +15,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.core import trainer  # noqa: E402
-from common.launch.entry import quiet_stderr, run_entry  # noqa: E402
+from common.launch.entry import quiet_stderr, run_training  # noqa: E402
+from common.launch.supervision import Supervision  # noqa: E402
 from common.parallel import drivers  # noqa: E402
 
 
-def main(argv=None):
-    config, dataset, specs = trainer.load_run(argv, "train_tf/main.py")
+def main(argv: list[str] | None, supervision: Supervision) -> None:
+    loaded = trainer.load_run(argv, "train_tf/main.py")
     verbose = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3") != "3"
     with quiet_stderr(enabled=not verbose):  # TF logs to fd 2 before honouring the level
         from train_tf import data_parallel, stage  # heavy imports only once the input is valid
-    runner = drivers.make_runner(config, dataset, specs, lambda: data_parallel.DataParallelRunner,
+    runner = drivers.make_runner(loaded.config, loaded.dataset, loaded.specs, lambda: data_parallel.DataParallelRunner,
                                  lambda: stage.TfStage)
-    trainer.run(config, dataset, specs, runner)
+    trainer.run(loaded, runner, supervision)
 
 
 if __name__ == "__main__":
-    run_entry(main)
+    run_training(main)

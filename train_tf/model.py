@@ -295,14 +295,6 @@ def load_neutral(model, input_shape, arrays):
         variable.assign(to_tf(arrays[key]) if to_tf else arrays[key])
 
 
-def named_variables(model, input_shape):
-    """{neutral key: tf.Variable} in TF's own layout: what a TF checkpoint tracks.
-
-    (tf.train.Checkpoint does not see layers a Keras 3 model holds in a list.)
-    """
-    return {key: variable.value for key, (variable, _, _) in _variables(model, input_shape).items()}
-
-
 def to_channels_last(array):
     """NCHW (common's layout, and the wire between stages) -> NHWC; other ranks pass through."""
     return array.transpose(0, 2, 3, 1) if array.ndim == 4 else array

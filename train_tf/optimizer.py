@@ -15,8 +15,8 @@ class Optimizer:
         self.momentum, self.weight_decay = config.momentum, config.weight_decay
         self.lr = tf.Variable(config.lr, trainable=False, dtype=tf.float32, name="lr")
         self.steps = tf.Variable(0, trainable=False, dtype=tf.int64, name="steps")
-        zeros = lambda name: [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=name)
-                              for v in variables]
+        def zeros(name):
+            return [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name=name) for v in variables]
         self.slots = {}
         if self.kind == "sgd" and self.momentum:
             self.slots["momentum_buffer"] = zeros("momentum_buffer")

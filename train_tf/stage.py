@@ -28,8 +28,8 @@ from common.core.runner import StagePlace
 from common.model import networks
 from common.model.checkpoint import NeutralState
 from train_tf.checkpoint import load_neutral_state, neutral_state
-from train_tf.data_parallel import average_batch_norm_statistics
 from train_tf.device import pin_gpu
+from train_tf.horovod_glue import average_batch_norm_statistics
 from train_tf.input import make_feed
 from train_tf.model import (
     build_model,
@@ -107,7 +107,8 @@ class TfStage:
                                                                      tf.float32)), reduce_retracing=True)
         self._recompute_backward = tf.function(self._gradients_given_output_gradients, reduce_retracing=True)
         self._loss_backward = tf.function(self._loss_and_gradients, reduce_retracing=True)
-        self.stash, self.gradients = {}, []
+        self.stash: dict = {}  # micro-batch -> what its backward needs
+        self.gradients: list = []
 
     def _gradients_given_output_gradients(self, x, upstream, accumulated):
         with tf.GradientTape() as tape:

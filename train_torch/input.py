@@ -102,7 +102,10 @@ class TorchFeed:
         """Start the batch's way to the device; the step's stream waits for it in ``arrive``."""
         with self._on_side_stream():
             labels = self._small(batch.labels)
+            pixels: torch.Tensor | None
+            flips: torch.Tensor | None
             if batch.encoded is not None:
+                assert self.decoder is not None, "encoded images reach only a feed with a decoder (--decode gpu)"
                 pixels, flips = self.decoder.decode(batch.encoded)
             else:
                 pixels, flips = self._pixels(batch.pixels), self._small(batch.flips)

@@ -16,17 +16,18 @@ from importlib import import_module
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.core import trainer  # noqa: E402
-from common.launch.entry import run_entry  # noqa: E402
+from common.launch.entry import run_training  # noqa: E402
+from common.launch.supervision import Supervision  # noqa: E402
 from common.parallel import drivers  # noqa: E402
 
 
-def main(argv=None):
-    config, dataset, specs = trainer.load_run(argv, "train_torch/main.py")
-    runner = drivers.make_runner(config, dataset, specs,
+def main(argv: list[str] | None, supervision: Supervision) -> None:
+    loaded = trainer.load_run(argv, "train_torch/main.py")
+    runner = drivers.make_runner(loaded.config, loaded.dataset, loaded.specs,
                                  lambda: import_module("train_torch.data_parallel").DataParallelRunner,
                                  lambda: import_module("train_torch.stage").TorchStage)
-    trainer.run(config, dataset, specs, runner)
+    trainer.run(loaded, runner, supervision)
 
 
 if __name__ == "__main__":
-    run_entry(main)
+    run_training(main)

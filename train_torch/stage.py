@@ -4,6 +4,7 @@ parameter_server.py) hold one and drive it; see common/core/runner.py's Stage.
 """
 
 import time
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +14,9 @@ from common.core import metrics
 from common.core.runner import StagePlace
 from common.model.checkpoint import NeutralState
 from train_torch.checkpoint import load_neutral_state, neutral_state
-from train_torch.data_parallel import average_batch_norm_statistics
 from train_torch.device import pick_device, to_numpy
-from train_torch.input import make_feed
+from train_torch.horovod_glue import average_batch_norm_statistics
+from train_torch.input import TorchFeed, make_feed
 from train_torch.model import build_model, build_stage, set_batch_norm_reduction
 from train_torch.optimizer import make_local_optimizer
 from train_torch.precision import autocast
@@ -62,11 +63,11 @@ class TorchStage:
         self.device = pick_device(place.local_rank)  # each stage on its rank's local GPU
         self.host = StagedWire(self.device) if self.device.type == "cuda" else None  # --mode ps vectors
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start,
-                                 place.end).to(self.device, memory_format=self.feed.memory_format)
+                                 place.end).to(self.device, memory_format=cast(TorchFeed, self.feed).memory_format)
         self.parameters = list(self.model.parameters())
         self.has_parameters = bool(self.parameters)
         self.optimizer = make_local_optimizer(self.model, place.config) if self.parameters else None
-        self.stash = {}
+        self.stash: dict = {}  # micro-batch -> what its backward needs
 
     @staticmethod
     def join_replica_groups(stage_ranks):

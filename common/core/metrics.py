@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class PendingSums(Protocol):
     def resolve(self) -> np.ndarray: ...
 
 
-StepSums = Union[np.ndarray, PendingSums]
+StepSums = np.ndarray | PendingSums
 
 
 def resolved(sums: StepSums) -> np.ndarray:

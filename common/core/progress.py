@@ -69,6 +69,6 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-            if self.stream is not sys.stderr:
+            if self.stream is not None and self.stream is not sys.stderr:
                 self.stream.close()
             self.bar = None

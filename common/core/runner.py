@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -156,7 +156,7 @@ class Stage(Protocol):
 
     def step(self) -> None: ...
 
-    def predict(self, inputs, batch: Batch):
+    def predict(self, inputs, batch: Batch) -> Any:
         """Forward only: the output tensor for the next piece; on the last piece the batch's
         (loss sum, correct)."""
 

@@ -15,6 +15,8 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -22,25 +24,35 @@ from common.core import lr, metrics
 from common.core.config import RunConfig, parse_config
 from common.core.errors import RankUsageError, RunStopped, UsageError
 from common.core.progress import ProgressBar
-from common.core.runner import Runner
+from common.core.runner import ElasticRunner, Runner
 from common.data import datasets
 from common.data.batches import Batch, BatchReader, Prefetcher
 from common.launch import hardware
 from common.launch.cpu_budget import read_cpu_share
 from common.launch.environment import apply_tuned_defaults
-from common.launch.faults import injected_failure
+from common.launch.faults import FaultInjection
 from common.launch.placement import host_placement
-from common.launch.supervision import ContactDeadline, watch_launcher
+from common.launch.supervision import ContactDeadline, Supervision
 from common.model import checkpoint, networks, weights
+from common.model.checkpoint import Position
 from common.observe import run_dir
 from common.parallel.plan import check_batch, check_stages
 
-Position = tuple  # (completed epochs, steps done in the next epoch)
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """What an entry script has before any framework import: the checked settings, the
+    data, the model's layer specs, and the start-up deadline (armed once the data is in,
+    disarmed by the trainer's first collective)."""
+
+    config: RunConfig
+    dataset: datasets.Dataset
+    specs: list
+    contact: ContactDeadline
 
 
-def load_run(argv: list[str] | None, prog: str) -> tuple[RunConfig, datasets.Dataset, list]:
-    """What both entry scripts do before any framework import: the flags, the
-    data and the model's layer specs, each checked (UsageError on bad input)."""
+def load_run(argv: list[str] | None, prog: str) -> LoadedRun:
+    """The flags, the data and the model's layer specs, each checked (UsageError on bad input)."""
     config = parse_config(argv, prog=prog)
     apply_tuned_defaults()  # read when MPI starts, which is later (in the runner)
     size_fix = "pass a larger --image-size" if config.dataset == "folder" else "use larger images"
@@ -50,13 +62,8 @@ def load_run(argv: list[str] | None, prog: str) -> tuple[RunConfig, datasets.Dat
     dataset = datasets.load_dataset(config)
     specs = networks.model_specs(config.model, dataset.image_shape, dataset.num_classes, config.stem, size_fix)
     check_stages(config, specs)
-    global _contact
     # Elastic workers come and go by design: Horovod's own timeouts notice a worker that never joins.
-    _contact = ContactDeadline(0 if config.elastic else config.connect_timeout)
-    return config, dataset, specs
-
-
-_contact: ContactDeadline | None = None  # load_run arms it, the Trainer's first collective disarms it
+    return LoadedRun(config, dataset, specs, ContactDeadline(0 if config.elastic else config.connect_timeout))
 
 
 class StopRequest:
@@ -92,7 +99,7 @@ class Health:
 
     def __init__(self, stop: StopRequest, runner: Runner, allow_nonfinite: bool):
         self.stop, self.runner, self.allow_nonfinite = stop, runner, allow_nonfinite
-        self.nonfinite_at = None
+        self.nonfinite_at: Position | None = None
 
     @property
     def world_size(self) -> int:
@@ -117,7 +124,8 @@ class Health:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, dataset: datasets.Dataset, specs, runner: Runner):
+    def __init__(self, loaded: LoadedRun, runner: Runner, supervision: Supervision):
+        config, dataset, specs = loaded.config, loaded.dataset, loaded.specs
         check_batch(config, runner.plan)
         self.config, self.dataset, self.specs, self.runner = config, dataset, specs, runner
         self.collectives = runner.collectives
@@ -128,11 +136,11 @@ class Trainer:
         self.settle_run_directory()
         # Where each rank runs (elastic workers come and go: they have no start-up collective).
         self.hosts = [] if config.elastic else self.collectives.allgather_object(socket.gethostname(), "hosts")
-        if _contact:
-            _contact.reached()
+        loaded.contact.reached()
         runner.start_timeline()
         self.stop = StopRequest()
-        self.launcher_watch = watch_launcher(self.stop.request)
+        self.launcher_watch = supervision.start(self.stop.request)
+        self.faults = FaultInjection.from_environment()
         self.health = Health(self.stop, runner, config.allow_nonfinite)
         self.global_batch = config.global_batch_size(runner.data_shards)
         self.steps = datasets.steps_per_epoch(len(dataset.y_train), self.global_batch, config.steps_per_epoch)
@@ -174,8 +182,9 @@ class Trainer:
         """Train and evaluate; the test (loss, accuracy), or None when stopped early."""
         self._log_start()
         try:
-            if self.config.elastic:
-                return self.runner.run_elastic(self.restore, self.train_from)
+            if self.config.elastic:  # data mode only (validate), whose runners are elastic
+                elastic = cast(ElasticRunner, self.runner)
+                return cast("tuple | None", elastic.run_elastic(self.restore, self.train_from))
             test = self.train_from(self.restore())
             if self.runner.timeline.enabled:
                 self.runner.timeline.at_step(-1)  # nothing after the run belongs to a step
@@ -204,7 +213,8 @@ class Trainer:
                 # Every step's loss is read now: never save one that was not finite.
                 self.health.stop_agreed(self.collectives.flag_sum(self.health.code()),
                                         (epoch, train.stopped_after - 1))
-                return self.stop_at((epoch, train.stopped_after))
+                self.stop_at((epoch, train.stopped_after))
+                return None
             # Before saving: never let a non-finite last step overwrite a good checkpoint.
             stopping = self.health.stop_agreed(self.collectives.flag_sum(self.health.code()),
                                                (epoch, self.steps - 1))
@@ -214,7 +224,8 @@ class Trainer:
             if commit:
                 commit(epoch + 1, 0)
             if stopping and epoch + 1 < self.config.epochs:
-                return self.report_stop((epoch + 1, 0), path)
+                self.report_stop((epoch + 1, 0), path)
+                return None
         if test is None:
             test = self.evaluate()
             self.record_evaluation(start_epoch, test)
@@ -249,12 +260,12 @@ class Trainer:
         prefetch = Prefetcher(self.train_reader.read, runner.feed.stage, [indices for indices, _ in ahead],
                               config.prefetch_batches)
         try:
-            for step, (indices, global_count) in enumerate(ahead, start=first_step):
+            for step, (_, global_count) in enumerate(ahead, start=first_step):
                 step_lr = lr.lr_at(epoch * self.steps + step, self.steps, config, runner.data_shards)
                 runner.set_lr(step_lr)
                 # A sync point: a signal or a non-finite loss may have reached only some ranks.
                 agreed = self.collectives.start_flag_sum(self.health.code())
-                injected_failure(runner.rank, epoch * self.steps + step)
+                self.faults.at(runner.rank, epoch * self.steps + step)
                 runner.timeline.at_step(epoch * self.steps + step)
                 sums = runner.train_step(self.next_batch(prefetch), global_count)
                 if unread is not None:
@@ -295,9 +306,10 @@ class Trainer:
         if not (self.config.tensorboard and every and global_step % every == 0):
             return
         loss_sum, _, count = self.collectives.allreduce_sums(np.asarray(sums, dtype=np.float64), "step_loss")
-        if self.tensorboard and count:
-            self.write_output("TensorBoard events", self.tensorboard.path,
-                              lambda: self.tensorboard.step_loss(global_step, loss_sum / count), self._stop_tensorboard)
+        board = self.tensorboard
+        if board and count:
+            self.write_output("TensorBoard events", board.path, lambda: board.step_loss(global_step, loss_sum / count),
+                              self._stop_tensorboard)
 
     def evaluate(self) -> tuple:
         """(loss, accuracy) on the test set: each replica its slice, in batches of the
@@ -331,9 +343,9 @@ class Trainer:
         """A record to the metrics file and TensorBoard (each when asked for)."""
         if self.writer.path:
             self.write_output("metrics file", self.writer.path, lambda: self.writer.write(record), self._stop_metrics)
-        if self.tensorboard:
-            self.write_output("TensorBoard events", self.tensorboard.path, lambda: self.tensorboard.epoch(record),
-                              self._stop_tensorboard)
+        board = self.tensorboard
+        if board:
+            self.write_output("TensorBoard events", board.path, lambda: board.epoch(record), self._stop_tensorboard)
 
     def write_output(self, what: str, path: str, write: Callable[[], None], stop: Callable[[], None]) -> None:
         """On the primary: ``write``, which leaves its file whole when it fails (a full disk).
@@ -355,22 +367,23 @@ class Trainer:
         self.writer = metrics.JsonLinesWriter("")
 
     def _stop_tensorboard(self) -> None:
-        self.tensorboard.close()
+        if self.tensorboard:
+            self.tensorboard.close()
         self.tensorboard = None
 
     # --- stopping ---------------------------------------------------------------------
 
     def stop_at(self, position: Position) -> None:
         """Every rank agreed to stop after ``position``: save it and report."""
-        return self.report_stop(position, self.save(position))
+        self.report_stop(position, self.save(position))
 
     def report_stop(self, position: Position, path: str | None) -> None:
         if self.runner.primary:
             epoch, step = position
             where = f"after {step} steps of epoch {epoch + 1}" if step else f"after epoch {epoch}"
             cause = self.stop.cause or "a signal to another rank"
-            saved = (f"saved {path}; continue with --resume" if path else
-                     "nothing saved (the save failed)" if self.config.checkpoint_dir else "nothing saved (no --checkpoint-dir)")
+            unsaved = "the save failed" if self.config.checkpoint_dir else "no --checkpoint-dir"
+            saved = f"saved {path}; continue with --resume" if path else f"nothing saved ({unsaved})"
             metrics.log(f"stopped by {cause} {where}; {saved}")
         return None
 
@@ -395,7 +408,8 @@ class Trainer:
         if failures:
             if self.runner.primary:
                 checkpoint.abandon(temporary)
-            return self.save_failed(path, os.strerror(int(errnos // failures)), size, everywhere=True)
+            self.save_failed(path, os.strerror(int(errnos // failures)), size, everywhere=True)
+            return None
         if not self.runner.primary:
             return path
         meta = checkpoint.make_meta(position, self.architecture, dataclasses.asdict(self.config),
@@ -403,10 +417,11 @@ class Trainer:
                                     {"mode": self.runner.plan.mode, "pp": self.runner.plan.pp,
                                      "dp": self.runner.plan.dp}, checkpoint.rng_state())
         try:
-            checkpoint.commit(temporary, path, meta, before_rename=lambda: injected_failure(self.runner.rank, "save"))
+            checkpoint.commit(temporary, path, meta, before_rename=lambda: self.faults.at(self.runner.rank, "save"))
         except OSError as error:
             checkpoint.abandon(temporary)
-            return self.save_failed(path, error.strerror, size, everywhere=False)
+            self.save_failed(path, error.strerror or str(error), size, everywhere=False)
+            return None
         checkpoint.prune(self.config.checkpoint_dir, self.config.keep_checkpoints)
         return path
 
@@ -490,7 +505,7 @@ class Trainer:
                     f"global batch {self.global_batch}, {self.steps} steps/epoch, {runner.threads} threads/rank "
                     f"({'--threads' if config.threads else read_cpu_share().threads()[1]})")
         if dataset.streamed:
-            workers = dataset.x_train.workers
+            workers = dataset.decoder_workers
             decoding = ("JPEGs decoded on the GPU (--decode gpu), other files by "
                         if dataset.decode_on_device else "")
             metrics.log(f"images streamed from disk: {decoding}{workers or 'no'} decoder "
@@ -504,7 +519,8 @@ class Trainer:
         for line in runner.layout:
             metrics.log(line)
         if config.run_dir != run_dir.NO_RUN_DIR:
-            metrics.log(f"run directory: {config.run_dir}  (tensorboard --logdir {os.path.dirname(config.run_dir) or '.'})")
+            logdir = os.path.dirname(config.run_dir) or "."
+            metrics.log(f"run directory: {config.run_dir}  (tensorboard --logdir {logdir})")
 
 
 def describe(plan, config: RunConfig) -> str:
@@ -516,5 +532,5 @@ def describe(plan, config: RunConfig) -> str:
             f"micro-batches, {config.schedule}")
 
 
-def run(config: RunConfig, dataset: datasets.Dataset, specs, runner: Runner) -> tuple | None:
-    return Trainer(config, dataset, specs, runner).run()
+def run(loaded: LoadedRun, runner: Runner, supervision: Supervision) -> tuple | None:
+    return Trainer(loaded, runner, supervision).run()

@@ -19,8 +19,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -32,7 +33,8 @@ class Normalisation:
     shift: tuple
 
     @classmethod
-    def from_mean_std(cls, mean: Sequence[float], std: Sequence[float], peak: float = 255.0) -> "Normalisation":
+    def from_mean_std(cls, mean: Sequence[float] | np.ndarray, std: Sequence[float] | np.ndarray,
+                      peak: float = 255.0) -> Normalisation:
         """(pixel / peak - mean) / std, as one multiply and one subtract."""
         return cls(tuple(float(np.float32(1 / (peak * s))) for s in std),
                    tuple(float(np.float32(m / s)) for m, s in zip(mean, std)))
@@ -43,7 +45,7 @@ class Normalisation:
                 np.asarray(self.shift, dtype=np.float32).reshape(1, -1, 1, 1))
 
 
-def normalise(pixels: np.ndarray, normalisation: Normalisation, out: Optional[np.ndarray] = None) -> np.ndarray:
+def normalise(pixels: np.ndarray, normalisation: Normalisation, out: np.ndarray | None = None) -> np.ndarray:
     """(N, C, H, W) pixels -> float32 by ``normalisation``, into ``out`` when given (one pass)."""
     out = np.empty(pixels.shape, dtype=np.float32) if out is None else out
     scale, shift = normalisation.arrays()
@@ -51,7 +53,7 @@ def normalise(pixels: np.ndarray, normalisation: Normalisation, out: Optional[np
     return np.subtract(out, shift, out=out)
 
 
-def apply_flips(pixels: np.ndarray, flips: Optional[np.ndarray]) -> np.ndarray:
+def apply_flips(pixels: np.ndarray, flips: np.ndarray | None) -> np.ndarray:
     """Mirror the samples whose flag is set (a copy when any is)."""
     if flips is None or not flips.any():
         return pixels
@@ -69,24 +71,24 @@ class Batch:
     (a pipeline's middle stages read neither). ``flips`` marks the samples to mirror
     (None: none). ``encoded`` holds undecoded files for --decode gpu instead of pixels."""
     indices: np.ndarray
-    labels: object = None
-    pixels: object = None
-    flips: object = None
-    encoded: object = None
-    staged: object = None          # what the feed keeps while the batch travels (events, buffers)
+    labels: Any = None             # numpy as read, a framework tensor once staged
+    pixels: Any = None
+    flips: Any = None
+    encoded: Any = None
+    staged: Any = None             # what the feed keeps while the batch travels (events, buffers)
 
     @property
     def count(self) -> int:
         return len(self.indices)
 
-    def part(self, start: int, stop: int) -> "Batch":
+    def part(self, start: int, stop: int) -> Batch:
         """Samples start..stop-1 (a micro-batch or an accumulation chunk); views, not copies."""
         def cut(value):
             return None if value is None else value[start:stop]
         return replace(self, indices=self.indices[start:stop], labels=cut(self.labels), pixels=cut(self.pixels),
                        flips=cut(self.flips), encoded=cut(self.encoded))
 
-    def parts(self, count: int) -> list["Batch"]:
+    def parts(self, count: int) -> list[Batch]:
         """``count`` near-equal consecutive parts, as np.array_split cuts (empty parts included)."""
         bounds = np.cumsum([0] + [len(piece) for piece in np.array_split(np.arange(self.count), count)])
         return [self.part(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -109,7 +111,7 @@ class ImageSource(Protocol):
 
     def __getitem__(self, key) -> np.ndarray: ...
 
-    def read_into(self, indices: np.ndarray, out: np.ndarray) -> Optional[np.ndarray]:
+    def read_into(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray | None:
         """The pixels of ``indices`` into ``out``; which samples to mirror (None: none)."""
 
 
@@ -160,7 +162,7 @@ class BatchReader:
     """Reads the parts of a set's batches a rank needs (``reads``) into its feed's buffers."""
 
     def __init__(self, images: ImageSource, labels: np.ndarray, reads: Reads, feed: Feed,
-                 read_encoded: Optional[Callable[[np.ndarray], object]] = None):
+                 read_encoded: Callable[[np.ndarray], object] | None = None):
         self.images, self.labels, self.reads, self.feed = images, labels, reads, feed
         self.read_encoded = read_encoded  # --decode gpu: the files, for the feed to decode
 

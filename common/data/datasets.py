@@ -13,9 +13,10 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from math import prod
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -62,25 +63,31 @@ class Dataset:
     def streamed(self) -> bool:
         return isinstance(self.x_train, decoders.StreamedImages)
 
+    @property
+    def decoder_workers(self) -> int:
+        """Decoder processes per rank of a streamed set (0 for one in memory)."""
+        return self.x_train.workers if isinstance(self.x_train, decoders.StreamedImages) else 0
+
     def plan_train(self, order: np.ndarray, epoch: int, lookahead: int) -> None:
         """The order this rank will read training samples in (streamed sets decode ahead)."""
-        if self.streamed:
+        if isinstance(self.x_train, decoders.StreamedImages):
             self.x_train.plan(order, epoch, lookahead)
 
     def plan_test(self, order: np.ndarray, lookahead: int) -> None:
-        if self.streamed:
+        if isinstance(self.x_test, decoders.StreamedImages):
             self.x_test.plan(order, 0, lookahead)
 
     def encoded_reader(self, split: str):
         """--decode gpu: the function that reads a split's files for the device to decode, or None."""
-        if not (self.decode_on_device and self.streamed):
+        images = self.x_train if split == "train" else self.x_test
+        if not (self.decode_on_device and isinstance(images, decoders.StreamedImages)):
             return None
-        return (self.x_train if split == "train" else self.x_test).read_encoded
+        return images.read_encoded
 
     def close(self) -> None:
-        if self.streamed:
-            self.x_train.close()
-            self.x_test.close()
+        for images in (self.x_train, self.x_test):
+            if isinstance(images, decoders.StreamedImages):
+                images.close()
 
 
 def load_dataset(config: RunConfig) -> Dataset:

@@ -14,11 +14,13 @@ rank, worker or framework reads it, so N ranks compute what one rank does.
 
 from __future__ import annotations
 
+import functools
 import signal
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +28,9 @@ from common.core.errors import RankUsageError
 from common.data import batches, jpeg
 from common.data.image_checks import bad_image_message, decompression_bombs_refused, describe_problem
 from common.data.transforms import ImageTransform, pixel_normalisation
+
+if TYPE_CHECKING:
+    from multiprocessing import shared_memory
 
 SAMPLES_PER_TASK = 8
 
@@ -42,8 +47,8 @@ def _become_worker() -> None:
         pass
 
 
-def decode_samples(paths: Sequence[str], transform: ImageTransform, indices: Sequence[int],
-                   epoch: int, skip_bad: bool, out: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, list]:
+def decode_samples(paths: Sequence[str], transform: ImageTransform, indices: Sequence[int] | np.ndarray,
+                   epoch: int, skip_bad: bool, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list]:
     """uint8 samples of files ``paths`` (sample numbers ``indices``), unmirrored, in ``out`` if
     given; whether each is to be mirrored; and the (path, problem) of each unreadable one:
     with ``skip_bad`` a blank sample takes its place, else the first one stops the job
@@ -64,20 +69,22 @@ def decode_samples(paths: Sequence[str], transform: ImageTransform, indices: Seq
     return out, flips, bad
 
 
-_attached: dict = {}  # a worker's view of the rank's shared blocks, by name
+@functools.cache
+def _attached_block(block_name: str):
+    """In a worker: its view of the rank's shared block ``block_name``, attached once.
+    Attaching registers the block with the resource tracker a second time; spawned
+    workers share the rank's tracker, so that is a no-op and the rank's unlink holds."""
+    from multiprocessing import shared_memory
+
+    return shared_memory.SharedMemory(block_name)
 
 
 def _decode_into_block(block_name: str, paths, transform: ImageTransform, indices, epoch: int,
                        skip_bad: bool) -> tuple[np.ndarray, list]:
     """In a worker: decode into the rank's shared-memory block ``block_name`` (nothing
     but the flips and the list of bad files travels back through the pipe)."""
-    if block_name not in _attached:
-        from multiprocessing import shared_memory
-        # Attaching registers the block with the resource tracker a second time; spawned
-        # workers share the rank's tracker, so that is a no-op and the rank's unlink holds.
-        _attached[block_name] = shared_memory.SharedMemory(block_name)
     buffer = np.ndarray((SAMPLES_PER_TASK, transform.channels, transform.size, transform.size), np.uint8,
-                        buffer=_attached[block_name].buf)
+                        buffer=_attached_block(block_name).buf)
     _, flips, bad = decode_samples(paths, transform, indices, epoch, skip_bad, buffer)
     return flips, bad
 
@@ -92,7 +99,7 @@ class DecoderPool(ProcessPoolExecutor):
         self.workers = workers
 
 
-def start_workers(workers: int) -> Optional[DecoderPool]:
+def start_workers(workers: int) -> DecoderPool | None:
     """``workers`` decoder processes, or None to decode in the rank itself."""
     return DecoderPool(workers) if workers > 0 else None
 
@@ -104,7 +111,9 @@ class _Blocks:
     in flight, which the lookahead bounds."""
 
     def __init__(self, sample_shape: tuple):
-        self.sample_shape, self.free, self.every = sample_shape, [], []
+        self.sample_shape = sample_shape
+        self.free: list[shared_memory.SharedMemory] = []
+        self.every: list[shared_memory.SharedMemory] = []
 
     def take(self):
         if not self.free:
@@ -131,12 +140,12 @@ class _Blocks:
 class _Task:
     """One block of samples on its way: its decode (a Future, or the result when decoded in
     the rank), its shared block (None in the rank), how many of its samples are consumed."""
-    pending: object
-    block: object
+    pending: Future | tuple[np.ndarray, np.ndarray, list]
+    block: shared_memory.SharedMemory | None
     count: int
     used: int = 0
-    samples: Optional[np.ndarray] = None
-    flips: Optional[np.ndarray] = None
+    samples: np.ndarray | None = None
+    flips: np.ndarray | None = None
 
 
 class StreamedImages:
@@ -151,7 +160,7 @@ class StreamedImages:
     not by the dataset. A request off the plan is decoded on demand (same bytes).
     """
 
-    def __init__(self, paths: Sequence[str], transform: ImageTransform, pool: Optional[DecoderPool],
+    def __init__(self, paths: Sequence[str], transform: ImageTransform, pool: DecoderPool | None,
                  skip_bad: bool = False, log=print):
         self.paths, self.transform, self.pool, self.skip_bad, self.log = tuple(paths), transform, pool, skip_bad, log
         self.shape = (len(self.paths), transform.channels, transform.size, transform.size)
@@ -258,11 +267,12 @@ class StreamedImages:
     def _samples(self, task: _Task) -> np.ndarray:
         """The task's uint8 samples, once decoded (waiting for them if need be)."""
         if task.samples is None:
-            if task.block is None:
-                task.samples, task.flips, bad = task.pending
-            else:
+            if isinstance(task.pending, Future):
+                assert task.block is not None  # a worker's decode goes into a shared block
                 task.flips, bad = task.pending.result()
                 task.samples = self.blocks.view(task.block, task.count)
+            else:
+                task.samples, task.flips, bad = task.pending
             for path, problem in bad:
                 self._note_skipped(path, problem)
         return task.samples

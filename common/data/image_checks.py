@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor
-from typing import Iterator, Optional, Sequence
 
 from common.core.errors import RankUsageError
 from common.data.folders import FolderIndex
@@ -28,7 +28,7 @@ def describe_problem(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def check_image(path: str, full: bool) -> tuple[Optional[str], str]:
+def check_image(path: str, full: bool) -> tuple[str | None, str]:
     """(problem or None, mode) of one file: its header (and with ``full`` its pixels) must decode."""
     from PIL import Image
 
@@ -52,13 +52,11 @@ def _check_task(paths: Sequence[str], full: bool) -> list:
     return [check_image(path, full) for path in paths]
 
 
-def check_images(paths: Sequence[str], full: bool, pool: Optional[Executor]) -> list:
+def check_images(paths: Sequence[str], full: bool, pool: Executor | None) -> list:
     """Modes of the images ``paths``; RankUsageError naming the first file that fails."""
     chunks = [paths[start:start + 64] for start in range(0, len(paths), 64)]
-    if pool is None:
-        results = [_check_task(chunk, full) for chunk in chunks]
-    else:
-        results = pool.map(_check_task, chunks, [full] * len(chunks))
+    results: Iterable[list] = ([_check_task(chunk, full) for chunk in chunks] if pool is None
+                               else pool.map(_check_task, chunks, [full] * len(chunks)))
     modes = []
     for chunk, outcomes in zip(chunks, results):
         for path, (problem, mode) in zip(chunk, outcomes):
@@ -70,7 +68,7 @@ def check_images(paths: Sequence[str], full: bool, pool: Optional[Executor]) -> 
 
 def infer_channels(index: FolderIndex) -> int:
     """1 when the first image of every class is grayscale, else 3 (--channels overrides)."""
-    first = {}
+    first: dict[int, str] = {}
     for path, label in zip(index.train.paths, index.train.labels):
         first.setdefault(int(label), path)
     modes = check_images(list(first.values()), False, None)

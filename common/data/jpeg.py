@@ -15,8 +15,8 @@ Pillow's rounding reproduces Pillow's pixels up to float rounding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class JpegHeader:
     frame: int
 
 
-def jpeg_header(data: bytes) -> Optional[JpegHeader]:
+def jpeg_header(data: bytes) -> JpegHeader | None:
     """The frame header of a JPEG file's bytes, or None when they are not a JPEG."""
     if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
@@ -64,7 +64,7 @@ def jpeg_header(data: bytes) -> Optional[JpegHeader]:
     return None
 
 
-def device_decodable(header: Optional[JpegHeader]) -> bool:
+def device_decodable(header: JpegHeader | None) -> bool:
     return (header is not None and header.frame in DECODABLE_FRAMES and header.precision == 8
             and header.components in (1, 3) and header.width > 0 and header.height > 0)
 
@@ -93,7 +93,7 @@ def encoded_sample(path: str, transform, index: int, epoch: int) -> EncodedImage
     with open(path, "rb") as handle:
         data = handle.read()
     header = jpeg_header(data)
-    if not device_decodable(header):
+    if header is None or not device_decodable(header):
         pixels, flip = transform.read(path, index, epoch)
         return HostDecoded(pixels, flip)
     left, top, width, height, flip = transform.crop(header.width, header.height, index, epoch)

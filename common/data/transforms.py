@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -71,7 +70,8 @@ class ImageTransform:
         from PIL import Image
 
         mode = "L" if self.channels == 1 else "RGB"
-        with Image.open(path) as image:
+        with Image.open(path) as opened:
+            image: Image.Image = opened
             left, top, width, height, flip = self.crop(*image.size, index, epoch)
             box = (left, top, left + width, top + height)
             if image.format == "JPEG":
@@ -109,7 +109,7 @@ def pixel_normalisation(channels: int) -> Normalisation:
     return Normalisation.from_mean_std(mean, std)
 
 
-def normalise(batch: np.ndarray, channels: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+def normalise(batch: np.ndarray, channels: int, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 (N, C, H, W) -> float32 scaled to [0, 1], minus the mean, over the std per
     channel; written into ``out`` when given (one pass, no temporaries)."""
     return batches.normalise(batch, pixel_normalisation(channels), out)

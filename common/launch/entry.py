@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 from common.core.errors import CRASH_EXIT_CODE, final_word, launcher_rank, report_and_exit
-from common.launch import supervision
 from common.launch.environment import launcher_world_size
+from common.launch.supervision import Supervision, runtime_alive
 
 
 def abort_job(exit_code: int) -> NoReturn:
@@ -27,17 +27,29 @@ def abort_job(exit_code: int) -> NoReturn:
 
 
 def run_entry(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Run ``main(argv)``; turn every failure into one clear report and an exit code."""
+    """Run a command's ``main(argv)``; turn every failure into one clear report and an exit code."""
+    _reported(lambda: main(argv), Supervision())
+
+
+def run_training(main: Callable[[list[str] | None, Supervision], object], argv: list[str] | None = None) -> None:
+    """Run an entry script's ``main(argv, supervision)`` as run_entry does; when the watch
+    the trainer started saw the launcher end, end the process without MPI's help."""
+    supervision = Supervision()
+    _reported(lambda: main(argv, supervision), supervision)
+
+
+def _reported(call: Callable[[], object], supervision: Supervision) -> None:
     try:
-        main(argv)
+        call()
     except SystemExit:
         raise
     except BaseException as error:  # noqa: BLE001 - the one place every failure is reported
-        if supervision.launcher_gone:  # no launcher to abort through, perhaps no pipe to print to
-            final_word(f"rank {launcher_rank()}: stopped by {supervision.launcher_gone}: {type(error).__name__}: {error}")
+        gone = supervision.launcher_gone
+        if gone:  # no launcher to abort through, perhaps no pipe to print to
+            final_word(f"rank {launcher_rank()}: stopped by {gone}: {type(error).__name__}: {error}")
             os._exit(CRASH_EXIT_CODE)
         report_and_exit(error, abort_job)
-    if supervision.launcher_gone and not supervision.runtime_alive():  # stopped and saved; MPI's finalize would wait for it
+    if supervision.launcher_gone and not runtime_alive():  # stopped and saved; MPI's finalize would wait for it
         with contextlib.suppress(OSError):
             sys.stdout.flush()
         os._exit(0)

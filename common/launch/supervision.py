@@ -112,8 +112,7 @@ class LauncherWatch:
         gone = self._wait_for_an_end()
         if gone is None:
             return
-        global launcher_gone
-        self.cause = launcher_gone = f"the end of its launcher ({gone.describe()})"
+        self.cause = f"the end of its launcher ({gone.describe()})"
         final_word(f"rank {launcher_rank()}: {self.cause}: stopping, saving first if the other ranks can")
         self.request_stop(self.cause)
         if not self._ended.wait(self.grace):
@@ -147,9 +146,6 @@ class LauncherWatch:
             os.write(self._wake_write, b"x")
 
 
-launcher_gone: str | None = None  # set once a LauncherWatch has seen its launcher end
-
-
 def runtime_alive() -> bool:
     """Whether the process that started this rank (mpirun, orted, slurmstepd) still runs."""
     return os.getppid() != 1 and _read_process(os.getppid()) is not None
@@ -160,6 +156,24 @@ def watch_launcher(request_stop: Callable[[str], None]) -> LauncherWatch:
     `nohup python main.py &` must outlive its shell)."""
     launched = launcher_world_size() > 1 or "HOROVOD_RANK" in os.environ
     return LauncherWatch(launcher_chain(ancestors()) if launched else [], request_stop)
+
+
+class Supervision:
+    """One rank's watch on what its job lives by, made by the entry (entry.run_training)
+    and handed to the trainer, which starts it with its stop request; afterwards the
+    entry reads whether the launcher ended, which decides how the process may end."""
+
+    def __init__(self) -> None:
+        self._watch: LauncherWatch | None = None
+
+    def start(self, request_stop: Callable[[str], None]) -> LauncherWatch:
+        self._watch = watch_launcher(request_stop)
+        return self._watch
+
+    @property
+    def launcher_gone(self) -> str | None:
+        """What ended, once the watch has seen its launcher end (set by the watch's thread)."""
+        return self._watch.cause if self._watch else None
 
 
 class ContactDeadline:

@@ -332,7 +332,7 @@ class Checkpoint:
         """{name: array}, opening each shard once."""
         from safetensors import safe_open
 
-        by_shard = {}
+        by_shard: dict[int, list[str]] = {}
         for name in names:
             by_shard.setdefault(self._where[name][0], []).append(name)
         arrays = {}
@@ -358,7 +358,7 @@ class Checkpoint:
                           for slot in OPTIMIZER_SLOTS[optimizer]
                           if f"{OPTIMIZER}/{key}/{slot}" in self._where}  # plain SGD keeps nothing
         read = self._read([f"{WEIGHTS}/{key}" for key in keys] + list(slot_names.values()))
-        slots = {}
+        slots: dict[str, dict[str, np.ndarray]] = {}
         for (key, slot), name in slot_names.items():
             slots.setdefault(key, {})[slot] = read[name]
         return NeutralState({key: read[f"{WEIGHTS}/{key}"] for key in keys}, slots)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
-from typing import Union
 
 from common.core.errors import UsageError
 
@@ -266,8 +265,8 @@ class Dense:
 
 
 # Any one layer spec (each has out_shape, params and flops of an input shape).
-Spec = Union[Conv, ConvBN, ResidualBlock, Bottleneck, InvertedResidual, MaxPool, AdaptiveAvgPool,
-             GlobalAvgPool, Flatten, Dense]
+Spec = (Conv | ConvBN | ResidualBlock | Bottleneck | InvertedResidual | MaxPool | AdaptiveAvgPool | GlobalAvgPool
+        | Flatten | Dense)
 
 # Inputs up to this size get the CIFAR-style stem (3x3 conv at stride 1, no max-pool)
 # under --stem auto: the ImageNet stem would shrink a 32 px image to 8 px at once.

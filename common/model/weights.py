@@ -15,7 +15,6 @@ import numpy as np
 
 from common.model import networks
 
-CONV_KEYS = ("kernel", "bias")
 BN_KEYS = ("gamma", "beta", "mean", "var")
 
 

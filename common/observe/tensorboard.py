@@ -54,7 +54,7 @@ class TensorBoardLog:
         self.summary, self.Event, self.checksum = _tensorboardx()
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}")
-        self.handle = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.handle: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         text = "    " + json.dumps(config, indent=1, sort_keys=True).replace("\n", "\n    ")  # markdown code
         if command:
             text = "    " + " ".join(command) + "\n\n" + text
@@ -78,6 +78,7 @@ class TensorBoardLog:
             data = event.SerializeToString()
             header = struct.pack("<Q", len(data))
             records += [header, struct.pack("<I", self.checksum(header)), data, struct.pack("<I", self.checksum(data))]
+        assert self.handle is not None, "events written after close()"
         append_whole(self.handle, b"".join(records))
 
     def close(self) -> None:

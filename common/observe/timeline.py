@@ -13,8 +13,8 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import ContextManager
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Timeline:
         self.recording = self.first_step <= global_step < self.last_step
         self.step = global_step
 
-    def span(self, name: str, category: str, **args) -> ContextManager:
+    def span(self, name: str, category: str, **args) -> AbstractContextManager:
         """Times its block while recording; outside the recorded steps, a shared no-op (the
         pipeline's hot path opens several per micro-batch)."""
         return self._record(name, category, args) if self.recording else _NOT_RECORDING
@@ -128,9 +128,10 @@ def plot_traces(paths: list[str], out: str, titles: list[str] | None = None) -> 
     rows = sum(len(tracks) for tracks in traces)
     figure, axes = plt.subplots(len(traces), 1, figsize=(11, 1.2 + 0.5 * rows + 0.5 * len(traces)), squeeze=False,
                                 sharex=True)
-    for axis, tracks, title in zip(axes[:, 0], traces, titles or [None] * len(traces)):
+    shown: list[str | None] = list(titles) if titles else [None] * len(traces)
+    for axis, tracks, title in zip(axes[:, 0], traces, shown):
         origin = min(event["ts"] for spans in tracks.values() for event in spans if event["cat"] != "step")
-        for row, (label, spans) in enumerate(tracks.items()):
+        for row, spans in enumerate(tracks.values()):
             for event in spans:
                 if event["cat"] == "step":
                     continue

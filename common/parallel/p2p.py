@@ -56,8 +56,8 @@ class Transport:
 
     def __init__(self, comm, wire: Wire, chunks: int = 1):
         self.comm, self.wire, self.chunks = comm, wire, chunks
-        self._sends = []
-        self._receives = {}
+        self._sends: list = []  # MPI requests (and their buffers) of this step's sends
+        self._receives: dict = {}  # message key -> (buffer, request)
 
     def post_receive(self, kind, microbatch, chunk, source, shape):
         key = (kind, microbatch, chunk)

@@ -22,11 +22,13 @@ covering the whole model; the server and workers exchange its flat vectors
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from common.core import metrics
 from common.core.config import RunConfig
-from common.core.runner import OpenCheckpoint, StageFactory, StagePlace
+from common.core.runner import Collectives, OpenCheckpoint, StageFactory, StagePlace
 from common.data.batches import Batch, Reads
 from common.data.datasets import Dataset
 from common.model import weights
@@ -54,7 +56,7 @@ class ParameterServerRunner:
         self.workers = list(range(1, self.world_size))
         self.data_shards, self.data_shard = len(self.workers), max(0, self.rank - 1)
         self.config, self.dataset, self.specs = config, dataset, specs
-        self.collectives = MpiCollectives(self.comm, SERVER)
+        self.collectives: Collectives = MpiCollectives(self.comm, SERVER)
 
         local_rank, self.threads = node_placement(self.comm, config)
         stage_factory.set_threads(self.threads, local_rank)
@@ -65,7 +67,7 @@ class ParameterServerRunner:
                                               config, local_rank, self.feed))
         self.parameter_count = self.stage.parameter_vector().size  # the length of every message
         self.timeline = Timeline()
-        self.layout = [f"parameter server: rank {SERVER} sums the gradients and updates "
+        self.layout: Sequence[str] = [f"parameter server: rank {SERVER} sums the gradients and updates "
                        f"{self.parameter_count:,} parameters; "
                        f"workers {self.workers} compute gradients on {len(self.workers)} shares of each batch"]
 
@@ -128,7 +130,8 @@ class ParameterServerRunner:
         meter = metrics.Meter()
         for batch in batches:
             if not self.server:  # the server reads no data: its batches are empty of it
-                meter.add(*self.stage.predict(None, batch), batch.count)
+                loss_sum, correct = self.stage.predict(None, batch)
+                meter.add(loss_sum, correct, batch.count)
         return meter.sums
 
     def checkpoint_shard(self) -> tuple[int, NeutralState] | None:

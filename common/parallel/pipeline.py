@@ -19,13 +19,14 @@ micro-batch, exactly as in data mode with the same accumulation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from common.core import metrics
 from common.core.config import RunConfig
-from common.core.runner import OpenCheckpoint, Stage, StageFactory, StagePlace
+from common.core.runner import Collectives, OpenCheckpoint, Stage, StageFactory, StagePlace
 from common.data.batches import Batch, Reads
 from common.data.datasets import Dataset
 from common.model import networks, weights
@@ -66,7 +67,7 @@ class PipelineRunner:
         self.data_shards, self.data_shard = self.plan.dp, self.replica
         self.checkpoint_shards = self.plan.pp  # one per stage (all its pieces), written by replica 0
         self.config, self.dataset, self.specs = config, dataset, specs
-        self.collectives = MpiCollectives(self.comm, self.primary_rank)
+        self.collectives: Collectives = MpiCollectives(self.comm, self.primary_rank)
 
         local_rank, self.threads = node_placement(self.comm, config)
         stage_factory.set_threads(self.threads, local_rank)
@@ -76,7 +77,7 @@ class PipelineRunner:
         # The model's first piece reads the images, its last the labels.
         self.reads = Reads(images=0 in virtual, labels=self.plan.virtual_stages - 1 in virtual)
         self.feed = stage_factory.make_feed(config, local_rank, dataset, self.reads)
-        self.layout = [f"{self._piece_name(v)}: layers {a}-{b - 1} "
+        self.layout: Sequence[str] = [f"{self._piece_name(v)}: layers {a}-{b - 1} "
                        f"({', '.join(type(x).__name__ for x in specs[a:b])}), cost {sum(costs[a:b]):.3g} "
                        f"({config.balance}), ranks {self.plan.stage_ranks(self.plan.place_of(v)[0])}"
                        for v, (a, b) in enumerate(self.ranges)]
@@ -212,7 +213,8 @@ class PipelineRunner:
                                                         p2p.EVALUATION_TAG + piece.virtual)
                 output = piece.stage.predict(inputs, batch)
                 if piece.last:
-                    meter.add(*output, batch.count)
+                    loss_sum, correct = output  # the last piece's output is the batch's sums
+                    meter.add(loss_sum, correct, batch.count)
                 else:
                     self.transport.send_now(output, piece.next, p2p.EVALUATION_TAG + piece.virtual + 1)
         return meter.sums

@@ -64,15 +64,6 @@ class ParallelPlan:
         """The replicas of one stage: the group that allreduces its gradients."""
         return [self.rank_of(stage, replica) for replica in range(self.dp)]
 
-    def pipeline_ranks(self, replica):
-        return [self.rank_of(stage, replica) for stage in range(self.pp)]
-
-    def neighbours(self, rank):
-        """(previous stage's rank or None, next stage's rank or None)."""
-        stage, replica = self.stage_of(rank), self.replica_of(rank)
-        previous = self.rank_of(stage - 1, replica) if stage > 0 else None
-        following = self.rank_of(stage + 1, replica) if stage < self.pp - 1 else None
-        return previous, following
 
 
 def make_plan(config: RunConfig, world_size: int) -> ParallelPlan:
@@ -223,6 +214,7 @@ def interleaved_split(costs: Sequence[float], stages: int, chunks: int, microbat
         score = (schedule.step_time(schedules, piece_costs, order=order), max(piece_costs))
         if best is None or score < best:
             best, best_bounds = score, list(bounds)
+    assert best_bounds is not None, "fewer layers than pieces (check_stages refuses that layout)"
     return best_bounds
 
 

@@ -129,7 +129,7 @@ def simulate(schedules: list[list[Action]]) -> list:
     """
     stages = len(schedules)
     position = [0] * stages
-    in_flight = set()  # (kind of message, micro-batch, receiving virtual stage)
+    in_flight: set[tuple] = set()  # (kind of message, micro-batch, receiving virtual stage)
     order = []
     while any(position[s] < len(schedules[s]) for s in range(stages)):
         progressed = False

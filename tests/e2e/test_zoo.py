@@ -46,10 +46,10 @@ def test_zoo_checkpoint_crosses_frameworks_and_modes(tmp_path):
     """MobileNetV2 (depthwise convolutions, ReLU6, BatchNorm) trained by PyTorch in data mode
     (bf16), evaluated by TensorFlow as a 2-stage pipeline via --init-from: the same test loss."""
     directory = tmp_path / "torch"
-    torch_run = assert_ok(run_training([*SMALL, *image_shape("mobilenet_v2"), "--model", "mobilenet_v2", "--amp", "bf16",
-                                        "--checkpoint-dir", directory], np_=2))
-    tf_run = assert_ok(run_training([*SMALL, *image_shape("mobilenet_v2"), "--model", "mobilenet_v2", "--epochs", 0, "--mode", "model",
-                                     "--pp", 2, "--init-from", checkpoint_path(directory, 1)],
+    network = [*SMALL, *image_shape("mobilenet_v2"), "--model", "mobilenet_v2"]
+    torch_run = assert_ok(run_training([*network, "--amp", "bf16", "--checkpoint-dir", directory], np_=2))
+    tf_run = assert_ok(run_training([*network, "--epochs", 0, "--mode", "model", "--pp", 2,
+                                     "--init-from", checkpoint_path(directory, 1)],
                                     np_=2, framework="tf"))
 
     def test_loss(stdout):

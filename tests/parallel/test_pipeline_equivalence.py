@@ -30,8 +30,9 @@ RESNET = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
 # Where PyTorch hands MPI its tensors (--p2p-memory): as arrays of their own memory
 # (auto on a CPU), copied through buffers of their own (host: what a GPU does with
 # page-locked memory) or the tensors themselves (device: what a CUDA-aware MPI takes).
-PIPELINES = [("torch", "gpipe", 1, 3, "auto"), ("torch", "1f1b", 2, 3, "host"), ("torch", "interleaved", 4, 2, "device"),
-             ("tf", "1f1b", 4, 2, "auto"), ("tf", "interleaved", 4, 2, "host")]
+PIPELINES = [("torch", "gpipe", 1, 3, "auto"), ("torch", "1f1b", 2, 3, "host"),
+             ("torch", "interleaved", 4, 2, "device"), ("tf", "1f1b", 4, 2, "auto"),
+             ("tf", "interleaved", 4, 2, "host")]
 
 
 def weights_after(tmp_path, framework, name, extra, np_=None, architecture=None):

@@ -85,7 +85,7 @@ def test_elastic_is_accepted_by_both_entry_scripts():
     from common.core import trainer
 
     for prog in ("train_tf/main.py", "train_torch/main.py"):
-        assert trainer.load_run(["--elastic", "--run-dir", "none"], prog)[0].elastic
+        assert trainer.load_run(["--elastic", "--run-dir", "none"], prog).config.elastic
 
 
 @pytest.mark.parametrize("argv,message", [

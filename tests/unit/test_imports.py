@@ -115,3 +115,17 @@ def test_the_core_never_reaches_the_parallel_drivers():
     for name in (name for name in GRAPH if name.startswith("common.core.")):
         reached = [module for module in reaches(name) if module in DRIVERS]
         assert not reached, f"{name} reaches {reached}"
+
+
+def test_the_framework_folders_mirror_each_other_file_for_file():
+    def python_files(folder):
+        return {name for name in os.listdir(os.path.join(REPO, folder)) if name.endswith(".py")}
+
+    assert python_files("train_torch") == python_files("train_tf")
+    assert {"main.py", "model.py", "stage.py", "data_parallel.py", "horovod_glue.py"} <= python_files("train_torch")
+
+
+def test_a_stage_reaches_horovod_only_through_the_horovod_module():
+    for framework in ("train_torch", "train_tf"):
+        assert f"{framework}.data_parallel" not in GRAPH[f"{framework}.stage"]
+        assert f"{framework}.horovod_glue" in GRAPH[f"{framework}.stage"]

@@ -58,7 +58,8 @@ def test_a_closed_watch_stops_quietly_and_a_rank_without_a_launcher_watches_noth
 
 
 def share(cpuset=16, affinity=16, quota=None, slurm=None, local=1):
-    return cpu_budget.CpuShare(cpuset=cpuset, affinity=affinity, quota=quota, slurm_cpus_per_task=slurm, local_ranks=local)
+    return cpu_budget.CpuShare(cpuset=cpuset, affinity=affinity, quota=quota, slurm_cpus_per_task=slurm,
+                               local_ranks=local)
 
 
 def test_threads_per_rank_follow_the_cpus_the_rank_may_use():
@@ -85,3 +86,30 @@ def test_host_placement_names_each_hosts_ranks_in_order():
     assert placement.host_placement(["b", "a", "b", "a", "b"]) == "hosts: b ranks 0,2,4, a ranks 1,3"
     assert placement.host_placement(["n1", "n2", "n2", "n2", "n1"]) == "hosts: n1 ranks 0,4, n2 ranks 1-3"
     assert placement.host_placement(["solo"]) == "hosts: solo rank 0"
+
+
+def test_fault_injection_fails_only_the_chosen_rank_at_the_chosen_point(monkeypatch):
+    import pytest
+
+    from common.launch.faults import FaultInjection
+
+    FaultInjection(None).at(0, 3)  # unset: nothing happens anywhere
+    chosen = FaultInjection("1:3:raise")
+    chosen.at(0, 3)
+    chosen.at(1, 2)
+    with pytest.raises(RuntimeError, match="injected failure on rank 1 at 3"):
+        chosen.at(1, 3)
+    monkeypatch.setenv("HOROVOD_HOSTNAME", "worker-b")  # elastic: chosen by the host Horovod gave the worker
+    with pytest.raises(RuntimeError, match="at save"):
+        FaultInjection("worker-b:save:raise").at(5, "save")
+    FaultInjection("worker-a:save:raise").at(5, "save")
+
+
+def test_supervision_says_nothing_ended_until_its_watch_sees_an_end():
+    watched = supervision.Supervision()
+    assert watched.launcher_gone is None  # not started: the entry reads None
+    watch = watched.start(lambda cause: None)  # this test process has no launcher to watch
+    assert watch.watched == [] and watched.launcher_gone is None
+    watch.cause = "the end of its launcher (pid 1: mpirun)"  # what the watch's thread sets
+    assert watched.launcher_gone == "the end of its launcher (pid 1: mpirun)"
+    watch.close()
