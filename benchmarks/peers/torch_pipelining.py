@@ -28,7 +28,7 @@ def main():
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank, stages = dist.get_rank(), dist.get_world_size()
-    costs = [[cost[3] for cost in networks.layer_costs(args.specs, args.image_shape)]]
+    costs = [[cost.flops for cost in networks.layer_costs(args.specs, args.image_shape)]]
     if args.balance == "time":  # as our --balance time: timed once on one rank, shared
         if rank == 0:
             costs = [TorchStage.measure_layer_times(args.specs, args.image_shape,

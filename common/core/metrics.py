@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -26,6 +26,9 @@ def softmax_cross_entropy_sums(logits: np.ndarray, labels: np.ndarray) -> tuple[
     return float(loss), float((logits.argmax(axis=1) == labels).sum())
 
 
+LOSS_SUM, CORRECT, COUNT = 0, 1, 2  # a meter's sums, in this order (one array: one allreduce)
+
+
 class Meter:
     def __init__(self):
         self.sums = np.zeros(3, dtype=np.float64)  # loss sum, correct, samples
@@ -33,13 +36,38 @@ class Meter:
     def add(self, loss_sum, correct, count):
         self.sums += (loss_sum, correct, count)
 
+    @property
+    def mean_loss(self) -> float:
+        """The mean loss so far (0 before any sample)."""
+        return float(self.sums[LOSS_SUM] / max(1.0, self.sums[COUNT]))
+
     @staticmethod
-    def results(sums):
+    def results(sums) -> Evaluation:
         """(mean loss, accuracy) from summed (loss, correct, count), e.g. after an allreduce."""
         loss_sum, correct, count = (float(value) for value in sums)
         if count == 0:
-            return float("nan"), float("nan")
-        return loss_sum / count, correct / count
+            return Evaluation(float("nan"), float("nan"))
+        return Evaluation(loss_sum / count, correct / count)
+
+
+class Evaluation(NamedTuple):
+    """A test-set evaluation over all ranks."""
+    loss: float
+    accuracy: float
+
+
+class EpochSums(NamedTuple):
+    """What one allreduce sums over the ranks at an epoch's end: the meter's sums, and the
+    data wait of the ranks that read images (with how many of them did)."""
+    loss_sum: float
+    correct: float
+    samples: float
+    waited_seconds: float
+    image_readers: float
+
+    def wait_share(self, seconds: float) -> float:
+        """The share of the epoch an image-reading rank waited for images, on average."""
+        return self.waited_seconds / max(1.0, self.image_readers) / seconds if seconds > 0 else 0.0
 
 
 class PendingSums(Protocol):
@@ -110,13 +138,12 @@ class EpochResult:
     steps: int = 0                   # optimizer steps taken
 
 
-def epoch_record(epoch: int, train: EpochResult, test: tuple, world_size: int, config,
+def epoch_record(epoch: int, train: EpochResult, test: Evaluation, world_size: int, config,
                  framework: str) -> dict:
     """The metrics-file record for one epoch, identical in shape for both frameworks."""
-    test_loss, test_accuracy = test
     return {
         "epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy,
-        "test_loss": test_loss, "test_accuracy": test_accuracy,
+        "test_loss": test.loss, "test_accuracy": test.accuracy,
         "images_per_sec": train.images_per_sec, "images_per_sec_per_rank": train.images_per_sec / world_size,
         "epoch_seconds": train.seconds, "world_size": world_size, "mode": config.mode, "framework": framework,
         "dataset": config.dataset, "model": config.model,
@@ -125,10 +152,9 @@ def epoch_record(epoch: int, train: EpochResult, test: tuple, world_size: int, c
     }
 
 
-def evaluation_record(epochs_done: int, test: tuple, world_size: int, config, framework: str) -> dict:
+def evaluation_record(epochs_done: int, test: Evaluation, world_size: int, config, framework: str) -> dict:
     """The metrics-file record of a run that only evaluates (--epochs 0, or resumed at its end)."""
-    test_loss, test_accuracy = test
-    return {"epoch": epochs_done, "evaluation_only": True, "test_loss": test_loss, "test_accuracy": test_accuracy,
+    return {"epoch": epochs_done, "evaluation_only": True, "test_loss": test.loss, "test_accuracy": test.accuracy,
             "world_size": world_size, "mode": config.mode, "framework": framework, "dataset": config.dataset,
             "model": config.model, "init_from": config.init_from}
 

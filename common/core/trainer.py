@@ -178,13 +178,13 @@ class Trainer:
         else:
             run_dir.place_outputs(config, self.on_primary_for_all(claim, "run_dir"))
 
-    def run(self) -> tuple | None:
+    def run(self) -> metrics.Evaluation | None:
         """Train and evaluate; the test (loss, accuracy), or None when stopped early."""
         self._log_start()
         try:
             if self.config.elastic:  # data mode only (validate), whose runners are elastic
                 elastic = cast(ElasticRunner, self.runner)
-                return cast("tuple | None", elastic.run_elastic(self.restore, self.train_from))
+                return cast("metrics.Evaluation | None", elastic.run_elastic(self.restore, self.train_from))
             test = self.train_from(self.restore())
             if self.runner.timeline.enabled:
                 self.runner.timeline.at_step(-1)  # nothing after the run belongs to a step
@@ -199,7 +199,7 @@ class Trainer:
 
     # --- the loop, top to bottom ----------------------------------------------------
 
-    def train_from(self, start: Position, commit: Callable | None = None) -> tuple | None:
+    def train_from(self, start: Position, commit: Callable | None = None) -> metrics.Evaluation | None:
         """Epochs from ``start`` to the end. ``commit(epoch, step)``, if given, is told each
         position reached (elastic training keeps its recoverable state with it)."""
         start_epoch, start_step = start
@@ -230,7 +230,7 @@ class Trainer:
             test = self.evaluate()
             self.record_evaluation(start_epoch, test)
         if self.runner.primary:
-            metrics.log(f"final test accuracy: {test[1]:.4f}  (test loss {test[0]:.4f})")
+            metrics.log(f"final test accuracy: {test.accuracy:.4f}  (test loss {test.loss:.4f})")
         return test
 
     def train_epoch(self, epoch: int, first_step: int, commit: Callable | None = None) -> metrics.EpochResult:
@@ -252,7 +252,7 @@ class Trainer:
 
         def read(step_sums, at_epoch, at_step):
             sums = metrics.resolved(step_sums)
-            self.health.check_loss(sums[0], (at_epoch, at_step))
+            self.health.check_loss(float(sums[metrics.LOSS_SUM]), (at_epoch, at_step))
             meter.sums += sums
             self.log_step_loss(at_epoch * self.steps + at_step + 1, sums)
 
@@ -272,7 +272,7 @@ class Trainer:
                     read(*unread)
                 unread = (sums, epoch, step)
                 images += global_count
-                self.progress.step(epoch, meter.sums[0] / max(1.0, meter.sums[2]), images / stopwatch.seconds())
+                self.progress.step(epoch, meter.mean_loss, images / stopwatch.seconds())
                 if self.health.stop_agreed(agreed(), (epoch, step)) and step + 1 < len(batches):
                     stopped_after = step + 1
                     break
@@ -285,13 +285,13 @@ class Trainer:
         seconds = stopwatch.seconds()
         waited = prefetch.wait_seconds if runner.reads.images else 0.0
         # One allreduce: the metric sums, and the data wait of the ranks that read images.
-        totals = self.collectives.allreduce_sums(np.append(meter.sums, (waited, 1.0 if runner.reads.images else 0.0)),
-                                                 "train_sums")
-        loss, accuracy = metrics.Meter.results(totals[:3])
-        wait_share = totals[3] / max(1.0, totals[4]) / seconds if seconds > 0 else 0.0
-        steps = (stopped_after or len(batches)) - first_step
-        return metrics.EpochResult(loss, accuracy, images / seconds if seconds > 0 else 0.0, seconds, step_lr,
-                                   stopped_after, wait_share, steps)
+        totals = metrics.EpochSums(*self.collectives.allreduce_sums(
+            np.append(meter.sums, (waited, 1.0 if runner.reads.images else 0.0)), "train_sums"))
+        train = metrics.Meter.results(totals[:3])
+        return metrics.EpochResult(loss=train.loss, accuracy=train.accuracy,
+                                   images_per_sec=images / seconds if seconds > 0 else 0.0, seconds=seconds,
+                                   lr=step_lr, stopped_after=stopped_after, data_wait=totals.wait_share(seconds),
+                                   steps=(stopped_after or len(batches)) - first_step)
 
     def next_batch(self, prefetch) -> Batch:
         if not self.runner.reads.images:
@@ -311,7 +311,7 @@ class Trainer:
             self.write_output("TensorBoard events", board.path, lambda: board.step_loss(global_step, loss_sum / count),
                               self._stop_tensorboard)
 
-    def evaluate(self) -> tuple:
+    def evaluate(self) -> metrics.Evaluation:
         """(loss, accuracy) on the test set: each replica its slice, in batches of the
         rank's training share (--batch-size over the replicas), read ahead as in training."""
         runner, dataset = self.runner, self.dataset
@@ -325,7 +325,7 @@ class Trainer:
             prefetch.close()
         return metrics.Meter.results(self.collectives.allreduce_sums(sums, "eval_sums"))
 
-    def record(self, epoch: int, train: metrics.EpochResult, test: tuple) -> None:
+    def record(self, epoch: int, train: metrics.EpochResult, test: metrics.Evaluation) -> None:
         if not self.runner.primary:
             return
         record = metrics.epoch_record(epoch + 1, train, test, self.runner.world_size, self.config,
@@ -334,7 +334,7 @@ class Trainer:
             metrics.log(metrics.format_epoch(record, self.config.epochs))
         self._publish(record)
 
-    def record_evaluation(self, epochs_done: int, test: tuple) -> None:
+    def record_evaluation(self, epochs_done: int, test: metrics.Evaluation) -> None:
         if self.runner.primary:
             self._publish(metrics.evaluation_record(epochs_done, test, self.runner.world_size, self.config,
                                                     self.runner.framework))
@@ -532,5 +532,5 @@ def describe(plan, config: RunConfig) -> str:
             f"micro-batches, {config.schedule}")
 
 
-def run(loaded: LoadedRun, runner: Runner, supervision: Supervision) -> tuple | None:
+def run(loaded: LoadedRun, runner: Runner, supervision: Supervision) -> metrics.Evaluation | None:
     return Trainer(loaded, runner, supervision).run()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
+from typing import NamedTuple
 
 from common.core.errors import UsageError
 
@@ -399,12 +400,18 @@ def layer_shapes(specs: Sequence[Spec], input_shape: tuple) -> list[tuple]:
     return shapes
 
 
-def layer_costs(specs: Sequence[Spec], input_shape: tuple) -> list[tuple]:
-    """Per layer: (name, output shape, parameters, forward FLOPs per sample)."""
+class LayerCost(NamedTuple):
+    name: str                        # the spec's class, e.g. "ConvBN"
+    out_shape: tuple
+    params: int
+    flops: int                       # forward, per sample
+
+
+def layer_costs(specs: Sequence[Spec], input_shape: tuple) -> list[LayerCost]:
     shapes = layer_shapes(specs, input_shape)
-    return [(type(spec).__name__, shapes[i + 1], spec.params(shapes[i]), spec.flops(shapes[i]))
+    return [LayerCost(type(spec).__name__, shapes[i + 1], spec.params(shapes[i]), spec.flops(shapes[i]))
             for i, spec in enumerate(specs)]
 
 
 def total_params(specs: Sequence[Spec], input_shape: tuple) -> int:
-    return sum(params for _, _, params, _ in layer_costs(specs, input_shape))
+    return sum(cost.params for cost in layer_costs(specs, input_shape))

@@ -117,8 +117,8 @@ class PipelineRunner:
                 times = stage_factory.measure_layer_times(
                     self.specs, self.dataset.image_shape, max(1, self.config.batch_size // self.config.microbatches))
             return self.comm.bcast(times, root=self.primary_rank)
-        column = {"flops": 3, "params": 2}[self.config.balance]
-        return [cost[column] for cost in networks.layer_costs(self.specs, self.dataset.image_shape)]
+        costs = networks.layer_costs(self.specs, self.dataset.image_shape)
+        return [getattr(cost, self.config.balance) for cost in costs]  # --balance flops or params
 
     def set_lr(self, value: float) -> None:
         for piece in self.pieces:

@@ -238,7 +238,7 @@ def test_pipeline_stages_compute_the_same_in_both_frameworks(name, shape):
     specs = networks.model_specs(name, shape, 10)
     shapes = networks.layer_shapes(specs, shape)
     rng = np.random.default_rng(3)
-    for start, end in partition([cost[3] for cost in networks.layer_costs(specs, shape)], 3):
+    for start, end in partition([cost.flops for cost in networks.layer_costs(specs, shape)], 3):
         x = rng.standard_normal((5, *shapes[start])).astype(np.float32)
         upstream = rng.standard_normal((5, *shapes[end])).astype(np.float32)
         torch_out, torch_in_grad, torch_grads = torch_stage_pass(

@@ -104,7 +104,7 @@ def test_balanced_split_minimises_the_largest_stage():
 
 def test_partition_of_the_seed_cnn_by_flops():
     specs = networks.model_specs("cnn", (3, 32, 32), 10)
-    flops = [cost[3] for cost in networks.layer_costs(specs, (3, 32, 32))]
+    flops = [cost.flops for cost in networks.layer_costs(specs, (3, 32, 32))]
     ranges = partition(flops, 2)
     assert ranges[0][0] == 0 and ranges[-1][1] == len(specs)
     assert all(a < b for a, b in ranges) and ranges[0][1] == ranges[1][0]
