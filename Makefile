@@ -82,8 +82,9 @@ gpu-build:
 gpu-check-sdist: install
 	mkdir -p .whl && $(PYTHON) -m pip download -q --no-deps --no-binary :all: horovod==0.28.1 -d .whl
 
+# The unit tier without its heavy cases (pytest.ini's "heavy" marker): a quick loop.
 test-unit: lint
-	$(PYTHON) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/unit -m "not heavy" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

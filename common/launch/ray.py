@@ -19,7 +19,9 @@ import os
 import runpy
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import REPOSITORY
+
+REPO = REPOSITORY
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

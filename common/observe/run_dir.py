@@ -26,6 +26,7 @@ import shlex
 import subprocess
 import sys
 
+from common import REPOSITORY
 from common.core.errors import UsageError
 from common.launch import hardware
 from common.launch.supervision import ancestors, launcher_words
@@ -135,7 +136,7 @@ def launcher_command() -> list | None:
 
 def git_commit() -> str | None:
     """The project's commit (with '-dirty' for uncommitted changes), when it is a git checkout."""
-    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repository = REPOSITORY
     if not os.path.exists(os.path.join(repository, ".git")):
         return None
     try:

@@ -23,6 +23,7 @@ TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50"
                       "vgg16_bn": 138_365_992, "mobilenet_v2": 3_504_872}
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
 def test_parameter_counts_at_224_equal_torchvisions(name):
     specs = networks.model_specs(name, (3, 224, 224), 1000)
@@ -87,6 +88,7 @@ def test_convolution_flops_equal_torchs_count(spec, shape):
     assert spec.flops(shape) == counted_flops(model[0], shape)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name,shape,stem", CASES, ids=IDS)
 def test_layer_flops_agree_with_torchs_count(name, shape, stem):
     """Per layer, ours = torch's count of the convolutions and matmuls plus the

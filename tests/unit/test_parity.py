@@ -126,6 +126,7 @@ ZOO = [("resnet18", (3, 16, 16), "auto"), ("resnet34", (3, 32, 32), "auto"), ("r
          networks.Dense(10)], (2, 11, 7), "shrinking adaptive pool")]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name,shape,stem", ZOO, ids=[f"{name if isinstance(name, str) else stem}-"
                                                       f"{'x'.join(map(str, shape))}" for name, shape, stem in ZOO])
 def test_zoo_same_logits_gradients_and_step(name, shape, stem):
@@ -173,6 +174,7 @@ def save_and_open(directory, state, name, shape, optimizer):
     return checkpoint.Checkpoint(path, architecture, shapes).state(list(shapes), optimizer)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_checkpoint_round_trip_torch_tf_torch(tmp_path, optimizer):
     name, shape = "resnet", (1, 8, 8)
@@ -229,6 +231,7 @@ def tf_stage_pass(stage, in_shape, x, upstream):
     return (tf_model.to_channels_first(out.numpy()), tf_model.to_channels_first(grads[0].numpy()), gradients)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name,shape", CASES)
 def test_pipeline_stages_compute_the_same_in_both_frameworks(name, shape):
     """The same split, weights and batch: the same stage activations, input
@@ -252,6 +255,7 @@ def test_pipeline_stages_compute_the_same_in_both_frameworks(name, shape):
             assert relative_difference(tf_grads[key], value) <= TOLERANCE, key
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name,shape", [("resnet8", (3, 16, 16))])
 def test_bf16_logits_and_step_agree_within_bf16_tolerance(name, shape):
     """--amp bf16: torch.autocast and Keras' mixed_bfloat16 policy round the same

@@ -93,3 +93,12 @@ def test_the_outermost_launcher_among_the_ancestors_is_recorded(tmp_path):
     seen = subprocess.run([str(tmp_path / "mpirun"), "-np", "2", "--bind-to", "none"], capture_output=True,
                           text=True, check=True).stdout
     assert seen.strip() == str(["mpirun", "-np", "2", "--bind-to", "none"])
+
+
+def test_the_recorded_commit_is_the_checkouts():
+    import subprocess
+
+    from tests.helpers import REPO
+
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert head and run_dir.git_commit().split("-")[0] == head
