@@ -11,6 +11,7 @@ the operation hvd.DistributedGradientTape performs, which cannot accumulate.
 
 import tensorflow as tf
 
+from common.core.config import Amp
 from common.data.batches import Reads
 from common.model import weights
 from common.model.loss_scale import DynamicLossScale
@@ -104,7 +105,7 @@ class DataParallelRunner:
             set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum))
         self.variables = self.model.trainable_variables
         self.optimizer = Optimizer(self.variables, config)
-        self.loss_scale = DynamicLossScale(config.loss_scale) if config.amp == "fp16" else None
+        self.loss_scale = DynamicLossScale(config.loss_scale) if config.amp == Amp.FP16 else None
         channels, height, width = dataset.image_shape
         image_spec = tf.TensorSpec([None, height, width, channels], tf.float32)
         label_spec = tf.TensorSpec([None], tf.int64)

@@ -11,6 +11,7 @@ unevenly the last batch splits.
 import torch
 import torch.nn.functional as F
 
+from common.core.config import Amp
 from common.data.batches import Reads
 from common.model import weights
 from common.parallel.data_parallel import (
@@ -77,7 +78,7 @@ class DataParallelRunner:
         if config.sync_bn:  # Horovod: BatchNorm statistics of the global batch (autograd-aware sum)
             set_batch_norm_reduction(self.model, lambda sums: self.hvd.allreduce(sums, op=self.hvd.Sum))
         self.optimizer = make_optimizer(self.model, config, self.hvd)
-        self.scaler = LossScaler(config, self.device, self.primary) if config.amp == "fp16" else None
+        self.scaler = LossScaler(config, self.device, self.primary) if config.amp == Amp.FP16 else None
 
     def start_timeline(self):
         start_horovod_timeline(self.hvd, self.config)

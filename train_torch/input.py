@@ -20,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from common.core.config import Amp, Mode
 from common.core.errors import launcher_rank
 from common.core.metrics import log
 from common.data import jpeg
@@ -272,7 +273,7 @@ def _to_bytes(values: torch.Tensor) -> torch.Tensor:
 
 def memory_format(config, device: torch.device):
     """--channels-last, by default on exactly where it pays: mixed precision on a GPU."""
-    wanted = config.channels_last if config.channels_last is not None else (config.amp != "off" and
+    wanted = config.channels_last if config.channels_last is not None else (config.amp != Amp.OFF and
                                                                             device.type == "cuda")
     return torch.channels_last if wanted else torch.contiguous_format
 
@@ -289,6 +290,6 @@ def make_decoder(config, device, dataset) -> JpegDecoder | None:
     if config.decode != "gpu" or not dataset.encoded_reader("train"):
         return None
     decoder = JpegDecoder(device, dataset.image_shape[0], dataset.image_shape[1])
-    if launcher_rank() == (1 if config.mode == "ps" else 0):  # the first rank that reads images says it once
+    if launcher_rank() == (1 if config.mode == Mode.PS else 0):  # the first rank that reads images says it once
         log(f"--decode gpu: JPEGs decoded by {decoder.describe()}")
     return decoder

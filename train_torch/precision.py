@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from common.core.config import Amp
 from common.model.loss_scale import BACKOFF, GROWTH, GROWTH_INTERVAL, report_skip
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -18,7 +19,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def autocast(config, device):
     """The context a forward pass runs in (a no-op without --amp)."""
-    if config.amp == "off":
+    if config.amp == Amp.OFF:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[config.amp])
 

@@ -1,28 +1,63 @@
 """One run configuration for both frameworks, and the CLI generated from it.
 
-Every flag is a field of ``RunConfig``; ``parse_config`` builds the argparse
-parser from the fields, so train_torch/main.py and train_tf/main.py accept
-exactly the same command line.
+Every flag is a field of ``RunConfig``, in one of the groups of ``GROUPS`` (shown as
+such by --help, and as tables in a --config file); ``parse_config`` builds the argparse
+parser from the fields, so train_torch/main.py and train_tf/main.py accept exactly the
+same command line. ``--config FILE`` (TOML) gives values for any of them; flags on the
+command line override the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
+import json
 import os
+import tomllib
+import types as types_module
+import typing
 from dataclasses import dataclass, field
 
 from common.core.errors import UsageError
 from common.model import networks
 from common.observe.run_dir import NO_RUN_DIR, TIMELINE_IN_RUN_DIR
 
-MODES = ("data", "model", "hybrid", "ps")
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
-BALANCES = ("flops", "params", "time")
-DATASETS = ("digits", "cifar10", "synthetic", "folder")
+
+class Mode(enum.StrEnum):
+    DATA = "data"
+    MODEL = "model"
+    HYBRID = "hybrid"
+    PS = "ps"
+
+
+class Schedule(enum.StrEnum):
+    GPIPE = "gpipe"
+    ONE_F_ONE_B = "1f1b"
+    INTERLEAVED = "interleaved"
+
+
+class Balance(enum.StrEnum):
+    FLOPS = "flops"
+    PARAMS = "params"
+    TIME = "time"
+
+
+class DatasetName(enum.StrEnum):
+    DIGITS = "digits"
+    CIFAR10 = "cifar10"
+    SYNTHETIC = "synthetic"
+    FOLDER = "folder"
+
+
+class Amp(enum.StrEnum):
+    OFF = "off"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
 IMAGE_CHECKS = ("full", "header", "none")
 MODELS = (*networks.ARCHITECTURES, *networks.ALIASES)
-AMP_MODES = ("off", "bf16", "fp16")
 DECODERS = ("cpu", "gpu")
 P2P_MEMORY = ("auto", "host", "device")
 OPTIMIZERS = ("sgd", "adam")
@@ -34,28 +69,29 @@ def _flag(default, help, **argparse_kwargs):
 
 @dataclass
 class RunConfig:
-    mode: str = _flag("data", "parallelism: data (Horovod allreduce), model (pipeline of --pp "
+    mode: Mode = _flag(Mode.DATA, "parallelism: data (Horovod allreduce), model (pipeline of --pp "
                       "stages over MPI), hybrid (--dp replicas of a --pp stage pipeline) or ps "
                       "(parameter server over MPI: rank 0 updates, the others compute gradients)",
-                      choices=MODES)
+                      choices=list(Mode))
     pp: int = _flag(0, "pipeline stages (model: = ranks; hybrid: ranks = pp x dp)")
     dp: int = _flag(0, "hybrid: data-parallel replicas of the pipeline (0: ranks / pp)")
     microbatches: int = _flag(1, "model/hybrid: micro-batches per replica per step")
-    schedule: str = _flag("1f1b", "model/hybrid: pipeline schedule (interleaved: 1F1B over --virtual-stages "
-                          "model pieces per rank, a smaller bubble for more messages)", choices=SCHEDULES)
+    schedule: Schedule = _flag(Schedule.ONE_F_ONE_B, "model/hybrid: pipeline schedule (interleaved: 1F1B over "
+                               "--virtual-stages model pieces per rank, a smaller bubble for more messages)",
+                               choices=list(Schedule))
     virtual_stages: int = _flag(2, "--schedule interleaved: model pieces each rank holds (the model is cut "
                                 "into pp x this many stages, dealt round the ranks)")
-    balance: str = _flag("flops", "model/hybrid: balance stages by layer flops, params, or time "
-                         "(measured once)", choices=BALANCES)
+    balance: Balance = _flag(Balance.FLOPS, "model/hybrid: balance stages by layer flops, params, or time "
+                         "(measured once)", choices=list(Balance))
     p2p_memory: str = _flag("auto", "model/hybrid on GPUs: where activations and gradients are handed to MPI: "
                             "host (through page-locked host buffers), device (CUDA tensors, for a CUDA-aware MPI; "
                             "PyTorch), or auto (device when the MPI reports CUDA support, else host)",
                             choices=P2P_MEMORY)
     split: str = _flag("", "model/hybrid: explicit stage boundaries, e.g. 2,4 (first layer of "
                        "stages 1, 2, ...); overrides --balance")
-    dataset: str = _flag("digits", "digits (bundled with scikit-learn), cifar10 (from --data-dir), "
+    dataset: DatasetName = _flag(DatasetName.DIGITS, "digits (bundled with scikit-learn), cifar10 (from --data-dir), "
                          "synthetic (random images) or folder (your images in --data-dir, streamed from disk)",
-                         choices=DATASETS)
+                         choices=list(DatasetName))
     data_dir: str = _flag("", "cifar10: the python batches (cifar-10-batches-py); folder: DIR/<class>/*.jpg|png|bmp "
                           "or DIR/train/<class>/* with DIR/val/<class>/*")
     val_fraction: float = _flag(0.2, "folder without train/ and val/: the share of each class held out for "
@@ -86,9 +122,9 @@ class RunConfig:
                       f"{networks.SMALL_INPUT} px", choices=networks.STEMS)
     sync_bn: bool = _flag(False, "BatchNorm statistics over the global batch: across all ranks (data) or "
                           "a stage's replicas (hybrid); one extra allreduce per BatchNorm layer per step")
-    amp: str = _flag("off", "mixed precision: bf16 autocast (CPU and GPU; --amp alone) or fp16 with "
+    amp: Amp = _flag(Amp.OFF, "mixed precision: bf16 autocast (CPU and GPU; --amp alone) or fp16 with "
                      "dynamic loss scaling (GPU, --mode data); weights, optimizer and checkpoints stay fp32",
-                     choices=AMP_MODES, nargs="?", const="bf16")
+                     choices=list(Amp), nargs="?", const=Amp.BF16)
     loss_scale: float = _flag(65536.0, "--amp fp16: the initial dynamic loss scale (halved after "
                               "each overflow, doubled after 2000 clean steps)")
     channels_last: bool | None = _flag(None, "PyTorch: NHWC memory format (faster convolutions with --amp on "
@@ -147,6 +183,11 @@ class RunConfig:
     elastic_commit_steps: int = _flag(20, "--elastic: commit the training state every N steps (a "
                                       "failed worker costs at most N steps of redone work)")
 
+    def __post_init__(self):
+        for name, kind in ENUM_FIELDS.items():  # a value given as text (a flag, a file, a test) becomes its member
+            setattr(self, name, kind(getattr(self, name)))
+        self.model = networks.canonical_name(self.model)  # checkpoints record one name per network
+
     @property
     def weak_scaling(self):
         return self.batch_size_per_rank > 0
@@ -166,6 +207,25 @@ class RunConfig:
                              "positive integers; use e.g. --synthetic-shape 3,32,32")
         return shape
 
+
+ENUM_FIELDS = {"mode": Mode, "schedule": Schedule, "balance": Balance, "dataset": DatasetName, "amp": Amp}
+
+# The flags by what they are about: --help's sections and a --config file's tables.
+GROUPS = {
+    "parallel": ("mode", "pp", "dp", "microbatches", "schedule", "virtual_stages", "balance", "split", "p2p_memory",
+                 "fp16_allreduce", "accumulation_steps", "adasum", "elastic", "elastic_commit_steps", "threads"),
+    "data": ("dataset", "data_dir", "val_fraction", "image_size", "channels", "augment", "data_workers",
+             "prefetch_batches", "check_images", "decode", "skip_bad_images", "synthetic_shape", "synthetic_samples",
+             "num_classes"),
+    "model": ("model", "stem", "sync_bn", "channels_last"),
+    "training": ("epochs", "batch_size", "batch_size_per_rank", "steps_per_epoch", "seed"),
+    "optimiser": ("optimizer", "lr", "lr_schedule", "warmup_epochs", "momentum", "weight_decay"),
+    "precision": ("amp", "loss_scale"),
+    "outputs": ("run_dir", "checkpoint_dir", "keep_checkpoints", "resume", "init_from", "metrics_file", "tensorboard",
+                "timeline", "timeline_steps", "log_every", "progress", "keep_going_on_save_error"),
+    "faults": ("allow_nonfinite", "connect_timeout"),
+}
+GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
 
 _POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples", "num_classes",
              "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints", "pp", "dp",
@@ -188,7 +248,15 @@ def _validate_interleaving(config: RunConfig) -> None:
 
 
 def validate(config: RunConfig) -> RunConfig:
-    """Checks that need no data and no other rank; raises UsageError naming the fix."""
+    """Checks that need no data and no other rank, group by group; UsageError naming the fix."""
+    _validate_ranges(config)
+    for check in GROUP_CHECKS:
+        check(config)
+    return config
+
+
+def _validate_ranges(config: RunConfig) -> None:
+    """The numbers of every group that must not be negative, or must be at least 1."""
     for name in _POSITIVE:
         if getattr(config, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative (got {getattr(config, name)})")
@@ -196,17 +264,24 @@ def validate(config: RunConfig) -> RunConfig:
                  "elastic_commit_steps"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.num_classes < 2:
-        raise UsageError("--num-classes must be at least 2")
+
+
+def _validate_training(config: RunConfig) -> None:
     if not config.weak_scaling and config.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+
+
+def _validate_optimiser(config: RunConfig) -> None:
     if not (config.lr > 0):
         raise UsageError(f"--lr must be positive (got {config.lr})")
     if not (0 <= config.momentum < 1):
         raise UsageError(f"--momentum must be in [0, 1) (got {config.momentum})")
     if config.weight_decay < 0:
         raise UsageError("--weight-decay must not be negative")
-    if config.mode == "ps":
+
+
+def _validate_parallel(config: RunConfig) -> None:
+    if config.mode == Mode.PS:
         for flag, value in (("--pp", config.pp > 1), ("--dp", config.dp), ("--microbatches", config.microbatches > 1),
                             ("--split", config.split), ("--adasum", config.adasum),
                             ("--fp16-allreduce", config.fp16_allreduce),
@@ -214,7 +289,7 @@ def validate(config: RunConfig) -> RunConfig:
             if value:
                 raise UsageError(f"{flag} does not apply to --mode ps (one server, the other ranks "
                                  "workers); drop it")
-    elif config.mode != "data":
+    elif config.mode != Mode.DATA:
         if config.pp < 1:
             raise UsageError(f"--mode {config.mode} needs --pp K, the number of pipeline stages")
         for flag, value in (("--adasum", config.adasum), ("--fp16-allreduce", config.fp16_allreduce),
@@ -225,9 +300,9 @@ def validate(config: RunConfig) -> RunConfig:
     elif config.dp or config.microbatches > 1 or config.split:
         raise UsageError("--dp, --microbatches and --split are for --mode model/hybrid; "
                          "add --mode hybrid --pp K (or drop them)")
-    if config.mode == "model" and config.dp > 1:
+    if config.mode == Mode.MODEL and config.dp > 1:
         raise UsageError("--dp is for --mode hybrid; --mode model runs one pipeline")
-    if config.elastic and config.mode != "data":
+    if config.elastic and config.mode != Mode.DATA:
         raise UsageError("--elastic is for --mode data (a pipeline cannot lose a stage); drop --elastic")
     if config.elastic and config.weak_scaling:
         raise UsageError("--elastic keeps the global batch fixed while workers come and go; use "
@@ -237,7 +312,9 @@ def validate(config: RunConfig) -> RunConfig:
                          "the run started, which a worker joining later cannot know")
     if config.adasum and config.fp16_allreduce:
         raise UsageError("--adasum and --fp16-allreduce cannot be combined; drop one")
-    _validate_model_options(config)
+
+
+def _validate_outputs(config: RunConfig) -> None:
     if config.resume and not config.checkpoint_dir and config.run_dir in ("", NO_RUN_DIR):
         raise UsageError("--resume needs the run to continue: --run-dir DIR (or --checkpoint-dir DIR)")
     if config.init_from and config.resume:
@@ -246,20 +323,24 @@ def validate(config: RunConfig) -> RunConfig:
     if config.init_from and not os.path.exists(config.init_from):
         raise UsageError(f"--init-from: {config.init_from} does not exist; pass a checkpoint directory "
                          "(ckpt-epochNNNN) from a --checkpoint-dir")
-    if config.dataset == "cifar10" and not config.data_dir:
-        raise UsageError("--dataset cifar10 needs --data-dir DIR holding data_batch_1..5 and "
-                         "test_batch (the python version from https://www.cs.toronto.edu/~kriz/cifar.html)")
-    if config.dataset == "synthetic":
-        config.synthetic_image_shape()
-    if config.dataset == "folder":
-        _validate_folder_options(config)
-    elif config.decode == "gpu":
-        raise UsageError("--decode gpu decodes image files: it is for --dataset folder (drop it)")
     if config.metrics_file:
         parent = os.path.dirname(os.path.abspath(config.metrics_file))
         if not os.path.isdir(parent):
             raise UsageError(f"--metrics-file: directory {parent} does not exist; create it first")
-    return config
+
+
+def _validate_data(config: RunConfig) -> None:
+    if config.num_classes < 2:
+        raise UsageError("--num-classes must be at least 2")
+    if config.dataset == DatasetName.CIFAR10 and not config.data_dir:
+        raise UsageError("--dataset cifar10 needs --data-dir DIR holding data_batch_1..5 and "
+                         "test_batch (the python version from https://www.cs.toronto.edu/~kriz/cifar.html)")
+    if config.dataset == DatasetName.SYNTHETIC:
+        config.synthetic_image_shape()
+    if config.dataset == DatasetName.FOLDER:
+        _validate_folder_options(config)
+    elif config.decode == "gpu":
+        raise UsageError("--decode gpu decodes image files: it is for --dataset folder (drop it)")
 
 
 def _validate_folder_options(config: RunConfig) -> None:
@@ -279,18 +360,25 @@ def _validate_folder_options(config: RunConfig) -> None:
         raise UsageError("--prefetch-batches must be at least 1")
 
 
-def _validate_model_options(config: RunConfig) -> None:
-    config.model = networks.canonical_name(config.model)  # checkpoints record one name per network
-    if config.sync_bn and config.mode in ("model", "ps"):
+def _validate_model(config: RunConfig) -> None:
+    if config.sync_bn and config.mode in (Mode.MODEL, Mode.PS):
         raise UsageError(f"--sync-bn synchronises BatchNorm across data-parallel replicas; --mode "
                          f"{config.mode} has none (use --mode data or hybrid, or drop --sync-bn)")
-    if config.amp == "fp16" and config.mode != "data":
+
+
+def _validate_precision(config: RunConfig) -> None:
+    if config.amp == Amp.FP16 and config.mode != Mode.DATA:
         raise UsageError("--amp fp16 scales the loss of one whole model (--mode data); pipelines and the "
                          "parameter server take --amp bf16, which needs no loss scaling")
     if not config.loss_scale > 0:
         raise UsageError(f"--loss-scale must be positive (got {config.loss_scale})")
-    if config.amp == "fp16" and config.adasum:
+    if config.amp == Amp.FP16 and config.adasum:
         raise UsageError("--amp fp16 and --adasum cannot be combined (Adasum needs unscaled gradients); drop one")
+
+
+# Each group's own checks, in the order they run (after _validate_ranges).
+GROUP_CHECKS = (_validate_training, _validate_optimiser, _validate_parallel, _validate_model, _validate_precision,
+                _validate_outputs, _validate_data)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -299,24 +387,106 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def field_types() -> dict[str, type]:
+    """Each flag's type, from RunConfig's annotations: bool, int, float, str or one of the
+    enums (``bool | None`` as bool)."""
+    types = {}
+    for name, hint in typing.get_type_hints(RunConfig).items():
+        if isinstance(hint, types_module.UnionType):
+            hint = next(kind for kind in typing.get_args(hint) if kind is not type(None))
+        types[name] = hint
+    return types
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="Train a CNN data parallel (Horovod), model parallel (pipeline "
                      "over MPI) or hybrid. Launch with horovodrun, mpirun or srun; runs as one process too.",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", default="",
+                        help="read flags from this TOML file (one table per group below, or flat keys; a run "
+                             "directory's config.toml repeats its run); flags given here override it")
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    types = field_types()
     for spec in dataclasses.fields(RunConfig):
         flag = "--" + spec.name.replace("_", "-")
         meta = dict(spec.metadata)
         help_text = meta.pop("help")
         flags = (flag, *meta.pop("aliases", ()))
-        if spec.type in (bool, "bool", "bool | None"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                default=spec.default, help=help_text)
+        group, kind = groups[GROUP_OF[spec.name]], types[spec.name]
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default, help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(spec.type, spec.type)
-            parser.add_argument(*flags, dest=spec.name, type=kind, default=spec.default, help=help_text, **meta)
+            group.add_argument(*flags, dest=spec.name, type=str if kind in ENUM_FIELDS.values() else kind,
+                               default=spec.default, help=help_text, **meta)
     return parser
 
 
 def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunConfig:
-    namespace = build_parser(prog).parse_args(argv)
-    return validate(RunConfig(**vars(namespace)))
+    parser = build_parser(prog)
+    find_file = argparse.ArgumentParser(add_help=False)  # the file's values become the flags' defaults
+    find_file.add_argument("--config", default="")
+    config_file = find_file.parse_known_args(argv)[0].config
+    if config_file:
+        parser.set_defaults(**read_config_file(config_file))
+    namespace = vars(parser.parse_args(argv))
+    namespace.pop("config")
+    return validate(RunConfig(**namespace))
+
+
+def read_config_file(path: str) -> dict:
+    """The values a --config file gives: TOML (a table per group, or flat keys), or a run
+    directory's config.json (its "config"); each checked against the field's type."""
+    try:
+        with open(path, "rb") as handle:
+            if path.endswith(".json"):
+                loaded = json.load(handle).get("config", {})
+            else:
+                loaded = tomllib.load(handle)
+    except OSError as error:
+        raise UsageError(f"--config {path}: cannot read it ({error.strerror}); pass a TOML file") from None
+    except (tomllib.TOMLDecodeError, ValueError, AttributeError) as error:
+        raise UsageError(f"--config {path}: not valid TOML ({error}); fix the file or write it again") from None
+    flat = {}
+    for key, value in loaded.items():
+        if isinstance(value, dict) and key in GROUPS:
+            flat.update(value)
+        else:
+            flat[key] = value
+    types = field_types()
+    values = {}
+    for key, value in flat.items():
+        name = key.replace("-", "_")
+        if name not in types:
+            raise UsageError(f"--config {path}: {key!r} is not a flag of these scripts; see --help")
+        values[name] = _checked(path, key, value, types[name])
+    return values
+
+
+def _checked(path: str, key: str, value, kind):
+    if value is None:  # config.json's record of an unset optional flag
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    wanted = str if kind in ENUM_FIELDS.values() else kind
+    if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+        raise UsageError(f"--config {path}: {key} must be {wanted.__name__} (got {value!r})")
+    if kind in ENUM_FIELDS.values() and value not in list(kind):
+        raise UsageError(f"--config {path}: {key} must be one of {', '.join(kind)} (got {value!r})")
+    return value
+
+
+def as_toml(config: RunConfig) -> str:
+    """``config`` as a --config file: one table per group, every flag's value (an unset
+    optional one left out)."""
+    lines = ["# Repeat this run: python train_torch/main.py --config config.toml [flags that override it]",
+             "# (or train_tf/main.py; under the same launcher and ranks)"]
+    for group, names in GROUPS.items():
+        lines += ["", f"[{group}]"]
+        for name in names:
+            value = getattr(config, name)
+            if value is None:
+                continue
+            text = ("true" if value else "false") if isinstance(value, bool) else \
+                json.dumps(str(value)) if isinstance(value, str) else repr(value)
+            lines.append(f"{name} = {text}")
+    return "\n".join(lines) + "\n"

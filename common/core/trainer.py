@@ -21,7 +21,7 @@ from typing import cast
 import numpy as np
 
 from common.core import lr, metrics
-from common.core.config import RunConfig, parse_config
+from common.core.config import DatasetName, Mode, RunConfig, as_toml, parse_config
 from common.core.errors import RankUsageError, RunStopped, UsageError
 from common.core.progress import ProgressBar
 from common.core.runner import ElasticRunner, Runner
@@ -55,8 +55,8 @@ def load_run(argv: list[str] | None, prog: str) -> LoadedRun:
     """The flags, the data and the model's layer specs, each checked (UsageError on bad input)."""
     config = parse_config(argv, prog=prog)
     apply_tuned_defaults()  # read when MPI starts, which is later (in the runner)
-    size_fix = "pass a larger --image-size" if config.dataset == "folder" else "use larger images"
-    if config.dataset == "folder":  # before any image is read: a bad size is found in a moment
+    size_fix = "pass a larger --image-size" if config.dataset == DatasetName.FOLDER else "use larger images"
+    if config.dataset == DatasetName.FOLDER:  # before any image is read: a bad size is found in a moment
         networks.model_specs(config.model, (config.channels or 1, config.image_size, config.image_size), 2,
                            config.stem, size_fix)
     dataset = datasets.load_dataset(config)
@@ -168,9 +168,10 @@ class Trainer:
 
         def claim():
             directory = run_dir.claim(config, runner.framework)
+            given = as_toml(config)  # before the outputs are placed: what --config repeats
             run_dir.place_outputs(config, directory)
             if directory:
-                run_dir.record(directory, config, runner.framework, runner.world_size)
+                run_dir.record(directory, config, runner.framework, runner.world_size, repeat_toml=given)
             return directory
         if config.elastic:  # a worker that joins later has no start-up collective to take part in
             named = None if config.run_dir == run_dir.NO_RUN_DIR else config.run_dir
@@ -524,7 +525,7 @@ class Trainer:
 
 
 def describe(plan, config: RunConfig) -> str:
-    if plan.mode == "ps":
+    if plan.mode == Mode.PS:
         return f"parameter server: rank 0 serves {plan.dp} worker(s)"
     if not plan.pipelined:
         return f"data parallel on {plan.world_size} rank(s)"

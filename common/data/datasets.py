@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from common.core.config import DatasetName
 from common.core.errors import UsageError, launcher_rank
 from common.data import decoders, folders, image_checks, jpeg, transforms
 from common.data.batches import InMemoryImages, Normalisation
@@ -91,14 +92,14 @@ class Dataset:
 
 
 def load_dataset(config: RunConfig) -> Dataset:
-    if config.dataset == "digits":
+    if config.dataset == DatasetName.DIGITS:
         return load_digits()
-    if config.dataset == "cifar10":
+    if config.dataset == DatasetName.CIFAR10:
         return load_cifar10(config.data_dir)
-    if config.dataset == "synthetic":
+    if config.dataset == DatasetName.SYNTHETIC:
         return make_synthetic(config.synthetic_image_shape(), config.synthetic_samples,
                               config.num_classes, config.seed)
-    if config.dataset == "folder":
+    if config.dataset == DatasetName.FOLDER:
         return load_folder(config)
     raise UsageError(f"unknown dataset {config.dataset!r}; choose digits, cifar10, synthetic or folder")
 

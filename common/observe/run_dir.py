@@ -5,6 +5,7 @@ configuration).
     runs/20261127-195501-torch-data/
         command.sh          the launch, once per start (a resume appends); bash it to repeat
         config.json         every flag as resolved, the world size, versions, the git commit
+        config.toml         the settings as given: --config config.toml repeats the run
         metrics.jsonl       one record per epoch (--metrics-file)
         events.out.tfevents.*   TensorBoard (--tensorboard): tensorboard --logdir runs/
         checkpoints/        ckpt-epochNNNN (--checkpoint-dir)
@@ -35,7 +36,7 @@ NO_RUN_DIR = "none"
 DEFAULT_ROOT = "runs"
 TIMELINE_IN_RUN_DIR = "<run-dir>/timeline.json"   # what a bare --timeline means
 METRICS_NAME, CHECKPOINTS_NAME, TIMELINE_NAME = "metrics.jsonl", "checkpoints", "timeline.json"
-CONFIG_NAME, COMMAND_NAME = "config.json", "command.sh"
+CONFIG_NAME, COMMAND_NAME, TOML_NAME = "config.json", "command.sh", "config.toml"
 
 
 def default_name(framework: str, mode: str, now: datetime.datetime) -> str:
@@ -86,11 +87,14 @@ def place_outputs(config, directory: str | None) -> None:
 
 
 def record(directory: str, config, framework: str, world_size: int, argv: list | None = None,
-           now: datetime.datetime | None = None) -> None:
-    """On the primary rank: append this start's launch to command.sh, write config.json."""
+           now: datetime.datetime | None = None, repeat_toml: str | None = None) -> None:
+    """On the primary rank: append this start's launch to command.sh, write config.json, and
+    ``repeat_toml`` as config.toml (a --config file of the settings as given)."""
     try:
         _write_record(directory, config, framework, world_size, list(sys.argv if argv is None else argv),
                       now or datetime.datetime.now().astimezone())
+        if repeat_toml is not None:
+            _write_whole(os.path.join(directory, TOML_NAME), repeat_toml)
     except OSError as error:
         raise UsageError(f"cannot write to the run directory {directory} ({error.strerror}); "
                          "choose a writable --run-dir (or --run-dir none)") from None
@@ -122,6 +126,13 @@ def _write_record(directory: str, config, framework: str, world_size: int, argv:
         json.dump(description, handle, indent=1, sort_keys=True)
         handle.write("\n")
     os.replace(temporary, os.path.join(directory, CONFIG_NAME))
+
+
+def _write_whole(path: str, text: str) -> None:
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
 
 
 def launcher_command() -> list | None:

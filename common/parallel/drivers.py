@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from common.core.config import RunConfig
+from common.core.config import Mode, RunConfig
 from common.core.runner import Runner, StageFactory
 from common.data import datasets
 
@@ -14,9 +14,9 @@ def make_runner(config: RunConfig, dataset: datasets.Dataset, specs, data_parall
                 stage_factory: Callable[[], StageFactory]) -> Runner:
     """The runner --mode asks for. A framework passes functions that return its Horovod
     runner class and its stage class, so only the mode in use imports them (heavily)."""
-    if config.mode == "data":
+    if config.mode == Mode.DATA:
         return data_parallel_runner()(config, dataset, specs)
-    if config.mode == "ps":
+    if config.mode == Mode.PS:
         from common.parallel.parameter_server import ParameterServerRunner
         return ParameterServerRunner(config, dataset, specs, stage_factory())
     from common.parallel.pipeline import PipelineRunner

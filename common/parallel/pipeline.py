@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.core import metrics
-from common.core.config import RunConfig
+from common.core.config import Balance, RunConfig
 from common.core.runner import Collectives, OpenCheckpoint, Stage, StageFactory, StagePlace
 from common.data.batches import Batch, Reads
 from common.data.datasets import Dataset
@@ -110,7 +110,7 @@ class PipelineRunner:
                      None if last else rank_of(virtual + 1), shapes[start], shapes[end], stage)
 
     def _layer_costs(self, stage_factory: StageFactory) -> list:
-        if self.config.balance == "time":
+        if self.config.balance == Balance.TIME:
             # Measured once on one rank and shared: every rank must cut the same stages.
             times = None
             if self.rank == self.primary_rank:

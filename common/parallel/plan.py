@@ -15,6 +15,7 @@ from itertools import accumulate, combinations
 from math import comb
 from typing import TYPE_CHECKING
 
+from common.core.config import Mode, Schedule
 from common.core.errors import UsageError
 from common.parallel import schedule
 
@@ -49,7 +50,7 @@ class ParallelPlan:
 
     @property
     def pipelined(self):
-        return self.mode in ("model", "hybrid")
+        return self.mode in (Mode.MODEL, Mode.HYBRID)
 
     def stage_of(self, rank):
         return rank % self.pp
@@ -68,11 +69,11 @@ class ParallelPlan:
 
 def make_plan(config: RunConfig, world_size: int) -> ParallelPlan:
     """The plan for ``config`` on ``world_size`` ranks; UsageError naming the fix."""
-    if config.mode == "data":
+    if config.mode == Mode.DATA:
         if config.pp not in (0, 1):
             raise UsageError(f"--pp {config.pp} needs --mode model or --mode hybrid")
         return ParallelPlan("data", 1, world_size)
-    if config.mode == "ps":
+    if config.mode == Mode.PS:
         if world_size < 2:
             raise UsageError(f"--mode ps needs at least 2 ranks (rank 0 serves the parameters, the others "
                              f"compute gradients), got {world_size}; launch with -np 3 (1 server + 2 workers)")
@@ -80,7 +81,7 @@ def make_plan(config: RunConfig, world_size: int) -> ParallelPlan:
     pp = config.pp
     if pp < 1:
         raise UsageError(f"--mode {config.mode} needs --pp K (number of pipeline stages, >= 1)")
-    if config.mode == "model":
+    if config.mode == Mode.MODEL:
         if world_size != pp:
             raise UsageError(f"--mode model --pp {pp} needs exactly {pp} ranks, got {world_size}; "
                              f"launch with -np {pp} or use --mode hybrid --pp {pp} --dp N")
@@ -101,12 +102,12 @@ def make_plan(config: RunConfig, world_size: int) -> ParallelPlan:
 
 
 def chunks_per_stage(config: RunConfig) -> int:
-    return config.virtual_stages if config.schedule == "interleaved" else 1
+    return config.virtual_stages if config.schedule == Schedule.INTERLEAVED else 1
 
 
 def check_stages(config: RunConfig, specs: Sequence) -> None:
     """Checks of --pp/--split against the model, before any rank is counted."""
-    if config.mode in ("data", "ps"):
+    if config.mode in (Mode.DATA, Mode.PS):
         return
     pieces = config.pp * chunks_per_stage(config)
     if pieces > len(specs):

@@ -136,9 +136,12 @@ def test_a_run_directory_collects_one_run_and_repeats_it(tmp_path):
 
     assert_ok(subprocess.run(["bash", str(run / "command.sh"), "--run-dir", str(tmp_path / "again")], cwd=REPO,
                              env=job_env(), capture_output=True, text=True, timeout=300))
+    assert_ok(subprocess.run([*launch_command(2, "mpirun"), ENTRY["torch"], "--config", str(run / "config.toml"),
+                              "--run-dir", str(tmp_path / "from_toml")], cwd=tmp_path, env=job_env(),
+                             capture_output=True, text=True, timeout=300))
     losses = [[json.loads(line)["train_loss"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
-              for directory in (run, tmp_path / "again")]
-    assert len(losses[0]) == 2 and losses[0] == losses[1]  # the same run, twice
+              for directory in (run, tmp_path / "again", tmp_path / "from_toml")]
+    assert len(losses[0]) == 2 and losses[0] == losses[1] == losses[2]  # the same run, three times
 
     resumed = subprocess.run([*launch_command(2, "mpirun"), ENTRY["torch"], *map(str, args), "--epochs", "3",
                               "--resume", "--run-dir", f"runs/{name}"], cwd=tmp_path, env=job_env(),

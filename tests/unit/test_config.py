@@ -105,3 +105,59 @@ def test_amp_alone_means_bf16_and_resnet_is_resnet8():
     config = parse_config(["--amp", "--model", "resnet"])
     assert (config.amp, config.model) == ("bf16", "resnet8")
     assert parse_config([]).amp == "off"
+
+
+def test_every_flag_is_in_exactly_one_group_and_help_shows_the_groups():
+    from common.core.config import GROUPS
+
+    grouped = [name for names in GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(field.name for field in dataclasses.fields(RunConfig))
+    assert len(grouped) == len(set(grouped))
+    shown = build_parser("main.py").format_help()
+    assert all(f"\n{group}:\n" in shown for group in GROUPS), shown
+
+
+def test_mode_dataset_schedule_amp_and_balance_are_enums():
+    from common.core.config import Amp, Balance, DatasetName, Mode, Schedule
+
+    config = parse_config(["--mode", "model", "--pp", "2", "--schedule", "gpipe", "--amp", "--balance", "time",
+                           "--dataset", "synthetic"])
+    assert (config.mode, config.schedule, config.amp, config.balance, config.dataset) == \
+        (Mode.MODEL, Schedule.GPIPE, Amp.BF16, Balance.TIME, DatasetName.SYNTHETIC)
+    assert RunConfig(mode="hybrid").mode is Mode.HYBRID and f"{Mode.PS}" == "ps"
+
+
+def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[parallel]\nmode = "model"\npp = 2\nmicrobatches = 4\n\n[training]\nepochs = 3\n'
+                    'batch_size = 32\n\n[optimiser]\nlr = 1\n\nseed = 7\n')
+    config = parse_config(["--config", str(path), "--epochs", "5"])
+    assert (config.mode, config.pp, config.microbatches, config.batch_size, config.seed) == ("model", 2, 4, 32, 7)
+    assert config.epochs == 5 and config.lr == 1.0 and isinstance(config.lr, float)
+
+
+def test_a_run_directorys_config_toml_repeats_its_settings(tmp_path):
+    from common.core.config import as_toml
+
+    config = parse_config(["--mode", "hybrid", "--pp", "2", "--dp", "2", "--microbatches", "2", "--schedule",
+                           "gpipe", "--model", "resnet", "--amp", "--no-augment", "--lr", "0.2",
+                           "--timeline", "--data-dir", 'a "quoted" dir'])
+    path = tmp_path / "config.toml"
+    path.write_text(as_toml(config))
+    assert parse_config(["--config", str(path)]) == config
+
+
+@pytest.mark.parametrize("text,message", [
+    ("pipeline_stages = 2\n", "'pipeline_stages' is not a flag"),
+    ("[parallel]\npp = \"two\"\n", "pp must be int"),
+    ("[model]\nsync_bn = 1\n", "sync_bn must be bool"),
+    ("[parallel\npp = 2\n", "not valid TOML"),
+    ("mode = \"pipeline\"\n", "mode must be one of data, model, hybrid, ps"),
+])
+def test_a_bad_config_file_is_one_clear_line(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        parse_config(["--config", str(path)])
+    with pytest.raises(UsageError, match="cannot read it"):
+        parse_config(["--config", str(tmp_path / "missing.toml")])
