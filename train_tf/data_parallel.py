@@ -118,8 +118,8 @@ class DataParallelRunner:
         self._allreduce_kwargs = {"op": self.hvd.Adasum if config.adasum else self.hvd.Sum,
                                   "compression": compression}
 
-    def start_timeline(self):
-        start_horovod_timeline(self.hvd, self.config)
+    def start_timeline(self, path):
+        start_horovod_timeline(self.hvd, path)
 
     def _chunk_gradients_eager(self, images, labels, scale):
         with tf.GradientTape() as tape:

@@ -80,8 +80,8 @@ class DataParallelRunner:
         self.optimizer = make_optimizer(self.model, config, self.hvd)
         self.scaler = LossScaler(config, self.device, self.primary) if config.amp == Amp.FP16 else None
 
-    def start_timeline(self):
-        start_horovod_timeline(self.hvd, self.config)
+    def start_timeline(self, path):
+        start_horovod_timeline(self.hvd, path)
 
     def set_lr(self, value):
         for group in self.optimizer.param_groups:

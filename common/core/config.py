@@ -67,7 +67,7 @@ def _flag(default, help, **argparse_kwargs):
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     mode: Mode = _flag(Mode.DATA, "parallelism: data (Horovod allreduce), model (pipeline of --pp "
                       "stages over MPI), hybrid (--dp replicas of a --pp stage pipeline) or ps "
@@ -184,9 +184,11 @@ class RunConfig:
                                       "failed worker costs at most N steps of redone work)")
 
     def __post_init__(self):
-        for name, kind in ENUM_FIELDS.items():  # a value given as text (a flag, a file, a test) becomes its member
-            setattr(self, name, kind(getattr(self, name)))
-        self.model = networks.canonical_name(self.model)  # checkpoints record one name per network
+        # Normalised once, at construction (the config is frozen after): a value given as text
+        # (a flag, a file, a test) becomes its enum member; checkpoints record one name per network.
+        for name, kind in ENUM_FIELDS.items():
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "model", networks.canonical_name(self.model))
 
     @property
     def weak_scaling(self):

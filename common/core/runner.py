@@ -98,8 +98,9 @@ class Runner(Protocol):
         """Collective: every rank takes its part of the checkpoint (None: keep the seed's
         weights, synchronised)."""
 
-    def start_timeline(self) -> None:
-        """Collective, once --timeline's path is settled: begin recording."""
+    def start_timeline(self, path: str) -> None:
+        """Collective, once the run directory has settled --timeline's path: begin recording
+        for ``path`` ("": no timeline)."""
 
     def write_timeline(self) -> None:
         """Collective, when ``timeline.enabled``: write every rank's spans to --timeline."""

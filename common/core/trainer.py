@@ -8,7 +8,6 @@ resume. A Runner (common/core/runner.py) does one rank's part of each step.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
@@ -137,7 +136,7 @@ class Trainer:
         # Where each rank runs (elastic workers come and go: they have no start-up collective).
         self.hosts = [] if config.elastic else self.collectives.allgather_object(socket.gethostname(), "hosts")
         loaded.contact.reached()
-        runner.start_timeline()
+        runner.start_timeline(self.paths.timeline)
         self.stop = StopRequest()
         self.launcher_watch = supervision.start(self.stop.request)
         self.faults = FaultInjection.from_environment()
@@ -148,12 +147,12 @@ class Trainer:
                                         dataset.encoded_reader("train"))
         self.test_reader = BatchReader(dataset.x_test, dataset.y_test, runner.reads, runner.feed,
                                        dataset.encoded_reader("test"))
-        self.writer = metrics.JsonLinesWriter(config.metrics_file if runner.primary else "")
+        self.writer = metrics.JsonLinesWriter(self.paths.metrics_file if runner.primary else "")
         self.progress = ProgressBar(False, 0, 0, 0)
         self.tensorboard = None
-        if config.tensorboard and runner.primary:
+        if self.paths.tensorboard and runner.primary:
             from common.observe.tensorboard import TensorBoardLog
-            self.tensorboard = TensorBoardLog(config.tensorboard, dataclasses.asdict(config), sys.argv)
+            self.tensorboard = TensorBoardLog(self.paths.tensorboard, run_dir.resolved(config, self.paths), sys.argv)
 
     @property
     def rank_batch(self) -> int:
@@ -168,16 +167,16 @@ class Trainer:
 
         def claim():
             directory = run_dir.claim(config, runner.framework)
-            given = as_toml(config)  # before the outputs are placed: what --config repeats
-            run_dir.place_outputs(config, directory)
+            paths = run_dir.place_outputs(config, directory)
             if directory:
-                run_dir.record(directory, config, runner.framework, runner.world_size, repeat_toml=given)
+                run_dir.record(directory, config, runner.framework, runner.world_size, repeat_toml=as_toml(config),
+                               paths=paths)
             return directory
         if config.elastic:  # a worker that joins later has no start-up collective to take part in
             named = None if config.run_dir == run_dir.NO_RUN_DIR else config.run_dir
-            run_dir.place_outputs(config, claim() if runner.primary else named)
+            self.paths = run_dir.place_outputs(config, claim() if runner.primary else named)
         else:
-            run_dir.place_outputs(config, self.on_primary_for_all(claim, "run_dir"))
+            self.paths = run_dir.place_outputs(config, self.on_primary_for_all(claim, "run_dir"))
 
     def run(self) -> metrics.Evaluation | None:
         """Train and evaluate; the test (loss, accuracy), or None when stopped early."""
@@ -304,7 +303,7 @@ class Trainer:
         """--tensorboard: every --log-every steps, the global batch's mean loss (one small
         allreduce: the loss lives on the ranks that compute it, a pipeline's last stage)."""
         every = self.config.log_every
-        if not (self.config.tensorboard and every and global_step % every == 0):
+        if not (self.paths.tensorboard and every and global_step % every == 0):
             return
         loss_sum, _, count = self.collectives.allreduce_sums(np.asarray(sums, dtype=np.float64), "step_loss")
         board = self.tensorboard
@@ -383,7 +382,7 @@ class Trainer:
             epoch, step = position
             where = f"after {step} steps of epoch {epoch + 1}" if step else f"after epoch {epoch}"
             cause = self.stop.cause or "a signal to another rank"
-            unsaved = "the save failed" if self.config.checkpoint_dir else "no --checkpoint-dir"
+            unsaved = "the save failed" if self.paths.checkpoint_dir else "no --checkpoint-dir"
             saved = f"saved {path}; continue with --resume" if path else f"nothing saved ({unsaved})"
             metrics.log(f"stopped by {cause} {where}; {saved}")
         return None
@@ -392,9 +391,9 @@ class Trainer:
 
     def save(self, position: Position) -> str | None:
         """Collective: each writing rank stores its shard, then the primary commits."""
-        if not self.config.checkpoint_dir:
+        if not self.paths.checkpoint_dir:
             return None
-        path = checkpoint.checkpoint_path(self.config.checkpoint_dir, position)
+        path = checkpoint.checkpoint_path(self.paths.checkpoint_dir, position)
         temporary = checkpoint.temporary_path(path)
         shard = self.runner.checkpoint_shard()
         failed, size, errno = 0, 0, 0
@@ -413,7 +412,7 @@ class Trainer:
             return None
         if not self.runner.primary:
             return path
-        meta = checkpoint.make_meta(position, self.architecture, dataclasses.asdict(self.config),
+        meta = checkpoint.make_meta(position, self.architecture, run_dir.resolved(self.config, self.paths),
                                     self.runner.checkpoint_shards, self.runner.framework,
                                     {"mode": self.runner.plan.mode, "pp": self.runner.plan.pp,
                                      "dp": self.runner.plan.dp}, checkpoint.rng_state())
@@ -423,7 +422,7 @@ class Trainer:
             checkpoint.abandon(temporary)
             self.save_failed(path, error.strerror or str(error), size, everywhere=False)
             return None
-        checkpoint.prune(self.config.checkpoint_dir, self.config.keep_checkpoints)
+        checkpoint.prune(self.paths.checkpoint_dir, self.config.keep_checkpoints)
         return path
 
     def save_failed(self, path: str, reason: str, size: float, everywhere: bool) -> None:
@@ -443,8 +442,8 @@ class Trainer:
     def restore(self) -> Position:
         """Resume or initialise weights as the flags ask; returns where to start."""
         config = self.config
-        if config.checkpoint_dir:
-            self.on_primary_for_all(lambda: checkpoint.prepare_directory(config.checkpoint_dir, config.resume),
+        if self.paths.checkpoint_dir:
+            self.on_primary_for_all(lambda: checkpoint.prepare_directory(self.paths.checkpoint_dir, config.resume),
                                     "checkpoint_dir")
         path, start, rng = None, (0, 0), None
         if config.resume:
@@ -464,7 +463,7 @@ class Trainer:
         """(path, position, RNG state) of the newest checkpoint that loads, saying which;
         older ones only if newer ones fail."""
         problems = []
-        for _, path in reversed(checkpoint.list_checkpoints(self.config.checkpoint_dir)):
+        for _, path in reversed(checkpoint.list_checkpoints(self.paths.checkpoint_dir)):
             try:
                 opened = self.open_checkpoint(path)
                 opened.check_optimizer(self.config.optimizer)
@@ -479,7 +478,7 @@ class Trainer:
             metrics.log(f"resumed from {path} ({where})")
             return path, opened.position, opened.meta.get("rng")
         raise UsageError(problems[0] if len(problems) == 1 else
-                         f"no checkpoint in {self.config.checkpoint_dir} loads ({len(problems)} tried; "
+                         f"no checkpoint in {self.paths.checkpoint_dir} loads ({len(problems)} tried; "
                          f"newest: {problems[0]})")
 
     def on_primary_for_all(self, action: Callable, name: str):
@@ -519,9 +518,9 @@ class Trainer:
             metrics.log(notice)
         for line in runner.layout:
             metrics.log(line)
-        if config.run_dir != run_dir.NO_RUN_DIR:
-            logdir = os.path.dirname(config.run_dir) or "."
-            metrics.log(f"run directory: {config.run_dir}  (tensorboard --logdir {logdir})")
+        if self.paths.run_dir != run_dir.NO_RUN_DIR:
+            logdir = os.path.dirname(self.paths.run_dir) or "."
+            metrics.log(f"run directory: {self.paths.run_dir}  (tensorboard --logdir {logdir})")
 
 
 def describe(plan, config: RunConfig) -> str:

@@ -26,6 +26,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 
 from common import REPOSITORY
 from common.core.errors import UsageError
@@ -71,28 +72,41 @@ def _make(directory: str, exist_ok: bool) -> bool:
                          "choose a writable --run-dir (or --run-dir none)") from None
 
 
-def place_outputs(config, directory: str | None) -> None:
-    """Every output the user did not point elsewhere goes into ``directory``."""
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run's outputs go, once the run directory is settled ("" for an output not
+    asked for): the flags' paths, or the run directory's places for those left unset."""
+    run_dir: str
+    metrics_file: str
+    tensorboard: str
+    checkpoint_dir: str
+    timeline: str
+
+
+def place_outputs(config, directory: str | None) -> RunPaths:
+    """Every output the user did not point elsewhere goes into ``directory`` (None: --run-dir
+    none, so only the outputs the flags name)."""
     if directory is None:
         if config.timeline == TIMELINE_IN_RUN_DIR:
             raise UsageError("a bare --timeline writes into the run directory; with --run-dir none "
                              "name the file: --timeline FILE")
-        return
-    config.run_dir = directory
-    config.metrics_file = config.metrics_file or os.path.join(directory, METRICS_NAME)
-    config.tensorboard = config.tensorboard or directory
-    config.checkpoint_dir = config.checkpoint_dir or os.path.join(directory, CHECKPOINTS_NAME)
-    if config.timeline == TIMELINE_IN_RUN_DIR:
-        config.timeline = os.path.join(directory, TIMELINE_NAME)
+        return RunPaths(config.run_dir, config.metrics_file, config.tensorboard, config.checkpoint_dir,
+                        config.timeline)
+    return RunPaths(run_dir=directory, metrics_file=config.metrics_file or os.path.join(directory, METRICS_NAME),
+                    tensorboard=config.tensorboard or directory,
+                    checkpoint_dir=config.checkpoint_dir or os.path.join(directory, CHECKPOINTS_NAME),
+                    timeline=os.path.join(directory, TIMELINE_NAME) if config.timeline == TIMELINE_IN_RUN_DIR
+                    else config.timeline)
 
 
 def record(directory: str, config, framework: str, world_size: int, argv: list | None = None,
-           now: datetime.datetime | None = None, repeat_toml: str | None = None) -> None:
+           now: datetime.datetime | None = None, repeat_toml: str | None = None,
+           paths: RunPaths | None = None) -> None:
     """On the primary rank: append this start's launch to command.sh, write config.json, and
     ``repeat_toml`` as config.toml (a --config file of the settings as given)."""
     try:
-        _write_record(directory, config, framework, world_size, list(sys.argv if argv is None else argv),
-                      now or datetime.datetime.now().astimezone())
+        _write_record(directory, resolved(config, paths), framework, world_size,
+                      list(sys.argv if argv is None else argv), now or datetime.datetime.now().astimezone())
         if repeat_toml is not None:
             _write_whole(os.path.join(directory, TOML_NAME), repeat_toml)
     except OSError as error:
@@ -100,7 +114,12 @@ def record(directory: str, config, framework: str, world_size: int, argv: list |
                          "choose a writable --run-dir (or --run-dir none)") from None
 
 
-def _write_record(directory: str, config, framework: str, world_size: int, argv: list,
+def resolved(config, paths: RunPaths | None) -> dict:
+    """Every flag's value, the outputs' as placed: what config.json and checkpoints record."""
+    return {**dataclasses.asdict(config), **(dataclasses.asdict(paths) if paths else {})}
+
+
+def _write_record(directory: str, settings: dict, framework: str, world_size: int, argv: list,
                   now: datetime.datetime) -> None:
     launcher = launcher_command()
     command_path = os.path.join(directory, COMMAND_NAME)
@@ -120,7 +139,7 @@ def _write_record(directory: str, config, framework: str, world_size: int, argv:
                    "cpu": hardware.cpu_model(), "cpu_features": hardware.cpu_features().names(),
                    "python": platform.python_version(), "git_commit": git_commit(),
                    "slurm_job": os.environ.get("SLURM_JOB_ID"),
-                   "config": dataclasses.asdict(config)}
+                   "config": settings}
     temporary = os.path.join(directory, f".{CONFIG_NAME}.tmp")
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(description, handle, indent=1, sort_keys=True)

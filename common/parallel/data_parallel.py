@@ -27,10 +27,10 @@ def request_horovod_timeline(config: RunConfig) -> None:
         os.environ["HOROVOD_TIMELINE"] = "DYNAMIC"
 
 
-def start_horovod_timeline(hvd, config: RunConfig) -> None:
-    """On every rank (Horovod's coordinator writes it)."""
-    if config.timeline:
-        hvd.start_timeline(os.path.abspath(config.timeline))
+def start_horovod_timeline(hvd, path: str) -> None:
+    """On every rank (Horovod's coordinator writes it), into ``path`` ("": no timeline)."""
+    if path:
+        hvd.start_timeline(os.path.abspath(path))
 
 
 def apply_data_layout(runner, hvd, config: RunConfig) -> None:

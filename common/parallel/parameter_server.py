@@ -74,11 +74,12 @@ class ParameterServerRunner:
     def set_lr(self, value: float) -> None:
         self.stage.set_lr(value)
 
-    def start_timeline(self) -> None:
+    def start_timeline(self, path: str) -> None:
+        self.timeline_path = path
         self.timeline = start_timeline(self.comm, self.config)
 
     def write_timeline(self) -> None:
-        gather_timeline(self.comm, self.timeline, self.config.timeline,
+        gather_timeline(self.comm, self.timeline, self.timeline_path,
                         f"rank {self.rank}: {'server' if self.server else 'worker'}")
 
     def train_step(self, batch: Batch, global_count: int) -> np.ndarray:

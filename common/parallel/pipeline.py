@@ -126,11 +126,12 @@ class PipelineRunner:
 
     # --- one optimizer step -------------------------------------------------------
 
-    def start_timeline(self) -> None:
+    def start_timeline(self, path: str) -> None:
+        self.timeline_path = path
         self.timeline = start_timeline(self.comm, self.config)
 
     def write_timeline(self) -> None:
-        gather_timeline(self.comm, self.timeline, self.config.timeline,
+        gather_timeline(self.comm, self.timeline, self.timeline_path,
                         f"rank {self.rank}: stage {self.stage_index}, replica {self.replica}")
 
     def train_step(self, batch: Batch, global_count: int) -> np.ndarray:

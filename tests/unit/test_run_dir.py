@@ -1,5 +1,6 @@
 """The run directory: where a run's outputs go, and what it records to be repeated."""
 
+import dataclasses
 import datetime
 import json
 import os
@@ -22,22 +23,25 @@ def test_by_default_every_output_goes_into_a_new_directory_named_by_time_framewo
     second = run_dir.claim(config, "tf", START)  # a second run in the same second
     assert (first, second) == ("runs/20261127-195501-tf-model", "runs/20261127-195501-tf-model-2")
     assert os.path.isdir(first) and os.path.isdir(second)
-    run_dir.place_outputs(config, first)
-    assert (config.run_dir, config.metrics_file, config.tensorboard, config.checkpoint_dir, config.timeline) == (
+    paths = run_dir.place_outputs(config, first)
+    assert (paths.run_dir, paths.metrics_file, paths.tensorboard, paths.checkpoint_dir, paths.timeline) == (
         first, f"{first}/metrics.jsonl", first, f"{first}/checkpoints", f"{first}/timeline.json")
+    assert config.run_dir == "" and config.timeline == run_dir.TIMELINE_IN_RUN_DIR  # the settings stay as given
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.run_dir = first  # type: ignore[misc]
 
 
 def test_flags_that_name_a_place_keep_it_and_none_writes_only_what_they_ask(tmp_path):
     config = parse_config(["--run-dir", str(tmp_path / "run"), "--checkpoint-dir", str(tmp_path / "elsewhere"),
                            "--timeline", str(tmp_path / "t.json")])
-    run_dir.place_outputs(config, run_dir.claim(config, "torch"))
-    assert config.checkpoint_dir == str(tmp_path / "elsewhere") and config.timeline == str(tmp_path / "t.json")
-    assert config.metrics_file == str(tmp_path / "run" / "metrics.jsonl")
+    paths = run_dir.place_outputs(config, run_dir.claim(config, "torch"))
+    assert paths.checkpoint_dir == str(tmp_path / "elsewhere") and paths.timeline == str(tmp_path / "t.json")
+    assert paths.metrics_file == str(tmp_path / "run" / "metrics.jsonl")
 
     nothing = parse_config(["--run-dir", "none"])
     assert run_dir.claim(nothing, "torch") is None
-    run_dir.place_outputs(nothing, None)
-    assert (nothing.metrics_file, nothing.tensorboard, nothing.checkpoint_dir) == ("", "", "")
+    nowhere = run_dir.place_outputs(nothing, None)
+    assert (nowhere.metrics_file, nowhere.tensorboard, nowhere.checkpoint_dir) == ("", "", "")
     with pytest.raises(UsageError, match="bare --timeline writes into the run directory"):
         run_dir.place_outputs(parse_config(["--run-dir", "none", "--timeline"]), None)
 
@@ -53,9 +57,9 @@ def test_the_record_repeats_the_run_and_each_start_is_appended(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     argv = ["train_torch/main.py", "--epochs", "3", "--data-dir", "my data"]
     config = parse_config(argv[1:] + ["--run-dir", "run"])
-    run_dir.place_outputs(config, run_dir.claim(config, "torch"))
-    run_dir.record("run", config, "torch", 4, argv, START.astimezone())
-    run_dir.record("run", config, "torch", 4, argv + ["--resume"], START.astimezone())
+    paths = run_dir.place_outputs(config, run_dir.claim(config, "torch"))
+    run_dir.record("run", config, "torch", 4, argv, START.astimezone(), paths=paths)
+    run_dir.record("run", config, "torch", 4, argv + ["--resume"], START.astimezone(), paths=paths)
     script = (tmp_path / "run" / "command.sh").read_text()
     assert os.access(tmp_path / "run" / "command.sh", os.X_OK) and script.startswith("#!/bin/bash")
     commands = [shlex.split(line) for line in script.splitlines() if "main.py" in line]
