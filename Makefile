@@ -1,6 +1,6 @@
 # Quickstart:  make train   (installs what is missing, then trains the default job)
 #              make test   (lint and types first, then every test)
-# Also:        make bench  (every mode beside DDP, pipelining, MultiWorkerMirrored, input pipelines; ~20 min)
+# Also:        make bench  (every mode beside DDP, pipelining, MultiWorkerMirrored, input pipelines; ~35 min)
 #              make soak   (memory and descriptors over 120 epochs, 10 stop/resume cycles; ~6 min)
 #              make elpv   (real images: ELPV solar cells as class folders in data/elpv)
 #              make plot RUNS="a.jsonl b.jsonl" [OUT=curves.png]  (overlay runs' metrics files)

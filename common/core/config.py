@@ -228,6 +228,7 @@ GROUPS = {
     "faults": ("allow_nonfinite", "connect_timeout"),
 }
 GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
+MAX_CONFIG_FILE_BYTES = 1 << 20  # a run's settings take a few kilobytes
 
 _POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples", "num_classes",
              "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints", "pp", "dp",
@@ -437,8 +438,12 @@ def parse_config(argv: list[str] | None = None, prog: str | None = None) -> RunC
 
 def read_config_file(path: str) -> dict:
     """The values a --config file gives: TOML (a table per group, or flat keys), or a run
-    directory's config.json (its "config"); each checked against the field's type."""
+    directory's config.json (its "config"); each checked against the field's type. The file
+    is the user's: its size is checked before it is read, and nothing in it is executed."""
     try:
+        if os.path.getsize(path) > MAX_CONFIG_FILE_BYTES:
+            raise UsageError(f"--config {path}: {os.path.getsize(path):,} bytes is not a settings file "
+                             f"(at most {MAX_CONFIG_FILE_BYTES:,}); pass the TOML file of the run")
         with open(path, "rb") as handle:
             if path.endswith(".json"):
                 loaded = json.load(handle).get("config", {})
@@ -447,7 +452,8 @@ def read_config_file(path: str) -> dict:
     except OSError as error:
         raise UsageError(f"--config {path}: cannot read it ({error.strerror}); pass a TOML file") from None
     except (tomllib.TOMLDecodeError, ValueError, AttributeError) as error:
-        raise UsageError(f"--config {path}: not valid TOML ({error}); fix the file or write it again") from None
+        kind = "JSON with a \"config\" object" if path.endswith(".json") else "TOML"
+        raise UsageError(f"--config {path}: not valid {kind} ({error}); fix the file or write it again") from None
     flat = {}
     for key, value in loaded.items():
         if isinstance(value, dict) and key in GROUPS:

@@ -161,3 +161,7 @@ def test_a_bad_config_file_is_one_clear_line(tmp_path, text, message):
         parse_config(["--config", str(path)])
     with pytest.raises(UsageError, match="cannot read it"):
         parse_config(["--config", str(tmp_path / "missing.toml")])
+    huge = tmp_path / "huge.toml"
+    huge.write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(UsageError, match="is not a settings file"):
+        parse_config(["--config", str(huge)])
