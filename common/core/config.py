@@ -210,8 +210,6 @@ class RunConfig:
         return shape
 
 
-ENUM_FIELDS = {"mode": Mode, "schedule": Schedule, "balance": Balance, "dataset": DatasetName, "amp": Amp}
-
 # The flags by what they are about: --help's sections and a --config file's tables.
 GROUPS = {
     "parallel": ("mode", "pp", "dp", "microbatches", "schedule", "virtual_stages", "balance", "split", "p2p_memory",
@@ -401,6 +399,10 @@ def field_types() -> dict[str, type]:
     return types
 
 
+FIELD_TYPES = field_types()
+ENUM_FIELDS = {name: kind for name, kind in FIELD_TYPES.items() if issubclass(kind, enum.Enum)}
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="Train a CNN data parallel (Horovod), model parallel (pipeline "
                      "over MPI) or hybrid. Launch with horovodrun, mpirun or srun; runs as one process too.",
@@ -409,17 +411,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="read flags from this TOML file (one table per group below, or flat keys; a run "
                              "directory's config.toml repeats its run); flags given here override it")
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
-    types = field_types()
     for spec in dataclasses.fields(RunConfig):
         flag = "--" + spec.name.replace("_", "-")
         meta = dict(spec.metadata)
         help_text = meta.pop("help")
         flags = (flag, *meta.pop("aliases", ()))
-        group, kind = groups[GROUP_OF[spec.name]], types[spec.name]
+        group, kind = groups[GROUP_OF[spec.name]], FIELD_TYPES[spec.name]
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default, help=help_text)
         else:
-            group.add_argument(*flags, dest=spec.name, type=str if kind in ENUM_FIELDS.values() else kind,
+            group.add_argument(*flags, dest=spec.name, type=str if spec.name in ENUM_FIELDS else kind,
                                default=spec.default, help=help_text, **meta)
     return parser
 
@@ -460,13 +461,12 @@ def read_config_file(path: str) -> dict:
             flat.update(value)
         else:
             flat[key] = value
-    types = field_types()
     values = {}
     for key, value in flat.items():
         name = key.replace("-", "_")
-        if name not in types:
+        if name not in FIELD_TYPES:
             raise UsageError(f"--config {path}: {key!r} is not a flag of these scripts; see --help")
-        values[name] = _checked(path, key, value, types[name])
+        values[name] = _checked(path, key, value, FIELD_TYPES[name])
     return values
 
 
@@ -475,10 +475,11 @@ def _checked(path: str, key: str, value, kind):
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    wanted = str if kind in ENUM_FIELDS.values() else kind
+    choice = issubclass(kind, enum.Enum)
+    wanted = str if choice else kind
     if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
         raise UsageError(f"--config {path}: {key} must be {wanted.__name__} (got {value!r})")
-    if kind in ENUM_FIELDS.values() and value not in list(kind):
+    if choice and value not in list(kind):
         raise UsageError(f"--config {path}: {key} must be one of {', '.join(kind)} (got {value!r})")
     return value
 

@@ -21,8 +21,6 @@ import sys
 
 from common import REPOSITORY
 
-REPO = REPOSITORY
-
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m common.launch.ray", description=__doc__.split("\n\n")[0])
@@ -47,8 +45,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def run_script(script: str, args: list[str]) -> int:
     """In a Ray worker: run ``script`` as its own __main__, return its exit status."""
     sys.argv = [script, *args]
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
+    if REPOSITORY not in sys.path:
+        sys.path.insert(0, REPOSITORY)
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as stop:
