@@ -63,9 +63,14 @@ fi
 #    leaving mpirun and the ranks training. `exec mpirun` makes horovodrun's PID
 #    mpirun's, which ends the job on SIGTERM, SIGINT and SIGHUP (the ranks save
 #    and stop) and, killed, leaves ranks that notice (common/launch/supervision.LauncherWatch).
+# 3. That exec also erases its own command line, so a run directory's command.sh
+#    could only record the mpirun line it expanded into (some 40 `-x VAR` words).
+#    It now leaves the line as typed in CNN_PARALLEL_HOROVODRUN, which it hands on
+#    to every rank with the rest of its environment (common/observe/run_dir.py).
 patch_horovodrun() {
     "$venv/bin/python" - <<'PATCH'
 import horovod.common.util as util
+import horovod.runner.launch as launch
 import horovod.runner.mpi_run as mpi_run
 
 MENDS = {
@@ -75,6 +80,10 @@ MENDS = {
                      "            os.dup2(sys.stderr.fileno(), 2)  # C++ logging too\n")],
     mpi_run.__file__: [("os.execve('/bin/sh', ['/bin/sh', '-c', mpirun_command], env)",
                         "os.execve('/bin/sh', ['/bin/sh', '-c', 'exec ' + mpirun_command], env)")],
+    launch.__file__: [("def run_commandline():\n    args = parse_args()\n",
+                       "def run_commandline():\n    import shlex\n"
+                       "    os.environ['CNN_PARALLEL_HOROVODRUN'] = shlex.join(['horovodrun', *sys.argv[1:]])\n"
+                       "    args = parse_args()\n")],
 }
 for path, mends in MENDS.items():
     text = original = open(path).read()
