@@ -256,7 +256,7 @@ def test_pipeline_stages_compute_the_same_in_both_frameworks(name, shape):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("name,shape", [("resnet8", (3, 16, 16))])
+@pytest.mark.parametrize("name,shape", [("resnet8", (3, 16, 16)), ("vgg11_bn", (3, 32, 32))])
 def test_bf16_logits_and_step_agree_within_bf16_tolerance(name, shape):
     """--amp bf16: torch.autocast and Keras' mixed_bfloat16 policy round the same
     convolutions and matmuls to bf16 (8 bits of mantissa, ~4e-3), BatchNorm and the
@@ -287,20 +287,26 @@ def test_bf16_logits_and_step_agree_within_bf16_tolerance(name, shape):
 
     tf_model.load_neutral(tf_net, shape, torch_model.to_neutral(torch_net))
     before = torch_model.to_neutral(torch_net)
-    optimizer = make_local_optimizer(torch_net, config)
-    optimizer.zero_grad()
-    with autocast(config, torch.device("cpu")):
-        loss = F.cross_entropy(torch_net(torch.from_numpy(x)).float(), torch.from_numpy(y))
-    loss.backward()
-    optimizer.step()
+    in_float32 = copy.deepcopy(torch_net)
+    for net, precision in ((in_float32, RunConfig(optimizer="sgd", lr=1.0, momentum=0.0)), (torch_net, config)):
+        optimizer = make_local_optimizer(net, precision)
+        optimizer.zero_grad()
+        with autocast(precision, torch.device("cpu")):
+            loss = F.cross_entropy(net(torch.from_numpy(x)).float(), torch.from_numpy(y))
+        loss.backward()
+        optimizer.step()
     with tf.GradientTape() as tape:
         logits = tf.cast(tf_net(tf.constant(x.transpose(0, 2, 3, 1)), training=True), tf.float32)
         tf_loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.constant(y), logits))
     Optimizer(tf_net.trainable_variables, config).apply(tape.gradient(tf_loss, tf_net.trainable_variables),
                                                         tf_net.trainable_variables)
-    after_torch, after_tf = torch_model.to_neutral(torch_net), tf_model.to_neutral(tf_net, shape)
-    changes = [(after_torch[key] - value, after_tf[key] - value) for key, value in before.items()
-               if key.endswith("kernel")]
-    torch_change = np.concatenate([c.ravel() for c, _ in changes])
-    tf_change = np.concatenate([c.ravel() for _, c in changes])
-    assert relative_difference(tf_change, torch_change) <= 5e-2
+    after = {"torch": torch_model.to_neutral(torch_net), "tf": tf_model.to_neutral(tf_net, shape),
+             "float32": torch_model.to_neutral(in_float32)}
+    change = {name: np.concatenate([state[key].ravel() - value.ravel() for key, value in before.items()
+                                    if key.endswith("kernel")]) for name, state in after.items()}
+    # A deep BatchNorm network's step is chaotic under bf16 (VGG-11-BN at batch 8: PyTorch's own
+    # bf16 step is ~30% from its float32 step), so the frameworks are held to bf16's own effect:
+    # no further from each other than PyTorch's bf16 step is from float32 (and 5% at most where
+    # that effect is small, as on ResNet-8).
+    bf16_effect = relative_difference(change["torch"], change["float32"])
+    assert relative_difference(change["tf"], change["torch"]) <= max(5e-2, 1.5 * bf16_effect), bf16_effect
