@@ -1,9 +1,12 @@
 """Launch helpers for the parallel and end-to-end tiers."""
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 
 import numpy as np
 
@@ -48,11 +51,56 @@ def launch_command(np_, launcher):
     return ["mpirun", "-np", str(np_), *oversubscribe, "--bind-to", "none", PYTHON]
 
 
-def run_training(args, np_=None, framework="torch", launcher="mpirun", timeout=JOB_TIMEOUT):
-    """Run an entry script (one process when ``np_`` is None); returns CompletedProcess."""
-    command = [*launch_command(np_, launcher), ENTRY[framework], *QUIET, *map(str, args)]
-    return subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True,
-                          timeout=timeout)
+class Training(subprocess.CompletedProcess):
+    """A finished training job, with its run summary (``summary``: the --summary-file's
+    record, None when the job wrote none)."""
+
+    summary: dict | None = None
+
+
+def _summary_flags(args) -> tuple[list, Callable[[], dict | None]]:
+    """Flags that put the job's run summary where the test reads it: its own run directory
+    when it names one, else a file of its own (a test's own --summary-file comes later and wins)."""
+    run_dirs = [value for flag, value in zip(map(str, args), map(str, args[1:])) if flag == "--run-dir"]
+    if run_dirs and run_dirs[-1] != "none":
+        path = os.path.join(REPO, run_dirs[-1], "summary.json")
+        return [], lambda: _read_summary(path)
+    handle, path = tempfile.mkstemp(prefix="summary-", suffix=".json")
+    os.close(handle)
+    os.unlink(path)
+
+    def read():
+        try:
+            return _read_summary(path)
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+    return ["--summary-file", path], read
+
+
+def _read_summary(path) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def finished(command, returncode, stdout, stderr, read_summary) -> Training:
+    result = Training(command, returncode, stdout, stderr)
+    result.summary = read_summary()
+    return result
+
+
+def run_training(args, np_=None, framework="torch", launcher="mpirun", timeout=JOB_TIMEOUT) -> Training:
+    """Run an entry script (one process when ``np_`` is None) and read its run summary."""
+    summary_flags, read_summary = _summary_flags(args)
+    command = [*launch_command(np_, launcher), ENTRY[framework], *QUIET, *summary_flags, *map(str, args)]
+    try:
+        result = subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    except BaseException:
+        read_summary()
+        raise
+    return finished(command, result.returncode, result.stdout, result.stderr, read_summary)
 
 
 def first_epoch_after(log, marker):
@@ -67,10 +115,16 @@ def assert_ok(result):
     return result
 
 
-def final_accuracy(stdout):
-    lines = [line for line in stdout.splitlines() if "final test accuracy:" in line]
-    assert lines, stdout
-    return float(lines[-1].split("final test accuracy:")[1].split()[0])
+def completed(result: Training) -> dict:
+    """The run summary of a job that trained (or evaluated) to its end."""
+    assert_ok(result)
+    assert result.summary and result.summary["outcome"] == "completed", \
+        f"{result.summary}\n{result.stdout}\n{result.stderr}"
+    return result.summary
+
+
+def final_accuracy(result: Training) -> float:
+    return completed(result)["test_accuracy"]
 
 
 def relative_difference(a, b):
@@ -96,6 +150,12 @@ def checkpoint_path(directory, epoch, step=0):
     from common.model.checkpoint import checkpoint_path as path
 
     return pathlib.Path(path(str(directory), (epoch, step)))
+
+
+def resumed_after(directory, epochs_done, steps=0) -> dict:
+    """The run summary's record of a resume from the checkpoint after ``epochs_done`` (+ ``steps``)."""
+    return {"path": str(checkpoint_path(directory, epochs_done, steps)), "epochs_done": epochs_done,
+            "steps_into_next": steps}
 
 
 def _open(path, architecture):
@@ -126,7 +186,8 @@ def run_and_signal_one_rank(args, np_, framework, after_line, signal_number):
     one rank (the last one started), and wait for the job to end."""
     import psutil
 
-    command = [*launch_command(np_, "mpirun"), ENTRY[framework], *QUIET, *map(str, args)]
+    summary_flags, read_summary = _summary_flags(args)
+    command = [*launch_command(np_, "mpirun"), ENTRY[framework], *QUIET, *summary_flags, *map(str, args)]
     job = subprocess.Popen(command, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     seen = []
@@ -139,7 +200,7 @@ def run_and_signal_one_rank(args, np_, framework, after_line, signal_number):
     assert ranks, "no rank found to signal"
     max(ranks, key=lambda child: child.create_time()).send_signal(signal_number)
     stdout, stderr = job.communicate(timeout=JOB_TIMEOUT)
-    return subprocess.CompletedProcess(command, job.returncode, "".join(seen) + stdout, stderr)
+    return finished(command, job.returncode, "".join(seen) + stdout, stderr, read_summary)
 
 
 def kill_tree(job):

@@ -12,16 +12,9 @@ the operation hvd.DistributedGradientTape performs, which cannot accumulate.
 import tensorflow as tf
 
 from common.core.config import Amp
-from common.data.batches import Reads
 from common.model import weights
 from common.model.loss_scale import DynamicLossScale
-from common.parallel.data_parallel import (
-    apply_data_layout,
-    primary_shard,
-    read_on_primary,
-    run_elastic,
-    start_horovod_timeline,
-)
+from common.parallel.data_parallel import ReplicaRunner, apply_data_layout, run_elastic
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.horovod_glue import HorovodCollectives, average_batch_norm_statistics, init_horovod
 from train_tf.input import DeviceMeter, make_feed
@@ -85,11 +78,8 @@ def elastic_run(hvd):
     return decorate
 
 
-class DataParallelRunner:
+class DataParallelRunner(ReplicaRunner):
     framework = "tf"
-    checkpoint_shards = 1
-    layout = ()
-    reads = Reads(images=True, labels=True)  # every replica trains on its share of each batch
 
     def __init__(self, config, dataset, specs):
         hvd, self.threads, device = init_horovod(config)
@@ -99,13 +89,14 @@ class DataParallelRunner:
         self.collectives = HorovodCollectives(hvd)
         self.config, self.dataset = config, dataset
         self.keys = weights.expected_keys(specs, dataset.image_shape)
+        self.ranges = [(0, len(specs))]  # one piece: the whole model
         set_precision(config)
         self.model = build_model(specs, dataset.image_shape, config.seed)
         if config.sync_bn:  # Horovod: BatchNorm statistics of the global batch (allreduce has a gradient)
             set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum))
         self.variables = self.model.trainable_variables
         self.optimizer = Optimizer(self.variables, config)
-        self.loss_scale = DynamicLossScale(config.loss_scale) if config.amp == Amp.FP16 else None
+        self.loss_scale_state = DynamicLossScale(config.loss_scale) if config.amp == Amp.FP16 else None
         channels, height, width = dataset.image_shape
         image_spec = tf.TensorSpec([None, height, width, channels], tf.float32)
         label_spec = tf.TensorSpec([None], tf.int64)
@@ -117,9 +108,6 @@ class DataParallelRunner:
         compression = self.hvd.Compression.fp16 if config.fp16_allreduce else self.hvd.Compression.none
         self._allreduce_kwargs = {"op": self.hvd.Adasum if config.adasum else self.hvd.Sum,
                                   "compression": compression}
-
-    def start_timeline(self, path):
-        start_horovod_timeline(self.hvd, path)
 
     def _chunk_gradients_eager(self, images, labels, scale):
         with tf.GradientTape() as tape:
@@ -153,8 +141,8 @@ class DataParallelRunner:
         meter = DeviceMeter()
         batch = self.feed.arrive(batch)
         scale = 1.0 / max(1, batch.count) if self.config.adasum else 1.0 / global_count
-        if self.loss_scale:  # --amp fp16: scale the loss up so small gradients survive fp16
-            scale *= self.loss_scale.scale
+        if self.loss_scale_state:  # --amp fp16: scale the loss up so small gradients survive fp16
+            scale *= self.loss_scale_state.scale
         total = [tf.zeros_like(variable) for variable in self.variables]
         for chunk in batch.parts(self.config.accumulation_steps):
             if chunk.count == 0 and not self.config.sync_bn:
@@ -165,22 +153,19 @@ class DataParallelRunner:
             total = [a + b for a, b in zip(total, gradients)]
             meter.add(loss_sum, correct, chunk.count)
         reduced = self._allreduce_gradients(total)
-        if self.loss_scale:
+        if self.loss_scale_state:
             # Horovod: after the allreduce every rank sees the same overflow, so all skip alike.
-            reduced = [gradient / self.loss_scale.scale for gradient in reduced]
+            reduced = [gradient / self.loss_scale_state.scale for gradient in reduced]
             finite = bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(gradient)) for gradient in reduced]))
-            if not self.loss_scale.update(finite, self.primary):
+            if not self.loss_scale_state.update(finite, self.primary):
                 return meter.pending()
         self._apply(reduced)
         return meter.pending()
 
-    def share_batch_norm_statistics(self):
-        if self.world_size > 1 and not self.config.sync_bn:  # --sync-bn keeps them equal already
-            average_batch_norm_statistics(self.hvd, self.model)
+    def average_batch_norm_statistics(self):
+        average_batch_norm_statistics(self.hvd, self.model)
 
-    def evaluate(self, batches):
-        """Sums over this rank's slice of the test set (Horovod: each rank a slice)."""
-        self.share_batch_norm_statistics()
+    def evaluate_slice(self, batches):
         meter = DeviceMeter()
         for batch in batches:
             batch = self.feed.arrive(batch)
@@ -190,16 +175,20 @@ class DataParallelRunner:
             meter.add(loss_sum, correct, batch.count)
         return meter.pending()
 
-    def checkpoint_shard(self):
-        self.share_batch_norm_statistics()
-        return primary_shard(self.primary, lambda: neutral_state(self.model, self.dataset.image_shape,
-                                                                 self.optimizer))
+    def loss_scale(self):
+        return self.loss_scale_state
 
-    def load_state(self, open_checkpoint, with_optimizer):
-        state = read_on_primary(self.primary, open_checkpoint, self.keys,
-                                self.config.optimizer if with_optimizer else None)
-        if state is not None:
-            load_neutral_state(self.model, self.dataset.image_shape, self.optimizer, state)
+    def restore_loss_scale(self, state):
+        if self.loss_scale_state:
+            self.loss_scale_state = state
+
+    def neutral_state(self):
+        return neutral_state(self.model, self.dataset.image_shape, self.optimizer)
+
+    def load_neutral_state(self, state):
+        load_neutral_state(self.model, self.dataset.image_shape, self.optimizer, state)
+
+    def broadcast_from_primary(self):
         # Horovod: every rank starts from rank 0's variables.
         self.hvd.broadcast_variables(self.all_variables(), root_rank=0)
 

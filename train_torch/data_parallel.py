@@ -12,15 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from common.core.config import Amp
-from common.data.batches import Reads
 from common.model import weights
-from common.parallel.data_parallel import (
-    apply_data_layout,
-    primary_shard,
-    read_on_primary,
-    run_elastic,
-    start_horovod_timeline,
-)
+from common.parallel.data_parallel import ReplicaRunner, apply_data_layout, run_elastic
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
 from train_torch.device import pick_device
 from train_torch.horovod_glue import HorovodCollectives, average_batch_norm_statistics, init_horovod
@@ -58,11 +51,8 @@ def backward_pass(runner, images, labels, scale, meter):
     meter.add(loss_sum, (logits.argmax(1) == labels).sum(), len(labels))
 
 
-class DataParallelRunner:
+class DataParallelRunner(ReplicaRunner):
     framework = "torch"
-    checkpoint_shards = 1
-    layout = ()
-    reads = Reads(images=True, labels=True)  # every replica trains on its share of each batch
 
     def __init__(self, config, dataset, specs):
         self.hvd = init_horovod(config)
@@ -71,6 +61,7 @@ class DataParallelRunner:
         self.threads = torch.get_num_threads()
         self.config, self.dataset = config, dataset
         self.keys = weights.expected_keys(specs, dataset.image_shape)
+        self.ranges = [(0, len(specs))]  # one piece: the whole model
         self.device = pick_device(self.hvd.local_rank())  # Horovod: one GPU per local rank
         self.feed = make_feed(config, self.device, dataset, self.reads)
         self.model = build_model(specs, dataset.image_shape, config.seed).to(self.device,
@@ -79,9 +70,6 @@ class DataParallelRunner:
             set_batch_norm_reduction(self.model, lambda sums: self.hvd.allreduce(sums, op=self.hvd.Sum))
         self.optimizer = make_optimizer(self.model, config, self.hvd)
         self.scaler = LossScaler(config, self.device, self.primary) if config.amp == Amp.FP16 else None
-
-    def start_timeline(self, path):
-        start_horovod_timeline(self.hvd, path)
 
     def set_lr(self, value):
         for group in self.optimizer.param_groups:
@@ -105,14 +93,11 @@ class DataParallelRunner:
             self.optimizer.step()  # Horovod: waits for the allreduce of every gradient.
         return meter.pending()
 
-    def share_batch_norm_statistics(self):
-        if self.world_size > 1 and not self.config.sync_bn:  # --sync-bn keeps them equal already
-            average_batch_norm_statistics(self.hvd, self.model)
+    def average_batch_norm_statistics(self):
+        average_batch_norm_statistics(self.hvd, self.model)
 
     @torch.no_grad()
-    def evaluate(self, batches):
-        """Sums over this rank's slice of the test set (Horovod: each rank a slice)."""
-        self.share_batch_norm_statistics()
+    def evaluate_slice(self, batches):
         self.model.eval()
         meter = DeviceMeter(self.device)
         for batch in batches:
@@ -124,15 +109,20 @@ class DataParallelRunner:
                       len(labels))
         return meter.pending()
 
-    def checkpoint_shard(self):
-        self.share_batch_norm_statistics()
-        return primary_shard(self.primary, lambda: neutral_state(self.model, self.optimizer))
+    def loss_scale(self):
+        return self.scaler.state() if self.scaler else None
 
-    def load_state(self, open_checkpoint, with_optimizer):
-        state = read_on_primary(self.primary, open_checkpoint, self.keys,
-                                self.config.optimizer if with_optimizer else None)
-        if state is not None:
-            load_neutral_state(self.model, self.optimizer, state)
+    def restore_loss_scale(self, state):
+        if self.scaler:
+            self.scaler.restore(state)
+
+    def neutral_state(self):
+        return neutral_state(self.model, self.optimizer)
+
+    def load_neutral_state(self, state):
+        load_neutral_state(self.model, self.optimizer, state)
+
+    def broadcast_from_primary(self):
         # Horovod: every rank starts from rank 0's weights and optimizer state. The state
         # travels as arrays: hvd.broadcast_optimizer_state first takes a zero-gradient
         # step wherever the state is empty, which counts one Adam step too many and

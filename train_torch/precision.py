@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from common.core.config import Amp
-from common.model.loss_scale import BACKOFF, GROWTH, GROWTH_INTERVAL, report_skip
+from common.model.loss_scale import BACKOFF, GROWTH, GROWTH_INTERVAL, DynamicLossScale, report_skip
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,6 +38,13 @@ class LossScaler:
 
     def scale(self, loss):
         return self.scaler.scale(loss)
+
+    def state(self) -> DynamicLossScale:
+        return DynamicLossScale(self.scaler.get_scale(), int(self.scaler.state_dict().get("_growth_tracker", 0)))
+
+    def restore(self, state: DynamicLossScale) -> None:
+        self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": state.scale,
+                                     "_growth_tracker": state.clean_steps})
 
     def step(self, optimizer, synchronize):
         synchronize()

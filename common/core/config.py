@@ -161,6 +161,9 @@ class RunConfig:
     init_from: str = _flag("", "start from the weights of this checkpoint directory (ckpt-epochNNNN, "
                            "written by either framework in any mode); with --epochs 0 it only evaluates")
     metrics_file: str = _flag("", "append one JSON object per epoch to this file (default: RUN_DIR/metrics.jsonl)")
+    summary_file: str = _flag("", "write what the run did as one JSON object at its end: how it ended, the final "
+                              "test loss and accuracy, where it resumed from, where it stopped and what it saved, "
+                              "its layout and hosts (default: RUN_DIR/summary.json)")
     tensorboard: str = _flag("", "write TensorBoard events (losses, accuracy, LR, throughput, step time, data "
                              "wait, the configuration) to this directory (default: RUN_DIR): tensorboard --logdir runs")
     timeline: str = _flag("", "record what each rank does over a few steps into FILE (bare --timeline: "
@@ -221,8 +224,8 @@ GROUPS = {
     "training": ("epochs", "batch_size", "batch_size_per_rank", "steps_per_epoch", "seed"),
     "optimiser": ("optimizer", "lr", "lr_schedule", "warmup_epochs", "momentum", "weight_decay"),
     "precision": ("amp", "loss_scale"),
-    "outputs": ("run_dir", "checkpoint_dir", "keep_checkpoints", "resume", "init_from", "metrics_file", "tensorboard",
-                "timeline", "timeline_steps", "log_every", "progress", "keep_going_on_save_error"),
+    "outputs": ("run_dir", "checkpoint_dir", "keep_checkpoints", "resume", "init_from", "metrics_file", "summary_file",
+                "tensorboard", "timeline", "timeline_steps", "log_every", "progress", "keep_going_on_save_error"),
     "faults": ("allow_nonfinite", "connect_timeout"),
 }
 GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
@@ -324,10 +327,10 @@ def _validate_outputs(config: RunConfig) -> None:
     if config.init_from and not os.path.exists(config.init_from):
         raise UsageError(f"--init-from: {config.init_from} does not exist; pass a checkpoint directory "
                          "(ckpt-epochNNNN) from a --checkpoint-dir")
-    if config.metrics_file:
-        parent = os.path.dirname(os.path.abspath(config.metrics_file))
-        if not os.path.isdir(parent):
-            raise UsageError(f"--metrics-file: directory {parent} does not exist; create it first")
+    for flag, path in (("--metrics-file", config.metrics_file), ("--summary-file", config.summary_file)):
+        parent = os.path.dirname(os.path.abspath(path))
+        if path and not os.path.isdir(parent):
+            raise UsageError(f"{flag}: directory {parent} does not exist; create it first")
 
 
 def _validate_data(config: RunConfig) -> None:

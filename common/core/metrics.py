@@ -125,6 +125,25 @@ class JsonLinesWriter:
             os.close(handle)
 
 
+def last_epoch_recorded(path: str) -> int:
+    """The last epoch a metrics file holds a training record of (0: none, or no file). Lines
+    that do not parse (a file cut short by hand) are passed over."""
+    last = 0
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and not record.get("evaluation_only") and \
+                        isinstance(record.get("epoch"), int):
+                    last = max(last, record["epoch"])
+    except OSError:
+        return 0
+    return last
+
+
 @dataclass
 class EpochResult:
     """One epoch's training, over all ranks."""

@@ -23,6 +23,7 @@ from common.core.config import RunConfig
 from common.core.metrics import StepSums
 from common.data.batches import Batch, Feed, Reads
 from common.model.checkpoint import Checkpoint, NeutralState
+from common.model.loss_scale import DynamicLossScale
 from common.observe.timeline import Timeline
 from common.parallel.plan import ParallelPlan
 
@@ -76,6 +77,7 @@ class Runner(Protocol):
     data_shard: int                  # this rank's replica
     plan: ParallelPlan
     layout: Sequence[str]            # lines describing the placement, logged once
+    ranges: Sequence[tuple[int, int]]  # each model piece's layers [first, end), in model order
     collectives: Collectives
     checkpoint_shards: int           # how many shards this layout's checkpoints have
     timeline: Timeline               # --timeline's spans (enabled in model/hybrid/ps mode)
@@ -97,6 +99,12 @@ class Runner(Protocol):
     def load_state(self, open_checkpoint: OpenCheckpoint | None, with_optimizer: bool) -> None:
         """Collective: every rank takes its part of the checkpoint (None: keep the seed's
         weights, synchronised)."""
+
+    def loss_scale(self) -> DynamicLossScale | None:
+        """--amp fp16: the dynamic loss scale now (the same on every rank), for the checkpoint."""
+
+    def restore_loss_scale(self, state: DynamicLossScale) -> None:
+        """--amp fp16 on resume: go on at the scale the checkpoint recorded (on every rank)."""
 
     def start_timeline(self, path: str) -> None:
         """Collective, once the run directory has settled --timeline's path: begin recording

@@ -15,15 +15,16 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from common.core import lr, metrics
-from common.core.config import DatasetName, Mode, RunConfig, as_toml, parse_config
+from common.core import lr, metrics, summary
+from common.core.config import Amp, DatasetName, Mode, RunConfig, as_toml, parse_config
 from common.core.errors import RankUsageError, RunStopped, UsageError
 from common.core.progress import ProgressBar
 from common.core.runner import ElasticRunner, Runner
+from common.core.summary import MembershipChange, Outcome, Resumed, RunSummary, Stop
 from common.data import datasets
 from common.data.batches import Batch, BatchReader, Prefetcher
 from common.launch import hardware
@@ -34,8 +35,12 @@ from common.launch.placement import host_placement
 from common.launch.supervision import ContactDeadline, Supervision
 from common.model import checkpoint, networks, weights
 from common.model.checkpoint import Position
+from common.model.loss_scale import DynamicLossScale
 from common.observe import run_dir
 from common.parallel.plan import check_batch, check_stages
+
+if TYPE_CHECKING:
+    from common.observe.tensorboard import TensorBoardLog
 
 
 @dataclass(frozen=True)
@@ -134,8 +139,21 @@ class Trainer:
         self.expected_shapes = weights.expected_shapes(specs, dataset.image_shape)
         self.settle_run_directory()
         # Where each rank runs (elastic workers come and go: they have no start-up collective).
-        self.hosts = [] if config.elastic else self.collectives.allgather_object(socket.gethostname(), "hosts")
+        if not runner.reads.images:
+            dataset.stop_decoders()
+        places = [] if config.elastic else self.collectives.allgather_object(
+            (socket.gethostname(), dataset.decoder_workers), "hosts")
+        self.hosts = [host for host, _ in places]
+        self.decoders_by_rank = [workers for _, workers in places]
         loaded.contact.reached()
+        self.summary = RunSummary(runner.framework, runner.plan.mode, runner.world_size, runner.plan.dp,
+                                  runner.plan.pp, config.epochs, dataset.name, len(dataset.y_train),
+                                  len(dataset.y_test), list(dataset.image_shape),
+                                  [(first, end) for first, end in runner.ranges],
+                                  [runner.plan.stage_ranks(s) for s in range(runner.plan.pp)]
+                                  if runner.plan.pipelined else [],
+                                  summary.host_ranks(self.hosts), self.decoders_by_rank,
+                                  dataset.decode_on_device)
         runner.start_timeline(self.paths.timeline)
         self.stop = StopRequest()
         self.launcher_watch = supervision.start(self.stop.request)
@@ -148,11 +166,22 @@ class Trainer:
         self.test_reader = BatchReader(dataset.x_test, dataset.y_test, runner.reads, runner.feed,
                                        dataset.encoded_reader("test"))
         self.writer = metrics.JsonLinesWriter(self.paths.metrics_file if runner.primary else "")
+        # Epochs the metrics file and TensorBoard already hold: a run stopped after an epoch's
+        # record but before its checkpoint trains that epoch again on resume, and records it once.
+        self.recorded_through = 0
         self.progress = ProgressBar(False, 0, 0, 0)
-        self.tensorboard = None
-        if self.paths.tensorboard and runner.primary:
-            from common.observe.tensorboard import TensorBoardLog
-            self.tensorboard = TensorBoardLog(self.paths.tensorboard, run_dir.resolved(config, self.paths), sys.argv)
+        self.tensorboard: TensorBoardLog | None = None
+        if self.paths.tensorboard:  # every rank learns whether the primary could open it
+            self.on_primary_for_all(self._open_tensorboard, "tensorboard")
+
+    def _open_tensorboard(self) -> None:
+        from common.observe.tensorboard import TensorBoardLog
+        try:
+            self.tensorboard = TensorBoardLog(self.paths.tensorboard, run_dir.resolved(self.config, self.paths),
+                                              sys.argv)
+        except OSError as error:
+            raise UsageError(f"cannot write TensorBoard events to {self.paths.tensorboard} ({error.strerror}); "
+                             "choose a writable --tensorboard DIR (or --run-dir)") from None
 
     @property
     def rank_batch(self) -> int:
@@ -182,14 +211,13 @@ class Trainer:
         """Train and evaluate; the test (loss, accuracy), or None when stopped early."""
         self._log_start()
         try:
-            if self.config.elastic:  # data mode only (validate), whose runners are elastic
-                elastic = cast(ElasticRunner, self.runner)
-                return cast("metrics.Evaluation | None", elastic.run_elastic(self.restore, self.train_from))
-            test = self.train_from(self.restore())
-            if self.runner.timeline.enabled:
-                self.runner.timeline.at_step(-1)  # nothing after the run belongs to a step
-                self.runner.write_timeline()
+            test = self._train()
+            self.write_summary()
             return test
+        except RunStopped as error:
+            self.summary.outcome, self.summary.error = Outcome.FAILED, str(error)
+            self.write_summary()
+            raise
         finally:
             self.launcher_watch.close()
             self.progress.close()
@@ -197,12 +225,32 @@ class Trainer:
             if self.tensorboard:
                 self.tensorboard.close()
 
+    def _train(self) -> metrics.Evaluation | None:
+        if self.config.elastic:  # data mode only (validate), whose runners are elastic
+            elastic = cast(ElasticRunner, self.runner)
+            return cast("metrics.Evaluation | None", elastic.run_elastic(self.restore, self.train_from))
+        test = self.train_from(self.restore())
+        if self.runner.timeline.enabled:
+            self.runner.timeline.at_step(-1)  # nothing after the run belongs to a step
+            self.runner.write_timeline()
+        return test
+
+    def write_summary(self) -> None:
+        path = self.paths.summary_file
+        if path and self.runner.primary:
+            self.write_output("run summary", path, lambda: summary.write(path, self.summary), lambda: None)
+
     # --- the loop, top to bottom ----------------------------------------------------
 
     def train_from(self, start: Position, commit: Callable | None = None) -> metrics.Evaluation | None:
         """Epochs from ``start`` to the end. ``commit(epoch, step)``, if given, is told each
         position reached (elastic training keeps its recoverable state with it)."""
         start_epoch, start_step = start
+        self._note_position(start)
+        if self.runner.world_size != self.summary.world_size:  # elastic training: workers came or went
+            self.summary.membership_changes.append(MembershipChange(self.summary.world_size, self.runner.world_size,
+                                                                    start_epoch, start_step))
+            self.summary.world_size = self.runner.world_size
         test = None
         self.progress.close()  # elastic training starts over here after a reset
         self.progress = ProgressBar(self.config.progress and self.runner.primary, self.config.epochs, self.steps,
@@ -220,6 +268,7 @@ class Trainer:
                                                (epoch, self.steps - 1))
             test = self.evaluate()
             self.record(epoch, train, test)
+            self._note_position((epoch + 1, 0))
             path = self.save((epoch + 1, 0))
             if commit:
                 commit(epoch + 1, 0)
@@ -229,9 +278,14 @@ class Trainer:
         if test is None:
             test = self.evaluate()
             self.record_evaluation(start_epoch, test)
+        self.summary.outcome, self.summary.test_loss, self.summary.test_accuracy = (
+            Outcome.COMPLETED, test.loss, test.accuracy)
         if self.runner.primary:
             metrics.log(f"final test accuracy: {test.accuracy:.4f}  (test loss {test.loss:.4f})")
         return test
+
+    def _note_position(self, position: Position) -> None:
+        self.summary.epochs_done, self.summary.steps_into_next = position
 
     def train_epoch(self, epoch: int, first_step: int, commit: Callable | None = None) -> metrics.EpochResult:
         """Steps first_step.. of ``epoch``; stops early, every rank together, on a stop
@@ -305,6 +359,8 @@ class Trainer:
         every = self.config.log_every
         if not (self.paths.tensorboard and every and global_step % every == 0):
             return
+        if global_step <= self.recorded_through * self.steps:  # every rank knows: all take part or none
+            return
         loss_sum, _, count = self.collectives.allreduce_sums(np.asarray(sums, dtype=np.float64), "step_loss")
         board = self.tensorboard
         if board and count:
@@ -326,13 +382,16 @@ class Trainer:
         return metrics.Meter.results(self.collectives.allreduce_sums(sums, "eval_sums"))
 
     def record(self, epoch: int, train: metrics.EpochResult, test: metrics.Evaluation) -> None:
+        fresh = epoch + 1 > self.recorded_through
+        self.recorded_through = max(self.recorded_through, epoch + 1)  # on every rank (log_step_loss)
         if not self.runner.primary:
             return
         record = metrics.epoch_record(epoch + 1, train, test, self.runner.world_size, self.config,
                                       self.runner.framework)
         with self.progress.paused():
             metrics.log(metrics.format_epoch(record, self.config.epochs))
-        self._publish(record)
+        if fresh:
+            self._publish(record)
 
     def record_evaluation(self, epochs_done: int, test: metrics.Evaluation) -> None:
         if self.runner.primary:
@@ -378,10 +437,12 @@ class Trainer:
         self.report_stop(position, self.save(position))
 
     def report_stop(self, position: Position, path: str | None) -> None:
+        cause = self.stop.cause or "a signal to another rank"
+        self._note_position(position)
+        self.summary.outcome, self.summary.stop = Outcome.STOPPED, Stop(cause, position[0], position[1], path)
         if self.runner.primary:
             epoch, step = position
             where = f"after {step} steps of epoch {epoch + 1}" if step else f"after epoch {epoch}"
-            cause = self.stop.cause or "a signal to another rank"
             unsaved = "the save failed" if self.paths.checkpoint_dir else "no --checkpoint-dir"
             saved = f"saved {path}; continue with --resume" if path else f"nothing saved ({unsaved})"
             metrics.log(f"stopped by {cause} {where}; {saved}")
@@ -415,7 +476,8 @@ class Trainer:
         meta = checkpoint.make_meta(position, self.architecture, run_dir.resolved(self.config, self.paths),
                                     self.runner.checkpoint_shards, self.runner.framework,
                                     {"mode": self.runner.plan.mode, "pp": self.runner.plan.pp,
-                                     "dp": self.runner.plan.dp}, checkpoint.rng_state())
+                                     "dp": self.runner.plan.dp}, checkpoint.rng_state(),
+                                    loss_scale.record() if (loss_scale := self.runner.loss_scale()) else None)
         try:
             checkpoint.commit(temporary, path, meta, before_rename=lambda: self.faults.at(self.runner.rank, "save"))
         except OSError as error:
@@ -445,14 +507,19 @@ class Trainer:
         if self.paths.checkpoint_dir:
             self.on_primary_for_all(lambda: checkpoint.prepare_directory(self.paths.checkpoint_dir, config.resume),
                                     "checkpoint_dir")
-        path, start, rng = None, (0, 0), None
+        path, start, rng, scale = None, (0, 0), None, None
         if config.resume:
-            path, start, rng = self.on_primary_for_all(self._newest_valid, "resume")
+            path, start, rng, scale = self.on_primary_for_all(self._newest_valid, "resume")
+            self.recorded_through = self.on_primary_for_all(
+                lambda: metrics.last_epoch_recorded(self.paths.metrics_file) if self.paths.metrics_file else 0,
+                "recorded_through")
         elif config.init_from:
             path = config.init_from
             self.on_primary_for_all(lambda: self.open_checkpoint(path) and None, "init_from")  # checks it loads
         if rng:
             checkpoint.restore_rng(rng)
+        if (recorded := DynamicLossScale.from_record(scale)) and config.amp == Amp.FP16:
+            self.runner.restore_loss_scale(recorded)  # else a resumed run would start over at --loss-scale
         self.runner.load_state((lambda: self.open_checkpoint(path)) if path else None, with_optimizer=config.resume)
         return tuple(start)
 
@@ -472,11 +539,13 @@ class Trainer:
             except UsageError as error:
                 problems.append(str(error))
                 metrics.log(f"skipping {path}: it does not load")
+                self.summary.skipped_checkpoints.append(path)
                 continue
             epoch, step = opened.position
             where = f"{step} steps into epoch {epoch + 1}" if step else f"after epoch {epoch}"
             metrics.log(f"resumed from {path} ({where})")
-            return path, opened.position, opened.meta.get("rng")
+            self.summary.resumed = Resumed(path, epoch, step)
+            return path, opened.position, opened.meta.get("rng"), opened.meta.get("loss_scale")
         raise UsageError(problems[0] if len(problems) == 1 else
                          f"no checkpoint in {self.paths.checkpoint_dir} loads ({len(problems)} tried; "
                          f"newest: {problems[0]})")
@@ -505,7 +574,7 @@ class Trainer:
                     f"global batch {self.global_batch}, {self.steps} steps/epoch, {runner.threads} threads/rank "
                     f"({'--threads' if config.threads else read_cpu_share().threads()[1]})")
         if dataset.streamed:
-            workers = dataset.decoder_workers
+            workers = max(self.decoders_by_rank, default=dataset.decoder_workers)
             decoding = ("JPEGs decoded on the GPU (--decode gpu), other files by "
                         if dataset.decode_on_device else "")
             metrics.log(f"images streamed from disk: {decoding}{workers or 'no'} decoder "

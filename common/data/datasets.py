@@ -90,6 +90,13 @@ class Dataset:
             if isinstance(images, decoders.StreamedImages):
                 images.close()
 
+    def stop_decoders(self) -> None:
+        """On a rank that never reads images (a later pipeline stage, the parameter server):
+        its decoder processes, needed only for the start-up check of its share of the files."""
+        for images in (self.x_train, self.x_test):
+            if isinstance(images, decoders.StreamedImages):
+                images.stop_decoders()
+
 
 def load_dataset(config: RunConfig) -> Dataset:
     if config.dataset == DatasetName.DIGITS:

@@ -221,11 +221,15 @@ class StreamedImages:
     def close(self) -> None:
         """Stop the decoders, free the shared blocks and the pool's semaphores (a run ended
         by os._exit, as an aborted MPI job is, would leave them to the resource tracker)."""
+        self.stop_decoders()
+        self.blocks.close()
+
+    def stop_decoders(self) -> None:
+        """End the decoder processes (a request after this decodes in the rank itself)."""
         self._drop_pending()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
-        self.blocks.close()
 
     # -- internals --
 

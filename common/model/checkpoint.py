@@ -218,11 +218,13 @@ def abandon(temporary: str) -> None:
 
 
 def make_meta(position: Position, architecture: dict, config: dict, shards: int, framework: str,
-              layout: dict, rng: dict) -> dict:
+              layout: dict, rng: dict, loss_scale: dict | None = None) -> dict:
+    """``loss_scale``: --amp fp16's dynamic scale (common/model/loss_scale.DynamicLossScale.record)."""
     epoch, step = position
-    return {"format": FORMAT, "epoch": int(epoch), "step": int(step), "architecture": architecture,
+    meta = {"format": FORMAT, "epoch": int(epoch), "step": int(step), "architecture": architecture,
             "optimizer": config["optimizer"], "config": config, "shards": int(shards), "written_by": framework,
             "layout": layout, "rng": rng}
+    return {**meta, "loss_scale": loss_scale} if loss_scale else meta
 
 
 # --- reading ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ constants and the same log line.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from common.core import metrics
@@ -25,6 +26,21 @@ def report_skip(before: float, after: float) -> None:
 class DynamicLossScale:
     scale: float = 65536.0
     clean_steps: int = 0
+
+    def record(self) -> dict:
+        """What a checkpoint keeps (its meta), so that a resumed run goes on at this scale."""
+        return {"scale": float(self.scale), "clean_steps": int(self.clean_steps)}
+
+    @staticmethod
+    def from_record(record: object) -> DynamicLossScale | None:
+        """The scale a checkpoint recorded (None when it holds none or a malformed one)."""
+        if not isinstance(record, dict):
+            return None
+        scale, clean_steps = record.get("scale"), record.get("clean_steps")
+        if not isinstance(scale, (int, float)) or not isinstance(clean_steps, int) or \
+                not (math.isfinite(scale) and scale > 0 and clean_steps >= 0):
+            return None
+        return DynamicLossScale(float(scale), clean_steps)
 
     def update(self, finite: bool, primary: bool) -> bool:
         """After a step's gradients were checked: whether to apply them (the scale moves)."""

@@ -7,6 +7,7 @@ configuration).
         config.json         every flag as resolved, the world size, versions, the git commit
         config.toml         the settings as given: --config config.toml repeats the run
         metrics.jsonl       one record per epoch (--metrics-file)
+        summary.json        what the run did, written at its end (--summary-file)
         events.out.tfevents.*   TensorBoard (--tensorboard): tensorboard --logdir runs/
         checkpoints/        ckpt-epochNNNN (--checkpoint-dir)
         timeline.json       with a bare --timeline
@@ -36,7 +37,8 @@ from common.launch.supervision import ancestors, launcher_words
 NO_RUN_DIR = "none"
 DEFAULT_ROOT = "runs"
 TIMELINE_IN_RUN_DIR = "<run-dir>/timeline.json"   # what a bare --timeline means
-METRICS_NAME, CHECKPOINTS_NAME, TIMELINE_NAME = "metrics.jsonl", "checkpoints", "timeline.json"
+METRICS_NAME, SUMMARY_NAME = "metrics.jsonl", "summary.json"
+CHECKPOINTS_NAME, TIMELINE_NAME = "checkpoints", "timeline.json"
 CONFIG_NAME, COMMAND_NAME, TOML_NAME = "config.json", "command.sh", "config.toml"
 
 
@@ -78,6 +80,7 @@ class RunPaths:
     asked for): the flags' paths, or the run directory's places for those left unset."""
     run_dir: str
     metrics_file: str
+    summary_file: str
     tensorboard: str
     checkpoint_dir: str
     timeline: str
@@ -90,9 +93,10 @@ def place_outputs(config, directory: str | None) -> RunPaths:
         if config.timeline == TIMELINE_IN_RUN_DIR:
             raise UsageError("a bare --timeline writes into the run directory; with --run-dir none "
                              "name the file: --timeline FILE")
-        return RunPaths(config.run_dir, config.metrics_file, config.tensorboard, config.checkpoint_dir,
-                        config.timeline)
+        return RunPaths(config.run_dir, config.metrics_file, config.summary_file, config.tensorboard,
+                        config.checkpoint_dir, config.timeline)
     return RunPaths(run_dir=directory, metrics_file=config.metrics_file or os.path.join(directory, METRICS_NAME),
+                    summary_file=config.summary_file or os.path.join(directory, SUMMARY_NAME),
                     tensorboard=config.tensorboard or directory,
                     checkpoint_dir=config.checkpoint_dir or os.path.join(directory, CHECKPOINTS_NAME),
                     timeline=os.path.join(directory, TIMELINE_NAME) if config.timeline == TIMELINE_IN_RUN_DIR
@@ -154,13 +158,20 @@ def _write_whole(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
+HOROVODRUN_TYPED = "CNN_PARALLEL_HOROVODRUN"  # horovodrun's line as typed (common/install/build_horovod.sh)
+
+
 def launcher_command() -> list | None:
     """The command line of the outermost launcher (horovodrun, mpirun, srun) among this
-    process's ancestors, as typed; None when the rank was started some other way
-    (or the launcher runs on another host)."""
+    process's ancestors, as typed, without the program it launches; None when the rank was
+    started some other way (or the launcher runs on another host). horovodrun turns itself
+    into the mpirun line it expands to, but leaves the line it was typed as behind."""
     found = None
     for process in ancestors():
         found = launcher_words(list(process.words)) or found
+    typed = os.environ.get(HOROVODRUN_TYPED)
+    if found and typed:
+        return launcher_words(shlex.split(typed))
     return found
 
 

@@ -9,11 +9,14 @@ framework-neutral calls are used here.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from common.core import metrics
 from common.core.config import RunConfig
+from common.core.metrics import StepSums
 from common.core.runner import OpenCheckpoint
+from common.data.batches import Reads
 from common.model.checkpoint import NeutralState
 from common.observe.timeline import Timeline
 from common.parallel.plan import make_plan
@@ -42,17 +45,61 @@ def apply_data_layout(runner, hvd, config: RunConfig) -> None:
     runner.timeline = Timeline()  # the project's own spans are for pipelines; Horovod traces data mode
 
 
-def primary_shard(primary: bool, state: Callable[[], NeutralState]) -> tuple[int, NeutralState] | None:
-    """Every rank holds the whole model: rank 0 writes it as the only shard."""
-    return (0, state()) if primary else None
+class ReplicaRunner:
+    """The skeleton of both frameworks' Horovod data runners: every rank a replica of the whole
+    model, rank 0 the one that writes it (as the only checkpoint shard) and reads a checkpoint
+    (then broadcasts it), the replicas' BatchNorm running statistics averaged before every
+    evaluation and save. A framework's runner sets the attributes below (``apply_data_layout``
+    the place) and supplies the arithmetic: the methods that raise here."""
 
+    checkpoint_shards = 1
+    layout: Sequence[str] = ()
+    reads = Reads(images=True, labels=True)  # every replica trains on its share of each batch
+    config: RunConfig
+    hvd: Any                        # the framework's Horovod module
+    keys: dict                      # the whole model's tensor names and shapes
+    primary: bool
+    world_size: int
 
-def read_on_primary(primary: bool, open_checkpoint: OpenCheckpoint | None, keys,
-                    optimizer: str | None) -> NeutralState | None:
-    """The checkpoint's state on rank 0 (which then broadcasts it), None elsewhere."""
-    if not primary or open_checkpoint is None:
-        return None
-    return open_checkpoint().state(keys, optimizer)
+    def start_timeline(self, path: str) -> None:
+        start_horovod_timeline(self.hvd, path)
+
+    def evaluate(self, batches: Iterable) -> StepSums:
+        """Sums over this rank's slice of the test set (Horovod: each rank a slice)."""
+        self.share_batch_norm_statistics()
+        return self.evaluate_slice(batches)
+
+    def checkpoint_shard(self) -> tuple[int, NeutralState] | None:
+        self.share_batch_norm_statistics()
+        return (0, self.neutral_state()) if self.primary else None
+
+    def load_state(self, open_checkpoint: OpenCheckpoint | None, with_optimizer: bool) -> None:
+        if self.primary and open_checkpoint is not None:
+            self.load_neutral_state(open_checkpoint().state(self.keys,
+                                                            self.config.optimizer if with_optimizer else None))
+        self.broadcast_from_primary()
+
+    def share_batch_norm_statistics(self) -> None:
+        if self.world_size > 1 and not self.config.sync_bn:  # --sync-bn keeps them equal already
+            self.average_batch_norm_statistics()
+
+    # --- the framework's part ---------------------------------------------------------
+
+    def evaluate_slice(self, batches: Iterable) -> StepSums:
+        raise NotImplementedError
+
+    def neutral_state(self) -> NeutralState:
+        raise NotImplementedError
+
+    def load_neutral_state(self, state: NeutralState) -> None:
+        raise NotImplementedError
+
+    def broadcast_from_primary(self) -> None:
+        """Collective: every rank takes rank 0's model and optimizer state."""
+        raise NotImplementedError
+
+    def average_batch_norm_statistics(self) -> None:
+        raise NotImplementedError
 
 
 def run_elastic(runner, hvd, state, start: Callable[[], tuple], train_from: Callable, elastic_run: Callable):

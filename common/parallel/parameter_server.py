@@ -65,6 +65,7 @@ class ParameterServerRunner:
         # The whole model is one stage on every rank.
         self.stage = stage_factory(StagePlace(tuple(specs), dataset.image_shape, 0, len(specs), True, True,
                                               config, local_rank, self.feed))
+        self.ranges: Sequence[tuple[int, int]] = [(0, len(specs))]
         self.parameter_count = self.stage.parameter_vector().size  # the length of every message
         self.timeline = Timeline()
         self.layout: Sequence[str] = [f"parameter server: rank {SERVER} sums the gradients and updates "
@@ -143,6 +144,12 @@ class ParameterServerRunner:
             return None
         model = self.comm.recv(source=self.workers[0], tag=PARAMETER_TAG)
         return 0, NeutralState(model, self.stage.state().optimizer)
+
+    def loss_scale(self) -> None:
+        return None  # --amp fp16 is for data mode (config.validate)
+
+    def restore_loss_scale(self, state) -> None:
+        pass
 
     def load_state(self, open_checkpoint: OpenCheckpoint | None, with_optimizer: bool) -> None:
         """Every rank reads the whole model; the server also the optimizer state it keeps."""

@@ -72,7 +72,8 @@ class PipelineRunner:
         local_rank, self.threads = node_placement(self.comm, config)
         stage_factory.set_threads(self.threads, local_rank)
         costs = self._layer_costs(stage_factory)
-        self.ranges = plan.partition(costs, self.plan.pp, config.split, self.plan.chunks, config.microbatches)
+        self.ranges: Sequence[tuple[int, int]] = plan.partition(costs, self.plan.pp, config.split, self.plan.chunks,
+                                                                config.microbatches)
         virtual = [self.plan.virtual_stage(self.stage_index, chunk) for chunk in range(self.plan.chunks)]
         # The model's first piece reads the images, its last the labels.
         self.reads = Reads(images=0 in virtual, labels=self.plan.virtual_stages - 1 in virtual)
@@ -232,6 +233,12 @@ class PipelineRunner:
             return None  # replicas hold the same weights; replica 0's are saved
         return self.stage_index, NeutralState.union([piece.stage.state().shifted(piece.start)
                                                      for piece in self.pieces])
+
+    def loss_scale(self) -> None:
+        return None  # --amp fp16 is for data mode (config.validate)
+
+    def restore_loss_scale(self, state) -> None:
+        pass
 
     def load_state(self, open_checkpoint: OpenCheckpoint | None, with_optimizer: bool) -> None:
         if open_checkpoint is None:

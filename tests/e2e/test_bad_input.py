@@ -103,9 +103,12 @@ def test_wrong_architecture_checkpoint_is_refused_and_kept(tmp_path, framework, 
 @pytest.mark.parametrize("args,pattern", [
     (["--batch-size", "1"], "global batch 1 is smaller than the 2 ranks"),
     (["--resume", "--checkpoint-dir", "{tmp}"], "--resume: no checkpoint"),
+    (["--tensorboard", "{tmp}/a-file/tb"], "cannot write TensorBoard events to .*a-file/tb .Not a directory.; "
+                                           "choose a writable --tensorboard"),
 ])
 def test_bad_input_on_two_ranks_ends_the_job_with_one_line(tmp_path, framework, args, pattern):
     args = [arg.format(tmp=tmp_path) for arg in args]
+    (tmp_path / "a-file").write_text("")
     result = run_training(["--epochs", 1, *args], np_=2, framework=framework)
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stderr + result.stdout

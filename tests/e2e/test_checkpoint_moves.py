@@ -8,8 +8,10 @@ from tests.helpers import (
     assert_ok,
     checkpoint_path,
     checkpoint_weights,
+    completed,
     optimizer_arrays,
     relative_difference,
+    resumed_after,
     run_training,
 )
 
@@ -26,7 +28,7 @@ def resumed_epoch_by_epoch(directory, legs, extra):
         result = assert_ok(run_training([*STEPS, *extra, *layout, "--epochs", epoch, "--checkpoint-dir", directory,
                                          *resume], np_=np_, framework=framework))
         if epoch > 1:
-            assert f"resumed from {checkpoint_path(directory, epoch - 1)} (after epoch {epoch - 1})" in result.stdout
+            assert completed(result)["resumed"] == resumed_after(directory, epoch - 1)
     return checkpoint_path(directory, len(legs))
 
 

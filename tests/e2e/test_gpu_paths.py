@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 
 from tests.e2e.test_bad_input import assert_one_line_error
-from tests.helpers import PYTHON, REPO, assert_ok, checkpoint_path, checkpoint_weights, job_env, run_training
+from tests.helpers import (
+    PYTHON,
+    REPO,
+    assert_ok,
+    checkpoint_path,
+    checkpoint_weights,
+    completed,
+    job_env,
+    run_training,
+)
 
 CNN = {"model": "cnn", "input_shape": [3, 32, 32], "num_classes": 2}
 
@@ -40,7 +49,7 @@ def test_decoding_on_the_device_trains_on_the_crops_the_cpu_path_makes(tmp_path,
     on_cpu, cpu = trained(tmp_path, "cpu", folder(photos, "--decode", "cpu"))
     on_device, device = trained(tmp_path, "gpu", folder(photos, "--decode", "gpu"))
     assert "--decode gpu: JPEGs decoded by" in on_device.stdout and "--decode gpu" not in on_cpu.stdout
-    assert "JPEGs decoded on the GPU (--decode gpu)" in on_device.stdout
+    assert completed(on_device)["decode_on_device"] and not completed(on_cpu)["decode_on_device"]
     _, centred = trained(tmp_path, "centred", folder(photos, "--decode", "gpu", "--no-augment"))
     _, start = trained(tmp_path, "start", folder(photos, "--lr", 1e-12))  # the initial weights
     learned, apart = np.linalg.norm(cpu - start), np.linalg.norm(device - cpu)

@@ -6,6 +6,7 @@ real nodes are. Each run's log says where its ranks ran ("hosts: node1 ranks 0-1
 The hosts share this machine's 2 cores: --threads 1 everywhere.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -27,7 +28,6 @@ from tests.helpers import (
     assert_ok,
     checkpoint_path,
     checkpoint_weights,
-    first_epoch_after,
     job_env,
     kill_tree,
     local_hosts,
@@ -55,6 +55,13 @@ def train_command(framework, args):
     return [PYTHON, ENTRY[framework], *QUIET, *args]
 
 
+def completed_in(directory):
+    """The run summary a job that ran to its end wrote into ``directory``/summary.json."""
+    summary = json.loads((directory / "summary.json").read_text())
+    assert summary["outcome"] == "completed", summary
+    return summary
+
+
 def weights_after_one_epoch(directory):
     return checkpoint_weights(checkpoint_path(directory, 1), DIGITS_CNN)
 
@@ -72,30 +79,31 @@ def test_horovodrun_on_two_hosts_equals_one_process(hosts, tmp_path, framework):
     """4 ranks on 2 hosts, data mode, a 63-sample batch split 16/16/16/15, each share in two
     accumulated chunks, momentum: ≡ one process."""
     data = ["--batch-size", 63, "--accumulation-steps", 2]
-    args = [*data, "--checkpoint-dir", tmp_path / "hosts"]
+    args = [*data, "--checkpoint-dir", tmp_path / "hosts", "--summary-file", tmp_path / "summary.json"]
     result = assert_ok(run_on_node1(hosts, [HOROVODRUN, "-np", 4, "-H", "node1:2,node2:2",
                                             "--network-interface", "eth1",
                                             *train_command(framework, [*FEW_STEPS, *args])]))
-    assert "hosts: node1 ranks 0-1, node2 ranks 2-3" in result.stdout, result.stdout
+    assert completed_in(tmp_path)["hosts"] == {"node1": [0, 1], "node2": [2, 3]}, result.stdout
     assert_equals_one_process(tmp_path, framework, data, tmp_path / "hosts")
 
 
 @pytest.mark.parametrize("framework,layout,placement,expected", [
     # One stage per host: the activations and gradients cross the network.
     ("torch", ["--mode", "model", "--pp", 2, "--microbatches", 4, "--schedule", "gpipe"], ["-np", 2, "--npernode", 1],
-     ["hosts: node1 rank 0, node2 rank 1", "ranks [0]", "ranks [1]"]),
+     ({"node1": [0], "node2": [1]}, [[0], [1]])),
     # Each pipeline inside one host (ranks 0-1 and 2-3), each stage's replicas
     # (ranks 0,2 and 1,3) allreducing across the hosts.
     ("tf", ["--mode", "hybrid", "--pp", 2, "--dp", 2, "--microbatches", 2], ["-np", 4],
-     ["hosts: node1 ranks 0-1, node2 ranks 2-3", "ranks [0, 2]", "ranks [1, 3]"]),
+     ({"node1": [0, 1], "node2": [2, 3]}, [[0, 2], [1, 3]])),
 ])
 def test_mpirun_hostfile_pipelines_equal_one_process(hosts, tmp_path, framework, layout, placement, expected):
-    args = [*layout, "--batch-size", 64, "--checkpoint-dir", tmp_path / "hosts"]
+    args = [*layout, "--batch-size", 64, "--checkpoint-dir", tmp_path / "hosts", "--summary-file",
+            tmp_path / "summary.json"]
     result = assert_ok(run_on_node1(hosts, ["mpirun", "--hostfile", hosts / "hostfile", *placement,
                                             "--bind-to", "none", *MPIRUN_NETWORK, *MPIRUN_ENV,
                                             *train_command(framework, [*FEW_STEPS, *args])]))
-    for line in expected:
-        assert line in result.stdout, result.stdout
+    summary = completed_in(tmp_path)
+    assert (summary["hosts"], summary["stage_ranks"]) == expected, result.stdout
     assert_equals_one_process(tmp_path, framework, ["--batch-size", 64], tmp_path / "hosts")
 
 
@@ -161,7 +169,7 @@ def test_elastic_tensorflow_loses_a_host_rolls_back_and_takes_it_back(hosts, tmp
         "--host-discovery-script", os.path.join(REPO, "common", "launch", "discover_hosts.sh"),
         "--blacklist-cooldown-range", 2, 3,
         PYTHON, ENTRY["tf"], "--elastic", "--elastic-commit-steps", 5, *QUIET,
-        "--checkpoint-dir", tmp_path / "elastic", *ELASTIC_ARGS])
+        "--checkpoint-dir", tmp_path / "elastic", "--summary-file", tmp_path / "summary.json", *ELASTIC_ARGS])
     env = dict(job_env(), HOSTS_FILE=str(hosts_file), HOROVOD_GLOO_TIMEOUT_SECONDS="20")
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watchdog = threading.Timer(JOB_TIMEOUT, kill_tree, [job])  # a hang fails the test, not CI
@@ -176,12 +184,13 @@ def test_elastic_tensorflow_loses_a_host_rolls_back_and_takes_it_back(hosts, tmp
         watchdog.cancel()
         kill_tree(job)
     assert job.returncode == 0, log
-    assert re.search(r"elastic: 3 -> 2 workers; continuing at epoch \d+, step \d+", log), log
-    assert "elastic: 2 -> 3 workers" in log, log
-    assert f"epoch {ELASTIC_EPOCHS}/{ELASTIC_EPOCHS}" in log
+    summary = completed_in(tmp_path)
+    assert summary["epochs_done"] == ELASTIC_EPOCHS, log
+    shrink, grow = summary["membership_changes"]
+    assert (shrink["before"], shrink["after"], grow["before"], grow["after"]) == (3, 2, 2, 3), log
 
     assert_ok(run_training([*ELASTIC_ARGS, "--checkpoint-dir", tmp_path / "straight"], framework="tf"))
-    recovered = first_epoch_after(log, "elastic: 3 -> 2 workers")
+    recovered = shrink["epochs_done"] + 1
     straight = checkpoint_weights(checkpoint_path(tmp_path / "straight", recovered))
     elastic = checkpoint_weights(checkpoint_path(tmp_path / "elastic", recovered))
     for key, value in straight.items():

@@ -127,7 +127,8 @@ def test_a_run_directory_collects_one_run_and_repeats_it(tmp_path):
     [name] = [entry.name for entry in (tmp_path / "runs").iterdir()]
     assert re.fullmatch(r"\d{8}-\d{6}-torch-model", name) and f"run directory: runs/{name}" in first.stdout
     run = tmp_path / "runs" / name
-    assert {"command.sh", "config.json", "metrics.jsonl", "timeline.json"} <= {entry.name for entry in run.iterdir()}
+    assert {"command.sh", "config.json", "metrics.jsonl", "summary.json", "timeline.json"} <= \
+        {entry.name for entry in run.iterdir()}
     assert (checkpoint_path(run / "checkpoints", 2) / "COMPLETE").exists()
     assert set(read_events(run).Tags()["scalars"]) >= set(EPOCH_TAGS.values())
     config = json.loads((run / "config.json").read_text())
@@ -146,7 +147,9 @@ def test_a_run_directory_collects_one_run_and_repeats_it(tmp_path):
     resumed = subprocess.run([*launch_command(2, "mpirun"), ENTRY["torch"], *map(str, args), "--epochs", "3",
                               "--resume", "--run-dir", f"runs/{name}"], cwd=tmp_path, env=job_env(),
                              capture_output=True, text=True, timeout=300)
-    assert f"resumed from runs/{name}/checkpoints/ckpt-epoch0002" in assert_ok(resumed).stdout
+    assert_ok(resumed)
+    summary = json.loads((run / "summary.json").read_text())  # this start's
+    assert summary["resumed"]["path"] == f"runs/{name}/checkpoints/ckpt-epoch0002" and summary["epochs_done"] == 3
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert (run / "command.sh").read_text().count("main.py") == 2  # each start of the run, in order
     assert (tmp_path / "runs").exists() and len(list((tmp_path / "runs").iterdir())) == 1

@@ -2,6 +2,7 @@
 that are Ray actors (horovod.ray.RayExecutor over Gloo), on a Ray instance it starts here
 (2 CPUs, no dashboard, usage statistics off)."""
 
+import json
 import subprocess
 
 from tests.helpers import (
@@ -24,10 +25,11 @@ def test_two_ray_workers_equal_one_process(tmp_path):
     """63 samples split 32/31 over two Ray workers: ≡ one process (without Horovod's
     allreduce between the actors each would step on its own half)."""
     command = [PYTHON, "-m", "common.launch.ray", "-np", "2", "train_torch/main.py", *QUIET,
-               *map(str, ARGS), "--checkpoint-dir", str(tmp_path / "ray")]
+               *map(str, ARGS), "--checkpoint-dir", str(tmp_path / "ray"), "--summary-file", str(tmp_path / "s.json")]
     result = assert_ok(subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True,
                                       timeout=300))
-    assert "data parallel on 2 rank(s)" in result.stdout, result.stdout
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert (summary["outcome"], summary["mode"], summary["world_size"]) == ("completed", "data", 2), result.stdout
     assert_ok(run_training([*ARGS, "--checkpoint-dir", tmp_path / "single"]))
     single = checkpoint_weights(checkpoint_path(tmp_path / "single", 1), DIGITS_CNN)
     on_ray = checkpoint_weights(checkpoint_path(tmp_path / "ray", 1), DIGITS_CNN)

@@ -8,6 +8,7 @@ on two nodes, over the hosts' cluster interface (NETWORK_INTERFACE=eth1). Job st
 are polled with scontrol (sbatch --wait's back-off adds up to 30 s per job).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -67,6 +68,11 @@ def wait_for(condition, what, limit=JOB_LIMIT):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def run_summary(cluster, job_name):
+    """The run summary of the job's run directory (slurm/job.sh: RUN_ROOT/<job name>)."""
+    return json.loads((cluster[0] / "runs" / job_name / "summary.json").read_text())
+
+
 def finished(env, job):
     return job_field(env, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 
@@ -78,8 +84,9 @@ def test_cpu_template_trains(cluster, launcher):
     wait_for(lambda: finished(env, job), f"job {job}")
     log = output.read_text()
     assert job_field(env, job, "JobState") == "COMPLETED" and job_field(env, job, "ExitCode") == "0:0", log
-    assert "final test accuracy" in log and "x 4)" in log, log  # four ranks trained together
-    assert "hosts: node1 ranks 0-1, node2 ranks 2-3" in log, log  # on both nodes
+    summary = run_summary(cluster, f"test-{launcher}")
+    assert (summary["outcome"], summary["world_size"]) == ("completed", 4), log  # four ranks trained together
+    assert summary["hosts"] == {"node1": [0, 1], "node2": [2, 3]}, log  # on both nodes
 
 
 def test_preempted_job_checkpoints_requeues_and_finishes(cluster):
@@ -98,9 +105,14 @@ def test_preempted_job_checkpoints_requeues_and_finishes(cluster):
     log = output.read_text()
     assert job_field(env, job, "JobState") == "COMPLETED" and job_field(env, job, "ExitCode") == "0:0", log
     assert re.search(r"stopped by SIGUSR1 after \d+ steps of epoch [23]; saved .*ckpt-epoch", log), log
-    assert "requeueing job" in log and "restart 1" in log and "resumed from" in log, log
-    assert log.count("epoch 3/3") == 1 and "final test accuracy" in log, log
-    assert log.count("hosts: node1 ranks 0-1, node2 ranks 2-3") == 2, log  # both runs on both nodes
+    assert "requeueing job" in log and "restart 1" in log, log
+    summary = run_summary(cluster, "test-preempt")  # the requeued run's
+    assert summary["outcome"] == "completed" and summary["epochs_done"] == 3, log
+    assert summary["resumed"]["steps_into_next"] > 0, log  # from the checkpoint the stop saved mid-epoch
+    assert summary["hosts"] == {"node1": [0, 1], "node2": [2, 3]}, log  # on both nodes
+    assert log.count("hosts: node1 ranks 0-1, node2 ranks 2-3") == 2, log  # and so was the first run
+    metrics = (cluster[0] / "runs" / "test-preempt" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in metrics] == [1, 2, 3], log  # no epoch twice
     checkpoints = cluster[0] / "runs" / "test-preempt" / "checkpoints"
     assert (checkpoints / "ckpt-epoch0003" / "COMPLETE").exists()
 

@@ -2,7 +2,6 @@
 boundary with a checkpoint and exit 0; resuming ends where an uninterrupted
 run ends."""
 
-import re
 import signal
 
 import pytest
@@ -11,7 +10,9 @@ from tests.helpers import (
     assert_ok,
     checkpoint_path,
     checkpoint_weights,
+    completed,
     relative_difference,
+    resumed_after,
     run_and_signal_one_rank,
     run_training,
 )
@@ -33,14 +34,18 @@ def test_signal_checkpoint_resume_equals_uninterrupted(tmp_path, framework, layo
 
     first = assert_ok(run_and_signal_one_rank([*ARGS, *layout, "--checkpoint-dir", stopped], np_, framework,
                                               "epoch 1/3", signal_number))
-    assert "stopped by" in first.stdout and "continue with --resume" in first.stdout, first.stdout
-    assert "final test accuracy" not in first.stdout
+    stop = first.summary["stop"]
+    assert first.summary["outcome"] == "stopped" and first.summary["test_accuracy"] is None, first.stdout
+    assert stop["cause"] in (signal.Signals(signal_number).name, "a signal to another rank"), stop
+    assert stop["epochs_done"] == 1 and stop["steps_into_next"] > 0, stop  # mid-epoch 2
+    assert stop["checkpoint"] == str(checkpoint_path(stopped, 1, stop["steps_into_next"]))
+    assert "continue with --resume" in first.stdout, first.stdout  # the log tells the user how to go on
     resumed = assert_ok(run_training([*ARGS, *layout, "--checkpoint-dir", stopped, "--resume"], np_=np_,
                                      framework=framework))
     # It resumes from the mid-epoch checkpoint the stop wrote, not from the end of epoch 1.
-    assert re.search(r"resumed from \S+/ckpt-epoch0001-step\d{6} \(\d+ steps into epoch 2\)", resumed.stdout), \
-        resumed.stdout
-    assert "epoch 3/3" in resumed.stdout and "epoch 1/3" not in resumed.stdout
+    summary = completed(resumed)
+    assert summary["resumed"] == resumed_after(stopped, 1, stop["steps_into_next"])
+    assert summary["epochs_done"] == 3
 
     expected = checkpoint_weights(checkpoint_path(straight, 3), SYNTHETIC)
     actual = checkpoint_weights(checkpoint_path(stopped, 3), SYNTHETIC)

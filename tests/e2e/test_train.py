@@ -9,6 +9,7 @@ from tests.helpers import (
     assert_ok,
     checkpoint_path,
     checkpoint_weights,
+    completed,
     final_accuracy,
     optimizer_arrays,
     relative_difference,
@@ -24,8 +25,9 @@ OTHER = {"torch": "tf", "tf": "torch"}
 def test_two_ranks_learn_digits_and_the_other_framework_agrees(tmp_path, framework):
     metrics_file = tmp_path / "metrics.jsonl"
     result = assert_ok(run_training(["--epochs", 10, "--metrics-file", metrics_file, "--checkpoint-dir",
-                                     tmp_path / "run"], np_=2, launcher="horovodrun", framework=framework))
-    accuracy = final_accuracy(result.stdout)
+                                     tmp_path / "run", "--run-dir", tmp_path / "rd"], np_=2, launcher="horovodrun",
+                                    framework=framework))
+    accuracy = final_accuracy(result)
     assert accuracy >= 0.95
     epoch_line = next(line for line in result.stdout.splitlines() if "img/s" in line)
     assert "/rank x 2" in epoch_line  # throughput per rank and in total
@@ -34,11 +36,15 @@ def test_two_ranks_learn_digits_and_the_other_framework_agrees(tmp_path, framewo
     assert METRIC_KEYS <= set(records[-1])
     assert (records[-1]["world_size"], records[-1]["mode"]) == (2, "data")
     assert records[-1]["framework"] == framework
+    # command.sh repeats the launch as typed: horovodrun's line, not the mpirun line it became.
+    *_, comment, _, command = (tmp_path / "rd" / "command.sh").read_text().splitlines()
+    assert comment.endswith("launched by horovodrun") and command.startswith("horovodrun -np 2 "), command
+    assert " -x " not in command and command.count("main.py") == 1, command
 
     # The trained model, evaluated by the other framework, scores the same.
     evaluated = assert_ok(run_training(["--epochs", 0, "--init-from", checkpoint_path(tmp_path / "run", 10)],
                                        framework=OTHER[framework]))
-    assert abs(final_accuracy(evaluated.stdout) - accuracy) <= 0.001
+    assert abs(final_accuracy(evaluated) - accuracy) <= 0.001
 
 
 @pytest.mark.parametrize("framework", ["torch"])  # TensorFlow resumes in test_stop_resume and the moves
@@ -50,8 +56,10 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, framework):
                            framework=framework))
     resumed = assert_ok(run_training([*args, "--epochs", 3, "--checkpoint-dir", tmp_path / "split", "--resume"],
                                      np_=2, framework=framework))
-    assert "resumed from" in resumed.stdout and checkpoint_path(tmp_path / "split", 2).name in resumed.stdout
-    assert "epoch 1/3" not in resumed.stdout and "epoch 3/3" in resumed.stdout
+    summary = completed(resumed)
+    assert summary["resumed"] == {"path": str(checkpoint_path(tmp_path / "split", 2)), "epochs_done": 2,
+                                  "steps_into_next": 0}
+    assert summary["epochs_done"] == 3
 
     architecture = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
     straight_path = checkpoint_path(tmp_path / "straight", 3)

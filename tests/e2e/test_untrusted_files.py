@@ -10,7 +10,7 @@ import pickle
 import pytest
 
 from tests.e2e.test_bad_input import assert_one_line_error
-from tests.helpers import FRAMEWORKS, assert_ok, run_training
+from tests.helpers import FRAMEWORKS, assert_ok, completed, resumed_after, run_training
 from tests.unit.test_data import write_cifar_dir
 
 
@@ -94,6 +94,7 @@ def test_a_crafted_file_among_good_checkpoints_is_skipped_on_resume(tmp_path, fr
     (newest / "shard-000.safetensors").write_bytes(payload(marker))
     resumed = assert_ok(run_training(["--epochs", 3, "--steps-per-epoch", 1, "--checkpoint-dir", tmp_path,
                                       "--resume"], framework=framework))
-    assert f"skipping {newest}: it does not load" in resumed.stdout
-    assert f"resumed from {tmp_path / 'ckpt-epoch0001'}" in resumed.stdout
+    summary = completed(resumed)
+    assert summary["skipped_checkpoints"] == [str(newest)]
+    assert summary["resumed"] == resumed_after(tmp_path, 1)
     assert not marker.exists()

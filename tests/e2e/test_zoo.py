@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.helpers import assert_ok, checkpoint_path, relative_difference, run_training
+from tests.helpers import assert_ok, checkpoint_path, completed, relative_difference, run_training
 
 SMALL = ["--dataset", "synthetic", "--synthetic-samples", 32, "--batch-size", 8, "--epochs", 1,
          "--steps-per-epoch", 2]
@@ -51,9 +51,5 @@ def test_zoo_checkpoint_crosses_frameworks_and_modes(tmp_path):
     tf_run = assert_ok(run_training([*network, "--epochs", 0, "--mode", "model", "--pp", 2,
                                      "--init-from", checkpoint_path(directory, 1)],
                                     np_=2, framework="tf"))
-
-    def test_loss(stdout):
-        return float(stdout.split("final test accuracy:")[1].split("test loss")[1].split(")")[0])
-
     # Evaluation runs in float32 in TF (no --amp), bf16 in torch: bf16's tolerance.
-    assert relative_difference(test_loss(tf_run.stdout), test_loss(torch_run.stdout)) <= 2e-2
+    assert relative_difference(completed(tf_run)["test_loss"], completed(torch_run)["test_loss"]) <= 2e-2

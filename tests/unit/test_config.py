@@ -44,6 +44,7 @@ def test_flags_parse_into_the_config():
     (["--mode", "ps", "--microbatches", "4"], "--microbatches does not apply to --mode ps"),
     (["--elastic-commit-steps", "0"], "--elastic-commit-steps must be at least 1"),
     (["--metrics-file", "/nonexistent/dir/m.jsonl"], "does not exist"),
+    (["--summary-file", "/nonexistent/dir/s.json"], "--summary-file: directory /nonexistent/dir does not exist"),
     (["--mode", "model", "--pp", "2", "--schedule", "interleaved", "--microbatches", "3"],
      "rounds of --pp 2; use --microbatches a multiple of 2 .got 3., e.g. 4"),
     (["--mode", "model", "--pp", "2", "--schedule", "interleaved", "--microbatches", "4", "--virtual-stages", "1"],

@@ -31,3 +31,12 @@ def test_same_scale_and_skips_as_torch_grad_scaler():
         applied = ours.update(not overflow, primary=False)
         assert applied == (not torch.equal(parameter.detach(), before))
         assert ours.scale == scaler.get_scale()
+
+
+def test_the_recorded_scale_round_trips_and_a_malformed_record_is_none():
+    kept = DynamicLossScale(1024.0, 7)
+    assert DynamicLossScale.from_record(kept.record()) == kept
+    for malformed in (None, [], {"scale": "big", "clean_steps": 1}, {"scale": -1.0, "clean_steps": 0},
+                      {"scale": 8.0}, {"scale": float("nan"), "clean_steps": 0},
+                      {"scale": float("inf"), "clean_steps": 0}, {"scale": 8.0, "clean_steps": -1}):
+        assert DynamicLossScale.from_record(malformed) is None, malformed

@@ -24,8 +24,9 @@ def test_by_default_every_output_goes_into_a_new_directory_named_by_time_framewo
     assert (first, second) == ("runs/20261127-195501-tf-model", "runs/20261127-195501-tf-model-2")
     assert os.path.isdir(first) and os.path.isdir(second)
     paths = run_dir.place_outputs(config, first)
-    assert (paths.run_dir, paths.metrics_file, paths.tensorboard, paths.checkpoint_dir, paths.timeline) == (
-        first, f"{first}/metrics.jsonl", first, f"{first}/checkpoints", f"{first}/timeline.json")
+    assert (paths.run_dir, paths.metrics_file, paths.summary_file, paths.tensorboard, paths.checkpoint_dir,
+            paths.timeline) == (first, f"{first}/metrics.jsonl", f"{first}/summary.json", first,
+                                f"{first}/checkpoints", f"{first}/timeline.json")
     assert config.run_dir == "" and config.timeline == run_dir.TIMELINE_IN_RUN_DIR  # the settings stay as given
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.run_dir = first  # type: ignore[misc]
@@ -41,7 +42,7 @@ def test_flags_that_name_a_place_keep_it_and_none_writes_only_what_they_ask(tmp_
     nothing = parse_config(["--run-dir", "none"])
     assert run_dir.claim(nothing, "torch") is None
     nowhere = run_dir.place_outputs(nothing, None)
-    assert (nowhere.metrics_file, nowhere.tensorboard, nowhere.checkpoint_dir) == ("", "", "")
+    assert (nowhere.metrics_file, nowhere.summary_file, nowhere.tensorboard, nowhere.checkpoint_dir) == ("",) * 4
     with pytest.raises(UsageError, match="bare --timeline writes into the run directory"):
         run_dir.place_outputs(parse_config(["--run-dir", "none", "--timeline"]), None)
 
