@@ -57,6 +57,13 @@ def expected_keys(specs: Sequence[networks.Spec], input_shape: tuple) -> list[st
     return list(expected_shapes(specs, input_shape))
 
 
+BN_STATISTICS = ("bn.mean", "bn.var")  # the keys' endings of BatchNorm's running statistics
+
+
+def is_batch_norm_statistic(key: str) -> bool:
+    return key.endswith(BN_STATISTICS)
+
+
 def layer_keys(keys: Iterable[str], start: int, end: int) -> list[str]:
     """The keys of layers start..end-1 among a whole model's ``keys``."""
     return [key for key in keys if start <= _layer_index(key) < end]

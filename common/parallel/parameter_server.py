@@ -66,6 +66,8 @@ class ParameterServerRunner:
         self.stage = stage_factory(StagePlace(tuple(specs), dataset.image_shape, 0, len(specs), True, True,
                                               config, local_rank, self.feed))
         self.ranges: Sequence[tuple[int, int]] = [(0, len(specs))]
+        # The workers alone, to average their BatchNorm running statistics (COMM_NULL on the server).
+        self.worker_comm = self.comm.Split(MPI.UNDEFINED if self.server else 0, self.rank)
         self.parameter_count = self.stage.parameter_vector().size  # the length of every message
         self.timeline = Timeline()
         self.layout: Sequence[str] = [f"parameter server: rank {SERVER} sums the gradients and updates "
@@ -128,7 +130,28 @@ class ParameterServerRunner:
                                  for worker in self.workers])
         return metrics.Meter().sums
 
+    def share_batch_norm_statistics(self) -> None:
+        """The workers' BatchNorm running statistics replaced by their mean, before every
+        evaluation and save, as data mode's replicas do: each worker tracked its own share of
+        every batch, and the mean is what one process would have tracked over the whole."""
+        if self.server or len(self.workers) < 2:
+            return
+        state = self.stage.state()
+        keys = sorted(key for key in state.weights if weights.is_batch_norm_statistic(key))
+        if not keys:
+            return
+        local = np.concatenate([state.weights[key].ravel() for key in keys]).astype(np.float64)
+        total = np.empty_like(local)
+        self.worker_comm.Allreduce(local, total)  # MPI: the sum over the workers
+        mean, offset = total / len(self.workers), 0
+        for key in keys:
+            size = state.weights[key].size
+            state.weights[key] = mean[offset:offset + size].reshape(state.weights[key].shape).astype(np.float32)
+            offset += size
+        self.stage.load_state(NeutralState(state.weights, {}))
+
     def evaluate(self, batches) -> np.ndarray:
+        self.share_batch_norm_statistics()
         meter = metrics.Meter()
         for batch in batches:
             if not self.server:  # the server reads no data: its batches are empty of it
@@ -137,7 +160,9 @@ class ParameterServerRunner:
         return meter.sums
 
     def checkpoint_shard(self) -> tuple[int, NeutralState] | None:
-        """The server writes its optimizer state with worker 1's model (its BatchNorm statistics included)."""
+        """The server writes its optimizer state with worker 1's model (the workers' mean
+        BatchNorm statistics included)."""
+        self.share_batch_norm_statistics()
         if self.rank == self.workers[0]:
             self.comm.send(self.stage.state().weights, dest=SERVER, tag=PARAMETER_TAG)
         if not self.server:

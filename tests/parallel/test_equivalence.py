@@ -24,6 +24,7 @@ from tests.helpers import (
 )
 
 TOLERANCE = 1e-6
+RESNET8 = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
 CASES = {
     # Real images streamed from a folder with random-resized crops and flips: each
     # sample's draw depends on (seed, epoch, index) only, not on the rank reading it.
@@ -78,4 +79,23 @@ def test_parameter_server_step_equals_one_process(tmp_path, framework):
         assert_ok(run_training([*args, *layout, "--checkpoint-dir", directory], np_=np_, framework=framework))
         results[name] = checkpoint_weights(checkpoint_path(directory, 1))
     for name, value in results["single"].items():
+        assert relative_difference(results["ps"][name], value) <= TOLERANCE, name
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_parameter_server_averages_batch_norm_statistics_as_data_mode_does(tmp_path, framework):
+    """ResNet-8 (BatchNorm without --sync-bn) after three steps: --mode ps on 3 ranks (2 workers)
+    ≡ data mode on 2 ranks, running statistics included. Each worker tracks the statistics of
+    its own half of every batch; without their mean the server would save worker 1's, which
+    differ from the mean by about 1e-2."""
+    args = ["--model", "resnet8", "--epochs", 1, "--steps-per-epoch", 3, "--lr", 0.1, "--momentum", 0.9,
+            "--batch-size", 64]
+    results = {}
+    for name, layout, np_ in (("data", [], 2), ("ps", ["--mode", "ps"], 3)):
+        directory = tmp_path / name
+        assert_ok(run_training([*args, *layout, "--checkpoint-dir", directory], np_=np_, framework=framework))
+        results[name] = checkpoint_weights(checkpoint_path(directory, 1), RESNET8)
+    statistics = [key for key in results["data"] if key.endswith(("bn.mean", "bn.var"))]
+    assert statistics
+    for name, value in results["data"].items():
         assert relative_difference(results["ps"][name], value) <= TOLERANCE, name
