@@ -128,12 +128,24 @@ class DataParallelRunner(ReplicaRunner):
         # step wherever the state is empty, which counts one Adam step too many and
         # applies weight decay once (the run would no longer equal one process's).
         self.hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        self.broadcast_optimizer_slots()
+
+    def broadcast_optimizer_slots(self):
         slots = self.collectives.broadcast_object(
             optimizer_slots(self.model, self.optimizer) if self.primary else None, "optimizer_state")
         if not self.primary:
             load_optimizer_state(self.model, self.optimizer, slots)
 
     def run_elastic(self, start, train_from):
-        """Horovod elastic (common/parallel/data_parallel.run_elastic) over Horovod's PyTorch state."""
+        """Horovod elastic (common/parallel/data_parallel.run_elastic) over Horovod's PyTorch state,
+        whose optimizer handler syncs the state as arrays too (see broadcast_from_primary): its own
+        sync, at every (re)start of the elastic loop, would take that extra zero-gradient step."""
+        from horovod.torch.elastic.state import OptimizerStateHandler
+
+        class OptimizerSlotsHandler(OptimizerStateHandler):
+            def sync(handler):
+                self.broadcast_optimizer_slots()
+
         state = self.hvd.elastic.TorchState(self.model, self.optimizer, epoch=0, step=0, started=False)
+        state._handlers["optimizer"] = OptimizerSlotsHandler(self.optimizer)  # Horovod keeps no public hook
         return run_elastic(self, self.hvd, state, start, train_from, self.hvd.elastic.run)
