@@ -1,14 +1,44 @@
-"""MPI pieces shared by the pipeline and parameter-server runners: collectives over an
-mpi4py communicator, and where a rank sits on its node."""
+"""MPI pieces shared by the pipeline and parameter-server runners: their common skeleton,
+collectives over an mpi4py communicator, and where a rank sits on its node."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from common.core.config import RunConfig
 from common.launch.cpu_budget import cpus_per_rank
+from common.observe.timeline import Timeline, gather_timeline, start_timeline
+
+
+class MpiRunner:
+    """What the pipeline and parameter-server runners share around their own steps: the
+    project's --timeline over their communicator (one track per rank, labelled by
+    ``track_label``), and no loss scale (--amp fp16 is for data mode: config.validate)."""
+
+    comm: Any
+    config: RunConfig
+    timeline: Timeline
+    timeline_path: str = ""
+
+    @property
+    def track_label(self) -> str:
+        raise NotImplementedError
+
+    def start_timeline(self, path: str) -> None:
+        self.timeline_path = path
+        self.timeline = start_timeline(self.comm, self.config)
+
+    def write_timeline(self) -> None:
+        gather_timeline(self.comm, self.timeline, self.timeline_path, self.track_label)
+
+    def loss_scale(self) -> None:
+        return None
+
+    def restore_loss_scale(self, state) -> None:
+        pass
 
 
 def node_placement(comm, config: RunConfig) -> tuple[int, int]:

@@ -33,15 +33,15 @@ from common.data.batches import Batch, Reads
 from common.data.datasets import Dataset
 from common.model import weights
 from common.model.checkpoint import NeutralState
-from common.observe.timeline import Timeline, gather_timeline, start_timeline
+from common.observe.timeline import Timeline
 from common.parallel import plan
-from common.parallel.collectives import MpiCollectives, node_placement
+from common.parallel.collectives import MpiCollectives, MpiRunner, node_placement
 
 SERVER = 0
 GRADIENT_TAG, PARAMETER_TAG = 11, 12
 
 
-class ParameterServerRunner:
+class ParameterServerRunner(MpiRunner):
     checkpoint_shards = 1
 
     def __init__(self, config: RunConfig, dataset: Dataset, specs, stage_factory: StageFactory):
@@ -77,13 +77,9 @@ class ParameterServerRunner:
     def set_lr(self, value: float) -> None:
         self.stage.set_lr(value)
 
-    def start_timeline(self, path: str) -> None:
-        self.timeline_path = path
-        self.timeline = start_timeline(self.comm, self.config)
-
-    def write_timeline(self) -> None:
-        gather_timeline(self.comm, self.timeline, self.timeline_path,
-                        f"rank {self.rank}: {'server' if self.server else 'worker'}")
+    @property
+    def track_label(self) -> str:
+        return f"rank {self.rank}: {'server' if self.server else 'worker'}"
 
     def train_step(self, batch: Batch, global_count: int) -> np.ndarray:
         with self.timeline.span("step", "step"):
@@ -169,12 +165,6 @@ class ParameterServerRunner:
             return None
         model = self.comm.recv(source=self.workers[0], tag=PARAMETER_TAG)
         return 0, NeutralState(model, self.stage.state().optimizer)
-
-    def loss_scale(self) -> None:
-        return None  # --amp fp16 is for data mode (config.validate)
-
-    def restore_loss_scale(self, state) -> None:
-        pass
 
     def load_state(self, open_checkpoint: OpenCheckpoint | None, with_optimizer: bool) -> None:
         """Every rank reads the whole model; the server also the optimizer state it keeps."""

@@ -31,9 +31,9 @@ from common.data.batches import Batch, Reads
 from common.data.datasets import Dataset
 from common.model import networks, weights
 from common.model.checkpoint import NeutralState
-from common.observe.timeline import Timeline, gather_timeline, start_timeline
+from common.observe.timeline import Timeline
 from common.parallel import p2p, plan, schedule
-from common.parallel.collectives import MpiCollectives, node_placement
+from common.parallel.collectives import MpiCollectives, MpiRunner, node_placement
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Piece:
     stage: Stage
 
 
-class PipelineRunner:
+class PipelineRunner(MpiRunner):
     def __init__(self, config: RunConfig, dataset: Dataset, specs, stage_factory: StageFactory):
         from mpi4py import MPI
 
@@ -127,13 +127,9 @@ class PipelineRunner:
 
     # --- one optimizer step -------------------------------------------------------
 
-    def start_timeline(self, path: str) -> None:
-        self.timeline_path = path
-        self.timeline = start_timeline(self.comm, self.config)
-
-    def write_timeline(self) -> None:
-        gather_timeline(self.comm, self.timeline, self.timeline_path,
-                        f"rank {self.rank}: stage {self.stage_index}, replica {self.replica}")
+    @property
+    def track_label(self) -> str:
+        return f"rank {self.rank}: stage {self.stage_index}, replica {self.replica}"
 
     def train_step(self, batch: Batch, global_count: int) -> np.ndarray:
         with self.timeline.span("step", "step"):
@@ -233,12 +229,6 @@ class PipelineRunner:
             return None  # replicas hold the same weights; replica 0's are saved
         return self.stage_index, NeutralState.union([piece.stage.state().shifted(piece.start)
                                                      for piece in self.pieces])
-
-    def loss_scale(self) -> None:
-        return None  # --amp fp16 is for data mode (config.validate)
-
-    def restore_loss_scale(self, state) -> None:
-        pass
 
     def load_state(self, open_checkpoint: OpenCheckpoint | None, with_optimizer: bool) -> None:
         if open_checkpoint is None:

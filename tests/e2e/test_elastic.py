@@ -81,14 +81,13 @@ def test_elastic_three_to_two_to_three_equals_uninterrupted(tmp_path):
     recovered = shrink["epochs_done"] + 1
     for key, value in weights_after("straight", recovered).items():
         assert relative_difference(weights_after("elastic", recovered)[key], value) <= 1e-5, (recovered, key)
-    # After the rejoin the runs no longer sum in the same order, and training amplifies
-    # that: over the whole model 3e-4 to 4.5e-3 was measured at the end (depending on
-    # when the third worker rejoins, i.e. on the machine's load), so the end is held
-    # only to 1e-2, a sanity bound (accuracy is checked above); the exactness of the
-    # rollback is the recovered-epoch check.
+    # The end, after the rejoin, within float round-off too: the runs sum in another order
+    # (3 and 2 workers against one process), which fixed-size runs show to be ~6e-7 here
+    # after 26 epochs; a step applied twice, or a joining worker that missed rank 0's
+    # weights or momentum, would shift the weights by far more.
     straight, elastic = weights_after("straight", EPOCHS), weights_after("elastic", EPOCHS)
     assert relative_difference(np.concatenate([elastic[key].ravel() for key in straight]),
-                               np.concatenate([value.ravel() for value in straight.values()])) <= 1e-2
+                               np.concatenate([value.ravel() for value in straight.values()])) <= 1e-5
 
 
 def test_elastic_adam_with_weight_decay_equals_one_process(tmp_path):
