@@ -54,7 +54,7 @@ class RunSummary:
     dp: int
     pp: int
     epochs: int
-    dataset: str
+    dataset: str                             # --dataset: digits, cifar10, synthetic or folder
     train_samples: int
     test_samples: int
     image_shape: list[int]                   # channels, height, width

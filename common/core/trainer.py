@@ -147,7 +147,7 @@ class Trainer:
         self.decoders_by_rank = [workers for _, workers in places]
         loaded.contact.reached()
         self.summary = RunSummary(runner.framework, runner.plan.mode, runner.world_size, runner.plan.dp,
-                                  runner.plan.pp, config.epochs, dataset.name, len(dataset.y_train),
+                                  runner.plan.pp, config.epochs, str(config.dataset), len(dataset.y_train),
                                   len(dataset.y_test), list(dataset.image_shape),
                                   [(first, end) for first, end in runner.ranges],
                                   [runner.plan.stage_ranks(s) for s in range(runner.plan.pp)]

@@ -165,6 +165,17 @@ def bubble_bound(schedule: str, stages: int, microbatches: int, chunks: int = 1)
     return work / (work + stages - 1)
 
 
+def partition_bound(schedule: str, stages: int, microbatches: int, piece_costs: list, chunks: int = 1,
+                    backward_ratio: float = 2.0) -> float:
+    """The best efficiency a cut allows: the work of the pieces (forward ``piece_costs[v]``,
+    backward ``backward_ratio`` times that) spread evenly over ``stages`` ranks, against a step
+    of ``schedule`` with free messages. It is the bubble bound when the pieces cost the same,
+    and lower when one piece outweighs the others (a layer that is most of the model paces
+    every cut of it); measured efficiencies are judged against it, not against the bubble's."""
+    seconds = step_time(stage_schedules(schedule, stages, microbatches, chunks), piece_costs, backward_ratio)
+    return microbatches * (1 + backward_ratio) * sum(piece_costs) / stages / seconds
+
+
 def step_time(schedules: list[list[Action]], piece_costs: list, backward_ratio: float = 2.0,
               order: list | None = None) -> float:
     """How long a step of ``schedules`` takes when piece v's forward costs ``piece_costs[v]``

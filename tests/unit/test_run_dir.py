@@ -100,6 +100,20 @@ def test_the_outermost_launcher_among_the_ancestors_is_recorded(tmp_path):
     assert seen.strip() == str(["mpirun", "-np", "2", "--bind-to", "none"])
 
 
+def test_horovodruns_typed_line_beats_the_mpirun_line_it_became(monkeypatch):
+    """horovodrun execs into `mpirun ... -x VAR ...` and leaves its own line in the environment."""
+    class Process:
+        words = ("mpirun", "--allow-run-as-root", "-np", "2", "-x", "PATH", "-x", "HOME", "python", "main.py")
+
+    monkeypatch.setattr(run_dir, "ancestors", lambda: [Process()])
+    monkeypatch.delenv(run_dir.HOROVODRUN_TYPED, raising=False)
+    assert run_dir.launcher_command() == ["mpirun", "--allow-run-as-root", "-np", "2", "-x", "PATH", "-x", "HOME"]
+    monkeypatch.setenv(run_dir.HOROVODRUN_TYPED, "horovodrun -np 2 -H 'a:1,b:1' python main.py --epochs 3")
+    assert run_dir.launcher_command() == ["horovodrun", "-np", "2", "-H", "a:1,b:1"]
+    monkeypatch.setattr(run_dir, "ancestors", lambda: [])  # no launcher at all: a leftover variable is ignored
+    assert run_dir.launcher_command() is None
+
+
 def test_the_recorded_commit_is_the_checkouts():
     import subprocess
 

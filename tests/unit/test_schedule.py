@@ -152,3 +152,20 @@ def test_step_time_follows_the_slowest_piece():
     forward and backward of one micro-batch: the fill and drain)."""
     seconds = schedule.step_time(schedule.stage_schedules("1f1b", 2, 4), [1.0, 2.0])
     assert seconds == pytest.approx(4 * (2.0 + 4.0) + 1.0 + 2.0)
+
+
+@pytest.mark.parametrize("name,chunks", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
+def test_the_partition_bound_is_the_bubble_bound_for_equal_pieces_and_lower_for_a_dominant_one(name, chunks):
+    equal = [1.0] * (2 * chunks)
+    assert schedule.partition_bound(name, 2, 4, equal, chunks) == pytest.approx(
+        schedule.bubble_bound(name, 2, 4, chunks))
+    # One piece holds 70% of the work (the seed CNN's second convolution): the other rank idles
+    # for much of the step whatever the schedule, so the bound falls below the bubble's. On two
+    # stages the step is M of the large piece plus one of the small one: M(a+b) / 2(Mb+a).
+    dominant = [0.3, 0.7] if chunks == 1 else [0.1, 0.7, 0.1, 0.1]
+    bound = schedule.partition_bound(name, 2, 4, dominant, chunks)
+    assert bound < 0.85 * schedule.bubble_bound(name, 2, 4, chunks)
+    if chunks == 1:
+        assert bound == pytest.approx(4 * 1.0 / (2 * (4 * 0.7 + 0.3)))
+    # Perfectly balanced work with many micro-batches approaches 1.
+    assert schedule.partition_bound("1f1b", 2, 64, [1.0, 1.0]) > 0.98
