@@ -99,13 +99,15 @@ def test_wrong_architecture_checkpoint_is_refused_and_kept(tmp_path, framework, 
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-@pytest.mark.parametrize("args,pattern", [
-    (["--batch-size", "1"], "global batch 1 is smaller than the 2 ranks"),
-    (["--resume", "--checkpoint-dir", "{tmp}"], "--resume: no checkpoint"),
-    (["--tensorboard", "{tmp}/a-file/tb"], "cannot write TensorBoard events to .*a-file/tb .Not a directory.; "
-                                           "choose a writable --tensorboard"),
-])
+TWO_RANK_CASES = [(["--batch-size", "1"], "global batch 1 is smaller than the 2 ranks"),
+                  (["--resume", "--checkpoint-dir", "{tmp}"], "--resume: no checkpoint")]
+TENSORBOARD_CASE = (["--tensorboard", "{tmp}/a-file/tb"],
+                    "cannot write TensorBoard events to .*a-file/tb .Not a directory.; choose a writable --tensorboard")
+
+
+# The TensorBoard directory is the trainer's, framework-blind: PyTorch alone.
+@pytest.mark.parametrize("framework,args,pattern", [(framework, *case) for framework in FRAMEWORKS
+                                                    for case in TWO_RANK_CASES] + [("torch", *TENSORBOARD_CASE)])
 def test_bad_input_on_two_ranks_ends_the_job_with_one_line(tmp_path, framework, args, pattern):
     args = [arg.format(tmp=tmp_path) for arg in args]
     (tmp_path / "a-file").write_text("")
