@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from benchmarks.pairing import CaseKey, Ratio, Run, ratio_range
-from common.parallel.schedule import bubble_bound
+from common.parallel.schedule import bubble_bound, partition_bound
 
 FRAMEWORKS = ("torch", "tf")
 PEERS = {"torch": "DDP np2 (torchrun, gloo)", "tf": "MultiWorkerMirroredStrategy, 2 workers"}
@@ -30,6 +30,18 @@ def pipeline_bound(microbatches, stages=2, chunks=1):
     """The fraction of time a stage computes under a GPipe/1F1B schedule (chunks 1) or an
     interleaved one over ``chunks`` pieces per stage: common/parallel/schedule.bubble_bound."""
     return bubble_bound("interleaved" if chunks > 1 else "1f1b", stages, microbatches, chunks)
+
+
+def cut_bound(run_summary: dict) -> float | None:
+    """The best efficiency a pipeline's cut and schedule allow (common/parallel/schedule.
+    partition_bound), from its run summary: the layer costs it was cut by (forward and
+    backward together; the backward taken as twice the forward) summed over each piece.
+    None for a run that was not cut."""
+    costs, pieces = run_summary.get("partition_costs") or [], run_summary.get("layer_ranges") or []
+    if run_summary.get("pp", 1) < 2 or not costs or not pieces:
+        return None
+    return partition_bound(run_summary["schedule"], run_summary["pp"], run_summary["microbatches"],
+                           [sum(costs[first:end]) for first, end in pieces], run_summary["virtual_stages"])
 
 
 WORKLOADS = (("", "seed CNN", PEERS), ("resnet18 32px ", "ResNet-18 32px", ZOO_PEERS))
@@ -112,10 +124,11 @@ def derived(results):
         lambda f: ratio(find(results, "data np2, Horovod defaults", f), find(results, PEERS[f], f + " (peer)")))
     for schedule, chunks in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
         for microbatches in ((4, 8) if chunks > 1 else (1, 4, 8)):
-            name = f"model pp2, {schedule} M{microbatches}"
-            row(f"pipeline efficiency {schedule} M{microbatches}: pp2 / (2 x np1) "
-                f"(bound {pipeline_bound(microbatches, chunks=chunks):.2f})",
+            name, bubble = f"model pp2, {schedule} M{microbatches}", pipeline_bound(microbatches, chunks=chunks)
+            row(f"pipeline efficiency {schedule} M{microbatches}: pp2 / (2 x np1) (bound {bubble:.2f})",
                 lambda f, n=name: ratio(find(results, n, f), find(results, "data np1", f), 2))
+            row(f"  the most its cut allows (layer times; bubble bound {bubble:.2f})",
+                lambda f, n=name: (find_case(results, n, f) or {}).get("cut_bound"))
     for schedule, counts in (("gpipe", (4, 8)), ("1f1b", (4, 8)), ("interleaved", (4,))):
         for microbatches in counts:
             peer = f"torch.distributed.pipelining pp2, {schedule} M{microbatches}"
@@ -156,6 +169,8 @@ def zoo_derived(results):
     row(f"ResNet-18 32px pipeline 1f1b M4: pp2 / (2 x np1) (bound {pipeline_bound(4):.2f})",
         lambda f: ratio(find(results, "resnet18 32px model pp2, 1f1b M4", f),
                         find(results, "resnet18 32px data np1", f), 2))
+    row(f"  the most its cut allows (layer times; bubble bound {pipeline_bound(4):.2f})",
+        lambda f: (find_case(results, "resnet18 32px model pp2, 1f1b M4", f) or {}).get("cut_bound"))
     for schedule in ("1f1b", "interleaved"):
         row(f"ResNet-18 32px our pp2 {schedule} M4 / torch.distributed.pipelining",
             lambda f, s=schedule: ratio(find(results, f"resnet18 32px model pp2, {s} M4", f), find(

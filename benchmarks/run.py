@@ -106,14 +106,19 @@ def summary(rates):
 
 
 def entry_case(settings, framework, np_, flags=(), env=None):
-    """One of our entry scripts; each epoch (--steps-per-epoch steps) is a timed window."""
+    """One of our entry scripts; each epoch (--steps-per-epoch steps) is a timed window. A
+    pipeline's figure carries the best efficiency its cut allows (report.cut_bound), from the
+    layer costs it was cut by (--balance time: measured) in its run summary."""
     with tempfile.TemporaryDirectory() as scratch:
-        metrics = os.path.join(scratch, "metrics.jsonl")
+        metrics, run_summary = os.path.join(scratch, "metrics.jsonl"), os.path.join(scratch, "summary.json")
         launcher = mpirun(np_, (env or {}).keys()) if np_ > 1 else []
         run([*launcher, PYTHON, os.path.join(REPO, f"train_{framework}", "main.py"), *settings.entry_flags(),
-             *flags, "--run-dir", "none", "--metrics-file", metrics], job_env(env))
+             *flags, "--run-dir", "none", "--metrics-file", metrics, "--summary-file", run_summary], job_env(env))
         with open(metrics) as lines:
-            return summary([json.loads(line)["images_per_sec"] for line in lines])
+            figure = summary([json.loads(line)["images_per_sec"] for line in lines])
+        with open(run_summary) as handle:
+            bound = report.cut_bound(json.load(handle))
+        return {**figure, "cut_bound": bound} if bound is not None else figure
 
 
 def peer_result(stdout):
@@ -338,8 +343,10 @@ def measured(case, features, results):
 def over_runs(summaries):
     """A repeated case's figure: the median of its runs' medians, their spread, every run."""
     medians = [summary["median"] for summary in summaries]
+    bounds = [summary["cut_bound"] for summary in summaries if "cut_bound" in summary]
     return {"median": statistics.median(medians), "min": min(medians), "max": max(medians),
-            "runs": len(summaries), "windows": [summary["windows"] for summary in summaries]}
+            "runs": len(summaries), "windows": [summary["windows"] for summary in summaries],
+            **({"cut_bound": statistics.median(bounds)} if bounds else {})}
 
 
 def measure_all(listed, repeat, features, results):

@@ -78,6 +78,7 @@ class Runner(Protocol):
     plan: ParallelPlan
     layout: Sequence[str]            # lines describing the placement, logged once
     ranges: Sequence[tuple[int, int]]  # each model piece's layers [first, end), in model order
+    layer_costs: Sequence[float]     # pipelines: each layer's cost the cut was made by (--balance)
     collectives: Collectives
     checkpoint_shards: int           # how many shards this layout's checkpoints have
     timeline: Timeline               # --timeline's spans (enabled in model/hybrid/ps mode)

@@ -60,6 +60,10 @@ class RunSummary:
     image_shape: list[int]                   # channels, height, width
     layer_ranges: list[tuple[int, int]]      # each model piece's layers [first, end), in model order
     stage_ranks: list[list[int]]             # model and hybrid mode: each stage's ranks (its replicas)
+    schedule: str                            # model and hybrid mode: gpipe, 1f1b or interleaved
+    microbatches: int
+    virtual_stages: int                      # model pieces per stage (interleaved)
+    partition_costs: list[float]             # each layer's cost the cut was made by (--balance), else []
     hosts: dict[str, list[int]]              # host -> its ranks (empty under elastic training)
     decoder_processes: list[int]             # each rank's image decoder processes (none on a rank that
                                              # reads no images, or for a set in memory; empty under elastic)

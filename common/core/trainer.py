@@ -152,6 +152,8 @@ class Trainer:
                                   [(first, end) for first, end in runner.ranges],
                                   [runner.plan.stage_ranks(s) for s in range(runner.plan.pp)]
                                   if runner.plan.pipelined else [],
+                                  str(config.schedule), config.microbatches, runner.plan.chunks,
+                                  [float(cost) for cost in runner.layer_costs],
                                   summary.host_ranks(self.hosts), self.decoders_by_rank,
                                   dataset.decode_on_device)
         runner.start_timeline(self.paths.timeline)

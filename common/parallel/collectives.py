@@ -3,7 +3,7 @@ collectives over an mpi4py communicator, and where a rank sits on its node."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ class MpiRunner:
     config: RunConfig
     timeline: Timeline
     timeline_path: str = ""
+    layer_costs: Sequence[float] = ()  # the pipeline's cut sets its own
 
     @property
     def track_label(self) -> str:

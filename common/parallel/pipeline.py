@@ -72,6 +72,7 @@ class PipelineRunner(MpiRunner):
         local_rank, self.threads = node_placement(self.comm, config)
         stage_factory.set_threads(self.threads, local_rank)
         costs = self._layer_costs(stage_factory)
+        self.layer_costs: Sequence[float] = costs
         self.ranges: Sequence[tuple[int, int]] = plan.partition(costs, self.plan.pp, config.split, self.plan.chunks,
                                                                 config.microbatches)
         virtual = [self.plan.virtual_stage(self.stage_index, chunk) for chunk in range(self.plan.chunks)]

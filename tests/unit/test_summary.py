@@ -11,7 +11,8 @@ from common.core.summary import MembershipChange, Outcome, Resumed, RunSummary, 
 def a_summary(**changes) -> RunSummary:
     fields = dict(framework="torch", mode="hybrid", world_size=4, dp=2, pp=2, epochs=3, dataset="digits",
                   train_samples=1437, test_samples=360, image_shape=[1, 8, 8], layer_ranges=[(0, 3), (3, 7)],
-                  stage_ranks=[[0, 2], [1, 3]], hosts={"node1": [0, 1], "node2": [2, 3]},
+                  stage_ranks=[[0, 2], [1, 3]], schedule="1f1b", microbatches=4, virtual_stages=1,
+                  partition_costs=[1.0] * 7, hosts={"node1": [0, 1], "node2": [2, 3]},
                   decoder_processes=[0, 0, 0, 0], decode_on_device=False)
     return RunSummary(**{**fields, **changes})
 
