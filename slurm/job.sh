@@ -72,10 +72,32 @@ signal_training() {
     done
 }
 
+# What the run directory's command.sh records: the launcher's line as this script types
+# it (up to the training command), and how to submit the job again. Slurm 22.05 keeps no
+# submit line, so that one is rebuilt from the job: its size, name, script and settings.
+launcher_line() {
+    local word words=()
+    for word in "$@"; do
+        [ "$word" = python ] && break
+        words+=("$word")
+    done
+    printf '%q ' "${words[@]}"
+}
+
+submit_line() {
+    local script setting settings=()
+    script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Command=[^ ]*' | cut -d= -f2 || true)
+    for setting in FRAMEWORK MODE PP DP MICROBATCHES EPOCHS TRAIN_ARGS GPU NETWORK_INTERFACE; do
+        [ -n "${!setting}" ] && settings+=("$setting=${!setting}")
+    done
+    printf '%q ' "${settings[@]}" sbatch "--nodes=$SLURM_JOB_NUM_NODES" \
+        "--ntasks-per-node=${SLURM_NTASKS_PER_NODE%%(*}" "--job-name=$SLURM_JOB_NAME" "${script:-$0}"
+}
+
 # Run the launcher; on the preemption/time-limit signal (#SBATCH --signal=B:USR1@...)
 # or scancel's TERM, let the training checkpoint and exit 0, then requeue the job.
 run_preemptible() {
-    "$@" &
+    CNN_PARALLEL_LAUNCH=$(launcher_line "$@") CNN_PARALLEL_SUBMIT=$(submit_line) "$@" &
     launcher_pid=$!
     preempted=0
     trap 'preempted=1; echo "signal received: asking the training to checkpoint"; signal_training' USR1 TERM

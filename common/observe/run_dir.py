@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from common import REPOSITORY
 from common.core.errors import UsageError
 from common.launch import hardware
-from common.launch.supervision import ancestors, launcher_words
+from common.launch.supervision import LAUNCHERS, ancestors, launcher_words
 
 NO_RUN_DIR = "none"
 DEFAULT_ROOT = "runs"
@@ -134,6 +134,9 @@ def _write_record(directory: str, settings: dict, framework: str, world_size: in
                          "set -e\n")
         script.write(f"\n# {now.isoformat(timespec='seconds')}: {world_size} rank(s) on {platform.node()}"
                      f"{', launched by ' + launcher[0] if launcher else ''}\n")
+        if os.environ.get(SLURM_SUBMIT):
+            script.write(f"# Slurm job {os.environ.get('SLURM_JOB_ID', '?')}; to submit it again: "
+                         f"{os.environ[SLURM_SUBMIT].strip()}\n")
         script.write(f"cd {shlex.quote(os.getcwd())}\n")
         script.write(shlex.join([*(launcher or []), sys.executable if launcher else "python", *argv])
                      + ' "$@"\n')
@@ -159,13 +162,20 @@ def _write_whole(path: str, text: str) -> None:
 
 
 HOROVODRUN_TYPED = "CNN_PARALLEL_HOROVODRUN"  # horovodrun's line as typed (common/install/build_horovod.sh)
+LAUNCH_TYPED = "CNN_PARALLEL_LAUNCH"  # the launcher's line as a job script typed it (slurm/job.sh)
+SLURM_SUBMIT = "CNN_PARALLEL_SUBMIT"  # how to submit that job again (slurm/job.sh)
 
 
 def launcher_command() -> list | None:
     """The command line of the outermost launcher (horovodrun, mpirun, srun) among this
     process's ancestors, as typed, without the program it launches; None when the rank was
     started some other way (or the launcher runs on another host). horovodrun turns itself
-    into the mpirun line it expands to, but leaves the line it was typed as behind."""
+    into the mpirun line it expands to, but leaves the line it was typed as behind; a Slurm
+    job script (slurm/job.sh) hands its own line on, srun's among them (srun's tasks have
+    no launcher among their ancestors)."""
+    script_typed = os.environ.get(LAUNCH_TYPED, "").split()
+    if script_typed and os.path.basename(script_typed[0]) in LAUNCHERS:
+        return shlex.split(os.environ[LAUNCH_TYPED])
     found = None
     for process in ancestors():
         found = launcher_words(list(process.words)) or found

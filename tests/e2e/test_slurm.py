@@ -87,6 +87,12 @@ def test_cpu_template_trains(cluster, launcher):
     summary = run_summary(cluster, f"test-{launcher}")
     assert (summary["outcome"], summary["world_size"]) == ("completed", 4), log  # four ranks trained together
     assert summary["hosts"] == {"node1": [0, 1], "node2": [2, 3]}, log  # on both nodes
+    # command.sh repeats the launch as the job script typed it, and says how to submit the job again.
+    *_, submitted, _, command = (cluster[0] / "runs" / f"test-{launcher}" / "command.sh").read_text().splitlines()
+    assert command.startswith(f"{launcher} ") and " -x NCCL" not in command, command
+    assert submitted.startswith(f"# Slurm job {job}; to submit it again: ") and \
+        f"sbatch --nodes=2 --ntasks-per-node=2 --job-name=test-{launcher} " in submitted and \
+        submitted.endswith(f"slurm/cpu_{launcher}.sbatch"), submitted
 
 
 def test_preempted_job_checkpoints_requeues_and_finishes(cluster):
