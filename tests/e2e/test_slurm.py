@@ -92,7 +92,7 @@ def test_cpu_template_trains(cluster, launcher):
     assert command.startswith(f"{launcher} ") and " -x NCCL" not in command, command
     assert submitted.startswith(f"# Slurm job {job}; to submit it again: ") and \
         f"sbatch --nodes=2 --ntasks-per-node=2 --job-name=test-{launcher} " in submitted and \
-        submitted.endswith(f"slurm/cpu_{launcher}.sbatch"), submitted
+        submitted.endswith(os.path.join("slurm", f"cpu_{launcher}.sbatch")), submitted
 
 
 def test_preempted_job_checkpoints_requeues_and_finishes(cluster):
