@@ -146,16 +146,7 @@ class Trainer:
         self.hosts = [host for host, _ in places]
         self.decoders_by_rank = [workers for _, workers in places]
         loaded.contact.reached()
-        self.summary = RunSummary(runner.framework, runner.plan.mode, runner.world_size, runner.plan.dp,
-                                  runner.plan.pp, config.epochs, str(config.dataset), len(dataset.y_train),
-                                  len(dataset.y_test), list(dataset.image_shape),
-                                  [(first, end) for first, end in runner.ranges],
-                                  [runner.plan.stage_ranks(s) for s in range(runner.plan.pp)]
-                                  if runner.plan.pipelined else [],
-                                  str(config.schedule), config.microbatches, runner.plan.chunks,
-                                  [float(cost) for cost in runner.layer_costs],
-                                  summary.host_ranks(self.hosts), self.decoders_by_rank,
-                                  dataset.decode_on_device)
+        self.summary = self._start_summary()
         runner.start_timeline(self.paths.timeline)
         self.stop = StopRequest()
         self.launcher_watch = supervision.start(self.stop.request)
@@ -175,6 +166,19 @@ class Trainer:
         self.tensorboard: TensorBoardLog | None = None
         if self.paths.tensorboard:  # every rank learns whether the primary could open it
             self.on_primary_for_all(self._open_tensorboard, "tensorboard")
+
+    def _start_summary(self) -> RunSummary:
+        """The run summary as far as the start knows it: the layout, the hosts and the data."""
+        config, runner, dataset, plan = self.config, self.runner, self.dataset, self.runner.plan
+        return RunSummary(
+            framework=runner.framework, mode=plan.mode, world_size=runner.world_size, dp=plan.dp, pp=plan.pp,
+            epochs=config.epochs, dataset=str(config.dataset), train_samples=len(dataset.y_train),
+            test_samples=len(dataset.y_test), image_shape=list(dataset.image_shape),
+            layer_ranges=[(first, end) for first, end in runner.ranges],
+            stage_ranks=[plan.stage_ranks(s) for s in range(plan.pp)] if plan.pipelined else [],
+            schedule=str(config.schedule), microbatches=config.microbatches, virtual_stages=plan.chunks,
+            partition_costs=[float(cost) for cost in runner.layer_costs], hosts=summary.host_ranks(self.hosts),
+            decoder_processes=self.decoders_by_rank, decode_on_device=dataset.decode_on_device)
 
     def _open_tensorboard(self) -> None:
         from common.observe.tensorboard import TensorBoardLog
@@ -439,11 +443,11 @@ class Trainer:
         self.report_stop(position, self.save(position))
 
     def report_stop(self, position: Position, path: str | None) -> None:
+        epoch, step = position
         cause = self.stop.cause or "a signal to another rank"
         self._note_position(position)
-        self.summary.outcome, self.summary.stop = Outcome.STOPPED, Stop(cause, position[0], position[1], path)
+        self.summary.outcome, self.summary.stop = Outcome.STOPPED, Stop(cause, epoch, step, path)
         if self.runner.primary:
-            epoch, step = position
             where = f"after {step} steps of epoch {epoch + 1}" if step else f"after epoch {epoch}"
             unsaved = "the save failed" if self.paths.checkpoint_dir else "no --checkpoint-dir"
             saved = f"saved {path}; continue with --resume" if path else f"nothing saved ({unsaved})"
@@ -520,7 +524,7 @@ class Trainer:
             self.on_primary_for_all(lambda: self.open_checkpoint(path) and None, "init_from")  # checks it loads
         if rng:
             checkpoint.restore_rng(rng)
-        if (recorded := DynamicLossScale.from_record(scale)) and config.amp == Amp.FP16:
+        if config.amp == Amp.FP16 and (recorded := DynamicLossScale.from_record(scale)):
             self.runner.restore_loss_scale(recorded)  # else a resumed run would start over at --loss-scale
         self.runner.load_state((lambda: self.open_checkpoint(path)) if path else None, with_optimizer=config.resume)
         return tuple(start)

@@ -173,9 +173,9 @@ def launcher_command() -> list | None:
     into the mpirun line it expands to, but leaves the line it was typed as behind; a Slurm
     job script (slurm/job.sh) hands its own line on, srun's among them (srun's tasks have
     no launcher among their ancestors)."""
-    script_typed = os.environ.get(LAUNCH_TYPED, "").split()
+    script_typed = shlex.split(os.environ.get(LAUNCH_TYPED, ""))
     if script_typed and os.path.basename(script_typed[0]) in LAUNCHERS:
-        return shlex.split(os.environ[LAUNCH_TYPED])
+        return script_typed
     found = None
     for process in ancestors():
         found = launcher_words(list(process.words)) or found

@@ -13,6 +13,7 @@ import json
 
 import pytest
 
+from common.model.weights import is_batch_norm_statistic
 from tests.helpers import FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_weights, relative_difference, run_training
 
 TOLERANCE = 2e-5
@@ -35,7 +36,7 @@ def test_sync_bn_ranks_equal_one_process_and_unsynced_ranks_do_not(tmp_path, fra
     runs = {name: train(tmp_path, framework, name.replace(" ", "-"), np_, extra)
             for name, (np_, extra) in SYNCED.items() if framework == "torch" or name == "data np3"}
 
-    statistics = [key for key in single if key.endswith((".bn.mean", ".bn.var"))]
+    statistics = [key for key in single if is_batch_norm_statistic(key)]
     assert len(statistics) == 2 * 9  # stem + 3 blocks x 2 + 2 projections, mean and var each
     for name, (weights, metrics) in runs.items():
         for key, value in single.items():
