@@ -10,6 +10,8 @@ transposes to NHWC.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import io
 import os
 import pickle
@@ -24,6 +26,7 @@ from common.core.config import DatasetName
 from common.core.errors import UsageError, launcher_rank
 from common.data import decoders, folders, image_checks, jpeg, transforms
 from common.data.batches import InMemoryImages, Normalisation
+from common.data.splits import stratified_split
 from common.launch.cpu_budget import cpus_per_rank
 from common.launch.environment import launcher_world_size
 
@@ -153,17 +156,22 @@ def _device_can_decode(paths) -> bool:
 
 def load_digits(test_fraction: float = 0.2) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 images), split 80/20 stratified, fixed."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = sklearn_digits()
-    pixels = bunch.images.astype(np.uint8)[:, None, :, :]  # grey levels 0..16
-    labels = bunch.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        pixels, labels, test_size=test_fraction, random_state=0, stratify=labels)
+    with gzip.open(digits_file(), "rt") as rows:
+        table = np.loadtxt(rows, delimiter=",")  # 64 grey levels 0..16, then the label
+    pixels = table[:, :-1].astype(np.uint8).reshape(-1, 1, 8, 8)
+    labels = table[:, -1].astype(np.int64)
+    train, test = stratified_split(labels, test_fraction, seed=0)
     normalisation = Normalisation((1 / 16,), (0.5,))  # level / 16 - 0.5, in [-0.5, 0.5]
-    return Dataset("digits", InMemoryImages(x_train, normalisation), y_train, InMemoryImages(x_test, normalisation),
-                   y_test, num_classes=10)
+    return Dataset("digits", InMemoryImages(pixels[train], normalisation), labels[train],
+                   InMemoryImages(pixels[test], normalisation), labels[test], num_classes=10)
+
+
+def digits_file() -> str:
+    """Where scikit-learn keeps the digits, found without importing it (that costs a second)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the digits dataset comes with scikit-learn, which is not installed; run make install")
+    return os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz")
 
 
 MAX_CIFAR_FILE_BYTES = 512 << 20  # a CIFAR-10 batch is 31 MB, CIFAR-100's train file 158 MB

@@ -6,7 +6,7 @@ import pytest
 
 from common.core.config import RunConfig
 from common.core.errors import UsageError
-from common.data import datasets
+from common.data import datasets, splits
 
 
 def write_cifar_dir(directory, per_batch=6, protocol=2):
@@ -29,6 +29,33 @@ def test_digits_split_and_shapes():
     inputs = dataset.x_train[:]
     assert inputs.dtype == np.float32 and -0.5 <= inputs.min() and inputs.max() <= 0.5
     assert set(np.unique(dataset.y_test)) == set(range(10))
+
+
+def test_digits_are_scikit_learns_images_and_split_without_importing_it():
+    """The loader reads scikit-learn's file itself: the same images, labels and split as
+    load_digits + train_test_split(stratify=..., random_state=0), so every run keeps its data."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    reference = load_digits()
+    pixels = reference.images.astype(np.uint8)[:, None]
+    x_train, x_test, y_train, y_test = train_test_split(pixels, reference.target, test_size=0.2, random_state=0,
+                                                        stratify=reference.target)
+    ours = datasets.load_digits()
+    assert np.array_equal(ours.x_train.pixels, x_train) and np.array_equal(ours.x_test.pixels, x_test)
+    assert np.array_equal(ours.y_train, y_train) and np.array_equal(ours.y_test, y_test)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("counts,test_fraction", [((5, 2), 0.5), ((3, 3, 3, 2), 0.3), ((40, 7, 13, 13), 0.2),
+                                                  ((2, 2, 2, 2, 2), 0.5)])  # ties in the remainders
+def test_stratified_split_draws_what_scikit_learn_draws(counts, test_fraction, seed):
+    from sklearn.model_selection import train_test_split
+    labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
+    indices = np.arange(len(labels))
+    train, test = splits.stratified_split(labels, test_fraction, seed)
+    expected_train, expected_test = train_test_split(indices, test_size=test_fraction, random_state=seed,
+                                                     stratify=labels)
+    assert np.array_equal(train, expected_train) and np.array_equal(test, expected_test)
 
 
 @pytest.mark.parametrize("protocol", [2, 5])  # the real files' protocol, and today's numpy pickles
