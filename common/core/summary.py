@@ -46,6 +46,17 @@ class MembershipChange:
     steps_into_next: int
 
 
+@dataclass(frozen=True)
+class ElasticRestart:
+    """Elastic training started its loop again with ``workers`` workers at this position:
+    ``rolled_back`` after a worker failed (back to the last commit), else because the hosts
+    changed (where it was). A restart may keep the number of workers."""
+    workers: int
+    epochs_done: int
+    steps_into_next: int
+    rolled_back: bool
+
+
 @dataclass
 class RunSummary:
     framework: str
@@ -78,6 +89,7 @@ class RunSummary:
     skipped_checkpoints: list[str] = field(default_factory=list)
     stop: Stop | None = None
     membership_changes: list[MembershipChange] = field(default_factory=list)
+    elastic_restarts: list[ElasticRestart] = field(default_factory=list)
 
     def record(self) -> dict:
         return asdict(self)

@@ -24,7 +24,7 @@ from common.core.config import Amp, DatasetName, Mode, RunConfig, as_toml, parse
 from common.core.errors import RankUsageError, RunStopped, UsageError
 from common.core.progress import ProgressBar
 from common.core.runner import ElasticRunner, Runner
-from common.core.summary import MembershipChange, Outcome, Resumed, RunSummary, Stop
+from common.core.summary import ElasticRestart, MembershipChange, Outcome, Resumed, RunSummary, Stop
 from common.data import datasets
 from common.data.batches import Batch, BatchReader, Prefetcher
 from common.launch import hardware
@@ -162,6 +162,7 @@ class Trainer:
         # Epochs the metrics file and TensorBoard already hold: a run stopped after an epoch's
         # record but before its checkpoint trains that epoch again on resume, and records it once.
         self.recorded_through = 0
+        self.reached: Position | None = None  # elastic training: the last position reached
         self.progress = ProgressBar(False, 0, 0, 0)
         self.tensorboard: TensorBoardLog | None = None
         if self.paths.tensorboard:  # every rank learns whether the primary could open it
@@ -252,6 +253,8 @@ class Trainer:
         """Epochs from ``start`` to the end. ``commit(epoch, step)``, if given, is told each
         position reached (elastic training keeps its recoverable state with it)."""
         start_epoch, start_step = start
+        if commit is not None:  # elastic training: this call may be Horovod starting its loop again
+            commit = self._elastic_restart(start, commit)
         self._note_position(start)
         if self.runner.world_size != self.summary.world_size:  # elastic training: workers came or went
             self.summary.membership_changes.append(MembershipChange(self.summary.world_size, self.runner.world_size,
@@ -289,6 +292,20 @@ class Trainer:
         if self.runner.primary:
             metrics.log(f"final test accuracy: {test.accuracy:.4f}  (test loss {test.loss:.4f})")
         return test
+
+    def _elastic_restart(self, start: Position, commit: Callable) -> Callable:
+        """Records a restart of the elastic loop (a rollback if ``start`` is before the last
+        position reached); ``commit``, noting each position it is told."""
+        if self.reached is not None:
+            epochs_done, steps_into_next = start
+            self.summary.elastic_restarts.append(ElasticRestart(self.runner.world_size, epochs_done, steps_into_next,
+                                                                rolled_back=tuple(start) < self.reached))
+        self.reached = tuple(start)
+
+        def noting(epoch: int, step: int) -> None:
+            self.reached = (epoch, step)
+            commit(epoch, step)
+        return noting
 
     def _note_position(self, position: Position) -> None:
         self.summary.epochs_done, self.summary.steps_into_next = position

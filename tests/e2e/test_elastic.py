@@ -9,6 +9,7 @@ import subprocess
 import threading
 
 import numpy as np
+import pytest
 
 from tests.helpers import (
     BIN,
@@ -24,6 +25,8 @@ from tests.helpers import (
     relative_difference,
     run_training,
 )
+
+pytestmark = pytest.mark.serial  # a joining worker must start within the Gloo timeout
 
 STEPS = 23  # digits: 1437 samples, batches of 64
 EPOCHS = 26  # long enough that the lost worker's host comes back (epoch 11 here) well before the end
@@ -70,6 +73,10 @@ def test_elastic_three_to_two_to_three_equals_uninterrupted(tmp_path):
     shrink, grow = summary["membership_changes"]
     assert shrink == {"before": 3, "after": 2, "epochs_done": 2, "steps_into_next": 10}, log
     assert (grow["before"], grow["after"]) == (2, 3) and (grow["epochs_done"], grow["steps_into_next"]) > (2, 10)
+    restarts = summary["elastic_restarts"]  # the rollback, then the join (where the two had got to)
+    assert restarts[0] == {"workers": 2, "epochs_done": 2, "steps_into_next": 10, "rolled_back": True}, restarts
+    assert {"workers": 3, "epochs_done": grow["epochs_done"], "steps_into_next": grow["steps_into_next"],
+            "rolled_back": False} in restarts, restarts
 
     assert_ok(run_training([*ARGS, "--checkpoint-dir", tmp_path / "straight"]))
 
