@@ -1,5 +1,5 @@
 # Quickstart:  make train   (installs what is missing, then trains the default job)
-#              make test   (lint and types first, then every test)
+#              make test   (lint and types first, then every test; TEST_WORKERS=2 in parallel)
 # Also:        make bench  (every mode beside DDP, pipelining, MultiWorkerMirrored, input pipelines; ~35 min)
 #              make soak   (memory and descriptors over 120 epochs, 10 stop/resume cycles; ~6 min)
 #              make elpv   (real images: ELPV solar cells as class folders in data/elpv)
@@ -20,6 +20,7 @@ VENV ?= $(if $(filter 1,$(GPU)),.venv-gpu-$(FRAMEWORK),.venv)
 PYTHON := $(VENV)/bin/python
 REQUIREMENTS := $(if $(filter 1,$(GPU)),requirements-gpu-$(FRAMEWORK).txt requirements-gpu.txt,requirements.txt)
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 BENCH_ARGS ?=
 # Keep TensorFlow's C++ log lines out of the user's way (set to 0 to see them).
 export TF_CPP_MIN_LOG_LEVEL ?= 3
@@ -48,8 +49,14 @@ $(VENV)/.horovod-installed: $(VENV)/.requirements-installed common/install/build
 train: install
 	$(VENV)/bin/horovodrun -np $(NP) $(PYTHON) train_$(FRAMEWORK)/main.py $(ARGS)
 
+# Most tests share the machine in TEST_WORKERS pytest workers, a test file each (its module
+# fixtures, reference runs among them, made once); those marked serial (pytest.ini says why)
+# then run alone.
 test: lint
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+	@export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"; \
+	set -x; $(PYTHON) -m pytest tests -m "not serial" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); \
+	shared=$$?; $(PYTHON) -m pytest tests -m serial $(PYTEST_ARGS); alone=$$?; set +x; \
+	for code in $$shared $$alone; do case $$code in 0|5) ;; *) exit $$code ;; esac; done  # 5: none selected
 
 # The first, fast tier of make test (settings in pyproject.toml).
 lint: install

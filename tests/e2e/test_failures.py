@@ -16,6 +16,7 @@ FAILURES = [("torch", "data", "raise"), ("torch", "data", "kill"), ("torch", "mo
             ("tf", "hybrid", "raise"), ("tf", "hybrid", "kill")]
 
 
+@pytest.mark.serial  # a bound on the time the job takes to end
 @pytest.mark.parametrize("framework,layout,how", FAILURES)
 def test_one_failing_rank_ends_the_job_within_30_seconds(framework, layout, how):
     args, np_ = LAYOUTS[layout]

@@ -119,6 +119,7 @@ def test_the_wrong_network_interface_fails_with_a_clear_line(hosts):
     assert "--network-interface" in output and "btl_tcp_if_include" in output
 
 
+@pytest.mark.serial  # a bound on the time the job takes to end
 def test_a_lost_host_ends_the_job_promptly_naming_it(hosts, tmp_path):
     """Every process of node2 killed mid-step (its sshd, Open MPI's daemon and both ranks):
     the job ends within 30 s, and the log names the host lost."""
@@ -158,6 +159,7 @@ ELASTIC_EPOCHS = 28  # the rejoin came at epoch 9-10 here
 ELASTIC_ARGS = ["--epochs", ELASTIC_EPOCHS, "--lr", 0.01, "--threads", 1, "--keep-checkpoints", ELASTIC_EPOCHS]
 
 
+@pytest.mark.serial  # a joining worker must start within the Gloo timeout
 def test_elastic_tensorflow_loses_a_host_rolls_back_and_takes_it_back(hosts, tmp_path):
     """One worker per host; node3 is killed whole in epoch 3, the workers on node1 and node2
     roll back to their last commit and go on; node3 is brought back, its worker joins. The
