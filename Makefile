@@ -91,7 +91,7 @@ gpu-check-sdist: install
 
 # The unit tier without its heavy cases (pytest.ini's "heavy" marker): a quick loop.
 test-unit: lint
-	$(PYTHON) -m pytest tests/unit -m "not heavy" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/unit -m "not heavy" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
