@@ -12,13 +12,13 @@ the operation hvd.DistributedGradientTape performs, which cannot accumulate.
 import tensorflow as tf
 
 from common.core.config import Amp
-from common.model import weights
+from common.model import networks, weights
 from common.model.loss_scale import DynamicLossScale
 from common.parallel.data_parallel import ReplicaRunner, apply_data_layout, run_elastic
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.horovod_glue import HorovodCollectives, average_batch_norm_statistics, init_horovod
 from train_tf.input import DeviceMeter, make_feed
-from train_tf.model import build_model, set_batch_norm_reduction
+from train_tf.model import build_model, dropout_keys, set_batch_norm_reduction
 from train_tf.optimizer import Optimizer
 from train_tf.precision import set_precision
 
@@ -100,8 +100,9 @@ class DataParallelRunner(ReplicaRunner):
         channels, height, width = dataset.image_shape
         image_spec = tf.TensorSpec([None, height, width, channels], tf.float32)
         label_spec = tf.TensorSpec([None], tf.int64)
+        self.drops = networks.drops(specs)  # then each step hands the model its samples' keys
         self._chunk_gradients = tf.function(self._chunk_gradients_eager, input_signature=[
-            image_spec, label_spec, tf.TensorSpec([], tf.float32)])
+            image_spec, label_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32)])
         self._apply = tf.function(lambda gradients: self.optimizer.apply(gradients, self.variables))
         self._logits = tf.function(lambda images: tf.cast(self.model(images, training=False), tf.float32),
                                    input_signature=[image_spec])
@@ -109,9 +110,9 @@ class DataParallelRunner(ReplicaRunner):
         self._allreduce_kwargs = {"op": self.hvd.Adasum if config.adasum else self.hvd.Sum,
                                   "compression": compression}
 
-    def _chunk_gradients_eager(self, images, labels, scale):
+    def _chunk_gradients_eager(self, images, labels, keys, scale):
         with tf.GradientTape() as tape:
-            logits = tf.cast(self.model(images, training=True), tf.float32)  # the loss in float32 (--amp)
+            logits = tf.cast(self.model(images, training=True, dropout_keys=keys), tf.float32)  # the loss in fp32
             loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
             scaled = loss_sum * scale
         gradients = tape.gradient(scaled, self.variables)
@@ -148,8 +149,9 @@ class DataParallelRunner(ReplicaRunner):
             if chunk.count == 0 and not self.config.sync_bn:
                 continue  # an empty share contributes zeros but still joins the allreduce
             # (with --sync-bn it runs the empty batch: every BatchNorm layer's allreduce needs it)
-            gradients, loss_sum, correct = self._chunk_gradients(self.feed.inputs(chunk), self.feed.labels(chunk),
-                                                                 tf.constant(scale, tf.float32))
+            gradients, loss_sum, correct = self._chunk_gradients(
+                self.feed.inputs(chunk), self.feed.labels(chunk), dropout_keys(self.config.seed, chunk, self.drops),
+                tf.constant(scale, tf.float32))
             total = [a + b for a, b in zip(total, gradients)]
             meter.add(loss_sum, correct, chunk.count)
         reduced = self._allreduce_gradients(total)

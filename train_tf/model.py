@@ -11,7 +11,7 @@ import contextlib
 import keras
 import tensorflow as tf
 
-from common.model import networks, weights
+from common.model import dropout, networks, weights
 
 BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * old + m * batch
 BN_EPSILON = 1e-5
@@ -144,14 +144,26 @@ class BlockLayer(keras.layers.Layer):
 
 
 class DenseLayer(keras.layers.Layer):
-    def __init__(self, spec, **kwargs):
+    """Dense, optional ReLU; while training with ``dropout_keys`` (a batch's sample keys,
+    common/model/dropout.py) and a rate, the input first loses the units its masks drop."""
+
+    def __init__(self, spec, layer_index, **kwargs):
         super().__init__(**kwargs)
         self.linear = keras.layers.Dense(spec.units)
         self.relu = spec.relu
+        self.rate, self.layer_index = spec.dropout, layer_index
 
-    def call(self, x, training=False):
+    def call(self, x, training=False, dropout_keys=None):
+        if training and self.rate and dropout_keys is not None:
+            x = x * seeded_dropout_mask(dropout_keys, x.shape[-1], self.layer_index, self.rate, x.dtype)
         x = self.linear(x)
         return tf.nn.relu(x) if self.relu else x
+
+
+def seeded_dropout_mask(keys, features, layer_index, rate, dtype):
+    """(samples, features): 0 for a dropped unit, 1 / (1 - rate) for a kept one."""
+    kept = dropout.keep(keys, tf.range(features, dtype=tf.int64), layer_index, rate, tf.bitwise.bitwise_xor)
+    return tf.cast(tf.where(kept, dropout.scale(rate), 0.0), dtype)
 
 
 class ChannelFirstFlatten(keras.layers.Layer):
@@ -190,7 +202,8 @@ class GlobalAvgPoolLayer(keras.layers.Layer):
         return tf.reduce_mean(x, axis=[1, 2])
 
 
-def build_layer(spec, in_shape):
+def build_layer(spec, in_shape, index):
+    """The layer of ``spec``, the model's ``index``-th (dropout masks are keyed by it)."""
     if isinstance(spec, networks.Conv):
         return ConvLayer(spec)
     if isinstance(spec, networks.ConvBN):
@@ -206,22 +219,35 @@ def build_layer(spec, in_shape):
     if isinstance(spec, networks.Flatten):
         return ChannelFirstFlatten()
     if isinstance(spec, networks.Dense):
-        return DenseLayer(spec)
+        return DenseLayer(spec, index)
     raise TypeError(f"no Keras layer for spec {spec!r}")
 
 
-class SpecModel(keras.Model):
-    """The layers of the specs in order; ``layers_`` is what a pipeline stage slices."""
+def dropout_keys(seed, batch, drops):
+    """The sample keys of a training batch's seeded dropout masks (int64); none (an empty
+    tensor, which the compiled steps take alike) when the model does not drop."""
+    if not drops:
+        return tf.zeros([0], tf.int64)
+    return tf.constant(dropout.sample_keys(seed, batch.epoch, batch.indices))
 
-    def __init__(self, specs, input_shape, **kwargs):
+
+class SpecModel(keras.Model):
+    """The layers of the specs in order (the whole model's from ``first_index`` on);
+    ``layers_`` is what a pipeline stage slices. ``dropout_keys`` (int64, one per sample)
+    reach the layers that drop; without them (evaluation, timing) nothing drops."""
+
+    def __init__(self, specs, input_shape, first_index=0, **kwargs):
         super().__init__(**kwargs)
         shapes = networks.layer_shapes(specs, input_shape)
         self.specs = list(specs)
-        self.layers_ = [build_layer(spec, shapes[i]) for i, spec in enumerate(specs)]
+        self.layers_ = [build_layer(spec, shapes[i], first_index + i) for i, spec in enumerate(specs)]
 
-    def call(self, x, training=False):
+    def call(self, x, training=False, dropout_keys=None):
         for layer in self.layers_:
-            x = layer(x, training=training)
+            if isinstance(layer, DenseLayer):
+                x = layer(x, training=training, dropout_keys=dropout_keys)
+            else:
+                x = layer(x, training=training)
         return x
 
 
@@ -307,7 +333,7 @@ def to_channels_first(array):
 def build_stage(specs, input_shape, seed, start, end):
     """Layers start..end-1 of the model, holding exactly the whole model's initial weights."""
     shapes = networks.layer_shapes(specs, input_shape)
-    stage = SpecModel(specs[start:end], shapes[start])
+    stage = SpecModel(specs[start:end], shapes[start], start)
     channels_last = shapes[start][1:] + shapes[start][:1] if len(shapes[start]) == 3 else shapes[start]
     stage(tf.zeros((1, *channels_last)))  # create the variables
     load_neutral(stage, shapes[start],

@@ -34,6 +34,7 @@ from train_tf.input import make_feed
 from train_tf.model import (
     build_model,
     build_stage,
+    dropout_keys,
     frozen_batch_norm_statistics,
     set_batch_norm_reduction,
     to_channels_last,
@@ -103,28 +104,30 @@ class TfStage:
         self._apply = tf.function(lambda gradients: self.optimizer.apply(gradients, self.variables))
         # Compiled, channel-first in and out (the wire's layout, transposed inside the
         # graph), float32 on the wire and into the loss, whatever --amp computes in.
-        self._forward = tf.function(lambda x: channels_first(tf.cast(self.model(channels_last(x), training=True),
-                                                                     tf.float32)), reduce_retracing=True)
+        self.drops = networks.drops(place.specs[place.start:place.end])  # seeded dropout in this stage
+        self._forward = tf.function(lambda x, keys: channels_first(tf.cast(
+            self.model(channels_last(x), training=True, dropout_keys=keys), tf.float32)), reduce_retracing=True)
         self._recompute_backward = tf.function(self._gradients_given_output_gradients, reduce_retracing=True)
         self._loss_backward = tf.function(self._loss_and_gradients, reduce_retracing=True)
         self.stash: dict = {}  # micro-batch -> what its backward needs
         self.gradients: list = []
 
-    def _gradients_given_output_gradients(self, x, upstream, accumulated):
+    def _gradients_given_output_gradients(self, x, keys, upstream, accumulated):
         with tf.GradientTape() as tape:
             tape.watch(x)
             with frozen_batch_norm_statistics():  # they moved at the forward
-                out = channels_first(self.model(channels_last(x), training=True))
+                # The same keys draw the forward's dropout masks again.
+                out = channels_first(self.model(channels_last(x), training=True, dropout_keys=keys))
         sources = list(self.variables) if self.first else [x, *self.variables]  # no input gradient to send
         gradients = tape.gradient(out, sources, output_gradients=tf.cast(upstream, out.dtype),
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
         input_gradient = tf.zeros(()) if self.first else gradients.pop(0)
         return input_gradient, [total + gradient for total, gradient in zip(accumulated, gradients)]
 
-    def _loss_and_gradients(self, x, labels, scale, accumulated):
+    def _loss_and_gradients(self, x, keys, labels, scale, accumulated):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            out = tf.cast(self.model(channels_last(x), training=True), tf.float32)
+            out = tf.cast(self.model(channels_last(x), training=True, dropout_keys=keys), tf.float32)
             loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, out))
             target = loss_sum * scale  # scaled once: the micro-batches add up to the batch mean
         gradients = tape.gradient(target, [x] + list(self.variables),
@@ -171,11 +174,12 @@ class TfStage:
 
     def forward(self, m, inputs, batch, scale):
         x = self._inputs(inputs, batch)
+        keys = dropout_keys(self.config.seed, batch, self.drops)
         if not self.last:
-            self.stash[m] = x
-            return self._forward(x), (0.0, 0.0)
+            self.stash[m] = (x, keys)
+            return self._forward(x, keys), (0.0, 0.0)
         loss_sum, correct, input_gradient, self.gradients = self._loss_backward(
-            x, self.feed.labels(batch), tf.constant(scale, tf.float32), self.gradients)
+            x, keys, self.feed.labels(batch), tf.constant(scale, tf.float32), self.gradients)
         self.stash[m] = input_gradient
         return None, (float(loss_sum), float(correct))
 
@@ -183,8 +187,9 @@ class TfStage:
         if self.last:
             input_gradient = self.stash.pop(m)  # computed with the loss, at the forward
         else:
+            x, keys = self.stash.pop(m)
             input_gradient, self.gradients = self._recompute_backward(
-                self.stash.pop(m), tf.convert_to_tensor(output_gradient), self.gradients)
+                x, keys, tf.convert_to_tensor(output_gradient), self.gradients)
         return None if self.first else input_gradient
 
     def allreduce_gradients(self):

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from common.core.config import Amp
-from common.model import weights
+from common.model import networks, weights
 from common.parallel.data_parallel import ReplicaRunner, apply_data_layout, run_elastic
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
 from train_torch.device import pick_device
 from train_torch.horovod_glue import HorovodCollectives, average_batch_norm_statistics, init_horovod
 from train_torch.input import DeviceMeter, make_feed
-from train_torch.model import build_model, set_batch_norm_reduction
+from train_torch.model import build_model, dropout_keys, set_batch_norm_reduction
 from train_torch.optimizer import make_local_optimizer
 from train_torch.precision import LossScaler, autocast
 
@@ -33,8 +33,9 @@ def make_optimizer(model, config, hvd):
         op=hvd.Adasum if config.adasum else hvd.Sum)
 
 
-def backward_pass(runner, images, labels, scale, meter):
-    """Forward + backward of one chunk, loss scaled so the ranks' gradients sum to the mean."""
+def backward_pass(runner, images, labels, keys, scale, meter):
+    """Forward + backward of one chunk, loss scaled so the ranks' gradients sum to the mean;
+    ``keys``: the chunk's dropout keys (None when the model does not drop)."""
     model = runner.model
     if len(labels) == 0:
         # An empty share (last batch smaller than the ranks) still has to join the
@@ -44,7 +45,7 @@ def backward_pass(runner, images, labels, scale, meter):
         (zero * 0.0).backward()
         return
     with autocast(runner.config, runner.device):
-        logits = model(images)
+        logits = model(images, keys)
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
     target = loss_sum * scale
     (runner.scaler.scale(target) if runner.scaler else target).backward()
@@ -68,6 +69,7 @@ class DataParallelRunner(ReplicaRunner):
                                                                              memory_format=self.feed.memory_format)
         if config.sync_bn:  # Horovod: BatchNorm statistics of the global batch (autograd-aware sum)
             set_batch_norm_reduction(self.model, lambda sums: self.hvd.allreduce(sums, op=self.hvd.Sum))
+        self.drops = networks.drops(specs)  # then each step hands the model its samples' keys
         self.optimizer = make_optimizer(self.model, config, self.hvd)
         self.scaler = LossScaler(config, self.device, self.primary) if config.amp == Amp.FP16 else None
 
@@ -85,8 +87,11 @@ class DataParallelRunner(ReplicaRunner):
         self.optimizer.zero_grad()
         scale = 1.0 / max(1, batch.count) if self.config.adasum else 1.0 / global_count
         chunks = self.config.accumulation_steps
-        for chunk_images, chunk_labels in zip(images.tensor_split(chunks), labels.tensor_split(chunks)):
-            backward_pass(self, chunk_images, chunk_labels, scale, meter)
+        keys = (dropout_keys(self.config.seed, batch, self.device).tensor_split(chunks) if self.drops
+                else [None] * chunks)
+        for chunk_images, chunk_labels, chunk_keys in zip(images.tensor_split(chunks), labels.tensor_split(chunks),
+                                                          keys):
+            backward_pass(self, chunk_images, chunk_labels, chunk_keys, scale, meter)
         if self.scaler:
             self.scaler.step(self.optimizer, self.optimizer.synchronize)  # Horovod: allreduce, then unscale
         else:

@@ -7,7 +7,7 @@ stage is simply a slice of it. Nothing here knows about distribution.
 import torch
 from torch import nn
 
-from common.model import networks, weights
+from common.model import dropout, networks, weights
 
 ACTIVATIONS = {"relu": torch.relu, "relu6": nn.functional.relu6, "": None}
 
@@ -97,14 +97,43 @@ class BlockLayer(nn.Module):
 
 
 class DenseLayer(nn.Module):
-    def __init__(self, spec, in_features):
+    """Linear, optional ReLU; while training with ``dropout_keys`` (a batch's sample keys,
+    common/model/dropout.py) and a rate, the input first loses the units its masks drop."""
+
+    def __init__(self, spec, in_features, layer_index):
         super().__init__()
         self.linear = nn.Linear(in_features, spec.units)
         self.relu = spec.relu
+        self.rate, self.layer_index = spec.dropout, layer_index
 
-    def forward(self, x):
+    def forward(self, x, dropout_keys=None):
+        if self.training and self.rate and dropout_keys is not None:
+            x = x * seeded_dropout_mask(dropout_keys, x.shape[1], self.layer_index, self.rate, x.dtype)
         x = self.linear(x)
         return torch.relu(x) if self.relu else x
+
+
+def seeded_dropout_mask(keys, features, layer_index, rate, dtype):
+    """(samples, features): 0 for a dropped unit, 1 / (1 - rate) for a kept one."""
+    ids = torch.arange(features, dtype=torch.int64, device=keys.device)
+    kept = dropout.keep(keys, ids, layer_index, rate)
+    return torch.where(kept, torch.tensor(dropout.scale(rate), device=keys.device),
+                       torch.tensor(0.0, device=keys.device)).to(dtype)
+
+
+def dropout_keys(seed, batch, device):
+    """The sample keys of a training batch's seeded dropout masks, on ``device``."""
+    return torch.from_numpy(dropout.sample_keys(seed, batch.epoch, batch.indices)).to(device)
+
+
+class Layers(nn.Sequential):
+    """The model or a stage: the specs' layers in order. ``dropout_keys`` (int64, one per
+    sample) reach the layers that drop; without them (evaluation, timing) nothing drops."""
+
+    def forward(self, x, dropout_keys=None):
+        for layer in self:
+            x = layer(x, dropout_keys) if isinstance(layer, DenseLayer) else layer(x)
+        return x
 
 
 class GlobalAvgPoolLayer(nn.Module):
@@ -112,7 +141,8 @@ class GlobalAvgPoolLayer(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def build_layer(spec, in_shape):
+def build_layer(spec, in_shape, index):
+    """The module of ``spec``, the model's ``index``-th layer (dropout masks are keyed by it)."""
     if isinstance(spec, networks.Conv):
         return ConvLayer(spec, in_shape[0])
     if isinstance(spec, networks.ConvBN):
@@ -128,14 +158,14 @@ def build_layer(spec, in_shape):
     if isinstance(spec, networks.Flatten):
         return nn.Flatten()
     if isinstance(spec, networks.Dense):
-        return DenseLayer(spec, in_shape[0])
+        return DenseLayer(spec, in_shape[0], index)
     raise TypeError(f"no torch layer for spec {spec!r}")
 
 
 def build_stage(specs, input_shape, seed, start, end):
     """Layers start..end-1 of the model, holding exactly the whole model's initial weights."""
     shapes = networks.layer_shapes(specs, input_shape)
-    stage = nn.Sequential(*(build_layer(specs[i], shapes[i]) for i in range(start, end)))
+    stage = Layers(*(build_layer(specs[i], shapes[i], i) for i in range(start, end)))
     load_neutral(stage, weights.stage_arrays(weights.initial_weights(specs, input_shape, seed), start, end))
     return stage
 
@@ -155,7 +185,7 @@ def batch_norm_statistics(model) -> list:
 
 
 def build_model(specs, input_shape, seed):
-    """nn.Sequential of the specs, with common/model/weights.py's initial weights for ``seed``
+    """Layers (an nn.Sequential) of the specs, with common/model/weights.py's initial weights for ``seed``
     (the same weights on every rank and in both frameworks)."""
     return build_stage(specs, input_shape, seed, 0, len(specs))
 

@@ -12,12 +12,13 @@ from torch.nn.utils import parameters_to_vector
 
 from common.core import metrics
 from common.core.runner import StagePlace
+from common.model import networks
 from common.model.checkpoint import NeutralState
 from train_torch.checkpoint import load_neutral_state, neutral_state
 from train_torch.device import pick_device, to_numpy
 from train_torch.horovod_glue import average_batch_norm_statistics
 from train_torch.input import TorchFeed, make_feed
-from train_torch.model import build_model, build_stage, set_batch_norm_reduction
+from train_torch.model import build_model, build_stage, dropout_keys, set_batch_norm_reduction
 from train_torch.optimizer import make_local_optimizer
 from train_torch.precision import autocast
 from train_torch.wire import StagedWire, make_wire
@@ -64,6 +65,7 @@ class TorchStage:
         self.host = StagedWire(self.device) if self.device.type == "cuda" else None  # --mode ps vectors
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start,
                                  place.end).to(self.device, memory_format=cast(TorchFeed, self.feed).memory_format)
+        self.drops = networks.drops(place.specs[place.start:place.end])  # seeded dropout in this stage
         self.parameters = list(self.model.parameters())
         self.has_parameters = bool(self.parameters)
         self.optimizer = make_local_optimizer(self.model, place.config) if self.parameters else None
@@ -110,8 +112,9 @@ class TorchStage:
         x = self._inputs(inputs, batch)
         if not self.first:
             x.requires_grad_()
+        keys = dropout_keys(self.config.seed, batch, self.device) if self.drops else None
         with autocast(self.config, self.device):
-            out = self.model(x)
+            out = self.model(x, keys)
         if not self.last:
             self.stash[m] = (x, out)
             return out.float(), (0.0, 0.0)  # float32 on the wire, whatever --amp computes in

@@ -127,6 +127,10 @@ class RunConfig:
                      choices=list(Amp), nargs="?", const=Amp.BF16)
     loss_scale: float = _flag(65536.0, "--amp fp16: the initial dynamic loss scale (halved after "
                               "each overflow, doubled after 2000 clean steps)")
+    dropout: float | None = _flag(None, "the share of units dropped while training, before the classifier (VGG: "
+                                  "also after each hidden dense layer), with masks drawn from (--seed, epoch, "
+                                  "sample), the same in every mode; default: the model's own (VGG 0.5, "
+                                  "mobilenet_v2 0.2, the others 0)")
     channels_last: bool | None = _flag(None, "PyTorch: NHWC memory format (faster convolutions with --amp on "
                                           "a GPU; default: on exactly then, i.e. with --amp on CUDA)")
     epochs: int = _flag(10, "training epochs (0: only evaluate)")
@@ -220,7 +224,7 @@ GROUPS = {
     "data": ("dataset", "data_dir", "val_fraction", "image_size", "channels", "augment", "data_workers",
              "prefetch_batches", "check_images", "decode", "skip_bad_images", "synthetic_shape", "synthetic_samples",
              "num_classes"),
-    "model": ("model", "stem", "sync_bn", "channels_last"),
+    "model": ("model", "stem", "dropout", "sync_bn", "channels_last"),
     "training": ("epochs", "batch_size", "batch_size_per_rank", "steps_per_epoch", "seed"),
     "optimiser": ("optimizer", "lr", "lr_schedule", "warmup_epochs", "momentum", "weight_decay"),
     "precision": ("amp", "loss_scale"),
@@ -368,6 +372,8 @@ def _validate_model(config: RunConfig) -> None:
     if config.sync_bn and config.mode in (Mode.MODEL, Mode.PS):
         raise UsageError(f"--sync-bn synchronises BatchNorm across data-parallel replicas; --mode "
                          f"{config.mode} has none (use --mode data or hybrid, or drop --sync-bn)")
+    if config.dropout is not None and not (0 <= config.dropout < 1):
+        raise UsageError(f"--dropout must be in [0, 1) (got {config.dropout}); e.g. --dropout 0.5")
 
 
 def _validate_precision(config: RunConfig) -> None:

@@ -8,6 +8,7 @@ resume. A Runner (common/core/runner.py) does one rank's part of each step.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -62,9 +63,10 @@ def load_run(argv: list[str] | None, prog: str) -> LoadedRun:
     size_fix = "pass a larger --image-size" if config.dataset == DatasetName.FOLDER else "use larger images"
     if config.dataset == DatasetName.FOLDER:  # before any image is read: a bad size is found in a moment
         networks.model_specs(config.model, (config.channels or 1, config.image_size, config.image_size), 2,
-                           config.stem, size_fix)
+                           config.stem, size_fix, config.dropout)
     dataset = datasets.load_dataset(config)
-    specs = networks.model_specs(config.model, dataset.image_shape, dataset.num_classes, config.stem, size_fix)
+    specs = networks.model_specs(config.model, dataset.image_shape, dataset.num_classes, config.stem, size_fix,
+                                 config.dropout)
     check_stages(config, specs)
     # Elastic workers come and go by design: Horovod's own timeouts notice a worker that never joins.
     return LoadedRun(config, dataset, specs, ContactDeadline(0 if config.elastic else config.connect_timeout))
@@ -137,6 +139,7 @@ class Trainer:
             config.model, dataset.image_shape, dataset.num_classes,
             networks.resolved_stem(config.model, config.stem, dataset.image_shape))
         self.expected_shapes = weights.expected_shapes(specs, dataset.image_shape)
+        self.dropout = networks.dropout_rate(config.model, config.dropout)
         self.settle_run_directory()
         # Where each rank runs (elastic workers come and go: they have no start-up collective).
         if not runner.reads.images:
@@ -334,8 +337,8 @@ class Trainer:
             self.log_step_loss(at_epoch * self.steps + at_step + 1, sums)
 
         stopwatch = metrics.Stopwatch()
-        prefetch = Prefetcher(self.train_reader.read, runner.feed.stage, [indices for indices, _ in ahead],
-                              config.prefetch_batches)
+        prefetch = Prefetcher(functools.partial(self.train_reader.read, epoch=epoch), runner.feed.stage,
+                              [indices for indices, _ in ahead], config.prefetch_batches)
         try:
             for step, (_, global_count) in enumerate(ahead, start=first_step):
                 step_lr = lr.lr_at(epoch * self.steps + step, self.steps, config, runner.data_shards)
@@ -500,7 +503,8 @@ class Trainer:
                                     self.runner.checkpoint_shards, self.runner.framework,
                                     {"mode": self.runner.plan.mode, "pp": self.runner.plan.pp,
                                      "dp": self.runner.plan.dp}, checkpoint.rng_state(),
-                                    loss_scale.record() if (loss_scale := self.runner.loss_scale()) else None)
+                                    loss_scale.record() if (loss_scale := self.runner.loss_scale()) else None,
+                                    self.dropout)
         try:
             checkpoint.commit(temporary, path, meta, before_rename=lambda: self.faults.at(self.runner.rank, "save"))
         except OSError as error:
@@ -567,6 +571,10 @@ class Trainer:
             epoch, step = opened.position
             where = f"{step} steps into epoch {epoch + 1}" if step else f"after epoch {epoch}"
             metrics.log(f"resumed from {path} ({where})")
+            recorded = opened.meta.get("dropout")
+            if isinstance(recorded, (int, float)) and recorded != self.dropout:
+                metrics.log(f"warning: {path} was trained with --dropout {recorded:g}; this run drops "
+                            f"{self.dropout:g} (pass --dropout {recorded:g} to continue as it was)")
             self.summary.resumed = Resumed(path, epoch, step)
             return path, opened.position, opened.meta.get("rng"), opened.meta.get("loss_scale")
         raise UsageError(problems[0] if len(problems) == 1 else
@@ -591,8 +599,9 @@ class Trainer:
         runner, config, dataset = self.runner, self.config, self.dataset
         if not runner.primary:
             return
+        dropping = f", dropout {self.dropout:g}" if self.dropout else ""
         metrics.log(f"{runner.framework}: {config.model} ({networks.total_params(self.specs, dataset.image_shape):,} "
-                    f"params) on {dataset.name} {len(dataset.y_train)} train / {len(dataset.y_test)} test "
+                    f"params{dropping}) on {dataset.name} {len(dataset.y_train)} train / {len(dataset.y_test)} test "
                     f"{'x'.join(map(str, dataset.image_shape))}; {describe(runner.plan, config)}, "
                     f"global batch {self.global_batch}, {self.steps} steps/epoch, {runner.threads} threads/rank "
                     f"({'--threads' if config.threads else read_cpu_share().threads()[1]})")

@@ -69,13 +69,16 @@ class Batch:
     ``pixels`` and ``labels`` are numpy arrays as read, or the framework's tensors
     once its feed has staged them; either is None on a rank that does not need it
     (a pipeline's middle stages read neither). ``flips`` marks the samples to mirror
-    (None: none). ``encoded`` holds undecoded files for --decode gpu instead of pixels."""
+    (None: none). ``encoded`` holds undecoded files for --decode gpu instead of pixels.
+    ``epoch`` is the training epoch the batch belongs to (None: an evaluation batch);
+    with ``indices`` it keys the seeded dropout masks (common/model/dropout.py)."""
     indices: np.ndarray
     labels: Any = None             # numpy as read, a framework tensor once staged
     pixels: Any = None
     flips: Any = None
     encoded: Any = None
     staged: Any = None             # what the feed keeps while the batch travels (events, buffers)
+    epoch: int | None = None
 
     @property
     def count(self) -> int:
@@ -166,15 +169,16 @@ class BatchReader:
         self.images, self.labels, self.reads, self.feed = images, labels, reads, feed
         self.read_encoded = read_encoded  # --decode gpu: the files, for the feed to decode
 
-    def read(self, indices: np.ndarray) -> Batch:
+    def read(self, indices: np.ndarray, epoch: int | None = None) -> Batch:
+        """The batch of ``indices``, of training ``epoch`` (None: evaluation)."""
         labels = self.labels[indices] if self.reads.labels else None
         if not self.reads.images:
-            return Batch(indices, labels)
+            return Batch(indices, labels, epoch=epoch)
         if self.read_encoded is not None:
-            return Batch(indices, labels, encoded=self.read_encoded(indices))
+            return Batch(indices, labels, encoded=self.read_encoded(indices), epoch=epoch)
         pixels = self.feed.host_buffer((len(indices), *self.images.shape[1:]), self.images.pixel_dtype)
         flips = self.images.read_into(indices, pixels)
-        return Batch(indices, labels, pixels, flips)
+        return Batch(indices, labels, pixels, flips, epoch=epoch)
 
 
 class _Failure:

@@ -218,12 +218,13 @@ def abandon(temporary: str) -> None:
 
 
 def make_meta(position: Position, architecture: dict, config: dict, shards: int, framework: str,
-              layout: dict, rng: dict, loss_scale: dict | None = None) -> dict:
-    """``loss_scale``: --amp fp16's dynamic scale (common/model/loss_scale.DynamicLossScale.record)."""
+              layout: dict, rng: dict, loss_scale: dict | None = None, dropout: float = 0.0) -> dict:
+    """``loss_scale``: --amp fp16's dynamic scale (common/model/loss_scale.DynamicLossScale.record);
+    ``dropout``: the rate the weights were trained with (--dropout, or the model's default)."""
     epoch, step = position
     meta = {"format": FORMAT, "epoch": int(epoch), "step": int(step), "architecture": architecture,
             "optimizer": config["optimizer"], "config": config, "shards": int(shards), "written_by": framework,
-            "layout": layout, "rng": rng}
+            "layout": layout, "rng": rng, "dropout": float(dropout)}
     return {**meta, "loss_scale": loss_scale} if loss_scale else meta
 
 

@@ -252,8 +252,11 @@ class Flatten:
 
 @dataclass(frozen=True)
 class Dense:
+    """A fully connected layer, optional ReLU. ``dropout`` > 0 drops that share of its
+    INPUT while training, with common/model/dropout.py's seeded masks."""
     units: int
     relu: bool = False
+    dropout: float = 0.0
 
     def out_shape(self, shape):
         return (self.units,)
@@ -275,16 +278,16 @@ SMALL_INPUT = 64
 STEMS = ("auto", "imagenet", "cifar")
 
 
-def seed_cnn(num_classes: int, small: bool) -> list[Spec]:
+def seed_cnn(num_classes: int, small: bool, dropout: float) -> list[Spec]:
     """The seed's CIFAR CNN: conv32-3x3, pool, conv64-3x3, pool, dense64, dense (ReLU)."""
     return [Conv(32), MaxPool(2), Conv(64), MaxPool(2), Flatten(), Dense(64, relu=True),
-            Dense(num_classes)]
+            Dense(num_classes, dropout=dropout)]
 
 
-def resnet8(num_classes: int, small: bool) -> list[Spec]:
+def resnet8(num_classes: int, small: bool, dropout: float) -> list[Spec]:
     """A ResNet-8-style network: stem, three residual stages (16, 32, 64), pooled head."""
     return [ConvBN(16), ResidualBlock(16), ResidualBlock(32, stride=2),
-            ResidualBlock(64, stride=2), GlobalAvgPool(), Dense(num_classes)]
+            ResidualBlock(64, stride=2), GlobalAvgPool(), Dense(num_classes, dropout=dropout)]
 
 
 def _resnet_stem(small: bool) -> list[Spec]:
@@ -293,7 +296,7 @@ def _resnet_stem(small: bool) -> list[Spec]:
     return [ConvBN(64, 7, 2), MaxPool(3, 2, padding=1)]
 
 
-def _resnet(blocks_per_stage, block, num_classes, small):
+def _resnet(blocks_per_stage, block, num_classes, small, dropout):
     """torchvision's ResNet: stem, four stages (64, 128, 256, 512 wide; stride 2 from
     the second on), global average pool, one dense layer."""
     specs = _resnet_stem(small)
@@ -301,19 +304,19 @@ def _resnet(blocks_per_stage, block, num_classes, small):
         width = 64 * 2 ** stage
         for index in range(count):
             specs.append(block(width, 2 if stage and not index else 1))
-    return specs + [GlobalAvgPool(), Dense(num_classes)]
+    return specs + [GlobalAvgPool(), Dense(num_classes, dropout=dropout)]
 
 
-def resnet18(num_classes: int, small: bool) -> list[Spec]:
-    return _resnet((2, 2, 2, 2), ResidualBlock, num_classes, small)
+def resnet18(num_classes: int, small: bool, dropout: float) -> list[Spec]:
+    return _resnet((2, 2, 2, 2), ResidualBlock, num_classes, small, dropout)
 
 
-def resnet34(num_classes: int, small: bool) -> list[Spec]:
-    return _resnet((3, 4, 6, 3), ResidualBlock, num_classes, small)
+def resnet34(num_classes: int, small: bool, dropout: float) -> list[Spec]:
+    return _resnet((3, 4, 6, 3), ResidualBlock, num_classes, small, dropout)
 
 
-def resnet50(num_classes: int, small: bool) -> list[Spec]:
-    return _resnet((3, 4, 6, 3), Bottleneck, num_classes, small)
+def resnet50(num_classes: int, small: bool, dropout: float) -> list[Spec]:
+    return _resnet((3, 4, 6, 3), Bottleneck, num_classes, small, dropout)
 
 
 VGG_LAYERS = {"vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -321,14 +324,15 @@ VGG_LAYERS = {"vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 51
                         512, 512, 512, "M")}
 
 
-def _vgg(name, batch_norm, num_classes, small):
-    """torchvision's VGG without its Dropout layers (so every mode computes the same
-    thing; the parameter count is unchanged). The ImageNet head pools to 7x7 first;
-    on small inputs the 512-channel map is flattened as it is (1x1 at 32 px)."""
+def _vgg(name, batch_norm, num_classes, small, dropout):
+    """torchvision's VGG, its Dropout after each hidden dense layer's ReLU (here: on the
+    next layer's input). The ImageNet head pools to 7x7 first; on small inputs the
+    512-channel map is flattened as it is (1x1 at 32 px)."""
     specs = [MaxPool(2) if item == "M" else (ConvBN(item, bias=True) if batch_norm else Conv(item))
              for item in VGG_LAYERS[name]]
     head = [Flatten()] if small else [AdaptiveAvgPool(7), Flatten()]
-    return specs + head + [Dense(4096, relu=True), Dense(4096, relu=True), Dense(num_classes)]
+    return specs + head + [Dense(4096, relu=True), Dense(4096, relu=True, dropout=dropout),
+                           Dense(num_classes, dropout=dropout)]
 
 
 # (expand ratio, channels, blocks, first stride) of torchvision's MobileNetV2 (width 1.0).
@@ -336,29 +340,42 @@ MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2
                        (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-def mobilenet_v2(num_classes: int, small: bool) -> list[Spec]:
-    """torchvision's MobileNetV2 without its Dropout; the small-input stem keeps stride 1."""
+def mobilenet_v2(num_classes: int, small: bool, dropout: float) -> list[Spec]:
+    """torchvision's MobileNetV2 (Dropout before its classifier); the small-input stem keeps stride 1."""
     specs: list[Spec] = [ConvBN(32, 3, 1 if small else 2, activation="relu6")]
     for expand, channels, count, stride in MOBILENET_V2_STAGES:
         specs += [InvertedResidual(channels, stride if index == 0 else 1, expand) for index in range(count)]
-    return specs + [ConvBN(1280, 1, activation="relu6"), GlobalAvgPool(), Dense(num_classes)]
+    return specs + [ConvBN(1280, 1, activation="relu6"), GlobalAvgPool(), Dense(num_classes, dropout=dropout)]
 
 
 ARCHITECTURES = {
     "cnn": seed_cnn, "resnet8": resnet8, "resnet18": resnet18, "resnet34": resnet34,
     "resnet50": resnet50,
-    "vgg11": lambda classes, small: _vgg("vgg11", False, classes, small),
-    "vgg11_bn": lambda classes, small: _vgg("vgg11", True, classes, small),
-    "vgg16": lambda classes, small: _vgg("vgg16", False, classes, small),
-    "vgg16_bn": lambda classes, small: _vgg("vgg16", True, classes, small),
+    "vgg11": lambda classes, small, dropout: _vgg("vgg11", False, classes, small, dropout),
+    "vgg11_bn": lambda classes, small, dropout: _vgg("vgg11", True, classes, small, dropout),
+    "vgg16": lambda classes, small, dropout: _vgg("vgg16", False, classes, small, dropout),
+    "vgg16_bn": lambda classes, small, dropout: _vgg("vgg16", True, classes, small, dropout),
     "mobilenet_v2": mobilenet_v2,
 }
+# --dropout's default: torchvision's rates; the networks whose definitions have none get 0
+# (--dropout P then drops before their classifier).
+DEFAULT_DROPOUT = {"vgg11": 0.5, "vgg11_bn": 0.5, "vgg16": 0.5, "vgg16_bn": 0.5, "mobilenet_v2": 0.2}
 # Older names still accepted on the command line (checkpoints record the canonical one).
 ALIASES = {"resnet": "resnet8"}
 
 
 def canonical_name(name: str) -> str:
     return ALIASES.get(name, name)
+
+
+def dropout_rate(name: str, dropout: float | None) -> float:
+    """--dropout as given, or (None) the model's own default."""
+    return DEFAULT_DROPOUT.get(canonical_name(name), 0.0) if dropout is None else float(dropout)
+
+
+def drops(specs: Sequence[Spec]) -> bool:
+    """Whether training the model draws dropout masks (its layers then need sample keys)."""
+    return any(isinstance(spec, Dense) and spec.dropout > 0 for spec in specs)
 
 
 STEMLESS = ("cnn", "resnet8")  # fixed small-image networks: --stem does not apply
@@ -379,12 +396,13 @@ def small_stem(stem: str, input_shape: tuple) -> bool:
 
 
 def model_specs(name: str, input_shape: tuple, num_classes: int, stem: str = "auto",
-                size_fix: str = "use larger images") -> list[Spec]:
-    """The layer specs of model ``name`` for images of ``input_shape`` (C, H, W)."""
+                size_fix: str = "use larger images", dropout: float | None = None) -> list[Spec]:
+    """The layer specs of model ``name`` for images of ``input_shape`` (C, H, W); ``dropout``
+    None gives the model's default rate."""
     name = canonical_name(name)
     if name not in ARCHITECTURES:
         raise UsageError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
-    specs = ARCHITECTURES[name](num_classes, small_stem(stem, input_shape))
+    specs = ARCHITECTURES[name](num_classes, small_stem(stem, input_shape), dropout_rate(name, dropout))
     shapes = layer_shapes(specs, input_shape)
     if any(min(shape) < 1 for shape in shapes):
         raise UsageError(f"images of shape {tuple(input_shape)} are too small for model {name!r} "

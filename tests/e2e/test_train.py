@@ -47,6 +47,21 @@ def test_two_ranks_learn_digits_and_the_other_framework_agrees(tmp_path, framewo
     assert abs(final_accuracy(evaluated) - accuracy) <= 0.001
 
 
+def test_dropout_is_on_and_the_same_in_both_frameworks(tmp_path):
+    """--dropout 0.5 on the seed CNN, three steps in one process: PyTorch and TensorFlow end at
+    the same weights (the masks are hashed from the samples, not drawn from either framework's
+    random stream), apart from the same run without dropout (the masks are really applied)."""
+    runs = {}
+    for name, framework, rate in (("torch", "torch", 0.5), ("tf", "tf", 0.5), ("none", "torch", 0)):
+        directory = tmp_path / name
+        assert_ok(run_training(["--epochs", 1, "--steps-per-epoch", 3, "--lr", 0.1, "--dropout", rate,
+                                "--checkpoint-dir", directory], framework=framework))
+        runs[name] = checkpoint_weights(checkpoint_path(directory, 1))
+    for key, value in runs["torch"].items():
+        assert relative_difference(runs["tf"][key], value) <= 1e-5, key
+    assert relative_difference(runs["none"]["6.kernel"], runs["torch"]["6.kernel"]) > 1e-3  # 100x the bound above
+
+
 @pytest.mark.parametrize("framework", ["torch"])  # TensorFlow resumes in test_stop_resume and the moves
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, framework):
     args = ["--model", "resnet", "--steps-per-epoch", 6, "--batch-size", 32]

@@ -43,8 +43,8 @@ def test_network_trains_in_mode(tmp_path, framework, name, mode):
 
 
 def test_zoo_checkpoint_crosses_frameworks_and_modes(tmp_path):
-    """MobileNetV2 (depthwise convolutions, ReLU6, BatchNorm) trained by PyTorch in data mode
-    (bf16), evaluated by TensorFlow as a 2-stage pipeline via --init-from: the same test loss."""
+    """MobileNetV2 (depthwise convolutions, ReLU6, BatchNorm, dropout) trained by PyTorch in data
+    mode (bf16), evaluated by TensorFlow as a 2-stage pipeline via --init-from: the same test loss."""
     directory = tmp_path / "torch"
     network = [*SMALL, *image_shape("mobilenet_v2"), "--model", "mobilenet_v2"]
     torch_run = assert_ok(run_training([*network, "--amp", "bf16", "--checkpoint-dir", directory], np_=2))
@@ -53,3 +53,6 @@ def test_zoo_checkpoint_crosses_frameworks_and_modes(tmp_path):
                                     np_=2, framework="tf"))
     # Evaluation runs in float32 in TF (no --amp), bf16 in torch: bf16's tolerance.
     assert relative_difference(completed(tf_run)["test_loss"], completed(torch_run)["test_loss"]) <= 2e-2
+    # MobileNetV2 trains with torchvision's dropout, and its checkpoint says so.
+    meta = json.loads((checkpoint_path(directory, 1) / "meta.json").read_text())
+    assert meta["dropout"] == 0.2

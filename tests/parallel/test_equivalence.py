@@ -26,9 +26,10 @@ from tests.helpers import (
 TOLERANCE = 1e-6
 RESNET8 = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
 CASES = {
-    # Real images streamed from a folder with random-resized crops and flips: each
-    # sample's draw depends on (seed, epoch, index) only, not on the rank reading it.
-    "augmented-images": ["--momentum", "0", "--batch-size", "30"],
+    # Real images streamed from a folder with random-resized crops and flips, and dropout
+    # before the classifier: each sample's crop, flip and mask depend on (seed, epoch,
+    # index) only, not on the rank that holds it.
+    "augmented-images": ["--momentum", "0", "--batch-size", "30", "--dropout", "0.5"],
 }
 # Uneven shares (63 over 4 ranks), accumulation and momentum across two hosts:
 # tests/e2e/test_multi_node.py::test_horovodrun_on_two_hosts_equals_one_process.
@@ -67,12 +68,13 @@ def test_two_ranks_equal_one_rank_on_the_global_batch(tmp_path, request, framewo
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_parameter_server_step_equals_one_process(tmp_path, framework):
     """--mode ps on 3 ranks (a server and 2 workers sharing a 63-sample batch 32/31)
-    ≡ one process, after three momentum-SGD steps (Horovod data mode ≡ one process is
+    ≡ one process, after three momentum-SGD steps with dropout (Horovod data mode ≡ one process is
     test_two_ranks_equal_one_rank_on_the_global_batch's).
     If the server used one worker's gradient instead of the sum, or the workers
     kept their own parameters instead of the server's, the weights would differ
     by about 1e-3."""
-    args = ["--epochs", 1, "--steps-per-epoch", 3, "--lr", 0.1, "--momentum", 0.9, "--batch-size", 63]
+    args = ["--epochs", 1, "--steps-per-epoch", 3, "--lr", 0.1, "--momentum", 0.9, "--batch-size", 63,
+            "--dropout", 0.25]
     results = {}
     for name, layout, np_ in (("single", [], None), ("ps", ["--mode", "ps"], 3)):
         directory = tmp_path / name

@@ -18,7 +18,10 @@ TOLERANCE = 1e-5
 # 50 samples do not divide evenly: 4 micro-batches are 13/13/12/12 (one process with
 # --accumulation-steps 4 cuts the same), 2 replicas x 2 micro-batches 13/12 each (as
 # data mode on 2 ranks with --accumulation-steps 2).
-STEPS = ["--epochs", 1, "--steps-per-epoch", 2, "--lr", 0.1, "--momentum", 0.9, "--batch-size", 50]
+# Dropout before the classifier: a micro-batch's masks must be its samples' (seed, epoch,
+# index) masks on whichever stage and replica holds the layer.
+STEPS = ["--epochs", 1, "--steps-per-epoch", 2, "--lr", 0.1, "--momentum", 0.9, "--batch-size", 50,
+         "--dropout", 0.25]
 RESNET = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
 # Each schedule with one and several micro-batches and both depths in PyTorch (the
 # schedules themselves are checked for every (schedule, stage, M) by simulation in

@@ -17,7 +17,7 @@ CASES = ([(name, shape, "auto") for name in ("cnn", "resnet8") for shape in SHAP
 IDS = [f"{name}-{'x'.join(map(str, shape))}-{stem}" for name, shape, stem in CASES]
 
 # torchvision's parameter counts at 224x224 with 1,000 classes (torchvision.models docs,
-# "num_params"); ours leave out only Dropout, which has no parameters.
+# "num_params"); Dropout, ours seeded, has no parameters.
 TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
                       "vgg11": 132_863_336, "vgg11_bn": 132_868_840, "vgg16": 138_357_544,
                       "vgg16_bn": 138_365_992, "mobilenet_v2": 3_504_872}
