@@ -17,7 +17,7 @@ from common.model.loss_scale import DynamicLossScale
 from common.parallel.data_parallel import ReplicaRunner, apply_data_layout, run_elastic
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.horovod_glue import HorovodCollectives, average_batch_norm_statistics, init_horovod
-from train_tf.input import DeviceMeter, make_feed
+from train_tf.input import DeviceMeter, loss_sum_and_correct, make_feed
 from train_tf.model import build_model, dropout_keys, set_batch_norm_reduction
 from train_tf.optimizer import Optimizer
 from train_tf.precision import set_precision
@@ -113,11 +113,9 @@ class DataParallelRunner(ReplicaRunner):
     def _chunk_gradients_eager(self, images, labels, keys, scale):
         with tf.GradientTape() as tape:
             logits = tf.cast(self.model(images, training=True, dropout_keys=keys), tf.float32)  # the loss in fp32
-            loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+            loss_sum, correct = loss_sum_and_correct(labels, logits)
             scaled = loss_sum * scale
-        gradients = tape.gradient(scaled, self.variables)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
-        return gradients, loss_sum, correct
+        return tape.gradient(scaled, self.variables), loss_sum, correct
 
     def _allreduce_gradients(self, gradients):
         collectives = self.collectives
@@ -153,7 +151,7 @@ class DataParallelRunner(ReplicaRunner):
                 self.feed.inputs(chunk), self.feed.labels(chunk), dropout_keys(self.config.seed, chunk, self.drops),
                 tf.constant(scale, tf.float32))
             total = [a + b for a, b in zip(total, gradients)]
-            meter.add(loss_sum, correct, chunk.count)
+            meter.add(loss_sum, correct, chunk.scored)
         reduced = self._allreduce_gradients(total)
         if self.loss_scale_state:
             # Horovod: after the allreduce every rank sees the same overflow, so all skip alike.
@@ -171,10 +169,8 @@ class DataParallelRunner(ReplicaRunner):
         meter = DeviceMeter()
         for batch in batches:
             batch = self.feed.arrive(batch)
-            logits, labels = self._logits(self.feed.inputs(batch)), self.feed.labels(batch)
-            loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1), labels), tf.float32))
-            meter.add(loss_sum, correct, batch.count)
+            loss_sum, correct = loss_sum_and_correct(self.feed.labels(batch), self._logits(self.feed.inputs(batch)))
+            meter.add(loss_sum, correct, batch.scored)
         return meter.pending()
 
     def loss_scale(self):

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from common.core.errors import UsageError
+from common.core.metrics import IGNORED_LABEL
 from common.data.batches import Batch, Normalisation
 
 
@@ -29,6 +30,17 @@ class TfSums:
 
     def resolve(self) -> np.ndarray:
         return np.asarray(self.sums.numpy(), dtype=np.float64)
+
+
+def loss_sum_and_correct(labels, logits):
+    """The summed cross-entropy and the correct count of float32 ``logits``, leaving out the
+    IGNORED_LABEL samples (TensorFlow's loss has no ignore index: it refuses such labels)."""
+    labels = tf.convert_to_tensor(labels)
+    scored = tf.not_equal(labels, IGNORED_LABEL)
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(scored, labels, tf.zeros_like(labels)), logits)
+    correct = tf.logical_and(scored, tf.equal(tf.argmax(logits, 1, output_type=labels.dtype), labels))
+    return (tf.reduce_sum(tf.where(scored, losses, tf.zeros_like(losses))),
+            tf.reduce_sum(tf.cast(correct, tf.float32)))
 
 
 class DeviceMeter:
@@ -99,7 +111,10 @@ class TfFeed:
         return tf.subtract(tf.multiply(x, self.scale), self.shift)
 
     def labels(self, batch: Batch):
-        return batch.labels
+        """The batch's labels, blank samples' (--skip-bad-images) IGNORED_LABEL."""
+        if batch.blank is None:
+            return batch.labels
+        return tf.where(tf.constant(batch.blank), tf.constant(IGNORED_LABEL, batch.labels.dtype), batch.labels)
 
 
 def make_feed(config, device: str, dataset) -> TfFeed:

@@ -30,7 +30,7 @@ from common.model.checkpoint import NeutralState
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.device import pin_gpu
 from train_tf.horovod_glue import average_batch_norm_statistics
-from train_tf.input import make_feed
+from train_tf.input import loss_sum_and_correct, make_feed
 from train_tf.model import (
     build_model,
     build_stage,
@@ -128,11 +128,10 @@ class TfStage:
         with tf.GradientTape() as tape:
             tape.watch(x)
             out = tf.cast(self.model(channels_last(x), training=True, dropout_keys=keys), tf.float32)
-            loss_sum = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, out))
+            loss_sum, correct = loss_sum_and_correct(labels, out)
             target = loss_sum * scale  # scaled once: the micro-batches add up to the batch mean
         gradients = tape.gradient(target, [x] + list(self.variables),
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(out, 1, output_type=labels.dtype), labels), tf.float32))
         return (loss_sum, correct, gradients[0],
                 [total + gradient for total, gradient in zip(accumulated, gradients[1:])])
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from common.core.config import Amp
+from common.core.metrics import IGNORED_LABEL
 from common.model import networks, weights
 from common.parallel.data_parallel import ReplicaRunner, apply_data_layout, run_elastic
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
@@ -33,9 +34,10 @@ def make_optimizer(model, config, hvd):
         op=hvd.Adasum if config.adasum else hvd.Sum)
 
 
-def backward_pass(runner, images, labels, keys, scale, meter):
+def backward_pass(runner, images, labels, keys, scored, scale, meter):
     """Forward + backward of one chunk, loss scaled so the ranks' gradients sum to the mean;
-    ``keys``: the chunk's dropout keys (None when the model does not drop)."""
+    ``keys``: the chunk's dropout keys (None when the model does not drop); ``scored``: its
+    samples that count (blank ones carry IGNORED_LABEL, which cross_entropy leaves out)."""
     model = runner.model
     if len(labels) == 0:
         # An empty share (last batch smaller than the ranks) still has to join the
@@ -46,10 +48,10 @@ def backward_pass(runner, images, labels, keys, scale, meter):
         return
     with autocast(runner.config, runner.device):
         logits = model(images, keys)
-        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=IGNORED_LABEL)
     target = loss_sum * scale
     (runner.scaler.scale(target) if runner.scaler else target).backward()
-    meter.add(loss_sum, (logits.argmax(1) == labels).sum(), len(labels))
+    meter.add(loss_sum, (logits.argmax(1) == labels).sum(), scored)
 
 
 class DataParallelRunner(ReplicaRunner):
@@ -89,9 +91,10 @@ class DataParallelRunner(ReplicaRunner):
         chunks = self.config.accumulation_steps
         keys = (dropout_keys(self.config.seed, batch, self.device).tensor_split(chunks) if self.drops
                 else [None] * chunks)
-        for chunk_images, chunk_labels, chunk_keys in zip(images.tensor_split(chunks), labels.tensor_split(chunks),
-                                                          keys):
-            backward_pass(self, chunk_images, chunk_labels, chunk_keys, scale, meter)
+        # (tensor_split cuts as Batch.parts does: np.array_split's sizes)
+        for chunk_images, chunk_labels, chunk_keys, part in zip(images.tensor_split(chunks),
+                                                                labels.tensor_split(chunks), keys, batch.parts(chunks)):
+            backward_pass(self, chunk_images, chunk_labels, chunk_keys, part.scored, scale, meter)
         if self.scaler:
             self.scaler.step(self.optimizer, self.optimizer.synchronize)  # Horovod: allreduce, then unscale
         else:
@@ -110,8 +113,8 @@ class DataParallelRunner(ReplicaRunner):
             images, labels = self.feed.inputs(batch), self.feed.labels(batch)
             with autocast(self.config, self.device):
                 logits = self.model(images).float()
-            meter.add(F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum(),
-                      len(labels))
+            loss_sum = F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORED_LABEL)
+            meter.add(loss_sum, (logits.argmax(1) == labels).sum(), batch.scored)
         return meter.pending()
 
     def loss_scale(self):

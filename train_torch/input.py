@@ -22,7 +22,7 @@ import torch
 
 from common.core.config import Amp, Mode
 from common.core.errors import launcher_rank
-from common.core.metrics import log
+from common.core.metrics import IGNORED_LABEL, log
 from common.data import jpeg
 from common.data.batches import Batch, Normalisation
 
@@ -164,7 +164,10 @@ class TorchFeed:
         return x.contiguous(memory_format=self.memory_format)
 
     def labels(self, batch: Batch) -> torch.Tensor:
-        return batch.labels
+        """The batch's labels on the device, blank samples' (--skip-bad-images) IGNORED_LABEL."""
+        if batch.blank is None:
+            return batch.labels
+        return batch.labels.masked_fill(torch.from_numpy(batch.blank).to(batch.labels.device), IGNORED_LABEL)
 
 
 class JpegDecoder:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
 from common.core import metrics
+from common.core.metrics import IGNORED_LABEL
 from common.core.runner import StagePlace
 from common.model import networks
 from common.model.checkpoint import NeutralState
@@ -119,7 +120,7 @@ class TorchStage:
             self.stash[m] = (x, out)
             return out.float(), (0.0, 0.0)  # float32 on the wire, whatever --amp computes in
         labels = self.feed.labels(self.feed.arrive(batch))
-        loss_sum = F.cross_entropy(out.float(), labels, reduction="sum")
+        loss_sum = F.cross_entropy(out.float(), labels, reduction="sum", ignore_index=IGNORED_LABEL)
         self.stash[m] = (x, loss_sum * scale)  # scaled once: the micro-batches add up to the batch mean
         return None, (loss_sum.item(), (out.argmax(1) == labels).sum().item())
 

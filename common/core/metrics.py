@@ -16,10 +16,16 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+# The label a sample carries when it is not to be scored (an unreadable image left blank):
+# no loss, no gradient, never correct. PyTorch's cross_entropy ignores it by default.
+IGNORED_LABEL = -100
+
 
 def softmax_cross_entropy_sums(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(summed loss, correct count) of a batch of logits, in float64."""
-    logits = logits.astype(np.float64)
+    """(summed loss, correct count) of a batch of logits, in float64; IGNORED_LABEL samples
+    count in neither."""
+    scored = labels != IGNORED_LABEL
+    logits, labels = logits[scored].astype(np.float64), labels[scored]
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     loss = -log_probabilities[np.arange(len(labels)), labels].sum()
@@ -51,19 +57,22 @@ class Meter:
 
 
 class Evaluation(NamedTuple):
-    """A test-set evaluation over all ranks."""
+    """A test-set evaluation over all ranks; ``blank``: unreadable images left out of it."""
     loss: float
     accuracy: float
+    blank: int = 0
 
 
 class EpochSums(NamedTuple):
     """What one allreduce sums over the ranks at an epoch's end: the meter's sums, and the
-    data wait of the ranks that read images (with how many of them did)."""
+    data wait of the ranks that read images (with how many of them did), and the unreadable
+    images they left blank."""
     loss_sum: float
     correct: float
     samples: float
     waited_seconds: float
     image_readers: float
+    blank: float
 
     def wait_share(self, seconds: float) -> float:
         """The share of the epoch an image-reading rank waited for images, on average."""
@@ -155,6 +164,7 @@ class EpochResult:
     stopped_after: int | None = None  # steps done, when every rank agreed to stop early
     data_wait: float = 0.0           # share of the epoch the image-reading ranks waited for images
     steps: int = 0                   # optimizer steps taken
+    blank: int = 0                   # unreadable images left blank and out of the loss (--skip-bad-images)
 
 
 def epoch_record(epoch: int, train: EpochResult, test: Evaluation, world_size: int, config,
@@ -168,14 +178,21 @@ def epoch_record(epoch: int, train: EpochResult, test: Evaluation, world_size: i
         "dataset": config.dataset, "model": config.model,
         "global_batch_size": config.global_batch_size(world_size), "lr": train.lr,
         "data_wait_fraction": train.data_wait, "step_seconds": train.seconds / max(1, train.steps),
+        **blank_record(config, train.blank, test.blank),
     }
+
+
+def blank_record(config, train: int, test: int) -> dict:
+    """--skip-bad-images: how many unreadable images this epoch's training and evaluation
+    left blank and out of their loss and accuracy."""
+    return {"blank_images": {"train": train, "test": test}} if config.skip_bad_images else {}
 
 
 def evaluation_record(epochs_done: int, test: Evaluation, world_size: int, config, framework: str) -> dict:
     """The metrics-file record of a run that only evaluates (--epochs 0, or resumed at its end)."""
     return {"epoch": epochs_done, "evaluation_only": True, "test_loss": test.loss, "test_accuracy": test.accuracy,
             "world_size": world_size, "mode": config.mode, "framework": framework, "dataset": config.dataset,
-            "model": config.model, "init_from": config.init_from}
+            "model": config.model, "init_from": config.init_from, **blank_record(config, 0, test.blank)}
 
 
 def format_epoch(record: dict, epochs: int) -> str:
@@ -184,7 +201,14 @@ def format_epoch(record: dict, epochs: int) -> str:
             f"acc {record['test_accuracy']:.4f}  {record['images_per_sec']:.0f} img/s "
             f"({record['images_per_sec_per_rank']:.0f}/rank x {record['world_size']})  "
             f"{record['epoch_seconds']:.1f}s"
-            + (f"  data wait {record['data_wait_fraction']:.0%}" if record["dataset"] == "folder" else ""))
+            + (f"  data wait {record['data_wait_fraction']:.0%}" if record["dataset"] == "folder" else "")
+            + format_blank(record.get("blank_images")))
+
+
+def format_blank(blank: dict | None) -> str:
+    if not blank or not (blank["train"] or blank["test"]):
+        return ""
+    return f"  unreadable images left out: {blank['train']} train, {blank['test']} test"
 
 
 def log(message: str) -> None:

@@ -27,7 +27,7 @@ from common.core.progress import ProgressBar
 from common.core.runner import ElasticRunner, Runner
 from common.core.summary import ElasticRestart, MembershipChange, Outcome, Resumed, RunSummary, Stop
 from common.data import datasets
-from common.data.batches import Batch, BatchReader, Prefetcher
+from common.data.batches import Batch, BatchReader, BlankCount, Prefetcher
 from common.launch import hardware
 from common.launch.cpu_budget import read_cpu_share
 from common.launch.environment import apply_tuned_defaults
@@ -339,6 +339,7 @@ class Trainer:
         stopwatch = metrics.Stopwatch()
         prefetch = Prefetcher(functools.partial(self.train_reader.read, epoch=epoch), runner.feed.stage,
                               [indices for indices, _ in ahead], config.prefetch_batches)
+        blank = BlankCount()
         try:
             for step, (_, global_count) in enumerate(ahead, start=first_step):
                 step_lr = lr.lr_at(epoch * self.steps + step, self.steps, config, runner.data_shards)
@@ -347,7 +348,7 @@ class Trainer:
                 agreed = self.collectives.start_flag_sum(self.health.code())
                 self.faults.at(runner.rank, epoch * self.steps + step)
                 runner.timeline.at_step(epoch * self.steps + step)
-                sums = runner.train_step(self.next_batch(prefetch), global_count)
+                sums = runner.train_step(blank.of(self.next_batch(prefetch)), global_count)
                 if unread is not None:
                     read(*unread)
                 unread = (sums, epoch, step)
@@ -366,12 +367,12 @@ class Trainer:
         waited = prefetch.wait_seconds if runner.reads.images else 0.0
         # One allreduce: the metric sums, and the data wait of the ranks that read images.
         totals = metrics.EpochSums(*self.collectives.allreduce_sums(
-            np.append(meter.sums, (waited, 1.0 if runner.reads.images else 0.0)), "train_sums"))
+            np.append(meter.sums, (waited, 1.0 if runner.reads.images else 0.0, blank.total)), "train_sums"))
         train = metrics.Meter.results(totals[:3])
         return metrics.EpochResult(loss=train.loss, accuracy=train.accuracy,
                                    images_per_sec=images / seconds if seconds > 0 else 0.0, seconds=seconds,
                                    lr=step_lr, stopped_after=stopped_after, data_wait=totals.wait_share(seconds),
-                                   steps=(stopped_after or len(batches)) - first_step)
+                                   steps=(stopped_after or len(batches)) - first_step, blank=int(totals.blank))
 
     def next_batch(self, prefetch) -> Batch:
         if not self.runner.reads.images:
@@ -401,11 +402,13 @@ class Trainer:
         dataset.plan_test(shard, self.config.prefetch_batches * self.rank_batch)
         prefetch = Prefetcher(self.test_reader.read, runner.feed.stage, list(datasets.batched(shard, self.rank_batch)),
                               self.config.prefetch_batches)
+        blank = BlankCount()
         try:
-            sums = metrics.resolved(runner.evaluate(iter(prefetch)))
+            sums = metrics.resolved(runner.evaluate(map(blank.of, prefetch)))
         finally:
             prefetch.close()
-        return metrics.Meter.results(self.collectives.allreduce_sums(sums, "eval_sums"))
+        *totals, blanked = self.collectives.allreduce_sums(np.append(sums, blank.total), "eval_sums")
+        return metrics.Meter.results(totals)._replace(blank=int(blanked))
 
     def record(self, epoch: int, train: metrics.EpochResult, test: metrics.Evaluation) -> None:
         fresh = epoch + 1 > self.recorded_through

@@ -71,7 +71,9 @@ class Batch:
     (a pipeline's middle stages read neither). ``flips`` marks the samples to mirror
     (None: none). ``encoded`` holds undecoded files for --decode gpu instead of pixels.
     ``epoch`` is the training epoch the batch belongs to (None: an evaluation batch);
-    with ``indices`` it keys the seeded dropout masks (common/model/dropout.py)."""
+    with ``indices`` it keys the seeded dropout masks (common/model/dropout.py). ``blank``
+    marks the samples left blank because their files could not be read (--skip-bad-images;
+    None: none): they carry no loss and are not scored."""
     indices: np.ndarray
     labels: Any = None             # numpy as read, a framework tensor once staged
     pixels: Any = None
@@ -79,6 +81,12 @@ class Batch:
     encoded: Any = None
     staged: Any = None             # what the feed keeps while the batch travels (events, buffers)
     epoch: int | None = None
+    blank: np.ndarray | None = None
+
+    @property
+    def scored(self) -> int:
+        """The samples whose loss and accuracy count: all but the blank ones."""
+        return self.count - (int(self.blank.sum()) if self.blank is not None else 0)
 
     @property
     def count(self) -> int:
@@ -89,7 +97,7 @@ class Batch:
         def cut(value):
             return None if value is None else value[start:stop]
         return replace(self, indices=self.indices[start:stop], labels=cut(self.labels), pixels=cut(self.pixels),
-                       flips=cut(self.flips), encoded=cut(self.encoded))
+                       flips=cut(self.flips), encoded=cut(self.encoded), blank=cut(self.blank))
 
     def parts(self, count: int) -> list[Batch]:
         """``count`` near-equal consecutive parts, as np.array_split cuts (empty parts included)."""
@@ -117,6 +125,9 @@ class ImageSource(Protocol):
     def read_into(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray | None:
         """The pixels of ``indices`` into ``out``; which samples to mirror (None: none)."""
 
+    def blanked(self, indices: np.ndarray) -> np.ndarray | None:
+        """Which of these samples, once read, were left blank (unreadable); None: none."""
+
 
 class InMemoryImages:
     """A small dataset's images, held as uint8 pixels with the normalisation that makes
@@ -139,6 +150,9 @@ class InMemoryImages:
     def read_into(self, indices: np.ndarray, out: np.ndarray) -> None:
         np.take(self.pixels, indices, axis=0, out=out)
         return None  # no augmentation: nothing to flip
+
+    def blanked(self, indices: np.ndarray) -> None:
+        return None  # held in memory: every image was read at load
 
 
 @dataclass(frozen=True)
@@ -175,10 +189,23 @@ class BatchReader:
         if not self.reads.images:
             return Batch(indices, labels, epoch=epoch)
         if self.read_encoded is not None:
-            return Batch(indices, labels, encoded=self.read_encoded(indices), epoch=epoch)
+            encoded = self.read_encoded(indices)
+            return Batch(indices, labels, encoded=encoded, epoch=epoch, blank=self.images.blanked(indices))
         pixels = self.feed.host_buffer((len(indices), *self.images.shape[1:]), self.images.pixel_dtype)
         flips = self.images.read_into(indices, pixels)
-        return Batch(indices, labels, pixels, flips, epoch=epoch)
+        return Batch(indices, labels, pixels, flips, epoch=epoch, blank=self.images.blanked(indices))
+
+
+class BlankCount:
+    """Counts the blank samples (unreadable images, --skip-bad-images) of the batches it sees."""
+
+    def __init__(self):
+        self.total = 0
+
+    def of(self, batch: Batch) -> Batch:
+        if batch.blank is not None:
+            self.total += int(batch.blank.sum())
+        return batch
 
 
 class _Failure:

@@ -50,7 +50,7 @@ def _become_worker() -> None:
 def decode_samples(paths: Sequence[str], transform: ImageTransform, indices: Sequence[int] | np.ndarray,
                    epoch: int, skip_bad: bool, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list]:
     """uint8 samples of files ``paths`` (sample numbers ``indices``), unmirrored, in ``out`` if
-    given; whether each is to be mirrored; and the (path, problem) of each unreadable one:
+    given; whether each is to be mirrored; and the (index, path, problem) of each unreadable one:
     with ``skip_bad`` a blank sample takes its place, else the first one stops the job
     (RankUsageError)."""
     shape = (len(paths), transform.channels, transform.size, transform.size)
@@ -65,7 +65,7 @@ def decode_samples(paths: Sequence[str], transform: ImageTransform, indices: Seq
             if not skip_bad:
                 raise RankUsageError(bad_image_message(path, describe_problem(error))) from None
             out[slot] = 0
-            bad.append((path, describe_problem(error)))
+            bad.append((int(index), path, describe_problem(error)))
     return out, flips, bad
 
 
@@ -169,6 +169,7 @@ class StreamedImages:
         self.normalisation = pixel_normalisation(transform.channels)
         self.blocks = _Blocks(self.shape[1:])
         self.skipped = 0
+        self.unreadable: set[int] = set()  # samples found unreadable and left blank (skip_bad)
         self.pending: deque = deque()
         self.plan(np.arange(0), 0)
 
@@ -214,9 +215,16 @@ class StreamedImages:
             except Exception as error:  # noqa: BLE001 - named and counted, or the job stops on it
                 if not self.skip_bad:
                     raise RankUsageError(bad_image_message(path, describe_problem(error))) from None
-                self._note_skipped(path, describe_problem(error))
+                self._note_skipped(int(index), path, describe_problem(error))
                 samples.append(jpeg.HostDecoded(np.zeros(self.shape[1:], dtype=np.uint8), False))
         return samples
+
+    def blanked(self, indices: np.ndarray) -> np.ndarray | None:
+        """Which of these samples (already read) were unreadable and left blank; None: none."""
+        if not self.unreadable:
+            return None
+        blank = np.isin(indices, list(self.unreadable))
+        return blank if blank.any() else None
 
     def close(self) -> None:
         """Stop the decoders, free the shared blocks and the pool's semaphores (a run ended
@@ -277,12 +285,13 @@ class StreamedImages:
                 task.samples = self.blocks.view(task.block, task.count)
             else:
                 task.samples, task.flips, bad = task.pending
-            for path, problem in bad:
-                self._note_skipped(path, problem)
+            for index, path, problem in bad:
+                self._note_skipped(index, path, problem)
         return task.samples
 
-    def _note_skipped(self, path: str, problem: str) -> None:
+    def _note_skipped(self, index: int, path: str, problem: str) -> None:
         self.skipped += 1
+        self.unreadable.add(index)
         self.log(f"skipped unreadable image {path} ({problem}); a blank image takes its place "
                  f"({self.skipped} so far)")
 

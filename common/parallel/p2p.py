@@ -20,6 +20,7 @@ from common.core.runner import Wire
 
 ACTIVATION, GRADIENT, EVALUATION = 0, 1, 2
 EVALUATION_TAG = 1 << 20  # above every training tag; plus the receiving piece
+BLANK_TAG = 1 << 21  # which samples of a batch the first stage left blank, for the last (--skip-bad-images)
 
 
 def tag(kind: int, microbatch: int, chunk: int = 0, chunks: int = 1) -> int:

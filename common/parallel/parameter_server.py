@@ -94,7 +94,7 @@ class ParameterServerRunner(MpiRunner):
                 _, (loss_sum, correct) = stage.forward(0, None, batch, 1.0 / global_count)
             with span("backward", "backward", microbatch=0):
                 stage.backward(0, None)
-            meter.add(loss_sum, correct, batch.count)
+            meter.add(loss_sum, correct, batch.scored)
         # An empty share (last batch smaller than the workers) sends a zero gradient.
         with span("send gradient", "send"):
             self.comm.Send(np.ascontiguousarray(stage.gradient_vector(), dtype=np.float32), dest=SERVER,
@@ -152,7 +152,7 @@ class ParameterServerRunner(MpiRunner):
         for batch in batches:
             if not self.server:  # the server reads no data: its batches are empty of it
                 loss_sum, correct = self.stage.predict(None, batch)
-                meter.add(loss_sum, correct, batch.count)
+                meter.add(loss_sum, correct, batch.scored)
         return meter.sums
 
     def checkpoint_shard(self) -> tuple[int, NeutralState] | None:

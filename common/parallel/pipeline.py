@@ -20,7 +20,7 @@ micro-batch, exactly as in data mode with the same accumulation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -138,6 +138,7 @@ class PipelineRunner(MpiRunner):
 
     def _train_step(self, batch: Batch, global_count: int) -> np.ndarray:
         span = self.timeline.span
+        batch = self._with_blanks_of_the_first_stage(batch)
         for piece in self.pieces:
             piece.stage.zero_grad()
         microbatches = [part for part in batch.parts(self.config.microbatches) if part.count]
@@ -178,7 +179,7 @@ class PipelineRunner(MpiRunner):
         with span("forward", "forward", microbatch=m, chunk=piece.chunk):
             output, (loss_sum, correct) = piece.stage.forward(m, inputs, part, 1.0 / global_count)
         if piece.last:
-            meter.add(loss_sum, correct, part.count)
+            meter.add(loss_sum, correct, part.scored)
         else:
             with span("send activation", "send", microbatch=m, chunk=piece.chunk):
                 self.transport.send(output, p2p.ACTIVATION, m, self._chunk_of(piece.virtual + 1), piece.next)
@@ -205,6 +206,7 @@ class PipelineRunner(MpiRunner):
         self.share_batch_norm_statistics()
         meter = metrics.Meter()
         for batch in batches:
+            batch = self._with_blanks_of_the_first_stage(batch)
             for piece in self.pieces:  # in model order; each piece's input comes from the one before
                 inputs = None
                 if not piece.first:
@@ -213,10 +215,27 @@ class PipelineRunner(MpiRunner):
                 output = piece.stage.predict(inputs, batch)
                 if piece.last:
                     loss_sum, correct = output  # the last piece's output is the batch's sums
-                    meter.add(loss_sum, correct, batch.count)
+                    meter.add(loss_sum, correct, batch.scored)
                 else:
                     self.transport.send_now(output, piece.next, p2p.EVALUATION_TAG + piece.virtual + 1)
         return meter.sums
+
+    def _with_blanks_of_the_first_stage(self, batch: Batch) -> Batch:
+        """--skip-bad-images: the first stage reads the images, the last scores the labels, so
+        the first tells the last which samples it left blank (one small message a batch)."""
+        if not (self.config.skip_bad_images and self.dataset.streamed):
+            return batch
+        first, last = (self.plan.rank_of(stage, self.replica) for stage in (0, self.plan.pp - 1))
+        if first == last:
+            return batch
+        if self.rank == first:
+            blank = batch.blank if batch.blank is not None else np.zeros(batch.count, dtype=bool)
+            self.comm.Send(np.ascontiguousarray(blank, dtype=np.uint8), dest=last, tag=p2p.BLANK_TAG)
+        elif self.rank == last:
+            received = np.empty(batch.count, dtype=np.uint8)
+            self.comm.Recv(received, source=first, tag=p2p.BLANK_TAG)
+            return replace(batch, blank=received.astype(bool) if received.any() else None)
+        return batch
 
     def share_batch_norm_statistics(self) -> None:
         for piece in self.pieces:

@@ -165,5 +165,15 @@ def test_meter_results_are_weighted():
     meter = metrics.Meter()
     meter.add(10.0, 3, 4)
     meter.add(1.0, 1, 1)
-    assert metrics.Meter.results(meter.sums) == (pytest.approx(11 / 5), pytest.approx(4 / 5))
-    assert all(np.isnan(metrics.Meter.results(np.zeros(3))))
+    results = metrics.Meter.results(meter.sums)
+    assert (results.loss, results.accuracy) == (pytest.approx(11 / 5), pytest.approx(4 / 5))
+    empty = metrics.Meter.results(np.zeros(3))
+    assert np.isnan(empty.loss) and np.isnan(empty.accuracy)
+
+
+def test_unreadable_images_are_left_out_of_the_sums():
+    logits = np.array([[2.0, 0.0], [0.0, 3.0], [5.0, 0.0]], np.float32)
+    labels = np.array([0, 1, 1])
+    ignoring = np.array([0, 1, metrics.IGNORED_LABEL])
+    assert metrics.softmax_cross_entropy_sums(logits, ignoring) == metrics.softmax_cross_entropy_sums(
+        logits[:2], labels[:2])

@@ -230,6 +230,8 @@ def test_an_image_that_breaks_after_the_scan_stops_or_is_skipped(tree):
     skipping = decoders.StreamedImages(index.train.paths, transform, None, skip_bad=True, log=lines.append)
     batch = skipping[[0, 1, 2]]
     assert skipping.skipped == 1 and path in lines[0]
+    assert list(skipping.blanked(np.array([2, 0, 1]))) == [True, False, False]
+    assert skipping.blanked(np.array([0, 1])) is None
     assert np.allclose(batch[2], transforms.normalise(np.zeros((1, 3, SIZE, SIZE), np.uint8), 3)[0])
 
 
