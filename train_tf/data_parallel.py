@@ -3,9 +3,13 @@
 Lines that differ from single-process training are marked "# Horovod:".
 As in train_torch: each rank divides its summed loss by the global batch size
 and the gradients are SUMMED across ranks, so the update is exactly the
-full-batch mean gradient. Gradients of a rank's chunks (--accumulation-steps)
-are added up locally first and allreduced once, with hvd.grouped_allreduce:
-the operation hvd.DistributedGradientTape performs, which cannot accumulate.
+full-batch mean gradient. The allreduces are ops of the compiled step: the
+gradients, in buckets of about 4 MB taken in the order the backward produces
+them (last layer first), are each allreduced by a Horovod op as soon as the
+backward has produced them, and TF's executor runs the rest of the backward
+meanwhile (Horovod's ops are asynchronous). Gradients of a rank's chunks
+(--accumulation-steps) are added up locally first and allreduced once, after
+the last chunk, with hvd.grouped_allreduce (as is --adasum's reduction).
 """
 
 
@@ -14,7 +18,7 @@ import tensorflow as tf
 from common.core.config import Amp
 from common.model import networks, weights
 from common.model.loss_scale import DynamicLossScale
-from common.parallel.data_parallel import ReplicaRunner, apply_data_layout, run_elastic
+from common.parallel.data_parallel import ReplicaRunner, apply_data_layout, gradient_buckets, run_elastic
 from train_tf.checkpoint import load_neutral_state, neutral_state
 from train_tf.horovod_glue import HorovodCollectives, average_batch_norm_statistics, init_horovod
 from train_tf.input import DeviceMeter, loss_sum_and_correct, make_feed
@@ -56,9 +60,9 @@ def variables_state(hvd, variables, **values):
 
 
 def elastic_run(hvd):
-    """Horovod's elastic.run for TF, also recognising a failed grouped allreduce: Horovod's
-    own wrapper matches 'HorovodAllreduce' etc. in the error, which 'HorovodGroupedAllreduce'
-    does not contain, so a lost worker would end the job instead of rolling it back."""
+    """Horovod's elastic.run for TF, also recognising a failed grouped allreduce, eager or in
+    the compiled step: Horovod's own wrapper matches 'HorovodAllreduce' etc. in the error,
+    which neither contains, so a lost worker would end the job instead of rolling it back."""
     from horovod.common.elastic import run_fn
     from horovod.common.exceptions import HorovodInternalError
 
@@ -67,7 +71,9 @@ def elastic_run(hvd):
             try:
                 return train(state)
             except tf.errors.UnknownError as error:
-                if "Horovod" not in error.message:
+                # An eager op's error names it (HorovodGroupedAllreduce); one of the compiled
+                # step's says "Graph execution error" and names Horovod's files (its Gloo).
+                if "horovod" not in error.message.lower():
                     raise
                 raise HorovodInternalError(error) from error
 
@@ -103,6 +109,15 @@ class DataParallelRunner(ReplicaRunner):
         self.drops = networks.drops(specs)  # then each step hands the model its samples' keys
         self._chunk_gradients = tf.function(self._chunk_gradients_eager, input_signature=[
             image_spec, label_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32)])
+        # Horovod: one allreduce, in buckets, inside the compiled step (see the docstring).
+        self.in_graph = not config.adasum and config.accumulation_steps == 1
+        self.buckets = gradient_buckets([variable.shape.num_elements() * 4 for variable in self.variables])
+        flag_spec = tf.TensorSpec([1], tf.float32)
+        self._reduced_step = tf.function(self._reduced_step_eager, input_signature=[
+            image_spec, label_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32), flag_spec])
+        self._reduced_zeros = tf.function(
+            lambda flag: self._reduce_in_graph([tf.zeros_like(variable) for variable in self.variables], flag),
+            input_signature=[flag_spec])
         self._apply = tf.function(lambda gradients: self.optimizer.apply(gradients, self.variables))
         self._logits = tf.function(lambda images: tf.cast(self.model(images, training=False), tf.float32),
                                    input_signature=[image_spec])
@@ -116,6 +131,39 @@ class DataParallelRunner(ReplicaRunner):
             loss_sum, correct = loss_sum_and_correct(labels, logits)
             scaled = loss_sum * scale
         return tape.gradient(scaled, self.variables), loss_sum, correct
+
+    def _reduced_step_eager(self, images, labels, keys, scale, flag):
+        gradients, loss_sum, correct = self._chunk_gradients_eager(images, labels, keys, scale)
+        reduced, flag_sum = self._reduce_in_graph(gradients, flag)
+        return reduced, loss_sum, correct, flag_sum
+
+    def _reduce_in_graph(self, gradients, flag):
+        """Horovod: sum the gradients over the ranks, a group per bucket (the stop flag rides in
+        the first), each group an op that starts once its gradients exist. The names are fixed,
+        so the same buckets of zeros (an empty share) meet the other ranks' gradients."""
+        reduced, flag_sum = list(gradients), None
+        for number, bucket in enumerate(self.buckets):
+            tensors = [gradients[index] for index in bucket] + ([flag] if number == 0 else [])
+            summed = self.hvd.grouped_allreduce(tensors, name=f"gradient_bucket_{number}", **self._allreduce_kwargs)
+            if number == 0:
+                flag_sum = summed.pop()
+            for index, gradient in zip(bucket, summed):
+                reduced[index] = gradient
+        return reduced, flag_sum
+
+    def _step_in_graph(self, batch, scale, meter):
+        """The step's gradients, already summed over the ranks (and the stop flag's sum)."""
+        flag = self.collectives.pending_flag
+        if batch.count == 0 and not self.config.sync_bn:
+            # An empty share (last batch smaller than the ranks) contributes zeros to the allreduce.
+            reduced, flag_sum = self._reduced_zeros(flag)
+        else:
+            reduced, loss_sum, correct, flag_sum = self._reduced_step(
+                self.feed.inputs(batch), self.feed.labels(batch), dropout_keys(self.config.seed, batch, self.drops),
+                tf.constant(scale, tf.float32), flag)
+            meter.add(loss_sum, correct, batch.scored)
+        self.collectives.flag_total = float(flag_sum.numpy()[0])
+        return reduced
 
     def _allreduce_gradients(self, gradients):
         collectives = self.collectives
@@ -142,6 +190,21 @@ class DataParallelRunner(ReplicaRunner):
         scale = 1.0 / max(1, batch.count) if self.config.adasum else 1.0 / global_count
         if self.loss_scale_state:  # --amp fp16: scale the loss up so small gradients survive fp16
             scale *= self.loss_scale_state.scale
+        if self.in_graph:
+            reduced = self._step_in_graph(batch, scale, meter)
+        else:
+            reduced = self._accumulated_and_reduced(batch, scale, meter)
+        if self.loss_scale_state:
+            # Horovod: after the allreduce every rank sees the same overflow, so all skip alike.
+            reduced = [gradient / self.loss_scale_state.scale for gradient in reduced]
+            finite = bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(gradient)) for gradient in reduced]))
+            if not self.loss_scale_state.update(finite, self.primary):
+                return meter.pending()
+        self._apply(reduced)
+        return meter.pending()
+
+    def _accumulated_and_reduced(self, batch, scale, meter):
+        """The chunks' gradients added up here, then summed over the ranks in one group."""
         total = [tf.zeros_like(variable) for variable in self.variables]
         for chunk in batch.parts(self.config.accumulation_steps):
             if chunk.count == 0 and not self.config.sync_bn:
@@ -152,15 +215,7 @@ class DataParallelRunner(ReplicaRunner):
                 tf.constant(scale, tf.float32))
             total = [a + b for a, b in zip(total, gradients)]
             meter.add(loss_sum, correct, chunk.scored)
-        reduced = self._allreduce_gradients(total)
-        if self.loss_scale_state:
-            # Horovod: after the allreduce every rank sees the same overflow, so all skip alike.
-            reduced = [gradient / self.loss_scale_state.scale for gradient in reduced]
-            finite = bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(gradient)) for gradient in reduced]))
-            if not self.loss_scale_state.update(finite, self.primary):
-                return meter.pending()
-        self._apply(reduced)
-        return meter.pending()
+        return self._allreduce_gradients(total)
 
     def average_batch_norm_statistics(self):
         average_batch_norm_statistics(self.hvd, self.model)

@@ -36,6 +36,29 @@ def start_horovod_timeline(hvd, path: str) -> None:
         hvd.start_timeline(os.path.abspath(path))
 
 
+# A bucket of gradients is allreduced as one group once the backward has produced all of
+# it; smaller buckets start sooner, larger ones cost fewer negotiations.
+BUCKET_BYTES = 4 << 20
+
+
+def gradient_buckets(sizes: Sequence[int], limit: int = BUCKET_BYTES) -> list[list[int]]:
+    """The gradients (by position; ``sizes`` in bytes, in the model's order) cut into buckets
+    in the order the backward produces them, last layer first: each bucket closes once it
+    holds ``limit`` bytes, the last holds what remains."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    filled = 0
+    for index in reversed(range(len(sizes))):
+        current.append(index)
+        filled += sizes[index]
+        if filled >= limit:
+            buckets.append(current)
+            current, filled = [], 0
+    if current:
+        buckets.append(current)
+    return buckets
+
+
 def apply_data_layout(runner, hvd, config: RunConfig) -> None:
     """Set the runner's place from Horovod (again after an elastic reset)."""
     runner.rank, runner.world_size = hvd.rank(), hvd.size()

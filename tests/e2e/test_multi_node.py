@@ -40,7 +40,7 @@ HOROVODRUN = os.path.join(os.path.dirname(PYTHON), "horovodrun")
 MPIRUN_NETWORK = ["--mca", "btl_tcp_if_include", "eth1", "--mca", "oob_tcp_if_include", "eth1"]
 # mpirun's remote ranks start from sshd's environment: hand them the venv and the settings.
 MPIRUN_ENV = ["-x", "PATH", "-x", "TF_CPP_MIN_LOG_LEVEL", "-x", "PYTHONUNBUFFERED"]
-FEW_STEPS = ["--epochs", 1, "--steps-per-epoch", 3, "--lr", 0.1, "--momentum", 0.9, "--threads", 1]
+FEW_STEPS = ["--epochs", 1, "--steps-per-epoch", 3, "--lr", 0.1, "--momentum", 0.9, "--threads", 1, "--dropout", 0.25]
 
 
 def run_on_node1(hosts, command, timeout=JOB_TIMEOUT):

@@ -17,9 +17,10 @@ from tests.helpers import (
     run_training,
 )
 
-# Long enough epochs that the signal lands while training, whatever the machine's load.
+# Long enough epochs that the signal lands while training, whatever the machine's load; dropout
+# on, whose masks a resumed run must draw again as the uninterrupted run drew them.
 ARGS = ["--dataset", "synthetic", "--synthetic-shape", "1,8,8", "--synthetic-samples", 2000,
-        "--batch-size", 16, "--epochs", 3]
+        "--batch-size", 16, "--epochs", 3, "--dropout", 0.25]
 SYNTHETIC = {"model": "cnn", "input_shape": [1, 8, 8], "num_classes": 10}
 
 

@@ -19,7 +19,7 @@ from tests.helpers import FRAMEWORKS, assert_ok, checkpoint_path, checkpoint_wei
 TOLERANCE = 2e-5
 RESNET8 = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
 ARGS = ["--model", "resnet8", "--epochs", 1, "--steps-per-epoch", 3, "--batch-size", 64, "--lr", 0.1,
-        "--momentum", 0.9]
+        "--momentum", 0.9, "--dropout", 0.25]
 SYNCED = {"data np3": (3, ["--sync-bn"]), "hybrid pp2 x dp2": (4, ["--sync-bn", "--mode", "hybrid", "--pp", 2])}
 
 

@@ -141,3 +141,29 @@ def test_every_goal_divides_cases_at_most_two_runs_apart_that_the_suite_has():
     # The quick run's two cases keep their pairing.
     quick = pairing.measurement_order(sequence, {case.key for case in run.cases(run.Settings(True), True)})
     assert quick == [("data np2", "torch"), ("data np1", "torch")]
+
+
+def test_the_overlap_report_reads_horovods_timeline():
+    from benchmarks import overlap
+
+    def tensor(pid, name, handed, reduced):
+        events = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}]
+        for (first, last), (start, end) in zip(handed, reduced):
+            events += [{"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": first, "pid": pid},
+                       {"ph": "E", "ts": last, "pid": pid}, {"ph": "B", "name": "ALLREDUCE", "ts": start, "pid": pid},
+                       {"ph": "B", "name": "MPI_ALLREDUCE", "ts": start + 1, "pid": pid},
+                       {"ph": "E", "ts": end - 1, "pid": pid}, {"ph": "E", "ts": end, "pid": pid}]
+        return events
+    # Two steps: the last layer's gradient handed at 0 and reduced 10..30 while the first layer's
+    # backward runs until 50; then the first layer's, reduced 50..60. A BatchNorm average once.
+    events = (tensor(1, "gradient_bucket_0_1of1", [(0, 5), (100, 105)], [(10, 30), (110, 130)])
+              + tensor(2, "gradient_bucket_1_1of1", [(40, 50), (140, 150)], [(50, 60), (150, 160)])
+              + tensor(3, "HorovodGroupedAllreduce_1of2", [(70, 71)], [(72, 80)]))
+    reductions = overlap.gradient_reductions(events, steps=2)
+    assert sorted(reductions) == ["gradient_bucket_0_1of1", "gradient_bucket_1_1of1"]
+    steps = overlap.step_overlaps(reductions)
+    assert [step["backward_ms"] for step in steps] == [0.05, 0.05]
+    assert [step["allreduce_ms"] for step in steps] == [0.03, 0.03]
+    assert steps[0]["overlapped"] == pytest.approx(2 / 3)  # 20 of the 30 µs fall inside 0..50
+    assert overlap.union_length([(0, 10), (5, 20), (30, 40)]) == 30
+    assert overlap.union_length([(0, 10), (5, 20)], within=(8, 15)) == 7

@@ -133,3 +133,14 @@ def test_balance_by_measured_time_cuts_valid_stages():
     assert len(times) == len(specs) and all(t > 0 for t in times)
     ranges = partition(times, 3)
     assert [a for a, _ in ranges] == [0, ranges[0][1], ranges[1][1]] and ranges[-1][1] == len(specs)
+
+
+def test_gradient_buckets_follow_the_backward_and_cover_every_gradient_once():
+    from common.parallel.data_parallel import gradient_buckets
+
+    sizes = [100, 5, 300, 5, 50, 5, 400, 5]  # kernel, bias, ... in the model's order
+    buckets = gradient_buckets(sizes, limit=200)
+    assert buckets == [[7, 6], [5, 4, 3, 2], [1, 0]]  # last layer first; each closes at the limit
+    assert sorted(index for bucket in buckets for index in bucket) == list(range(len(sizes)))
+    assert gradient_buckets(sizes, limit=10**9) == [list(reversed(range(len(sizes))))]
+    assert gradient_buckets([], limit=1) == []
