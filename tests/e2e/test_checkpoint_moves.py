@@ -39,7 +39,7 @@ def resumed_epoch_by_epoch(directory, legs, extra):
     # changes the moments entirely (and the bias correction). Adam also divides by each
     # gradient's running RMS, which magnifies the float round-off of the layouts' different
     # summation orders in near-zero gradients: 3e-4 in the first kernel's moment after six hops.
-    (["--optimizer", "adam", "--lr", 0.002],
+    (["--optimizer", "adam", "--lr", 0.002, "--dropout", 0.25],
      [("torch", PP2, 2), ("tf", PS, 3), ("torch", PP3, 3), ("tf", [], None), ("torch", PS, 3), ("tf", PP2, 2)], 1e-3),
 ], ids=["adam: torch pp2 -> tf ps -> torch pp3 -> tf data -> torch ps -> tf pp2"])
 def test_a_run_moved_between_frameworks_and_layouts_ends_where_it_would_have(tmp_path, extra, legs, tolerance):

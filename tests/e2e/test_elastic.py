@@ -33,7 +33,7 @@ EPOCHS = 26  # long enough that the lost worker's host comes back (epoch 11 here
 # lr 0.01: calm enough that float round-off (which differs with the number of
 # workers) stays ~1e-5 over the run; at the default 0.05 it grows to 1e-3 even
 # between two fixed-size runs, which would hide a real difference.
-ARGS = ["--epochs", EPOCHS, "--lr", 0.01, "--threads", 1, "--keep-checkpoints", EPOCHS]
+ARGS = ["--epochs", EPOCHS, "--lr", 0.01, "--threads", 1, "--keep-checkpoints", EPOCHS, "--dropout", 0.25]
 # Two local names for this machine, so that losing the worker on one of them
 # ("localhost", then blacklisted for 2-3 s) leaves the two on the other.
 HOSTS = "127.0.0.1:2\nlocalhost:1\n"
@@ -103,7 +103,7 @@ def test_elastic_adam_with_weight_decay_equals_one_process(tmp_path):
     step wherever the optimizer state is empty, which counts one Adam step too many and
     applies the weight decay once more."""
     args = ["--epochs", 1, "--steps-per-epoch", 4, "--optimizer", "adam", "--lr", 0.01, "--weight-decay", 0.01,
-            "--threads", 1]
+            "--threads", 1, "--dropout", 0.25]
     hosts_file = tmp_path / "hosts.txt"
     hosts_file.write_text("127.0.0.1:1\nlocalhost:1\n")  # (one name with 2 slots never starts here)
     command = [os.path.join(BIN, "horovodrun"), "-np", "2", "--min-np", "2", "--max-np", "2",

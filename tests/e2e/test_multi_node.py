@@ -156,7 +156,8 @@ def read_until(job, marker):
 # Elastic TensorFlow across the hosts: lr 0.01 keeps float round-off (which differs with
 # the number of workers) near 1e-6 (test_elastic.py says why).
 ELASTIC_EPOCHS = 28  # the rejoin came at epoch 9-10 here
-ELASTIC_ARGS = ["--epochs", ELASTIC_EPOCHS, "--lr", 0.01, "--threads", 1, "--keep-checkpoints", ELASTIC_EPOCHS]
+ELASTIC_ARGS = ["--epochs", ELASTIC_EPOCHS, "--lr", 0.01, "--threads", 1, "--keep-checkpoints", ELASTIC_EPOCHS,
+                "--dropout", 0.25]
 
 
 @pytest.mark.serial  # a joining worker must start within the Gloo timeout
