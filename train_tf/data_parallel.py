@@ -151,6 +151,11 @@ class DataParallelRunner(ReplicaRunner):
                 reduced[index] = gradient
         return reduced, flag_sum
 
+    def _step_arguments(self, batch, scale):
+        """What the compiled steps take of a batch (or chunk): images, labels, dropout keys, scale."""
+        return (self.feed.inputs(batch), self.feed.labels(batch), dropout_keys(self.config.seed, batch, self.drops),
+                tf.constant(scale, tf.float32))
+
     def _step_in_graph(self, batch, scale, meter):
         """The step's gradients, already summed over the ranks (and the stop flag's sum)."""
         flag = self.collectives.pending_flag
@@ -158,9 +163,7 @@ class DataParallelRunner(ReplicaRunner):
             # An empty share (last batch smaller than the ranks) contributes zeros to the allreduce.
             reduced, flag_sum = self._reduced_zeros(flag)
         else:
-            reduced, loss_sum, correct, flag_sum = self._reduced_step(
-                self.feed.inputs(batch), self.feed.labels(batch), dropout_keys(self.config.seed, batch, self.drops),
-                tf.constant(scale, tf.float32), flag)
+            reduced, loss_sum, correct, flag_sum = self._reduced_step(*self._step_arguments(batch, scale), flag)
             meter.add(loss_sum, correct, batch.scored)
         self.collectives.flag_total = float(flag_sum.numpy()[0])
         return reduced
@@ -210,9 +213,7 @@ class DataParallelRunner(ReplicaRunner):
             if chunk.count == 0 and not self.config.sync_bn:
                 continue  # an empty share contributes zeros but still joins the allreduce
             # (with --sync-bn it runs the empty batch: every BatchNorm layer's allreduce needs it)
-            gradients, loss_sum, correct = self._chunk_gradients(
-                self.feed.inputs(chunk), self.feed.labels(chunk), dropout_keys(self.config.seed, chunk, self.drops),
-                tf.constant(scale, tf.float32))
+            gradients, loss_sum, correct = self._chunk_gradients(*self._step_arguments(chunk, scale))
             total = [a + b for a, b in zip(total, gradients)]
             meter.add(loss_sum, correct, chunk.scored)
         return self._allreduce_gradients(total)

@@ -117,8 +117,8 @@ def seeded_dropout_mask(keys, features, layer_index, rate, dtype):
     """(samples, features): 0 for a dropped unit, 1 / (1 - rate) for a kept one."""
     ids = torch.arange(features, dtype=torch.int64, device=keys.device)
     kept = dropout.keep(keys, ids, layer_index, rate)
-    return torch.where(kept, torch.tensor(dropout.scale(rate), device=keys.device),
-                       torch.tensor(0.0, device=keys.device)).to(dtype)
+    # Python numbers, not tensors made from them (each would be a blocking copy to a GPU).
+    return torch.where(kept, dropout.scale(rate), 0.0).to(dtype)
 
 
 def dropout_keys(seed, batch, device):

@@ -203,8 +203,7 @@ class BlankCount:
         self.total = 0
 
     def of(self, batch: Batch) -> Batch:
-        if batch.blank is not None:
-            self.total += int(batch.blank.sum())
+        self.total += batch.count - batch.scored
         return batch
 
 

@@ -26,6 +26,8 @@ INDICES = np.arange(1000, 1064)
 SHAPE = (2, 3, 3)
 SPECS = (networks.Flatten(), networks.Dense(24, relu=True), networks.Dense(16, relu=True, dropout=0.5),
          networks.Dense(10, dropout=0.5))
+WITHOUT_DROPOUT = tuple(networks.Dense(spec.units, spec.relu) if isinstance(spec, networks.Dense) else spec
+                        for spec in SPECS)
 
 
 class HandOverFeed:
@@ -83,8 +85,7 @@ def test_a_cut_model_draws_the_whole_models_masks(framework):
     assert relative_difference(cut, whole) <= 1e-6
     assert relative_difference(cut_input, whole_input) <= 1e-6
     # The masks matter: without dropout, or in another epoch, the gradients are others.
-    plain = [networks.Dense(spec.units, spec.relu) if isinstance(spec, networks.Dense) else spec for spec in SPECS]
-    assert relative_difference(through_stages(framework, plain, [(0, 4)], x, batch)[0], whole) > 0.1
+    assert relative_difference(through_stages(framework, WITHOUT_DROPOUT, [(0, 4)], x, batch)[0], whole) > 0.1
     later = Batch(batch.indices, batch.labels, epoch=2)
     assert relative_difference(through_stages(framework, SPECS, [(0, 4)], x, later)[0], whole) > 0.1
 
@@ -115,10 +116,9 @@ def test_a_blank_sample_carries_no_loss(framework):
     x = rng.standard_normal((6, *SHAPE)).astype(np.float32)
     labels = rng.integers(0, 10, 6)
     blank = np.array([False, False, True, False, False, False])
-    plain = [networks.Dense(spec.units, spec.relu) if isinstance(spec, networks.Dense) else spec for spec in SPECS]
 
     def last_stage_pass(batch, inputs):
-        piece = stage(framework, plain, 0, 4, True)
+        piece = stage(framework, WITHOUT_DROPOUT, 0, 4, True)
         piece.zero_grad()
         inputs = torch.from_numpy(inputs) if framework == "torch" else tf.constant(inputs)
         _, (loss_sum, correct) = piece.forward(0, inputs, batch, 1 / 6)
