@@ -36,13 +36,17 @@ def pipeline_bound(microbatches, stages=2, chunks=1):
 def cut_bound(run_summary: dict) -> float | None:
     """The best efficiency a pipeline's cut and schedule allow (common/parallel/schedule.
     partition_bound), from its run summary: the layer costs it was cut by (forward and
-    backward together; the backward taken as twice the forward) summed over each piece.
-    None for a run that was not cut."""
+    backward together; the backward taken as twice the forward) summed over each piece, the
+    model's last piece by its own costs where the run recorded them (TensorFlow's pieces
+    before it pay a recomputed forward). None for a run that was not cut."""
     costs, pieces = run_summary.get("partition_costs") or [], run_summary.get("layer_ranges") or []
     if run_summary.get("pp", 1) < 2 or not costs or not pieces:
         return None
-    return partition_bound(run_summary["schedule"], run_summary["pp"], run_summary["microbatches"],
-                           [sum(costs[first:end]) for first, end in pieces], run_summary["virtual_stages"])
+    last_costs = run_summary.get("last_piece_costs") or costs
+    piece_costs = [sum(costs[first:end]) for first, end in pieces[:-1]]
+    piece_costs.append(sum(last_costs[pieces[-1][0]:pieces[-1][1]]))
+    return partition_bound(run_summary["schedule"], run_summary["pp"], run_summary["microbatches"], piece_costs,
+                           run_summary["virtual_stages"])
 
 
 WORKLOADS = (("", "seed CNN", PEERS), ("resnet18 32px ", "ResNet-18 32px", ZOO_PEERS))
@@ -88,21 +92,34 @@ def goal_list() -> list[Goal]:
                            {f: Ratio((interleaved, f), (one_f_one_b, f)) for f in FRAMEWORKS}))
         listed.append(Goal(f"{label}: TensorFlow / PyTorch pipeline, 1f1b M4", 0.90,
                            {"tf": Ratio((one_f_one_b, "tf"), (one_f_one_b, "torch"))}))
+        zero_bubble = f"{prefix}model pp2, zb M4"
+        listed.append(Goal(f"{label}: ZB-H1 M4 / 1f1b M4 throughput", 1.00,
+                           {f: Ratio((zero_bubble, f), (one_f_one_b, f)) for f in FRAMEWORKS}))
+        listed.append(Goal(f"{label}: our ZB-H1 M4 / torch.distributed.pipelining's zero bubble on the same cut",
+                           1.00, {"torch": Ratio((zero_bubble, "torch"), (peer_zero_bubble(prefix), "torch (peer)"))}))
     return listed
+
+
+def peer_zero_bubble(prefix: str) -> str:
+    return f"{prefix}torch.distributed.pipelining pp2, zb M4"
 
 
 def goal_sequence() -> list[CaseKey]:
     """The order the goals' cases run in within a round: every goal's two sides at most two
     runs apart (data np1, the denominator of six goals per framework, runs twice), PyTorch's
     cases, then TensorFlow's in mirror order, so the two 1f1b M4 runs that the TF/PyTorch
-    goal divides come next to each other."""
+    goal divides come next to each other. PyTorch's ZB-H1 and its peer come first, beside
+    a 1F1B run of their own (PyTorch's 1f1b M4 runs twice)."""
     sequence = []
     for prefix, _, peer in WORKLOADS:
         ours = [f"{prefix}{name}" for name in ("data np2", "data np1", "model pp2, gpipe M4", "model pp2, gpipe M8",
                                                "model pp2, 1f1b M8", "data np1", "model pp2, interleaved M4",
                                                "model pp2, 1f1b M4")]
+        zero_bubble, one_f_one_b = f"{prefix}model pp2, zb M4", f"{prefix}model pp2, 1f1b M4"
+        # PyTorch's ZB-H1 between the peer's and a second 1F1B run; TensorFlow's just before its 1F1B.
+        sequence += [(peer_zero_bubble(prefix), "torch (peer)"), (zero_bubble, "torch"), (one_f_one_b, "torch")]
         sequence += [(peer["torch"], "torch (peer)"), *[(name, "torch") for name in ours]]
-        sequence += [*[(name, "tf") for name in reversed(ours)], (peer["tf"], "tf (peer)")]
+        sequence += [(zero_bubble, "tf"), *[(name, "tf") for name in reversed(ours)], (peer["tf"], "tf (peer)")]
     return sequence
 
 
@@ -132,14 +149,15 @@ def derived(results):
         lambda f: ratio(find(results, "data np2", f), find(results, PEERS[f], f + " (peer)")))
     row("Horovod data np2, Horovod's own defaults / peer",
         lambda f: ratio(find(results, "data np2, Horovod defaults", f), find(results, PEERS[f], f + " (peer)")))
-    for schedule, chunks in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
-        for microbatches in ((4, 8) if chunks > 1 else (1, 4, 8)):
-            name, bubble = f"model pp2, {schedule} M{microbatches}", pipeline_bound(microbatches, chunks=chunks)
+    for schedule, chunks in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb", 1)):
+        for microbatches in ((4, 8) if chunks > 1 or schedule == "zb" else (1, 4, 8)):
+            name = f"model pp2, {schedule} M{microbatches}"
+            bubble = bubble_bound(schedule, 2, microbatches, chunks)
             row(f"pipeline efficiency {schedule} M{microbatches}: pp2 / (2 x np1) (bound {bubble:.2f})",
                 lambda f, n=name: ratio(find(results, n, f), find(results, "data np1", f), 2))
             row(f"  the most its cut allows (layer times; bubble bound {bubble:.2f})",
                 lambda f, n=name: (find_case(results, n, f) or {}).get("cut_bound"))
-    for schedule, counts in (("gpipe", (4, 8)), ("1f1b", (4, 8)), ("interleaved", (4,))):
+    for schedule, counts in (("gpipe", (4, 8)), ("1f1b", (4, 8)), ("interleaved", (4,)), ("zb", (4,))):
         for microbatches in counts:
             peer = f"torch.distributed.pipelining pp2, {schedule} M{microbatches}"
             row(f"our pp2 {schedule} M{microbatches} / torch.distributed.pipelining",
@@ -181,7 +199,7 @@ def zoo_derived(results):
                         find(results, "resnet18 32px data np1", f), 2))
     row(f"  the most its cut allows (layer times; bubble bound {pipeline_bound(4):.2f})",
         lambda f: (find_case(results, "resnet18 32px model pp2, 1f1b M4", f) or {}).get("cut_bound"))
-    for schedule in ("1f1b", "interleaved"):
+    for schedule in ("1f1b", "interleaved", "zb"):
         row(f"ResNet-18 32px our pp2 {schedule} M4 / torch.distributed.pipelining",
             lambda f, s=schedule: ratio(find(results, f"resnet18 32px model pp2, {s} M4", f), find(
                 results, f"resnet18 32px torch.distributed.pipelining pp2, {s} M4", "torch (peer)"))

@@ -200,7 +200,8 @@ def zoo_cases():
              *ours(resnet32, 1, ["--amp", "bf16"])),
             *[(f"resnet18 32px model pp2, {schedule} M{microbatches}", "zoo", framework, 2, False,
                *ours(resnet32, 2, pipeline(schedule, microbatches)))
-              for schedule, microbatches in (("gpipe", 4), ("gpipe", 8), ("1f1b", 4), ("1f1b", 8), ("interleaved", 4))],
+              for schedule, microbatches in (("gpipe", 4), ("gpipe", 8), ("1f1b", 4), ("1f1b", 8), ("interleaved", 4),
+                                             ("zb", 4), ("zb", 8))],
             ("resnet18 64px data np1", "zoo", framework, 1, False, *ours(resnet64, 1)),
             ("resnet18 64px data np2", "zoo", framework, 2, False, *ours(resnet64, 2)),
             ("vgg16 32px data np2", "zoo", framework, 2, False, *ours(vgg32, 2)),
@@ -216,7 +217,7 @@ def zoo_cases():
         *[(f"resnet18 32px torch.distributed.pipelining pp2, {schedule} M4", "zoo", "torch (peer)", 2, False,
            resnet32, lambda s=schedule: torchrun_case(resnet32, "torch_pipelining.py", 2,
                                                       ["--schedule", s, "--microbatches", 4, *BALANCE]))
-          for schedule in ("1f1b", "interleaved")],
+          for schedule in ("1f1b", "interleaved", "zb")],
     ]
     return listed
 
@@ -266,7 +267,7 @@ def main_cases(settings, quick):
             ("hybrid dp2 x pp2, 1f1b M4", "hybrid", framework, 4, True,
              ours(4, ["--mode", "hybrid", "--pp", 2, "--dp", 2, "--microbatches", 4])),
         ]
-        for schedule, counts in (("gpipe", (1, 4, 8)), ("1f1b", (1, 4, 8)), ("interleaved", (4, 8))):
+        for schedule, counts in (("gpipe", (1, 4, 8)), ("1f1b", (1, 4, 8)), ("interleaved", (4, 8)), ("zb", (4, 8))):
             for microbatches in counts:
                 listed.append((f"model pp2, {schedule} M{microbatches}", "model", framework, 2, False,
                                ours(2, ["--mode", "model", "--pp", 2, "--schedule", schedule,
@@ -275,7 +276,7 @@ def main_cases(settings, quick):
                 lambda: torchrun_case(settings, "ddp.py", 2)),
                ("MultiWorkerMirroredStrategy, 2 workers", "data", "tf (peer)", 2, False,
                 lambda: multiworker_case(settings))]
-    for schedule, counts in (("gpipe", (4, 8)), ("1f1b", (4, 8)), ("interleaved", (4,))):
+    for schedule, counts in (("gpipe", (4, 8)), ("1f1b", (4, 8)), ("interleaved", (4,)), ("zb", (4,))):
         for microbatches in counts:
             listed.append((f"torch.distributed.pipelining pp2, {schedule} M{microbatches}", "model",
                            "torch (peer)", 2, False,

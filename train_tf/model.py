@@ -32,6 +32,35 @@ def frozen_batch_norm_statistics():
         _Statistics.frozen = previous
 
 
+class _WeightLayers:
+    records: list | None = None  # while a split backward's forward traces (recording_weight_layers)
+
+
+@contextlib.contextmanager
+def recording_weight_layers():
+    """Inside: each convolution and dense layer that runs appends (Keras layer, its input, its
+    output) to the list this yields, so that a backward cut in two (--schedule zb) can take
+    the outputs' gradients first and the layers' weight gradients from them later."""
+    previous, _WeightLayers.records = _WeightLayers.records, []
+    try:
+        yield _WeightLayers.records
+    finally:
+        _WeightLayers.records = previous
+
+
+def weight_layers(model) -> list:
+    """The Keras layers recording_weight_layers records: the model's convolutions and dense layers."""
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense))]
+
+
+def _weighted(layer, x):
+    y = layer(x)
+    if _WeightLayers.records is not None:
+        _WeightLayers.records.append((layer, x, y))
+    return y
+
+
 class TorchBatchNorm(keras.layers.Layer):
     """BatchNorm as PyTorch defines it: normalise with the biased batch variance,
     track the unbiased one (Keras' own layer tracks the biased variance). Always
@@ -112,7 +141,7 @@ class ConvLayer(keras.layers.Layer):
     def call(self, x, training=False):
         if self.pad:
             x = tf.pad(x, [[0, 0], [self.pad, self.pad], [self.pad, self.pad], [0, 0]])
-        x = self.conv(x)
+        x = _weighted(self.conv, x)
         if self.bn is not None:
             x = tf.cast(self.bn(x, training=training), x.dtype)
         return ACTIVATIONS[self.activation](x) if self.activation else x
@@ -156,7 +185,7 @@ class DenseLayer(keras.layers.Layer):
     def call(self, x, training=False, dropout_keys=None):
         if training and self.rate and dropout_keys is not None:
             x = x * seeded_dropout_mask(dropout_keys, x.shape[-1], self.layer_index, self.rate, x.dtype)
-        x = self.linear(x)
+        x = _weighted(self.linear, x)
         return tf.nn.relu(x) if self.relu else x
 
 
@@ -170,7 +199,11 @@ class ChannelFirstFlatten(keras.layers.Layer):
     """Flatten in (C, H, W) order, as the specs (and PyTorch) define it."""
 
     def call(self, x, training=False):
-        return tf.reshape(tf.transpose(x, [0, 3, 1, 2]), [tf.shape(x)[0], -1])
+        # The features as a number: with the batch's size unknown (a compiled step traced
+        # for several micro-batch sizes), [size, -1] would leave them unknown as well, and
+        # the next layer's dropout mask needs them.
+        features = x.shape[1] * x.shape[2] * x.shape[3]
+        return tf.reshape(tf.transpose(x, [0, 3, 1, 2]), [-1, features])
 
 
 class MaxPoolLayer(keras.layers.Layer):

@@ -36,8 +36,10 @@ from train_tf.model import (
     build_stage,
     dropout_keys,
     frozen_batch_norm_statistics,
+    recording_weight_layers,
     set_batch_norm_reduction,
     to_channels_last,
+    weight_layers,
 )
 from train_tf.optimizer import Optimizer
 from train_tf.precision import set_precision
@@ -55,6 +57,7 @@ def channels_first(x):
 
 class TfStage:
     framework = "tf"
+    recomputes_forward = True  # a stage before the last runs its forward again at the backward
 
     @staticmethod
     def set_threads(threads, local_rank):
@@ -64,22 +67,24 @@ class TfStage:
 
     @staticmethod
     def measure_layer_times(specs, input_shape, batch_size, repeats=3):
-        """Seconds for forward + backward of each layer on a random batch (--balance time)."""
+        """(forward, backward) seconds of each layer on a random batch (--balance time), the
+        best of ``repeats`` each."""
         model = build_model(specs, input_shape, seed=0)
         x = tf.constant(to_channels_last(np.random.default_rng(0).standard_normal(
             (batch_size, *input_shape)).astype(np.float32)))
         times = []
         for layer in model.layers_:
-            best = float("inf")
+            forward = backward = float("inf")
             for _ in range(repeats):
                 start = time.perf_counter()
                 with tf.GradientTape() as tape:
                     tape.watch(x)
                     out = layer(x, training=True)
                     total = tf.reduce_sum(out)
+                middle = time.perf_counter()
                 tape.gradient(total, [x] + layer.trainable_variables)
-                best = min(best, time.perf_counter() - start)
-            times.append(best)
+                forward, backward = min(forward, middle - start), min(backward, time.perf_counter() - middle)
+            times.append((forward, backward))
             x = out
         return times
 
@@ -111,6 +116,69 @@ class TfStage:
         self._loss_backward = tf.function(self._loss_and_gradients, reduce_retracing=True)
         self.stash: dict = {}  # micro-batch -> what its backward needs
         self.gradients: list = []
+        self.split = place.config.schedule == "zb" and not self.first  # the first runs whole backwards
+        if self.split:
+            self._init_split_backward()
+
+    # --- --schedule zb: a backward cut into input and weight gradients -------------------
+    # The input-gradient part asks the tape for the input's gradient, BatchNorm's, and each
+    # convolution's and dense layer's output gradient (no weight-gradient op is built);
+    # the weight-gradient part runs each such layer under a tape of its own from its input
+    # and output gradient: only the weight-gradient ops remain, the layer's forward has no
+    # use and the graph leaves it out.
+
+    def _init_split_backward(self) -> None:
+        deferred = {id(variable) for layer in weight_layers(self.model) for variable in layer.trainable_variables}
+        self.weight_index = [i for i, variable in enumerate(self.variables) if id(variable) in deferred]
+        self.other_index = [i for i, variable in enumerate(self.variables) if id(variable) not in deferred]
+        self.recorded_layers: list = []  # the order a trace of the forward runs them in
+        self.deferred: dict = {}  # micro-batch -> (inputs, output gradients) of the weight layers
+        self._input_backward = tf.function(self._input_gradients, reduce_retracing=True)
+        self._loss_input_backward = tf.function(self._loss_and_input_gradients, reduce_retracing=True)
+        self._weight_backward = tf.function(self._weight_gradients, reduce_retracing=True)
+
+    def _split_gradients(self, tape, target, x, records, upstream, accumulated):
+        self.recorded_layers = [layer for layer, _, _ in records]
+        others = [self.variables[i] for i in self.other_index]
+        sources = [x, *(output for _, _, output in records), *others]
+        gradients = tape.gradient(target, sources, output_gradients=upstream,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        outputs_end = 1 + len(records)
+        return (gradients[0], [total + gradient for total, gradient in zip(accumulated, gradients[outputs_end:])],
+                [layer_input for _, layer_input, _ in records], gradients[1:outputs_end])
+
+    def _input_gradients(self, x, keys, upstream, accumulated):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            with frozen_batch_norm_statistics(), recording_weight_layers() as records:  # they moved at the forward
+                out = channels_first(self.model(channels_last(x), training=True, dropout_keys=keys))
+        return self._split_gradients(tape, out, x, records, tf.cast(upstream, out.dtype), accumulated)
+
+    def _loss_and_input_gradients(self, x, keys, labels, scale, accumulated):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            with recording_weight_layers() as records:
+                out = tf.cast(self.model(channels_last(x), training=True, dropout_keys=keys), tf.float32)
+            loss_sum, correct = loss_sum_and_correct(labels, out)
+            target = loss_sum * scale
+        return (loss_sum, correct, *self._split_gradients(tape, target, x, records, None, accumulated))
+
+    def _weight_gradients(self, inputs, output_gradients, accumulated):
+        found = {}
+        for layer, layer_input, output_gradient in zip(self.recorded_layers, inputs, output_gradients):
+            with tf.GradientTape() as tape:
+                output = layer(layer_input)
+            variables = layer.trainable_variables
+            gradients = tape.gradient(output, variables, output_gradients=output_gradient)
+            found.update((id(variable), gradient) for variable, gradient in zip(variables, gradients))
+        return [total + found[id(self.variables[i])] for total, i in zip(accumulated, self.weight_index)]
+
+    def _gather(self, index):
+        return [self.gradients[i] for i in index]
+
+    def _scatter(self, index, gradients):
+        for i, gradient in zip(index, gradients):
+            self.gradients[i] = gradient
 
     def _gradients_given_output_gradients(self, x, keys, upstream, accumulated):
         with tf.GradientTape() as tape:
@@ -177,8 +245,14 @@ class TfStage:
         if not self.last:
             self.stash[m] = (x, keys)
             return self._forward(x, keys), (0.0, 0.0)
-        loss_sum, correct, input_gradient, self.gradients = self._loss_backward(
-            x, keys, self.feed.labels(batch), tf.constant(scale, tf.float32), self.gradients)
+        labels, scale = self.feed.labels(batch), tf.constant(scale, tf.float32)
+        if self.split:
+            loss_sum, correct, input_gradient, others, *self.deferred[m] = self._loss_input_backward(
+                x, keys, labels, scale, self._gather(self.other_index))
+            self._scatter(self.other_index, others)
+        else:
+            loss_sum, correct, input_gradient, self.gradients = self._loss_backward(
+                x, keys, labels, scale, self.gradients)
         self.stash[m] = input_gradient
         return None, (float(loss_sum), float(correct))
 
@@ -190,6 +264,20 @@ class TfStage:
             input_gradient, self.gradients = self._recompute_backward(
                 x, keys, tf.convert_to_tensor(output_gradient), self.gradients)
         return None if self.first else input_gradient
+
+    def backward_input(self, m, output_gradient):
+        if self.last:
+            return self.stash.pop(m)  # computed with the loss, at the forward
+        x, keys = self.stash.pop(m)
+        input_gradient, others, *self.deferred[m] = self._input_backward(
+            x, keys, tf.convert_to_tensor(output_gradient), self._gather(self.other_index))
+        self._scatter(self.other_index, others)
+        return input_gradient
+
+    def backward_weight(self, m):
+        inputs, output_gradients = self.deferred.pop(m)
+        self._scatter(self.weight_index, self._weight_backward(inputs, output_gradients,
+                                                               self._gather(self.weight_index)))
 
     def allreduce_gradients(self):
         # Horovod: sum this stage's gradients over its replicas.

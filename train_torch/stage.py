@@ -27,6 +27,7 @@ from train_torch.wire import StagedWire, make_wire
 
 class TorchStage:
     framework = "torch"
+    recomputes_forward = False  # autograd keeps the forward's graph for the backward
 
     @staticmethod
     def set_threads(threads, local_rank):
@@ -34,19 +35,21 @@ class TorchStage:
 
     @staticmethod
     def measure_layer_times(specs, input_shape, batch_size, repeats=3):
-        """Seconds for forward + backward of each layer on a random batch (--balance time)."""
+        """(forward, backward) seconds of each layer on a random batch (--balance time), the
+        best of ``repeats`` each."""
         model = build_model(specs, input_shape, seed=0)
         x = torch.randn(batch_size, *input_shape)
         times = []
         for layer in model:
-            best = float("inf")
+            forward = backward = float("inf")
             for _ in range(repeats):
                 inputs = x.detach().requires_grad_()
                 start = time.perf_counter()
                 out = layer(inputs)
+                middle = time.perf_counter()
                 out.sum().backward()
-                best = min(best, time.perf_counter() - start)
-            times.append(best)
+                forward, backward = min(forward, middle - start), min(backward, time.perf_counter() - middle)
+            times.append((forward, backward))
             x = out.detach()
         return times
 
@@ -71,6 +74,16 @@ class TorchStage:
         self.has_parameters = bool(self.parameters)
         self.optimizer = make_local_optimizer(self.model, place.config) if self.parameters else None
         self.stash: dict = {}  # micro-batch -> what its backward needs
+        self.deferred: dict = {}  # micro-batch -> what its weight gradients need (--schedule zb)
+        self.recording: list | None = None  # a forward's (module output, module parameters), for the split
+        if place.config.schedule == "zb" and not self.first:  # the first stage runs whole backwards
+            for module in self.model.modules():
+                if any(True for _ in module.parameters(recurse=False)):
+                    module.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output):
+        if self.recording is not None and output.requires_grad:
+            self.recording.append((output, list(module.parameters(recurse=False))))
 
     @staticmethod
     def join_replica_groups(stage_ranks):
@@ -114,23 +127,53 @@ class TorchStage:
         if not self.first:
             x.requires_grad_()
         keys = dropout_keys(self.config.seed, batch, self.device) if self.drops else None
+        self.recording = []
         with autocast(self.config, self.device):
             out = self.model(x, keys)
+        recorded, self.recording = self.recording, None
         if not self.last:
-            self.stash[m] = (x, out)
+            self.stash[m] = (x, out, recorded)
             return out.float(), (0.0, 0.0)  # float32 on the wire, whatever --amp computes in
         labels = self.feed.labels(self.feed.arrive(batch))
         loss_sum = F.cross_entropy(out.float(), labels, reduction="sum", ignore_index=IGNORED_LABEL)
-        self.stash[m] = (x, loss_sum * scale)  # scaled once: the micro-batches add up to the batch mean
+        # Scaled once: the micro-batches add up to the batch mean.
+        self.stash[m] = (x, loss_sum * scale, recorded)
         return None, (loss_sum.item(), (out.argmax(1) == labels).sum().item())
 
+    def _output_gradient(self, out, output_gradient):
+        return None if output_gradient is None else output_gradient.to(self.device).to(out.dtype)
+
     def backward(self, m, output_gradient):
-        x, out = self.stash.pop(m)
-        if output_gradient is None:
-            out.backward()
-        else:
-            out.backward(output_gradient.to(self.device).to(out.dtype))
+        x, out, _ = self.stash.pop(m)
+        out.backward(self._output_gradient(out, output_gradient))
         return None if self.first else x.grad
+
+    def backward_input(self, m, output_gradient):
+        """The gradient of the stage's input alone (autograd skips every weight gradient),
+        keeping the graph and each parameterised module's output gradient, which its tensor
+        hook catches on the way, for backward_weight."""
+        x, out, recorded = self.stash.pop(m)
+        caught = {}
+        hooks = [output.register_hook(lambda gradient, i=i: caught.__setitem__(i, gradient))
+                 for i, (output, _) in enumerate(recorded)]
+        (input_gradient,) = torch.autograd.grad(out, [x], self._output_gradient(out, output_gradient),
+                                                retain_graph=True)
+        for hook in hooks:
+            hook.remove()
+        self.deferred[m] = [(output, caught[i], parameters) for i, (output, parameters) in enumerate(recorded)]
+        return input_gradient
+
+    def backward_weight(self, m):
+        """Each parameterised module's weight gradients from its output gradient, one module
+        at a time (together, autograd would also carry a later module's output gradient back
+        to an earlier module's weights): it walks only the module's own node, as the input
+        path has run, and frees it."""
+        for output, output_gradient, parameters in self.deferred.pop(m):
+            for parameter, gradient in zip(parameters, torch.autograd.grad(output, parameters, output_gradient)):
+                if parameter.grad is None:
+                    parameter.grad = gradient
+                else:
+                    parameter.grad.add_(gradient)
 
     def allreduce_gradients(self):
         gradients = [parameter.grad for parameter in self.parameters]

@@ -1,4 +1,5 @@
-"""torch.distributed.pipelining (GPipe, 1F1B or interleaved 1F1B) on a common/model/networks.py
+"""torch.distributed.pipelining (GPipe, 1F1B, interleaved 1F1B or, for zb, its zero-bubble
+schedule with one piece per rank, ScheduleInterleavedZeroBubble's ZB1P) on a common/model/networks.py
 network, cut where our --mode model cuts it (common/parallel/plan.partition, by FLOPs or, with
 --balance time, by each layer's forward + backward timed on rank 0): the peer of our pipelines.
 
@@ -11,7 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from common_bench import parse, report, synthetic_batch, timed_windows
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
 
 from common.model import networks
 from common.parallel import plan
@@ -22,7 +29,7 @@ CHUNKS = 2  # interleaved: pieces per rank, as our --virtual-stages default
 
 
 def main():
-    args = parse({"--schedule": {"default": "1f1b", "choices": ["gpipe", "1f1b", "interleaved"]},
+    args = parse({"--schedule": {"default": "1f1b", "choices": ["gpipe", "1f1b", "interleaved", "zb"]},
                   "--microbatches": {"type": int, "default": 4},
                   "--balance": {"default": "flops", "choices": ["flops", "time"]}})
     torch.set_num_threads(args.threads)
@@ -31,8 +38,8 @@ def main():
     costs = [[cost.flops for cost in networks.layer_costs(args.specs, args.image_shape)]]
     if args.balance == "time":  # as our --balance time: timed once on one rank, shared
         if rank == 0:
-            costs = [TorchStage.measure_layer_times(args.specs, args.image_shape,
-                                                    args.batch_size // args.microbatches)]
+            costs = [[forward + backward for forward, backward in TorchStage.measure_layer_times(
+                args.specs, args.image_shape, args.batch_size // args.microbatches)]]
         dist.broadcast_object_list(costs, src=0)
     chunks = CHUNKS if args.schedule == "interleaved" else 1
     ranges = plan.partition(costs[0], stages, "", chunks, args.microbatches)
@@ -43,6 +50,8 @@ def main():
     loss = lambda out, y: F.cross_entropy(out, y, reduction="sum") / args.batch_size  # noqa: E731
     if chunks > 1:
         schedule = ScheduleInterleaved1F1B(pipeline_stages, args.microbatches, loss_fn=loss)
+    elif args.schedule == "zb":
+        schedule = ScheduleInterleavedZeroBubble(pipeline_stages, args.microbatches, loss_fn=loss)
     else:
         schedule = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[args.schedule](pipeline_stages[0], args.microbatches,
                                                                                   loss_fn=loss)

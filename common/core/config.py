@@ -35,6 +35,7 @@ class Schedule(enum.StrEnum):
     GPIPE = "gpipe"
     ONE_F_ONE_B = "1f1b"
     INTERLEAVED = "interleaved"
+    ZERO_BUBBLE = "zb"
 
 
 class Balance(enum.StrEnum):
@@ -77,7 +78,8 @@ class RunConfig:
     dp: int = _flag(0, "hybrid: data-parallel replicas of the pipeline (0: ranks / pp)")
     microbatches: int = _flag(1, "model/hybrid: micro-batches per replica per step")
     schedule: Schedule = _flag(Schedule.ONE_F_ONE_B, "model/hybrid: pipeline schedule (interleaved: 1F1B over "
-                               "--virtual-stages model pieces per rank, a smaller bubble for more messages)",
+                               "--virtual-stages model pieces per rank, a smaller bubble for more messages; "
+                               "zb: ZB-H1, 1F1B whose weight gradients wait to fill the bubble)",
                                choices=list(Schedule))
     virtual_stages: int = _flag(2, "--schedule interleaved: model pieces each rank holds (the model is cut "
                                 "into pp x this many stages, dealt round the ranks)")

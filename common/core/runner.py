@@ -79,6 +79,8 @@ class Runner(Protocol):
     layout: Sequence[str]            # lines describing the placement, logged once
     ranges: Sequence[tuple[int, int]]  # each model piece's layers [first, end), in model order
     layer_costs: Sequence[float]     # pipelines: each layer's cost the cut was made by (--balance)
+    last_piece_costs: Sequence[float]  # what the layers would cost in the model's last piece, where
+                                       # that differs (a TF piece before it also recomputes its forward)
     collectives: Collectives
     checkpoint_shards: int           # how many shards this layout's checkpoints have
     timeline: Timeline               # --timeline's spans (enabled in model/hybrid/ps mode)
@@ -157,6 +159,15 @@ class Stage(Protocol):
     def backward(self, microbatch: int, output_gradient) -> object:
         """The gradient (a tensor) for the previous stage (None on the first)."""
 
+    def backward_input(self, microbatch: int, output_gradient) -> object:
+        """The first part of a backward cut in two (--schedule zb): the previous stage's
+        gradient, as ``backward`` returns it, keeping what backward_weight needs (never on
+        the first stage)."""
+
+    def backward_weight(self, microbatch: int) -> None:
+        """The second part: the micro-batch's weight gradients, added to the others
+        (after its backward_input; together they add up what ``backward`` adds)."""
+
     def use_replica_group(self, group, name: str) -> None:
         """Hybrid: allreduce this piece's gradients (and, with --sync-bn, BatchNorm sums)
         over ``group``, a handle from StageFactory.join_replica_groups; ``name`` tells its
@@ -203,9 +214,11 @@ class StageFactory(Protocol):
     def make_wire(config: RunConfig, local_rank: int) -> Wire:
         """How the rank's activations and gradients reach MPI (--p2p-memory)."""
 
+    recomputes_forward: bool  # a stage before the model's last piece runs its forward again at the backward
+
     @staticmethod
-    def measure_layer_times(specs: Sequence, input_shape: tuple, batch_size: int) -> list:
-        """Forward + backward seconds of each layer (--balance time)."""
+    def measure_layer_times(specs: Sequence, input_shape: tuple, batch_size: int) -> list[tuple[float, float]]:
+        """(forward, backward) seconds of each layer (--balance time)."""
 
     @staticmethod
     def join_replica_groups(stage_ranks: list) -> list:

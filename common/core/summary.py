@@ -79,6 +79,9 @@ class RunSummary:
     decoder_processes: list[int]             # each rank's image decoder processes (none on a rank that
                                              # reads no images, or for a set in memory; empty under elastic)
     decode_on_device: bool
+    # The last piece's own layer costs where they differ from partition_costs (--balance time
+    # in TensorFlow: the pieces before it pay a recomputed forward as well), else [].
+    last_piece_costs: list[float] = field(default_factory=list)
     outcome: Outcome | None = None
     error: str = ""
     epochs_done: int = 0

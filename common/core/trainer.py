@@ -181,7 +181,8 @@ class Trainer:
             layer_ranges=[(first, end) for first, end in runner.ranges],
             stage_ranks=[plan.stage_ranks(s) for s in range(plan.pp)] if plan.pipelined else [],
             schedule=str(config.schedule), microbatches=config.microbatches, virtual_stages=plan.chunks,
-            partition_costs=[float(cost) for cost in runner.layer_costs], hosts=summary.host_ranks(self.hosts),
+            partition_costs=[float(cost) for cost in runner.layer_costs],
+            last_piece_costs=[float(cost) for cost in runner.last_piece_costs], hosts=summary.host_ranks(self.hosts),
             decoder_processes=self.decoders_by_rank, decode_on_device=dataset.decode_on_device)
 
     def _open_tensorboard(self) -> None:

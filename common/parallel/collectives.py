@@ -23,6 +23,7 @@ class MpiRunner:
     timeline: Timeline
     timeline_path: str = ""
     layer_costs: Sequence[float] = ()  # the pipeline's cut sets its own
+    last_piece_costs: Sequence[float] = ()
 
     @property
     def track_label(self) -> str:

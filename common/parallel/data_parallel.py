@@ -78,6 +78,7 @@ class ReplicaRunner:
     checkpoint_shards = 1
     layout: Sequence[str] = ()
     layer_costs: Sequence[float] = ()  # one piece: nothing was cut
+    last_piece_costs: Sequence[float] = ()
     reads = Reads(images=True, labels=True)  # every replica trains on its share of each batch
     config: RunConfig
     hvd: Any                        # the framework's Horovod module

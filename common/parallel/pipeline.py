@@ -71,16 +71,18 @@ class PipelineRunner(MpiRunner):
 
         local_rank, self.threads = node_placement(self.comm, config)
         stage_factory.set_threads(self.threads, local_rank)
-        costs = self._layer_costs(stage_factory)
+        costs, last_costs = self._layer_costs(stage_factory)
         self.layer_costs: Sequence[float] = costs
+        self.last_piece_costs: Sequence[float] = last_costs if last_costs != costs else ()
         self.ranges: Sequence[tuple[int, int]] = plan.partition(costs, self.plan.pp, config.split, self.plan.chunks,
-                                                                config.microbatches)
+                                                                config.microbatches, last_costs)
         virtual = [self.plan.virtual_stage(self.stage_index, chunk) for chunk in range(self.plan.chunks)]
         # The model's first piece reads the images, its last the labels.
         self.reads = Reads(images=0 in virtual, labels=self.plan.virtual_stages - 1 in virtual)
         self.feed = stage_factory.make_feed(config, local_rank, dataset, self.reads)
         self.layout: Sequence[str] = [f"{self._piece_name(v)}: layers {a}-{b - 1} "
-                       f"({', '.join(type(x).__name__ for x in specs[a:b])}), cost {sum(costs[a:b]):.3g} "
+                       f"({', '.join(type(x).__name__ for x in specs[a:b])}), "
+                       f"cost {sum((last_costs if b == len(specs) else costs)[a:b]):.3g} "
                        f"({config.balance}), ranks {self.plan.stage_ranks(self.plan.place_of(v)[0])}"
                        for v, (a, b) in enumerate(self.ranges)]
         self.pieces = [self._make_piece(chunk, stage_factory, local_rank) for chunk in range(self.plan.chunks)]
@@ -111,16 +113,19 @@ class PipelineRunner(MpiRunner):
         return Piece(chunk, virtual, start, end, first, last, None if first else rank_of(virtual - 1),
                      None if last else rank_of(virtual + 1), shapes[start], shapes[end], stage)
 
-    def _layer_costs(self, stage_factory: StageFactory) -> list:
+    def _layer_costs(self, stage_factory: StageFactory) -> tuple[list, list]:
+        """Each layer's cost in a piece before the model's last, and in the last."""
         if self.config.balance == Balance.TIME:
             # Measured once on one rank and shared: every rank must cut the same stages.
             times = None
             if self.rank == self.primary_rank:
                 times = stage_factory.measure_layer_times(
                     self.specs, self.dataset.image_shape, max(1, self.config.batch_size // self.config.microbatches))
-            return self.comm.bcast(times, root=self.primary_rank)
+            times = self.comm.bcast(times, root=self.primary_rank)
+            return plan.timed_costs(times, stage_factory.recomputes_forward)
         costs = networks.layer_costs(self.specs, self.dataset.image_shape)
-        return [getattr(cost, self.config.balance) for cost in costs]  # --balance flops or params
+        flops_or_params = [getattr(cost, self.config.balance) for cost in costs]  # --balance flops or params
+        return flops_or_params, flops_or_params
 
     def set_lr(self, value: float) -> None:
         for piece in self.pieces:
@@ -156,8 +161,11 @@ class PipelineRunner(MpiRunner):
             m, piece = action.microbatch, self.pieces[action.chunk]
             if action.kind == schedule.FORWARD:
                 self._forward(piece, m, microbatches[m], global_count, meter)
+            elif action.kind == schedule.WEIGHT_GRADIENT:
+                with self.timeline.span("weight gradient", "backward", microbatch=m, chunk=piece.chunk):
+                    piece.stage.backward_weight(m)
             else:
-                self._backward(piece, m)
+                self._backward(piece, m, split=action.kind == schedule.INPUT_GRADIENT)
         with span("wait for sends", "wait"):
             self.transport.finish()
         for piece in self.pieces:
@@ -188,14 +196,16 @@ class PipelineRunner(MpiRunner):
         """The receiving piece's chunk: with the micro-batch and the kind, its message's tag."""
         return self.plan.place_of(virtual)[1]
 
-    def _backward(self, piece: Piece, m: int) -> None:
+    def _backward(self, piece: Piece, m: int, split: bool) -> None:
+        """A whole backward, or (``split``, --schedule zb) its input-gradient part, whose
+        weight-gradient part a later action runs."""
         span = self.timeline.span
         gradient = None
         if not piece.last:
             with span("receive gradient", "wait", microbatch=m, chunk=piece.chunk):
                 gradient = self.transport.receive(p2p.GRADIENT, m, piece.chunk)
-        with span("backward", "backward", microbatch=m, chunk=piece.chunk):
-            input_gradient = piece.stage.backward(m, gradient)
+        with span("input gradient" if split else "backward", "backward", microbatch=m, chunk=piece.chunk):
+            input_gradient = (piece.stage.backward_input if split else piece.stage.backward)(m, gradient)
         if not piece.first:
             with span("send gradient", "send", microbatch=m, chunk=piece.chunk):
                 self.transport.send(input_gradient, p2p.GRADIENT, m, self._chunk_of(piece.virtual - 1), piece.previous)

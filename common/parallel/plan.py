@@ -156,16 +156,25 @@ def parse_split(text: str, num_layers: int, stages: int) -> list[int]:
     return bounds
 
 
-def balanced_split(costs: Sequence[float], stages: int) -> list[int]:
+def timed_costs(times: Sequence[tuple[float, float]], recomputes_forward: bool) -> tuple[list, list]:
+    """--balance time: each layer's cost in a piece before the model's last, and in the last,
+    from its measured (forward, backward) seconds. A framework whose pieces before the last
+    run their forward again at the backward (TensorFlow's) pays the forward twice there."""
+    last = [forward + backward for forward, backward in times]
+    if not recomputes_forward:
+        return last, last
+    return [2 * forward + backward for forward, backward in times], last
+
+
+def balanced_split(costs: Sequence[float], stages: int, last_costs: Sequence[float] | None = None) -> list[int]:
     """Boundaries cutting ``costs`` into ``stages`` contiguous non-empty parts
-    that minimise the most expensive part (exact dynamic programme)."""
+    that minimise the most expensive part (exact dynamic programme); the last part's
+    layers cost ``last_costs`` where given."""
     count = len(costs)
     if stages > count:
         raise UsageError(f"--pp {stages} is more stages than the model's {count} layers; "
                          f"use --pp <= {count}")
-    prefix = [0.0]
-    for cost in costs:
-        prefix.append(prefix[-1] + cost)
+    prefix, last_prefix = [0.0, *accumulate(costs)], [0.0, *accumulate(last_costs or costs)]
     infinity = float("inf")
     # best[k][i]: minimal max-stage cost of layers[:i] in k stages; cut[k][i]: where the last stage starts.
     best = [[infinity] * (count + 1) for _ in range(stages + 1)]
@@ -173,8 +182,9 @@ def balanced_split(costs: Sequence[float], stages: int) -> list[int]:
     best[0][0] = 0.0
     for k in range(1, stages + 1):
         for i in range(k, count + 1):
+            sums = last_prefix if k == stages else prefix
             for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                value = max(best[k - 1][j], sums[i] - sums[j])
                 if value < best[k][i]:
                     best[k][i], cut[k][i] = value, j
     bounds, end = [], count
@@ -195,23 +205,25 @@ def stage_ranges(bounds: Sequence[int], num_layers: int) -> list[tuple[int, int]
 INTERLEAVED_SEARCH_LIMIT = 20_000
 
 
-def interleaved_split(costs: Sequence[float], stages: int, chunks: int, microbatches: int) -> list[int]:
+def interleaved_split(costs: Sequence[float], stages: int, chunks: int, microbatches: int,
+                      last_costs: Sequence[float] | None = None) -> list[int]:
     """Boundaries cutting ``costs`` into stages x chunks contiguous pieces, piece v on stage
     v % stages, whose interleaved step is shortest by common/parallel/schedule.step_time's model
     (each piece's forward its cost, its backward twice that, messages free), then whose
     largest piece is smallest. Neither equal pieces nor equal loads per rank suffice: equal
     pieces can leave one rank the heavy ones, equal loads can leave pieces so unequal that
-    the ranks wait on each other."""
+    the ranks wait on each other. The model's last piece's layers cost ``last_costs`` where given."""
     pieces, count = stages * chunks, len(costs)
     if comb(count - 1, pieces - 1) > INTERLEAVED_SEARCH_LIMIT:
-        return balanced_split(costs, pieces)
+        return balanced_split(costs, pieces, last_costs)
     schedules = schedule.stage_schedules("interleaved", stages, microbatches, chunks)
     order = schedule.simulate(schedules)  # the same for every cut: only the costs change
-    prefix = [0.0, *accumulate(costs)]
+    prefix, last_prefix = [0.0, *accumulate(costs)], [0.0, *accumulate(last_costs or costs)]
     best, best_bounds = None, None
     for bounds in combinations(range(1, count), pieces - 1):
         edges = (0, *bounds, count)
-        piece_costs = [prefix[b] - prefix[a] for a, b in zip(edges[:-1], edges[1:])]
+        piece_costs = [prefix[b] - prefix[a] for a, b in zip(edges[:-2], edges[1:-1])]
+        piece_costs.append(last_prefix[count] - last_prefix[edges[-2]])
         score = (schedule.step_time(schedules, piece_costs, order=order), max(piece_costs))
         if best is None or score < best:
             best, best_bounds = score, list(bounds)
@@ -220,9 +232,10 @@ def interleaved_split(costs: Sequence[float], stages: int, chunks: int, microbat
 
 
 def partition(costs: Sequence[float], stages: int, split: str = "", chunks: int = 1,
-              microbatches: int = 1) -> list[tuple[int, int]]:
+              microbatches: int = 1, last_costs: Sequence[float] | None = None) -> list[tuple[int, int]]:
     """Layer ranges per piece (stages x chunks of them, piece v on stage v % stages): from
-    --split if given, else balanced by ``costs`` (interleaved: for ``microbatches``)."""
+    --split if given, else balanced by ``costs`` (interleaved: for ``microbatches``), the
+    model's last piece's layers by ``last_costs`` where given."""
     pieces = stages * chunks
     if pieces > len(costs):
         raise UsageError(f"--pp {stages} is more stages than the model's {len(costs)} layers; "
@@ -230,7 +243,7 @@ def partition(costs: Sequence[float], stages: int, split: str = "", chunks: int 
     if split:
         bounds = parse_split(split, len(costs), pieces)
     elif chunks > 1:
-        bounds = interleaved_split(costs, stages, chunks, microbatches)
+        bounds = interleaved_split(costs, stages, chunks, microbatches, last_costs)
     else:
-        bounds = balanced_split(costs, stages)
+        bounds = balanced_split(costs, stages, last_costs)
     return stage_ranges(bounds, len(costs))

@@ -12,6 +12,11 @@ with K stages, virtual stage ``g = chunk * K + stage`` holds the g-th of K x V
 model pieces, so a micro-batch goes round the ranks V times (Megatron-LM's
 interleaved 1F1B). The bubble shrinks from (K - 1) / (M + K - 1) of a step to
 (K - 1) / (V x M + K - 1), for V - 1 more hops per micro-batch each way.
+
+ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024) splits a backward
+("B") into its input-gradient part ("I"), which the previous stage waits for, and
+its weight-gradient part ("W"), which nobody waits for: stage s defers s of its
+W's, and they fill the end of the step where 1F1B leaves stage s idle.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from __future__ import annotations
 from collections import namedtuple
 
 Action = namedtuple("Action", "kind microbatch chunk", defaults=(0,))
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
 
 FORWARD, BACKWARD = "F", "B"
+INPUT_GRADIENT, WEIGHT_GRADIENT = "I", "W"  # a backward in two (--schedule zb)
+# What each compute action costs, in forwards: a backward is ``backward_ratio`` of them,
+# its input-gradient part ``input_share`` of that and its weight-gradient part the rest.
 RECV_ACTIVATION, SEND_ACTIVATION = "recv_act", "send_act"
 RECV_GRADIENT, SEND_GRADIENT = "recv_grad", "send_grad"
 
@@ -75,6 +83,26 @@ def interleaved(stage: int, stages: int, microbatches: int, chunks: int) -> list
                                    interleaved_warmup(stage, stages, chunks))
 
 
+def zero_bubble_h1(stage: int, stages: int, microbatches: int) -> list[Action]:
+    """ZB-H1: 1F1B's warm-up (stages - stage - 1 forwards), then its steady forward /
+    backward pairs, with each backward cut into I (sent upstream at once) and W. Stage s
+    lets its first s W's wait and then runs one W, oldest first, after each I; the s
+    still waiting at the end fill what would be its cool-down bubble. The first stage
+    sends no gradient, so it defers nothing and runs whole backwards. At most ``stages``
+    micro-batches are held between their F and W, as on 1F1B's first stage."""
+    if stage == 0:
+        return one_f_one_b(stage, stages, microbatches)
+    inputs = [Action(INPUT_GRADIENT, m) for m in range(microbatches)]
+    with_inputs = _warmup_steady_cooldown([Action(FORWARD, m) for m in range(microbatches)], inputs,
+                                          stages - stage - 1)
+    actions, weights = [], iter(Action(WEIGHT_GRADIENT, m) for m in range(microbatches))
+    for action in with_inputs:
+        actions.append(action)
+        if action.kind == INPUT_GRADIENT and action.microbatch >= stage:
+            actions.append(next(weights))
+    return actions + list(weights)
+
+
 def _warmup_steady_cooldown(forwards: list[Action], backwards: list[Action], warmup: int) -> list[Action]:
     """``warmup`` forwards, then alternate one forward and one backward, then the rest."""
     warmup = min(warmup, len(forwards))
@@ -87,7 +115,7 @@ def _warmup_steady_cooldown(forwards: list[Action], backwards: list[Action], war
 def compute_actions(schedule: str, stage: int, stages: int, microbatches: int, chunks: int = 1) -> list[Action]:
     if schedule == "interleaved":
         return interleaved(stage, stages, microbatches, chunks)
-    return {"gpipe": gpipe, "1f1b": one_f_one_b}[schedule](stage, stages, microbatches)
+    return {"gpipe": gpipe, "1f1b": one_f_one_b, "zb": zero_bubble_h1}[schedule](stage, stages, microbatches)
 
 
 def with_communication(actions: list[Action], stage: int, stages: int, chunks: int = 1) -> list[Action]:
@@ -101,7 +129,9 @@ def with_communication(actions: list[Action], stage: int, stages: int, chunks: i
         if action.kind == FORWARD:
             full += ([] if first else [Action(RECV_ACTIVATION, m, chunk)]) + [action] \
                 + ([] if last else [Action(SEND_ACTIVATION, m, chunk)])
-        else:
+        elif action.kind == WEIGHT_GRADIENT:
+            full.append(action)  # from what its I kept: nothing to receive or send
+        else:  # a whole backward, or its input-gradient part
             full += ([] if last else [Action(RECV_GRADIENT, m, chunk)]) + [action] \
                 + ([] if first else [Action(SEND_GRADIENT, m, chunk)])
     return full
@@ -113,10 +143,11 @@ def stage_schedules(schedule: str, stages: int, microbatches: int, chunks: int =
 
 
 def peak_activations(actions: list[Action]) -> int:
-    """Most (micro-batch, chunk) pieces whose forward has run but whose backward has not."""
+    """Most (micro-batch, chunk) pieces whose forward has run but whose backward (or, split,
+    its W) has not."""
     held = peak = 0
     for action in actions:
-        held += {FORWARD: 1, BACKWARD: -1}.get(action.kind, 0)
+        held += {FORWARD: 1, BACKWARD: -1, WEIGHT_GRADIENT: -1}.get(action.kind, 0)
         peak = max(peak, held)
     return peak
 
@@ -159,27 +190,33 @@ def simulate(schedules: list[list[Action]]) -> list:
 
 
 def bubble_bound(schedule: str, stages: int, microbatches: int, chunks: int = 1) -> float:
-    """The fraction of a step each stage computes when every piece costs the same and
-    communication is free: M / (M + K - 1), or V x M / (V x M + K - 1) interleaved."""
+    """The fraction of a step each stage computes when every piece costs the same (a
+    backward twice a forward) and communication is free: M / (M + K - 1), or
+    V x M / (V x M + K - 1) interleaved. ZB-H1 with M >= K, F = I = W, idles K - 1
+    forwards (its paper's (K - 1)(F + I - W)) in a step of 3M of work."""
+    if schedule == "zb":
+        return 3 * microbatches / (3 * microbatches + stages - 1)
     work = microbatches * (chunks if schedule == "interleaved" else 1)
     return work / (work + stages - 1)
 
 
 def partition_bound(schedule: str, stages: int, microbatches: int, piece_costs: list, chunks: int = 1,
-                    backward_ratio: float = 2.0) -> float:
+                    backward_ratio: float = 2.0, input_share: float = 0.5) -> float:
     """The best efficiency a cut allows: the work of the pieces (forward ``piece_costs[v]``,
     backward ``backward_ratio`` times that) spread evenly over ``stages`` ranks, against a step
     of ``schedule`` with free messages. It is the bubble bound when the pieces cost the same,
     and lower when one piece outweighs the others (a layer that is most of the model paces
     every cut of it); measured efficiencies are judged against it, not against the bubble's."""
-    seconds = step_time(stage_schedules(schedule, stages, microbatches, chunks), piece_costs, backward_ratio)
+    seconds = step_time(stage_schedules(schedule, stages, microbatches, chunks), piece_costs, backward_ratio,
+                        input_share=input_share)
     return microbatches * (1 + backward_ratio) * sum(piece_costs) / stages / seconds
 
 
 def step_time(schedules: list[list[Action]], piece_costs: list, backward_ratio: float = 2.0,
-              order: list | None = None) -> float:
+              order: list | None = None, input_share: float = 0.5) -> float:
     """How long a step of ``schedules`` takes when piece v's forward costs ``piece_costs[v]``
-    and its backward ``backward_ratio`` times that, and messages are free: each stage runs
+    and its backward ``backward_ratio`` times that (split, ``input_share`` of it the I and
+    the rest the W), and messages are free: each stage runs
     its actions in order, a receive waits for its send. Deadlock-free schedules only; pass
     ``simulate(schedules)`` as ``order`` to time many cost sets of one schedule."""
     stages = len(schedules)
@@ -191,6 +228,10 @@ def step_time(schedules: list[list[Action]], piece_costs: list, backward_ratio: 
             clock[s] += piece_costs[virtual]
         elif action.kind == BACKWARD:
             clock[s] += backward_ratio * piece_costs[virtual]
+        elif action.kind == INPUT_GRADIENT:
+            clock[s] += input_share * backward_ratio * piece_costs[virtual]
+        elif action.kind == WEIGHT_GRADIENT:
+            clock[s] += (1 - input_share) * backward_ratio * piece_costs[virtual]
         elif action.kind == SEND_ACTIVATION:
             sent[("activation", action.microbatch, virtual + 1)] = clock[s]
         elif action.kind == SEND_GRADIENT:

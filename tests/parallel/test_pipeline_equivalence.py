@@ -33,9 +33,10 @@ RESNET = {"model": "resnet8", "input_shape": [1, 8, 8], "num_classes": 10}
 # Where PyTorch hands MPI its tensors (--p2p-memory): as arrays of their own memory
 # (auto on a CPU), copied through buffers of their own (host: what a GPU does with
 # page-locked memory) or the tensors themselves (device: what a CUDA-aware MPI takes).
+# ZB-H1 on 3 stages: the middle and last stages each hold back weight gradients.
 PIPELINES = [("torch", "gpipe", 1, 3, "auto"), ("torch", "1f1b", 2, 3, "host"),
              ("torch", "interleaved", 4, 2, "device"), ("tf", "1f1b", 4, 2, "auto"),
-             ("tf", "interleaved", 4, 2, "host")]
+             ("tf", "interleaved", 4, 2, "host"), ("torch", "zb", 4, 3, "auto"), ("tf", "zb", 4, 3, "auto")]
 
 
 def weights_after(tmp_path, framework, name, extra, np_=None, architecture=None):
@@ -76,7 +77,8 @@ def test_interleaved_hybrid_equals_single_process(tmp_path, single_process_cnn):
     assert_same_weights(hybrid, single_process_cnn[framework])
 
 
-@pytest.mark.parametrize("framework,pp,schedule", [("torch", 2, "1f1b"), ("tf", 3, "gpipe")])
+@pytest.mark.parametrize("framework,pp,schedule", [("torch", 2, "1f1b"), ("tf", 3, "gpipe"), ("torch", 3, "zb"),
+                                                    ("tf", 2, "zb")])
 def test_batchnorm_pipeline_equals_data_mode_with_the_same_microbatches(tmp_path, framework, pp, schedule):
     reference = weights_after(tmp_path, framework, "data", ["--model", "resnet", "--accumulation-steps", 4],
                               architecture=RESNET)

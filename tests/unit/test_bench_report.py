@@ -24,6 +24,19 @@ def test_bubble_bound():
     assert report.pipeline_bound(8, stages=4) == pytest.approx(8 / 11)
 
 
+def test_the_cut_bound_prices_the_last_piece_by_its_own_costs():
+    """A run's summary: two pieces of 2 layers; the first piece's layers were charged a
+    recomputed forward (partition_costs), the last's were not (last_piece_costs)."""
+    summary = {"pp": 2, "schedule": "1f1b", "microbatches": 4, "virtual_stages": 1,
+               "layer_ranges": [[0, 2], [2, 4]], "partition_costs": [4.0, 4.0, 4.0, 4.0]}
+    assert report.cut_bound(summary) == pytest.approx(report.pipeline_bound(4))  # equal pieces
+    lighter_last = {**summary, "last_piece_costs": [3.0, 3.0, 3.0, 3.0]}
+    assert report.cut_bound(lighter_last) == pytest.approx(
+        report.partition_bound("1f1b", 2, 4, [8.0, 6.0]))
+    assert report.cut_bound(lighter_last) < report.cut_bound(summary)
+    assert report.cut_bound({**summary, "pp": 1}) is None
+
+
 def test_derived_ratios():
     rows = dict(report.derived(RESULTS))
     assert rows["scaling efficiency: data np2 / (2 x data np1)"]["torch"] == pytest.approx(0.9)

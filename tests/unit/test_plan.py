@@ -14,6 +14,7 @@ from common.parallel.plan import (
     make_plan,
     partition,
     stage_ranges,
+    timed_costs,
 )
 
 
@@ -102,6 +103,30 @@ def test_balanced_split_minimises_the_largest_stage():
         assert best == brute
 
 
+def test_time_balance_charges_the_recomputed_forward_to_the_pieces_before_the_last():
+    """TensorFlow's pieces before the model's last run their forward again at the backward:
+    there a layer costs 2 forwards + a backward, in the last piece 1 + 1."""
+    times = [(1.0, 2.0), (4.0, 2.0), (1.0, 2.0), (1.0, 2.0)]
+    assert timed_costs(times, recomputes_forward=False) == ([3.0, 6.0, 3.0, 3.0],) * 2
+    charged, last = timed_costs(times, recomputes_forward=True)
+    assert charged == [4.0, 10.0, 4.0, 4.0] and last == [3.0, 6.0, 3.0, 3.0]
+    # Without the charge the cut is 3+6 | 3+3 = 9 | 6; charged, the first piece would cost
+    # 14 against the last's 6, so the cut moves to 4 | 6+3+3 = 12.
+    assert partition(last, 2) == [(0, 2), (2, 4)]
+    assert partition(charged, 2, last_costs=last) == [(0, 1), (1, 4)]
+    # Interleaved pieces take the same charge: only the model's last piece is spared it.
+    assert partition(charged, 2, chunks=2, microbatches=2, last_costs=last) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    many = [(1.0, 2.0)] * 3 + [(0.5, 1.0)] * 3
+    charged, last = timed_costs(many, True)
+    for stages in (2, 3):
+        best = max(sum((last if b == len(many) else charged)[a:b]) for a, b in partition(charged, stages,
+                                                                                       last_costs=last))
+        brute = min(max(sum((last if b == len(many) else charged)[a:b]) for a, b in
+                        stage_ranges(list(cut), len(many)))
+                    for cut in itertools.combinations(range(1, len(many)), stages - 1))
+        assert best == brute
+
+
 def test_partition_of_the_seed_cnn_by_flops():
     specs = networks.model_specs("cnn", (3, 32, 32), 10)
     flops = [cost.flops for cost in networks.layer_costs(specs, (3, 32, 32))]
@@ -130,8 +155,8 @@ def test_balance_by_measured_time_cuts_valid_stages():
 
     specs = networks.model_specs("resnet", (1, 8, 8), 10)
     times = TorchStage.measure_layer_times(specs, (1, 8, 8), batch_size=8, repeats=1)
-    assert len(times) == len(specs) and all(t > 0 for t in times)
-    ranges = partition(times, 3)
+    assert len(times) == len(specs) and all(forward > 0 and backward > 0 for forward, backward in times)
+    ranges = partition([forward + backward for forward, backward in times], 3)
     assert [a for a, _ in ranges] == [0, ranges[0][1], ranges[1][1]] and ranges[-1][1] == len(specs)
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from common.parallel import schedule
-from common.parallel.schedule import BACKWARD, FORWARD, Action
+from common.parallel.schedule import BACKWARD, FORWARD, INPUT_GRADIENT, WEIGHT_GRADIENT, Action
 
 ONE_CHUNK = ("gpipe", "1f1b")  # one model piece per stage
 LAYOUTS = [(stages, microbatches) for stages in (1, 2, 3, 4, 5) for microbatches in (1, 2, 3, 4, 8)]
@@ -169,3 +169,75 @@ def test_the_partition_bound_is_the_bubble_bound_for_equal_pieces_and_lower_for_
         assert bound == pytest.approx(4 * 1.0 / (2 * (4 * 0.7 + 0.3)))
     # Perfectly balanced work with many micro-batches approaches 1.
     assert schedule.partition_bound("1f1b", 2, 64, [1.0, 1.0]) > 0.98
+
+
+# --- ZB-H1 (--schedule zb) -------------------------------------------------------------
+
+def _backward_parts(actions, m):
+    """Where micro-batch m's input and weight gradients come: a whole backward is both."""
+    def at(kind):
+        return next(i for i, a in enumerate(actions) if a.kind in (kind, BACKWARD) and a.microbatch == m)
+    return at(INPUT_GRADIENT), at(WEIGHT_GRADIENT)
+
+
+@pytest.mark.parametrize("stages,microbatches", LAYOUTS)
+def test_zero_bubble_runs_every_part_once_in_order(stages, microbatches):
+    for stage in range(stages):
+        actions = schedule.zero_bubble_h1(stage, stages, microbatches)
+        kinds = {FORWARD, BACKWARD} if stage == 0 else {FORWARD, INPUT_GRADIENT, WEIGHT_GRADIENT}
+        assert {a.kind for a in actions} == kinds  # the first stage sends no gradient: whole backwards
+        for kind in kinds:
+            # Each part in micro-batch order, once: gradients go upstream in the order they are sent.
+            assert [a.microbatch for a in actions if a.kind == kind] == list(range(microbatches))
+        for m in range(microbatches):
+            input_part, weight_part = _backward_parts(actions, m)
+            assert actions.index(Action(FORWARD, m)) < input_part <= weight_part
+        # Stage s holds back its first s weight gradients, and no more.
+        waiting = [a.microbatch for a in actions if a.kind == INPUT_GRADIENT]
+        weights = [i for i, a in enumerate(actions) if a.kind == WEIGHT_GRADIENT]
+        if stage and microbatches > stage:
+            assert actions.index(Action(INPUT_GRADIENT, waiting[stage])) < weights[0]
+
+
+@pytest.mark.parametrize("stages,microbatches", LAYOUTS)
+def test_zero_bubble_is_deadlock_free_and_keeps_1f1b_memory(stages, microbatches):
+    schedules = schedule.stage_schedules("zb", stages, microbatches)
+    order = schedule.simulate(schedules)
+    done = {}
+    for i, (s, a) in enumerate(order):
+        done[(s, "input" if a.kind in (INPUT_GRADIENT, BACKWARD) else a.kind, a.microbatch)] = i
+    for m in range(microbatches):
+        for s in range(1, stages):
+            assert done[(s - 1, FORWARD, m)] < done[(s, FORWARD, m)]
+        for s in range(stages - 1):  # a stage's input gradient waits for the next stage's
+            assert done[(s + 1, "input", m)] < done[(s, "input", m)]
+    ofob_peak = max(schedule.peak_activations(actions) for actions in schedule.stage_schedules("1f1b", stages,
+                                                                                                microbatches))
+    for actions in schedules:  # held from a forward until its weight gradient
+        assert schedule.peak_activations(actions) <= ofob_peak == min(stages, microbatches)
+
+
+def test_zero_bubble_order_on_three_stages():
+    def written(stage):
+        return " ".join(f"{a.kind}{a.microbatch}" for a in schedule.zero_bubble_h1(stage, 3, 4))
+    assert written(0) == "F0 F1 F2 B0 F3 B1 B2 B3"
+    assert written(1) == "F0 F1 I0 F2 I1 W0 F3 I2 W1 I3 W2 W3"
+    assert written(2) == "F0 I0 F1 I1 F2 I2 W0 F3 I3 W1 W2 W3"
+    full = schedule.with_communication(schedule.zero_bubble_h1(1, 3, 1), stage=1, stages=3)
+    assert [a.kind for a in full] == ["recv_act", "F", "send_act", "recv_grad", "I", "send_grad", "W"]
+
+
+@pytest.mark.parametrize("stages,microbatches", [(2, 4), (2, 8), (3, 4), (4, 4), (4, 8)])
+def test_zero_bubble_reaches_its_bound_and_beats_1f1b(stages, microbatches):
+    """Equal pieces, backward = 2 x forward split evenly, free messages, M >= stages: a step
+    idles (stages - 1) x (F + I - W) = stages - 1 forwards, a third of 1F1B's bubble."""
+    def efficiency(name, backward_ratio=2.0, input_share=0.5):
+        seconds = schedule.step_time(schedule.stage_schedules(name, stages, microbatches), [1.0] * stages,
+                                     backward_ratio, input_share=input_share)
+        return microbatches * (1 + backward_ratio) / seconds
+    assert efficiency("zb") == pytest.approx(schedule.bubble_bound("zb", stages, microbatches))
+    assert efficiency("zb") == pytest.approx(3 * microbatches / (3 * microbatches + stages - 1))
+    assert efficiency("zb") > efficiency("1f1b") == pytest.approx(schedule.bubble_bound("1f1b", stages, microbatches))
+    # The longer the weight gradient, the more of the bubble it fills (here all but the
+    # first forward's wait on the later stages: nothing is there to fill it).
+    assert efficiency("zb", 3.0, 1 / 3) > efficiency("zb") > efficiency("zb", 3.0, 0.9)

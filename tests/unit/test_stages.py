@@ -2,7 +2,8 @@
 computes what the whole model computes with seeded dropout in a non-last stage
 (TensorFlow's stages recompute their forward at the backward and must draw the same masks
 again), both frameworks' stages take the same step, and a blank sample (an unreadable
-image, --skip-bad-images) carries no loss."""
+image, --skip-bad-images) carries no loss, and a backward cut into input and weight
+gradients (--schedule zb) adds up what the whole backward computes."""
 
 import numpy as np
 import pytest
@@ -47,9 +48,9 @@ class HandOverFeed:
         return TfFeed.labels(self, Batch(batch.indices, tf.constant(batch.labels), blank=batch.blank))
 
 
-def stage(framework, specs, start, end, last):
+def stage(framework, specs, start, end, last, schedule="1f1b"):
     """A stage fed activations (never the first: it reads no images)."""
-    config = parse_config(["--lr", "0.1"])
+    config = parse_config(["--lr", "0.1", "--schedule", schedule])
     place = StagePlace(tuple(specs), SHAPE, start, end, False, last, config, 0, HandOverFeed(framework))
     return (TorchStage if framework == "torch" else TfStage)(place)
 
@@ -131,3 +132,50 @@ def test_a_blank_sample_carries_no_loss(framework):
     assert relative_difference(with_blank[2], without[2]) <= 1e-6
     scored_all = last_stage_pass(Batch(INDICES[:6], labels=labels), x)
     assert relative_difference(scored_all[2], without[2]) > 1e-2  # the blank sample's loss would move them
+
+
+# Convolutions with and without BatchNorm, a residual block with a projection, depthwise
+# convolutions, dense layers with dropout: each kind of layer whose weight gradient waits.
+SPLIT_SPECS = (networks.Conv(4), networks.ResidualBlock(6, stride=2), networks.InvertedResidual(6, expand_ratio=2),
+               networks.Flatten(), networks.Dense(12, relu=True, dropout=0.5), networks.Dense(10))
+
+
+def split_backward(framework, cuts, x, batches, defer, weights=True):
+    """Micro-batches through stages cut at ``cuts``: whole backwards, or (``defer``) each
+    backward cut in two, every weight-gradient part after all the input-gradient parts, in
+    reverse order. The parameter gradients (one flat vector) and the input gradients."""
+    schedule = "zb" if defer else "1f1b"
+    stages = [stage(framework, SPLIT_SPECS, start, end, end == len(SPLIT_SPECS), schedule) for start, end in cuts]
+    for piece in stages:
+        piece.zero_grad()
+    input_gradients = []
+    for m, batch in enumerate(batches):
+        inputs = torch.from_numpy(x[batch.indices - INDICES[0]]) if framework == "torch" else \
+            tf.constant(x[batch.indices - INDICES[0]])
+        for piece in stages:
+            inputs, _ = piece.forward(m, inputs, batch, 1.0 / len(x))
+            inputs = inputs.detach() if framework == "torch" and inputs is not None else inputs
+        gradient = None
+        for piece in reversed(stages):
+            gradient = (piece.backward_input if defer else piece.backward)(m, gradient)
+        input_gradients.append(np.asarray(gradient))
+    if defer and weights:
+        for m in reversed(range(len(batches))):
+            for piece in stages:
+                piece.backward_weight(m)
+    return np.concatenate([piece.gradient_vector() for piece in stages]), np.concatenate(input_gradients)
+
+
+@pytest.mark.parametrize("framework", ["torch", "tf"])
+def test_a_split_backward_adds_up_the_whole_backward(framework):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, *SHAPE)).astype(np.float32)
+    labels = rng.integers(0, 10, 8)
+    batches = [Batch(INDICES[part], labels=labels[part], epoch=0) for part in (slice(0, 5), slice(5, 8))]
+    cuts = [(0, 2), (2, 5), (5, 6)]  # BatchNorm and dropout in the middle stage, the loss on the last
+    whole, whole_inputs = split_backward(framework, cuts, x, batches, defer=False)
+    split, split_inputs = split_backward(framework, cuts, x, batches, defer=True)
+    assert relative_difference(split_inputs, whole_inputs) <= 1e-6
+    assert relative_difference(split, whole) <= 1e-6
+    # The weight-gradient parts carry most of the gradients: without them the sums are others.
+    assert relative_difference(split_backward(framework, cuts, x, batches, True, weights=False)[0], whole) > 0.5
