@@ -76,10 +76,17 @@ class TorchStage:
         self.stash: dict = {}  # micro-batch -> what its backward needs
         self.deferred: dict = {}  # micro-batch -> what its weight gradients need (--schedule zb)
         self.recording: list | None = None  # a forward's (module output, module parameters), for the split
-        if place.config.schedule == "zb" and not self.first:  # the first stage runs whole backwards
-            for module in self.model.modules():
-                if any(True for _ in module.parameters(recurse=False)):
-                    module.register_forward_hook(self._record)
+        # --schedule zb: the convolutions' and dense layers' weight gradients wait; the
+        # others (BatchNorm's) come with the input gradient, from the reductions its
+        # backward needs anyway. The first stage sends no gradient and runs whole backwards.
+        self.early_parameters: list = []
+        if place.config.schedule == "zb" and not self.first:
+            deferred = [module for module in self.model.modules() if isinstance(module, (torch.nn.Conv2d,
+                                                                                        torch.nn.Linear))]
+            for module in deferred:
+                module.register_forward_hook(self._record)
+            waiting = {id(parameter) for module in deferred for parameter in module.parameters()}
+            self.early_parameters = [parameter for parameter in self.parameters if id(parameter) not in waiting]
 
     def _record(self, module, inputs, output):
         if self.recording is not None and output.requires_grad:
@@ -149,31 +156,37 @@ class TorchStage:
         return None if self.first else x.grad
 
     def backward_input(self, m, output_gradient):
-        """The gradient of the stage's input alone (autograd skips every weight gradient),
-        keeping the graph and each parameterised module's output gradient, which its tensor
-        hook catches on the way, for backward_weight."""
+        """The gradient of the stage's input and of BatchNorm's parameters (autograd skips
+        the convolutions' and dense layers' weights), keeping the graph and each such
+        layer's output gradient, which its tensor hook catches on the way, for
+        backward_weight."""
         x, out, recorded = self.stash.pop(m)
         caught = {}
         hooks = [output.register_hook(lambda gradient, i=i: caught.__setitem__(i, gradient))
                  for i, (output, _) in enumerate(recorded)]
-        (input_gradient,) = torch.autograd.grad(out, [x], self._output_gradient(out, output_gradient),
-                                                retain_graph=True)
+        input_gradient, *early = torch.autograd.grad(out, [x, *self.early_parameters],
+                                                     self._output_gradient(out, output_gradient), retain_graph=True)
         for hook in hooks:
             hook.remove()
+        self._accumulate(self.early_parameters, early)
         self.deferred[m] = [(output, caught[i], parameters) for i, (output, parameters) in enumerate(recorded)]
         return input_gradient
 
+    @staticmethod
+    def _accumulate(parameters, gradients):
+        for parameter, gradient in zip(parameters, gradients):
+            if parameter.grad is None:
+                parameter.grad = gradient
+            else:
+                parameter.grad.add_(gradient)
+
     def backward_weight(self, m):
-        """Each parameterised module's weight gradients from its output gradient, one module
-        at a time (together, autograd would also carry a later module's output gradient back
-        to an earlier module's weights): it walks only the module's own node, as the input
+        """Each convolution's and dense layer's weight gradients from its output gradient, one
+        layer at a time (together, autograd would also carry a later layer's output gradient
+        back to an earlier layer's weights): it walks only the layer's own node, as the input
         path has run, and frees it."""
         for output, output_gradient, parameters in self.deferred.pop(m):
-            for parameter, gradient in zip(parameters, torch.autograd.grad(output, parameters, output_gradient)):
-                if parameter.grad is None:
-                    parameter.grad = gradient
-                else:
-                    parameter.grad.add_(gradient)
+            self._accumulate(parameters, torch.autograd.grad(output, parameters, output_gradient))
 
     def allreduce_gradients(self):
         gradients = [parameter.grad for parameter in self.parameters]

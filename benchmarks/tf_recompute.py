@@ -1,0 +1,104 @@
+"""What TensorFlow's recomputed forward costs a pipeline stage, and what keeping the
+forward's intermediates instead would cost: one stage (the first half of a network cut
+as --balance time cuts it for 2 stages), one micro-batch, three ways, each timed as the
+median of --repeats steps after a warm-up.
+
+- recompute (what train_tf/stage.py runs): the compiled forward, then a compiled backward
+  that runs the forward again under a tape and takes the gradients given the output
+  gradient;
+- kept: the compiled forward called under an eager tape, so TensorFlow's function keeps
+  its intermediates for the tape, and tape.gradient given the output gradient;
+- one function: forward and backward in one compiled call, given the output gradient
+  up front: what a stage would cost if nothing stood between its forward and backward
+  (a floor, not a schedule a pipeline can run).
+
+    python benchmarks/tf_recompute.py --model resnet18 --image 32 --microbatch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from common.model import networks  # noqa: E402
+from common.parallel import plan  # noqa: E402
+from train_tf.model import build_stage, frozen_batch_norm_statistics  # noqa: E402
+from train_tf.stage import TfStage, channels_first, channels_last  # noqa: E402
+
+
+def median_seconds(step, repeats):
+    step()  # trace and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--image", type=int, default=32)
+    parser.add_argument("--microbatch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    shape = (3, args.image, args.image)
+    specs = networks.model_specs(args.model, shape, 10)
+    forward_costs, last_costs = plan.timed_costs(TfStage.measure_layer_times(specs, shape, args.microbatch), True)
+    (start, end), _ = plan.partition(forward_costs, 2, last_costs=last_costs)
+    model = build_stage(specs, shape, 0, start, end)
+    variables = model.trainable_variables
+    out_shape = networks.layer_shapes(specs, shape)[end]
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((args.microbatch, *shape)).astype(np.float32))
+    upstream = tf.constant(rng.standard_normal((args.microbatch, *out_shape)).astype(np.float32))
+
+    forward = tf.function(lambda x: channels_first(model(channels_last(x), training=True)))
+
+    @tf.function
+    def recompute_backward(x, upstream):
+        with tf.GradientTape() as tape:
+            with frozen_batch_norm_statistics():
+                out = channels_first(model(channels_last(x), training=True))
+        return tape.gradient(out, variables, output_gradients=upstream)
+
+    def recompute():
+        forward(x)
+        return recompute_backward(x, upstream)
+
+    def kept():
+        with tf.GradientTape() as tape:
+            out = forward(x)
+        return tape.gradient(out, variables, output_gradients=upstream)
+
+    @tf.function
+    def one_function(x, upstream):
+        with tf.GradientTape() as tape:
+            out = channels_first(model(channels_last(x), training=True))
+        return tape.gradient(out, variables, output_gradients=upstream)
+
+    forward_alone = median_seconds(lambda: forward(x), args.repeats)
+    figures = {"model": args.model, "image": args.image, "microbatch": args.microbatch,
+               "stage_layers": [start, end], "ms": {
+                   "forward": 1e3 * forward_alone,
+                   "recompute": 1e3 * median_seconds(recompute, args.repeats),
+                   "kept": 1e3 * median_seconds(kept, args.repeats),
+                   "one_function": 1e3 * median_seconds(lambda: one_function(x, upstream), args.repeats)}}
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
