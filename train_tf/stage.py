@@ -119,6 +119,52 @@ class TfStage:
         self.split = place.config.schedule == "zb" and not self.first  # the first runs whole backwards
         if self.split:
             self._init_split_backward()
+        self._add = tf.function(lambda totals, gradients: [t + g for t, g in zip(totals, gradients)],
+                                reduce_retracing=True)
+        # A stage before the last recomputes its forward at the backward, or keeps the
+        # forward's intermediates on an eager tape where the pipeline found that faster.
+        self.keeps_forward = place.keep_forward and not (self.last or self.split)
+
+    @staticmethod
+    def keeping_is_faster(specs, input_shape, end, config):
+        """Whether a micro-batch of layers 0..end-1 runs faster keeping its forward than
+        recomputing it, timed on a throwaway stage: the eager tape around the compiled
+        forward saves the recomputed forward but adds a fixed cost per call, so large
+        layers (ResNet-18's) keep and a few small ones (the seed CNN's) recompute
+        (benchmarks/tf_recompute.py)."""
+        trial = TfStage(StagePlace(tuple(specs), input_shape, 0, end, True, False, config, 0, None))
+        out_shape = networks.layer_shapes(specs, input_shape)[end]
+        return trial._keeping_is_faster(max(1, config.batch_size // config.microbatches), out_shape)
+
+    def _keeping_is_faster(self, count, out_shape, repeats=2) -> bool:
+        """Times a random micro-batch's forward and backward both ways, the best of
+        ``repeats`` after one that traces."""
+        x = tf.random.stateless_normal((count, *self.in_shape), seed=(0, 0))
+        upstream = tf.random.stateless_normal((count, *out_shape), seed=(0, 1))
+        keys = tf.zeros([count] if self.drops else [0], tf.int64)
+        self.zero_grad()
+
+        def best_of(keep):
+            self.keeps_forward = keep
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                if keep:
+                    self.stash[-1] = self._forward_kept(x, keys)
+                else:
+                    self._forward(x, keys)
+                    self.stash[-1] = (x, keys)
+                self.backward(-1, upstream)
+                times.append(time.perf_counter() - start)
+            return min(times[1:])
+        return best_of(True) < best_of(False)
+
+    def _forward_kept(self, x, keys):
+        tape = tf.GradientTape()
+        with tape:
+            tape.watch(x)
+            out = self._forward(x, keys)
+        return tape, x, out
 
     # --- --schedule zb: a backward cut into input and weight gradients -------------------
     # The input-gradient part asks the tape for the input's gradient, BatchNorm's, and each
@@ -242,6 +288,9 @@ class TfStage:
     def forward(self, m, inputs, batch, scale):
         x = self._inputs(inputs, batch)
         keys = dropout_keys(self.config.seed, batch, self.drops)
+        if self.keeps_forward:
+            self.stash[m] = self._forward_kept(x, keys)
+            return self.stash[m][2], (0.0, 0.0)
         if not self.last:
             self.stash[m] = (x, keys)
             return self._forward(x, keys), (0.0, 0.0)
@@ -259,6 +308,13 @@ class TfStage:
     def backward(self, m, output_gradient):
         if self.last:
             input_gradient = self.stash.pop(m)  # computed with the loss, at the forward
+        elif self.keeps_forward:
+            tape, x, out = self.stash.pop(m)
+            sources = list(self.variables) if self.first else [x, *self.variables]  # no input gradient to send
+            gradients = tape.gradient(out, sources, output_gradients=tf.cast(output_gradient, out.dtype),
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            input_gradient = None if self.first else gradients.pop(0)
+            self.gradients = self._add(self.gradients, gradients)
         else:
             x, keys = self.stash.pop(m)
             input_gradient, self.gradients = self._recompute_backward(

@@ -30,6 +30,10 @@ class TorchStage:
     recomputes_forward = False  # autograd keeps the forward's graph for the backward
 
     @staticmethod
+    def keeping_is_faster(specs, input_shape, end, config):
+        return False  # nothing to choose: autograd keeps it
+
+    @staticmethod
     def set_threads(threads, local_rank):
         torch.set_num_threads(threads)
 

@@ -135,6 +135,8 @@ class StagePlace:
     config: RunConfig
     local_rank: int                  # picks this rank's GPU, where there are GPUs
     feed: Feed                       # the rank's input path (StageFactory.make_feed)
+    keep_forward: bool = False       # a framework that recomputes: keep the forward for the backward
+                                     # instead (StageFactory.keeping_is_faster)
 
 
 class Stage(Protocol):
@@ -215,6 +217,12 @@ class StageFactory(Protocol):
         """How the rank's activations and gradients reach MPI (--p2p-memory)."""
 
     recomputes_forward: bool  # a stage before the model's last piece runs its forward again at the backward
+                              # unless its place says keep_forward
+
+    @staticmethod
+    def keeping_is_faster(specs: Sequence, input_shape: tuple, end: int, config: RunConfig) -> bool:
+        """For a framework that recomputes: whether keeping the forward's intermediates runs a
+        micro-batch of layers 0..end-1 faster (timed on a throwaway stage)."""
 
     @staticmethod
     def measure_layer_times(specs: Sequence, input_shape: tuple, batch_size: int) -> list[tuple[float, float]]:

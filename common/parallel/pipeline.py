@@ -71,6 +71,7 @@ class PipelineRunner(MpiRunner):
 
         local_rank, self.threads = node_placement(self.comm, config)
         stage_factory.set_threads(self.threads, local_rank)
+        self.keep_forward = self._keeping_is_faster(stage_factory)
         costs, last_costs = self._layer_costs(stage_factory)
         self.layer_costs: Sequence[float] = costs
         self.last_piece_costs: Sequence[float] = last_costs if last_costs != costs else ()
@@ -109,9 +110,22 @@ class PipelineRunner(MpiRunner):
         def rank_of(other):
             return self.plan.rank_of(self.plan.place_of(other)[0], self.replica)
         stage = stage_factory(StagePlace(tuple(self.specs), self.dataset.image_shape, start, end, first, last,
-                                         self.config, local_rank, self.feed))
+                                         self.config, local_rank, self.feed, self.keep_forward))
         return Piece(chunk, virtual, start, end, first, last, None if first else rank_of(virtual - 1),
                      None if last else rank_of(virtual + 1), shapes[start], shapes[end], stage)
+
+    def _keeping_is_faster(self, stage_factory: StageFactory) -> bool:
+        """Timed once on one rank, on the model's first piece as FLOPs cut it, and shared: every
+        rank's stages keep their forward or every rank's recompute it, and the cut charges
+        the recompute only where it is paid."""
+        if not (stage_factory.recomputes_forward and self.plan.pp > 1):
+            return False
+        keep = None
+        if self.rank == self.primary_rank:
+            flops = [cost.flops for cost in networks.layer_costs(self.specs, self.dataset.image_shape)]
+            (_, end), *_ = plan.partition(flops, self.plan.virtual_stages)
+            keep = stage_factory.keeping_is_faster(self.specs, self.dataset.image_shape, end, self.config)
+        return self.comm.bcast(keep, root=self.primary_rank)
 
     def _layer_costs(self, stage_factory: StageFactory) -> tuple[list, list]:
         """Each layer's cost in a piece before the model's last, and in the last."""
@@ -122,7 +136,7 @@ class PipelineRunner(MpiRunner):
                 times = stage_factory.measure_layer_times(
                     self.specs, self.dataset.image_shape, max(1, self.config.batch_size // self.config.microbatches))
             times = self.comm.bcast(times, root=self.primary_rank)
-            return plan.timed_costs(times, stage_factory.recomputes_forward)
+            return plan.timed_costs(times, stage_factory.recomputes_forward and not self.keep_forward)
         costs = networks.layer_costs(self.specs, self.dataset.image_shape)
         flops_or_params = [getattr(cost, self.config.balance) for cost in costs]  # --balance flops or params
         return flops_or_params, flops_or_params

@@ -140,7 +140,7 @@ SPLIT_SPECS = (networks.Conv(4), networks.ResidualBlock(6, stride=2), networks.I
                networks.Flatten(), networks.Dense(12, relu=True, dropout=0.5), networks.Dense(10))
 
 
-def split_backward(framework, cuts, x, batches, defer, weights=True):
+def split_backward(framework, cuts, x, batches, defer, weights=True, keep=None):
     """Micro-batches through stages cut at ``cuts``: whole backwards, or (``defer``) each
     backward cut in two, every weight-gradient part after all the input-gradient parts, in
     reverse order. The parameter gradients (one flat vector) and the input gradients."""
@@ -148,6 +148,8 @@ def split_backward(framework, cuts, x, batches, defer, weights=True):
     stages = [stage(framework, SPLIT_SPECS, start, end, end == len(SPLIT_SPECS), schedule) for start, end in cuts]
     for piece in stages:
         piece.zero_grad()
+        if keep is not None and not piece.last:
+            piece.keeps_forward = keep  # TensorFlow: keep the forward on a tape, or recompute it
     input_gradients = []
     for m, batch in enumerate(batches):
         inputs = torch.from_numpy(x[batch.indices - INDICES[0]]) if framework == "torch" else \
@@ -179,3 +181,20 @@ def test_a_split_backward_adds_up_the_whole_backward(framework):
     assert relative_difference(split, whole) <= 1e-6
     # The weight-gradient parts carry most of the gradients: without them the sums are others.
     assert relative_difference(split_backward(framework, cuts, x, batches, True, weights=False)[0], whole) > 0.5
+
+
+def test_a_tensorflow_stage_that_keeps_its_forward_computes_what_recomputing_does():
+    """A TF stage before the last keeps its forward's intermediates on an eager tape or
+    recomputes the forward at the backward, as the pipeline found faster; both give the
+    same gradients, with BatchNorm, dropout and uneven micro-batches."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, *SHAPE)).astype(np.float32)
+    labels = rng.integers(0, 10, 8)
+    batches = [Batch(INDICES[part], labels=labels[part], epoch=0) for part in (slice(0, 5), slice(5, 8))]
+    cuts = [(0, 2), (2, 5), (5, 6)]
+    kept, kept_inputs = split_backward("tf", cuts, x, batches, defer=False, keep=True)
+    recomputed, recomputed_inputs = split_backward("tf", cuts, x, batches, defer=False, keep=False)
+    assert relative_difference(kept, recomputed) <= 1e-6
+    assert relative_difference(kept_inputs, recomputed_inputs) <= 1e-6
+    config = parse_config(["--lr", "0.1", "--batch-size", "8", "--microbatches", "2", "--mode", "model", "--pp", "2"])
+    assert TfStage.keeping_is_faster(SPLIT_SPECS, SHAPE, 3, config) in (True, False)  # it times, whichever wins
