@@ -5,15 +5,17 @@ eagerly, a small CNN's micro-batches spent most of their time in TF's per-op
 overhead):
 - the last stage computes a micro-batch's loss and all its gradients in one
   call at its forward and keeps them for its backward;
-- other stages run the forward alone, keep the input, and at the backward
+- other stages either run the forward alone, keep the input, and at the backward
   recompute the forward under a tape and ask it for the parameter gradients
   (and, after the first stage, the input's) given the next stage's output
-  gradients (``output_gradients``). The recomputation leaves BatchNorm's
-  running statistics alone (they moved once, at the forward), so the results
-  equal the eager tape's. Keeping an eager tape around the compiled forward
-  instead (TF then makes the function return its intermediates) was measured
-  slower: 12 ms against 6.7 ms for the seed CNN's first stage's backward on a
-  32-image micro-batch, recomputation included (README.md, "Where a step's time goes").
+  gradients (``output_gradients``), the recomputation leaving BatchNorm's
+  running statistics alone (they moved once, at the forward); or run the
+  compiled forward under an eager tape, which makes TF keep the function's
+  intermediates for it. The tape costs a fixed time per call and saves the
+  recomputed forward: the pipeline times both once (keeping_is_faster) and
+  every stage does what was faster (docs/benchmarks.md, "Where a step's time goes");
+- with --schedule zb, a stage after the first cuts its backward into the input
+  gradient and the convolutions' and dense layers' weight gradients (below).
 Activations travel channel-first, as in common/, so a TF stage and a PyTorch
 stage exchange the same arrays; the transposes run inside the compiled graphs.
 """
@@ -57,7 +59,7 @@ def channels_first(x):
 
 class TfStage:
     framework = "tf"
-    recomputes_forward = True  # a stage before the last runs its forward again at the backward
+    recomputes_forward = True  # a stage before the last runs its forward again at the backward (or keeps it)
 
     @staticmethod
     def set_threads(threads, local_rank):
