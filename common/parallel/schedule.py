@@ -28,8 +28,6 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
 
 FORWARD, BACKWARD = "F", "B"
 INPUT_GRADIENT, WEIGHT_GRADIENT = "I", "W"  # a backward in two (--schedule zb)
-# What each compute action costs, in forwards: a backward is ``backward_ratio`` of them,
-# its input-gradient part ``input_share`` of that and its weight-gradient part the rest.
 RECV_ACTIVATION, SEND_ACTIVATION = "recv_act", "send_act"
 RECV_GRADIENT, SEND_GRADIENT = "recv_grad", "send_grad"
 
