@@ -1,13 +1,13 @@
 """What TensorFlow's recomputed forward costs a pipeline stage, and what keeping the
-forward's intermediates instead would cost: one stage (the first half of a network cut
-as --balance time cuts it for 2 stages), one micro-batch, three ways, each timed as the
+forward's intermediates instead costs: one stage (the first half of a network cut as
+--balance time cuts it for 2 stages), one micro-batch, three ways, each timed as the
 median of --repeats steps after a warm-up.
 
-- recompute (what train_tf/stage.py runs): the compiled forward, then a compiled backward
-  that runs the forward again under a tape and takes the gradients given the output
-  gradient;
-- kept: the compiled forward called under an eager tape, so TensorFlow's function keeps
-  its intermediates for the tape, and tape.gradient given the output gradient;
+- recompute and kept run train_tf/stage.py's own code (TfStage.microbatch_seconds):
+  - recompute: the compiled forward, then a compiled backward that runs the forward
+    again under a tape and takes the gradients given the output gradient;
+  - kept: the compiled forward called under an eager tape, so TensorFlow's function
+    keeps its intermediates for the tape, and tape.gradient given the output gradient;
 - one function: forward and backward in one compiled call, given the output gradient
   up front: what a stage would cost if nothing stood between its forward and backward
   (a floor, not a schedule a pipeline can run).
@@ -30,9 +30,10 @@ sys.path.insert(0, REPO)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from common.core.config import parse_config  # noqa: E402
+from common.core.runner import StagePlace  # noqa: E402
 from common.model import networks  # noqa: E402
 from common.parallel import plan  # noqa: E402
-from train_tf.model import build_stage, frozen_batch_norm_statistics  # noqa: E402
 from train_tf.stage import TfStage, channels_first, channels_last  # noqa: E402
 
 
@@ -59,30 +60,15 @@ def main(argv=None):
     specs = networks.model_specs(args.model, shape, 10)
     forward_costs, last_costs = plan.timed_costs(TfStage.measure_layer_times(specs, shape, args.microbatch), True)
     (start, end), _ = plan.partition(forward_costs, 2, last_costs=last_costs)
-    model = build_stage(specs, shape, 0, start, end)
-    variables = model.trainable_variables
+    config = parse_config(["--model", args.model, "--batch-size", str(args.microbatch)])
+    stage = TfStage(StagePlace(tuple(specs), shape, start, end, True, False, config, 0, None))
+    model, variables = stage.model, stage.variables
     out_shape = networks.layer_shapes(specs, shape)[end]
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal((args.microbatch, *shape)).astype(np.float32))
     upstream = tf.constant(rng.standard_normal((args.microbatch, *out_shape)).astype(np.float32))
 
-    forward = tf.function(lambda x: channels_first(model(channels_last(x), training=True)))
-
-    @tf.function
-    def recompute_backward(x, upstream):
-        with tf.GradientTape() as tape:
-            with frozen_batch_norm_statistics():
-                out = channels_first(model(channels_last(x), training=True))
-        return tape.gradient(out, variables, output_gradients=upstream)
-
-    def recompute():
-        forward(x)
-        return recompute_backward(x, upstream)
-
-    def kept():
-        with tf.GradientTape() as tape:
-            out = forward(x)
-        return tape.gradient(out, variables, output_gradients=upstream)
+    keys = tf.zeros([args.microbatch] if stage.drops else [0], tf.int64)
 
     @tf.function
     def one_function(x, upstream):
@@ -90,12 +76,13 @@ def main(argv=None):
             out = channels_first(model(channels_last(x), training=True))
         return tape.gradient(out, variables, output_gradients=upstream)
 
-    forward_alone = median_seconds(lambda: forward(x), args.repeats)
+    def stage_ms(keep):
+        return 1e3 * stage.microbatch_seconds(keep, args.microbatch, args.repeats, pick=statistics.median)
+
     figures = {"model": args.model, "image": args.image, "microbatch": args.microbatch,
                "stage_layers": [start, end], "ms": {
-                   "forward": 1e3 * forward_alone,
-                   "recompute": 1e3 * median_seconds(recompute, args.repeats),
-                   "kept": 1e3 * median_seconds(kept, args.repeats),
+                   "forward": 1e3 * median_seconds(lambda: stage._forward(x, keys), args.repeats),
+                   "recompute": stage_ms(False), "kept": stage_ms(True),
                    "one_function": 1e3 * median_seconds(lambda: one_function(x, upstream), args.repeats)}}
     print(json.dumps(figures, indent=1))
 

@@ -48,12 +48,6 @@ def recording_weight_layers():
         _WeightLayers.records = previous
 
 
-def weight_layers(model) -> list:
-    """The Keras layers recording_weight_layers records: the model's convolutions and dense layers."""
-    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
-            if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense))]
-
-
 def _weighted(layer, x):
     y = layer(x)
     if _WeightLayers.records is not None:

@@ -41,7 +41,6 @@ from train_tf.model import (
     recording_weight_layers,
     set_batch_norm_reduction,
     to_channels_last,
-    weight_layers,
 )
 from train_tf.optimizer import Optimizer
 from train_tf.precision import set_precision
@@ -102,6 +101,7 @@ class TfStage:
         self.first, self.last = place.first, place.last
         self.config, self.feed = place.config, place.feed
         self.stage_set = None  # hybrid: this stage's replicas (use_replica_group)
+        self.specs, self.input_shape, self.end = place.specs, place.input_shape, place.end
         self.in_shape = networks.layer_shapes(place.specs, place.input_shape)[place.start]
         set_precision(place.config)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start, place.end)
@@ -135,31 +135,30 @@ class TfStage:
         layers (ResNet-18's) keep and a few small ones (the seed CNN's) recompute
         (benchmarks/tf_recompute.py)."""
         trial = TfStage(StagePlace(tuple(specs), input_shape, 0, end, True, False, config, 0, None))
-        out_shape = networks.layer_shapes(specs, input_shape)[end]
-        return trial._keeping_is_faster(max(1, config.batch_size // config.microbatches), out_shape)
+        count = max(1, config.batch_size // config.microbatches)
+        return trial.microbatch_seconds(True, count, repeats=2) < trial.microbatch_seconds(False, count, repeats=2)
 
-    def _keeping_is_faster(self, count, out_shape, repeats=2) -> bool:
-        """Times a random micro-batch's forward and backward both ways, the best of
-        ``repeats`` after one that traces."""
+    def microbatch_seconds(self, keep: bool, count: int, repeats: int, pick=min) -> float:
+        """One random micro-batch's forward and backward through this stage's own code,
+        keeping the forward on a tape or recomputing it: ``pick`` of ``repeats`` timings
+        after one that traces."""
+        out_shape = networks.layer_shapes(self.specs, self.input_shape)[self.end]
         x = tf.random.stateless_normal((count, *self.in_shape), seed=(0, 0))
         upstream = tf.random.stateless_normal((count, *out_shape), seed=(0, 1))
         keys = tf.zeros([count] if self.drops else [0], tf.int64)
         self.zero_grad()
-
-        def best_of(keep):
-            self.keeps_forward = keep
-            times = []
-            for _ in range(repeats + 1):
-                start = time.perf_counter()
-                if keep:
-                    self.stash[-1] = self._forward_kept(x, keys)
-                else:
-                    self._forward(x, keys)
-                    self.stash[-1] = (x, keys)
-                self.backward(-1, upstream)
-                times.append(time.perf_counter() - start)
-            return min(times[1:])
-        return best_of(True) < best_of(False)
+        self.keeps_forward = keep
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            if keep:
+                self.stash[-1] = self._forward_kept(x, keys)
+            else:
+                self._forward(x, keys)
+                self.stash[-1] = (x, keys)
+            self.backward(-1, upstream)
+            times.append(time.perf_counter() - start)
+        return pick(times[1:])
 
     def _forward_kept(self, x, keys):
         tape = tf.GradientTape()
@@ -176,24 +175,27 @@ class TfStage:
     # use and the graph leaves it out.
 
     def _init_split_backward(self) -> None:
-        deferred = {id(variable) for layer in weight_layers(self.model) for variable in layer.trainable_variables}
-        self.weight_index = [i for i, variable in enumerate(self.variables) if id(variable) in deferred]
-        self.other_index = [i for i, variable in enumerate(self.variables) if id(variable) not in deferred]
-        self.recorded_layers: list = []  # the order a trace of the forward runs them in
+        self.recorded_layers: list = []  # the weight layers, in the order a trace of the forward runs them
         self.deferred: dict = {}  # micro-batch -> (inputs, output gradients) of the weight layers
         self._input_backward = tf.function(self._input_gradients, reduce_retracing=True)
         self._loss_input_backward = tf.function(self._loss_and_input_gradients, reduce_retracing=True)
         self._weight_backward = tf.function(self._weight_gradients, reduce_retracing=True)
 
     def _split_gradients(self, tape, target, x, records, upstream, accumulated):
+        """The input's gradient, every gradient but the recorded layers' (added to
+        ``accumulated``), and the recorded layers' inputs and output gradients: the
+        recording alone says which variables wait for the weight part."""
         self.recorded_layers = [layer for layer, _, _ in records]
-        others = [self.variables[i] for i in self.other_index]
-        sources = [x, *(output for _, _, output in records), *others]
+        deferred = {id(variable) for layer in self.recorded_layers for variable in layer.trainable_variables}
+        others = [i for i, variable in enumerate(self.variables) if id(variable) not in deferred]
+        sources = [x, *(output for _, _, output in records), *(self.variables[i] for i in others)]
         gradients = tape.gradient(target, sources, output_gradients=upstream,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
         outputs_end = 1 + len(records)
-        return (gradients[0], [total + gradient for total, gradient in zip(accumulated, gradients[outputs_end:])],
-                [layer_input for _, layer_input, _ in records], gradients[1:outputs_end])
+        totals = list(accumulated)
+        for i, gradient in zip(others, gradients[outputs_end:]):
+            totals[i] = totals[i] + gradient
+        return gradients[0], totals, [layer_input for _, layer_input, _ in records], gradients[1:outputs_end]
 
     def _input_gradients(self, x, keys, upstream, accumulated):
         with tf.GradientTape() as tape:
@@ -212,21 +214,15 @@ class TfStage:
         return (loss_sum, correct, *self._split_gradients(tape, target, x, records, None, accumulated))
 
     def _weight_gradients(self, inputs, output_gradients, accumulated):
-        found = {}
+        totals = list(accumulated)
+        position = {id(variable): i for i, variable in enumerate(self.variables)}
         for layer, layer_input, output_gradient in zip(self.recorded_layers, inputs, output_gradients):
             with tf.GradientTape() as tape:
                 output = layer(layer_input)
             variables = layer.trainable_variables
-            gradients = tape.gradient(output, variables, output_gradients=output_gradient)
-            found.update((id(variable), gradient) for variable, gradient in zip(variables, gradients))
-        return [total + found[id(self.variables[i])] for total, i in zip(accumulated, self.weight_index)]
-
-    def _gather(self, index):
-        return [self.gradients[i] for i in index]
-
-    def _scatter(self, index, gradients):
-        for i, gradient in zip(index, gradients):
-            self.gradients[i] = gradient
+            for variable, gradient in zip(variables, tape.gradient(output, variables, output_gradients=output_gradient)):
+                totals[position[id(variable)]] = totals[position[id(variable)]] + gradient
+        return totals
 
     def _gradients_given_output_gradients(self, x, keys, upstream, accumulated):
         with tf.GradientTape() as tape:
@@ -298,9 +294,8 @@ class TfStage:
             return self._forward(x, keys), (0.0, 0.0)
         labels, scale = self.feed.labels(batch), tf.constant(scale, tf.float32)
         if self.split:
-            loss_sum, correct, input_gradient, others, *self.deferred[m] = self._loss_input_backward(
-                x, keys, labels, scale, self._gather(self.other_index))
-            self._scatter(self.other_index, others)
+            loss_sum, correct, input_gradient, self.gradients, *self.deferred[m] = self._loss_input_backward(
+                x, keys, labels, scale, self.gradients)
         else:
             loss_sum, correct, input_gradient, self.gradients = self._loss_backward(
                 x, keys, labels, scale, self.gradients)
@@ -327,15 +322,13 @@ class TfStage:
         if self.last:
             return self.stash.pop(m)  # computed with the loss, at the forward
         x, keys = self.stash.pop(m)
-        input_gradient, others, *self.deferred[m] = self._input_backward(
-            x, keys, tf.convert_to_tensor(output_gradient), self._gather(self.other_index))
-        self._scatter(self.other_index, others)
+        input_gradient, self.gradients, *self.deferred[m] = self._input_backward(
+            x, keys, tf.convert_to_tensor(output_gradient), self.gradients)
         return input_gradient
 
     def backward_weight(self, m):
         inputs, output_gradients = self.deferred.pop(m)
-        self._scatter(self.weight_index, self._weight_backward(inputs, output_gradients,
-                                                               self._gather(self.weight_index)))
+        self.gradients = self._weight_backward(inputs, output_gradients, self.gradients)
 
     def allreduce_gradients(self):
         # Horovod: sum this stage's gradients over its replicas.

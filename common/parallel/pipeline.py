@@ -118,7 +118,7 @@ class PipelineRunner(MpiRunner):
         """Timed once on one rank, on the model's first piece as FLOPs cut it, and shared: every
         rank's stages keep their forward or every rank's recompute it, and the cut charges
         the recompute only where it is paid."""
-        if not (stage_factory.recomputes_forward and self.plan.pp > 1):
+        if not (stage_factory.recomputes_forward and plan.forward_may_be_kept(self.config.schedule, self.plan.pp)):
             return False
         keep = None
         if self.rank == self.primary_rank:

@@ -101,6 +101,15 @@ def make_plan(config: RunConfig, world_size: int) -> ParallelPlan:
     return ParallelPlan("hybrid", pp, dp, chunks=chunks_per_stage(config))
 
 
+def forward_may_be_kept(schedule: Schedule, pp: int) -> bool:
+    """Whether stages that recompute their forward at the backward could keep it instead.
+    Not with one stage (the last computes its backward with the loss), nor under zb with a
+    stage between the first and the last: that stage splits its backward, the split
+    recomputes (it needs gradients inside the compiled forward, which a kept tape cannot
+    give), and a cut charging the recompute to some stages but not others is not modelled."""
+    return pp > 1 and not (schedule == Schedule.ZERO_BUBBLE and pp > 2)
+
+
 def chunks_per_stage(config: RunConfig) -> int:
     return config.virtual_stages if config.schedule == Schedule.INTERLEAVED else 1
 

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from common.core.config import RunConfig
+from common.core.config import RunConfig, Schedule
 from common.core.errors import UsageError
 from common.model import networks
 from common.parallel import schedule
@@ -11,6 +11,7 @@ from common.parallel.plan import (
     balanced_split,
     check_batch,
     check_stages,
+    forward_may_be_kept,
     make_plan,
     partition,
     stage_ranges,
@@ -169,3 +170,10 @@ def test_gradient_buckets_follow_the_backward_and_cover_every_gradient_once():
     assert sorted(index for bucket in buckets for index in bucket) == list(range(len(sizes)))
     assert gradient_buckets(sizes, limit=10**9) == [list(reversed(range(len(sizes))))]
     assert gradient_buckets([], limit=1) == []
+
+
+def test_the_forward_may_be_kept_except_where_a_split_backward_recomputes_it():
+    for kind in Schedule:
+        assert not forward_may_be_kept(kind, 1)
+        assert forward_may_be_kept(kind, 2)  # zb: the first stage runs whole backwards, the last has the loss
+        assert forward_may_be_kept(kind, 3) == (kind != Schedule.ZERO_BUBBLE)
