@@ -220,7 +220,8 @@ class TfStage:
             with tf.GradientTape() as tape:
                 output = layer(layer_input)
             variables = layer.trainable_variables
-            for variable, gradient in zip(variables, tape.gradient(output, variables, output_gradients=output_gradient)):
+            gradients = tape.gradient(output, variables, output_gradients=output_gradient)
+            for variable, gradient in zip(variables, gradients):
                 totals[position[id(variable)]] = totals[position[id(variable)]] + gradient
         return totals
 
