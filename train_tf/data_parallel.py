@@ -20,6 +20,7 @@ from common.model import networks, weights
 from common.model.loss_scale import DynamicLossScale
 from common.parallel.data_parallel import ReplicaRunner, apply_data_layout, gradient_buckets, run_elastic
 from train_tf.checkpoint import load_neutral_state, neutral_state
+from train_tf.device import memory_meter
 from train_tf.horovod_glue import HorovodCollectives, average_batch_norm_statistics, init_horovod
 from train_tf.input import DeviceMeter, loss_sum_and_correct, make_feed
 from train_tf.model import build_model, dropout_keys, set_batch_norm_reduction
@@ -90,6 +91,7 @@ class DataParallelRunner(ReplicaRunner):
     def __init__(self, config, dataset, specs):
         hvd, self.threads, device = init_horovod(config)
         self.hvd = hvd
+        self.memory = memory_meter(device)  # before the model
         self.feed = make_feed(config, device, dataset)
         apply_data_layout(self, hvd, config)
         self.collectives = HorovodCollectives(hvd)

@@ -25,6 +25,7 @@ def main(argv: list[str] | None, supervision: Supervision) -> None:
     verbose = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3") != "3"
     with quiet_stderr(enabled=not verbose):  # TF logs to fd 2 before honouring the level
         from train_tf import data_parallel, stage  # heavy imports only once the input is valid
+    loaded = drivers.choose_layout(loaded, lambda: stage.TfStage)
     runner = drivers.make_runner(loaded.config, loaded.dataset, loaded.specs, lambda: data_parallel.DataParallelRunner,
                                  lambda: stage.TfStage)
     trainer.run(loaded, runner, supervision)

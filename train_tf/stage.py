@@ -29,8 +29,9 @@ from common.core import metrics
 from common.core.runner import StagePlace
 from common.model import networks
 from common.model.checkpoint import NeutralState
+from common.observe.memory import resident_bytes
 from train_tf.checkpoint import load_neutral_state, neutral_state
-from train_tf.device import pin_gpu
+from train_tf.device import memory_meter, pin_gpu
 from train_tf.horovod_glue import average_batch_norm_statistics
 from train_tf.input import loss_sum_and_correct, make_feed
 from train_tf.model import (
@@ -67,6 +68,10 @@ class TfStage:
         tf.config.threading.set_inter_op_parallelism_threads(1)
 
     @staticmethod
+    def memory_meter(local_rank):
+        return memory_meter(pin_gpu(local_rank))
+
+    @staticmethod
     def measure_layer_times(specs, input_shape, batch_size, repeats=3):
         """(forward, backward) seconds of each layer on a random batch (--balance time), the
         best of ``repeats`` each."""
@@ -88,6 +93,30 @@ class TfStage:
             times.append((forward, backward))
             x = out
         return times
+
+    @staticmethod
+    def measure_step_memory(specs, input_shape, batch_size):
+        """How many bytes the process grew by over a whole-model compiled training step (SGD
+        with momentum) of a random batch, against before the model was built: its resident
+        memory after the step, whose traced graph is the one a run keeps."""
+        before = resident_bytes()
+        model = build_model(specs, input_shape, seed=0)
+        variables = model.trainable_variables
+        velocities = [tf.Variable(tf.zeros_like(variable)) for variable in variables]
+        images = tf.random.stateless_normal((batch_size, *input_shape[1:], input_shape[0]), seed=(0, 0))
+        keys = tf.range(batch_size, dtype=tf.int64) if networks.drops(specs) else tf.zeros([0], tf.int64)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                out = tf.cast(model(images, training=True, dropout_keys=keys), tf.float32)
+                loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    tf.zeros([batch_size], tf.int64), out))
+            for variable, velocity, gradient in zip(variables, velocities, tape.gradient(loss, variables)):
+                velocity.assign(0.9 * velocity + gradient)
+                variable.assign_sub(0.01 * velocity)
+        step()
+        return resident_bytes() - before
 
     @staticmethod
     def make_feed(config, local_rank, dataset, reads):

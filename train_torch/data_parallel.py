@@ -16,7 +16,7 @@ from common.core.metrics import IGNORED_LABEL
 from common.model import networks, weights
 from common.parallel.data_parallel import ReplicaRunner, apply_data_layout, run_elastic
 from train_torch.checkpoint import load_neutral_state, load_optimizer_state, neutral_state, optimizer_slots
-from train_torch.device import pick_device
+from train_torch.device import memory_meter, pick_device
 from train_torch.horovod_glue import HorovodCollectives, average_batch_norm_statistics, init_horovod
 from train_torch.input import DeviceMeter, make_feed
 from train_torch.model import build_model, dropout_keys, set_batch_norm_reduction
@@ -66,6 +66,7 @@ class DataParallelRunner(ReplicaRunner):
         self.keys = weights.expected_keys(specs, dataset.image_shape)
         self.ranges = [(0, len(specs))]  # one piece: the whole model
         self.device = pick_device(self.hvd.local_rank())  # Horovod: one GPU per local rank
+        self.memory = memory_meter(self.device)  # before the model
         self.feed = make_feed(config, self.device, dataset, self.reads)
         self.model = build_model(specs, dataset.image_shape, config.seed).to(self.device,
                                                                              memory_format=self.feed.memory_format)

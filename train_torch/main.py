@@ -22,7 +22,8 @@ from common.parallel import drivers  # noqa: E402
 
 
 def main(argv: list[str] | None, supervision: Supervision) -> None:
-    loaded = trainer.load_run(argv, "train_torch/main.py")
+    loaded = drivers.choose_layout(trainer.load_run(argv, "train_torch/main.py"),
+                                   lambda: import_module("train_torch.stage").TorchStage)
     runner = drivers.make_runner(loaded.config, loaded.dataset, loaded.specs,
                                  lambda: import_module("train_torch.data_parallel").DataParallelRunner,
                                  lambda: import_module("train_torch.stage").TorchStage)

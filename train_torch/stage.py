@@ -15,8 +15,9 @@ from common.core.metrics import IGNORED_LABEL
 from common.core.runner import StagePlace
 from common.model import networks
 from common.model.checkpoint import NeutralState
+from common.observe.memory import resident_bytes
 from train_torch.checkpoint import load_neutral_state, neutral_state
-from train_torch.device import pick_device, to_numpy
+from train_torch.device import memory_meter, pick_device, to_numpy
 from train_torch.horovod_glue import average_batch_norm_statistics
 from train_torch.input import TorchFeed, make_feed
 from train_torch.model import build_model, build_stage, dropout_keys, set_batch_norm_reduction
@@ -38,6 +39,10 @@ class TorchStage:
         torch.set_num_threads(threads)
 
     @staticmethod
+    def memory_meter(local_rank):
+        return memory_meter(pick_device(local_rank))
+
+    @staticmethod
     def measure_layer_times(specs, input_shape, batch_size, repeats=3):
         """(forward, backward) seconds of each layer on a random batch (--balance time), the
         best of ``repeats`` each."""
@@ -56,6 +61,22 @@ class TorchStage:
             times.append((forward, backward))
             x = out.detach()
         return times
+
+    @staticmethod
+    def measure_step_memory(specs, input_shape, batch_size):
+        """How many bytes the process grew by over a whole-model training step (SGD with
+        momentum) of a random batch: the most of its resident memory after the forward,
+        the backward and the update, against before the model was built."""
+        before = resident_bytes()
+        model = build_model(specs, input_shape, seed=0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        out = model(torch.randn(batch_size, *input_shape), torch.arange(batch_size))
+        held = [resident_bytes()]
+        torch.nn.functional.cross_entropy(out, torch.zeros(batch_size, dtype=torch.long)).backward()
+        held.append(resident_bytes())
+        optimizer.step()
+        held.append(resident_bytes())
+        return max(held) - before
 
     @staticmethod
     def make_feed(config, local_rank, dataset, reads):

@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 
 from common.core.errors import UsageError
+from common.launch.memory_budget import parse_size
 from common.model import networks
 from common.observe.run_dir import NO_RUN_DIR, TIMELINE_IN_RUN_DIR
 
@@ -29,6 +30,7 @@ class Mode(enum.StrEnum):
     MODEL = "model"
     HYBRID = "hybrid"
     PS = "ps"
+    AUTO = "auto"
 
 
 class Schedule(enum.StrEnum):
@@ -72,8 +74,15 @@ def _flag(default, help, **argparse_kwargs):
 class RunConfig:
     mode: Mode = _flag(Mode.DATA, "parallelism: data (Horovod allreduce), model (pipeline of --pp "
                       "stages over MPI), hybrid (--dp replicas of a --pp stage pipeline) or ps "
-                      "(parameter server over MPI: rank 0 updates, the others compute gradients)",
+                      "(parameter server over MPI: rank 0 updates, the others compute gradients); auto: "
+                      "the fastest of data, model and hybrid layouts that fits --memory-per-rank, by a "
+                      "time and memory model of this hardware (measured at the start)",
                       choices=list(Mode))
+    memory_per_rank: str = _flag("", "--mode auto: the most memory a rank may hold, e.g. 8G (default: the "
+                                 "node's memory, or its cgroup's limit, shared by the job's ranks on it)")
+    plan_only: bool = _flag(False, "--mode auto: print the layouts ranked by predicted speed, with their memory, "
+                            "and exit without training")
+    plan_ranks: int = _flag(0, "--plan-only: plan for this many ranks (default: those launched)")
     pp: int = _flag(0, "pipeline stages (model: = ranks; hybrid: ranks = pp x dp)")
     dp: int = _flag(0, "hybrid: data-parallel replicas of the pipeline (0: ranks / pp)")
     microbatches: int = _flag(1, "model/hybrid: micro-batches per replica per step")
@@ -221,7 +230,8 @@ class RunConfig:
 
 # The flags by what they are about: --help's sections and a --config file's tables.
 GROUPS = {
-    "parallel": ("mode", "pp", "dp", "microbatches", "schedule", "virtual_stages", "balance", "split", "p2p_memory",
+    "parallel": ("mode", "memory_per_rank", "plan_only", "plan_ranks", "pp", "dp", "microbatches", "schedule",
+                 "virtual_stages", "balance", "split", "p2p_memory",
                  "fp16_allreduce", "accumulation_steps", "adasum", "elastic", "elastic_commit_steps", "threads"),
     "data": ("dataset", "data_dir", "val_fraction", "image_size", "channels", "augment", "data_workers",
              "prefetch_batches", "check_images", "decode", "skip_bad_images", "synthetic_shape", "synthetic_samples",
@@ -240,7 +250,7 @@ MAX_CONFIG_FILE_BYTES = 1 << 20  # a run's settings take a few kilobytes
 _POSITIVE = ("epochs", "batch_size", "batch_size_per_rank", "synthetic_samples", "num_classes",
              "accumulation_steps", "threads", "steps_per_epoch", "keep_checkpoints", "pp", "dp",
              "microbatches", "elastic_commit_steps", "prefetch_batches", "log_every", "timeline_steps",
-             "connect_timeout")
+             "connect_timeout", "plan_ranks")
 
 
 def _validate_interleaving(config: RunConfig) -> None:
@@ -290,7 +300,28 @@ def _validate_optimiser(config: RunConfig) -> None:
         raise UsageError("--weight-decay must not be negative")
 
 
+def _validate_auto(config: RunConfig) -> None:
+    if config.mode != Mode.AUTO:
+        for flag, value in (("--memory-per-rank", config.memory_per_rank), ("--plan-only", config.plan_only),
+                            ("--plan-ranks", config.plan_ranks)):
+            if value:
+                raise UsageError(f"{flag} is for --mode auto; add --mode auto (or drop it)")
+        return
+    for flag, value in (("--pp", config.pp), ("--dp", config.dp), ("--microbatches", config.microbatches > 1),
+                        ("--split", config.split), ("--elastic", config.elastic)):
+        if value:
+            raise UsageError(f"--mode auto chooses the layout itself; drop {flag} (or name a --mode)")
+    if config.plan_ranks and not config.plan_only:
+        raise UsageError("--plan-ranks says how many ranks --plan-only plans for; add --plan-only (or drop it)")
+    if config.memory_per_rank:
+        parse_size(config.memory_per_rank)
+
+
 def _validate_parallel(config: RunConfig) -> None:
+    if config.mode == Mode.AUTO:
+        _validate_auto(config)
+        return
+    _validate_auto(config)
     if config.mode == Mode.PS:
         for flag, value in (("--pp", config.pp > 1), ("--dp", config.dp), ("--microbatches", config.microbatches > 1),
                             ("--split", config.split), ("--adasum", config.adasum),
@@ -379,7 +410,7 @@ def _validate_model(config: RunConfig) -> None:
 
 
 def _validate_precision(config: RunConfig) -> None:
-    if config.amp == Amp.FP16 and config.mode != Mode.DATA:
+    if config.amp == Amp.FP16 and config.mode not in (Mode.DATA, Mode.AUTO):  # auto: then data mode only
         raise UsageError("--amp fp16 scales the loss of one whole model (--mode data); pipelines and the "
                          "parameter server take --amp bf16, which needs no loss scaling")
     if not config.loss_scale > 0:

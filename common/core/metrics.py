@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -165,12 +166,13 @@ class EpochResult:
     data_wait: float = 0.0           # share of the epoch the image-reading ranks waited for images
     steps: int = 0                   # optimizer steps taken
     blank: int = 0                   # unreadable images left blank and out of the loss (--skip-bad-images)
+    peak_memory: tuple = ()          # each rank's peak memory so far, bytes (common/observe/memory.py)
 
 
 def epoch_record(epoch: int, train: EpochResult, test: Evaluation, world_size: int, config,
-                 framework: str) -> dict:
+                 framework: str, predicted_memory: Sequence[int] = ()) -> dict:
     """The metrics-file record for one epoch, identical in shape for both frameworks."""
-    return {
+    return {**memory_record(train.peak_memory, predicted_memory),
         "epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy,
         "test_loss": test.loss, "test_accuracy": test.accuracy,
         "images_per_sec": train.images_per_sec, "images_per_sec_per_rank": train.images_per_sec / world_size,
@@ -180,6 +182,16 @@ def epoch_record(epoch: int, train: EpochResult, test: Evaluation, world_size: i
         "data_wait_fraction": train.data_wait, "step_seconds": train.seconds / max(1, train.steps),
         **blank_record(config, train.blank, test.blank),
     }
+
+
+def memory_record(peaks: Sequence[int], predicted: Sequence[int]) -> dict:
+    """Each rank's peak memory so far and its prediction, in bytes, with the largest of each."""
+    record: dict = {}
+    if peaks:
+        record.update(peak_memory_bytes=list(peaks), peak_memory_max_bytes=max(peaks))
+    if predicted:
+        record.update(predicted_memory_bytes=list(predicted), predicted_memory_max_bytes=max(predicted))
+    return record
 
 
 def blank_record(config, train: int, test: int) -> dict:
@@ -202,7 +214,16 @@ def format_epoch(record: dict, epochs: int) -> str:
             f"({record['images_per_sec_per_rank']:.0f}/rank x {record['world_size']})  "
             f"{record['epoch_seconds']:.1f}s"
             + (f"  data wait {record['data_wait_fraction']:.0%}" if record["dataset"] == "folder" else "")
+            + format_memory(record)
             + format_blank(record.get("blank_images")))
+
+
+def format_memory(record: dict) -> str:
+    if "peak_memory_max_bytes" not in record:
+        return ""
+    predicted = record.get("predicted_memory_max_bytes")
+    return (f"  peak memory {record['peak_memory_max_bytes'] / 2 ** 20:.0f} MiB/rank"
+            + (f" (predicted {predicted / 2 ** 20:.0f})" if predicted else ""))
 
 
 def format_blank(blank: dict | None) -> str:

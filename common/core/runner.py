@@ -24,6 +24,7 @@ from common.core.metrics import StepSums
 from common.data.batches import Batch, Feed, Reads
 from common.model.checkpoint import Checkpoint, NeutralState
 from common.model.loss_scale import DynamicLossScale
+from common.observe.memory import MemoryMeter
 from common.observe.timeline import Timeline
 from common.parallel.plan import ParallelPlan
 
@@ -86,6 +87,9 @@ class Runner(Protocol):
     timeline: Timeline               # --timeline's spans (enabled in model/hybrid/ps mode)
     reads: Reads                     # what this rank needs of each batch (images, labels)
     feed: Feed                       # where its batches are read into and how they reach its device
+    memory: MemoryMeter              # the rank's memory, made before its model was built
+    stashes_inputs_only: bool        # pieces before the model's last keep only their input for the
+                                     # backward (and recompute the forward), per the memory model
 
     def set_lr(self, value: float) -> None: ...
 
@@ -209,6 +213,10 @@ class StageFactory(Protocol):
     def set_threads(threads: int, local_rank: int) -> None: ...
 
     @staticmethod
+    def memory_meter(local_rank: int) -> MemoryMeter:
+        """How the rank's memory is read: on ``local_rank``'s device, made before any model."""
+
+    @staticmethod
     def make_feed(config: RunConfig, local_rank: int, dataset, reads: Reads) -> Feed:
         """The input path of a rank on ``local_rank``'s device."""
 
@@ -227,6 +235,11 @@ class StageFactory(Protocol):
     @staticmethod
     def measure_layer_times(specs: Sequence, input_shape: tuple, batch_size: int) -> list[tuple[float, float]]:
         """(forward, backward) seconds of each layer (--balance time)."""
+
+    @staticmethod
+    def measure_step_memory(specs: Sequence, input_shape: tuple, batch_size: int) -> int:
+        """Bytes the process grew by over one whole-model training step of ``batch_size``
+        (--mode auto's profile: what the allocator holds beyond the tensors)."""
 
     @staticmethod
     def join_replica_groups(stage_ranks: list) -> list:

@@ -82,6 +82,12 @@ class RunSummary:
     # The last piece's own layer costs where they differ from partition_costs (--balance time
     # in TensorFlow: the pieces before it pay a recomputed forward as well), else [].
     last_piece_costs: list[float] = field(default_factory=list)
+    memory_kind: str = ""                    # what the memory figures count: "resident" or a GPU's allocator
+    predicted_memory: list[dict] = field(default_factory=list)  # each rank's peak in bytes as predicted at
+                                             # the start, by what holds it, and its "total"
+                                             # (common/parallel/memory_model.py); empty under elastic
+    peak_memory: list[int] = field(default_factory=list)  # each rank's peak in bytes, measured (last epoch)
+    layout_choice: dict | None = None        # --mode auto: the layouts weighed, their predictions, the choice
     outcome: Outcome | None = None
     error: str = ""
     epochs_done: int = 0

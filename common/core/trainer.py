@@ -37,7 +37,8 @@ from common.launch.supervision import ContactDeadline, Supervision
 from common.model import checkpoint, networks, weights
 from common.model.checkpoint import Position
 from common.model.loss_scale import DynamicLossScale
-from common.observe import run_dir
+from common.observe import memory, run_dir
+from common.parallel import memory_model
 from common.parallel.plan import check_batch, check_stages
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class LoadedRun:
     dataset: datasets.Dataset
     specs: list
     contact: ContactDeadline
+    layout_choice: dict | None = None  # --mode auto: the layouts weighed and the one chosen (drivers.choose_layout)
 
 
 def load_run(argv: list[str] | None, prog: str) -> LoadedRun:
@@ -133,6 +135,7 @@ class Trainer:
     def __init__(self, loaded: LoadedRun, runner: Runner, supervision: Supervision):
         config, dataset, specs = loaded.config, loaded.dataset, loaded.specs
         check_batch(config, runner.plan)
+        self.layout_choice = loaded.layout_choice
         self.config, self.dataset, self.specs, self.runner = config, dataset, specs, runner
         self.collectives = runner.collectives
         self.architecture = checkpoint.architecture(
@@ -144,10 +147,15 @@ class Trainer:
         # Where each rank runs (elastic workers come and go: they have no start-up collective).
         if not runner.reads.images:
             dataset.stop_decoders()
+        self.memory_estimate = memory_model.estimate(
+            specs, dataset.image_shape, memory_model.rank_load(config, runner.plan, runner.ranges, runner.rank,
+                                                               self.rank_batch, runner.stashes_inputs_only),
+            memory_model.optimizer_slots(config.optimizer, config.momentum), runner.memory.baseline)
         places = [] if config.elastic else self.collectives.allgather_object(
-            (socket.gethostname(), dataset.decoder_workers), "hosts")
-        self.hosts = [host for host, _ in places]
-        self.decoders_by_rank = [workers for _, workers in places]
+            (socket.gethostname(), dataset.decoder_workers, self.memory_estimate), "hosts")
+        self.hosts = [host for host, _, _ in places]
+        self.decoders_by_rank = [workers for _, workers, _ in places]
+        self.rank_estimates = [estimate for _, _, estimate in places]
         loaded.contact.reached()
         self.summary = self._start_summary()
         runner.start_timeline(self.paths.timeline)
@@ -183,7 +191,9 @@ class Trainer:
             schedule=str(config.schedule), microbatches=config.microbatches, virtual_stages=plan.chunks,
             partition_costs=[float(cost) for cost in runner.layer_costs],
             last_piece_costs=[float(cost) for cost in runner.last_piece_costs], hosts=summary.host_ranks(self.hosts),
-            decoder_processes=self.decoders_by_rank, decode_on_device=dataset.decode_on_device)
+            decoder_processes=self.decoders_by_rank, decode_on_device=dataset.decode_on_device,
+            memory_kind=runner.memory.kind, layout_choice=self.layout_choice,
+            predicted_memory=[estimate.record() for estimate in self.rank_estimates])
 
     def _open_tensorboard(self) -> None:
         from common.observe.tensorboard import TensorBoardLog
@@ -370,7 +380,10 @@ class Trainer:
         totals = metrics.EpochSums(*self.collectives.allreduce_sums(
             np.append(meter.sums, (waited, 1.0 if runner.reads.images else 0.0, blank.total)), "train_sums"))
         train = metrics.Meter.results(totals[:3])
-        return metrics.EpochResult(loss=train.loss, accuracy=train.accuracy,
+        peaks = self.collectives.allreduce_sums(
+            memory.peaks_of_ranks(runner.memory.peak(), runner.rank, runner.world_size), "memory_peaks")
+        return metrics.EpochResult(peak_memory=tuple(int(peak) for peak in peaks),
+                                   loss=train.loss, accuracy=train.accuracy,
                                    images_per_sec=images / seconds if seconds > 0 else 0.0, seconds=seconds,
                                    lr=step_lr, stopped_after=stopped_after, data_wait=totals.wait_share(seconds),
                                    steps=(stopped_after or len(batches)) - first_step, blank=int(totals.blank))
@@ -417,7 +430,8 @@ class Trainer:
         if not self.runner.primary:
             return
         record = metrics.epoch_record(epoch + 1, train, test, self.runner.world_size, self.config,
-                                      self.runner.framework)
+                                      self.runner.framework, [estimate.total for estimate in self.rank_estimates])
+        self.summary.peak_memory = list(train.peak_memory)
         with self.progress.paused():
             metrics.log(metrics.format_epoch(record, self.config.epochs))
         if fresh:
@@ -623,9 +637,21 @@ class Trainer:
             metrics.log(notice)
         for line in runner.layout:
             metrics.log(line)
+        metrics.log(self._memory_line())
         if self.paths.run_dir != run_dir.NO_RUN_DIR:
             logdir = os.path.dirname(self.paths.run_dir) or "."
             metrics.log(f"run directory: {self.paths.run_dir}  (tensorboard --logdir {logdir})")
+
+
+    def _memory_line(self) -> str:
+        """The predicted peak of the rank that holds the most (every rank's, when they differ)."""
+        estimates = self.rank_estimates or [self.memory_estimate]
+        largest = max(range(len(estimates)), key=lambda rank: estimates[rank].total)
+        totals = {memory_model.mebibytes(estimate.total) for estimate in estimates}
+        each = (f"; rank by rank {', '.join(memory_model.mebibytes(e.total) for e in estimates)}"
+                if len(totals) > 1 else "")
+        return (f"memory per rank ({self.runner.memory.kind}), predicted: {estimates[largest].describe()}"
+                f"{f' on rank {largest}' if len(estimates) > 1 else ''}{each}")
 
 
 def describe(plan, config: RunConfig) -> str:

@@ -50,7 +50,7 @@ def parse_cpu_max(text: str) -> float | None:
     return None if quota == "max" else int(quota) / int(period or 100000)
 
 
-def _cgroup_file(v2_name: str, v1_controller: str, v1_name: str) -> str | None:
+def cgroup_file(v2_name: str, v1_controller: str, v1_name: str) -> str | None:
     """A file of this process's cgroup (v2's unified tree, or v1's controller), its text."""
     try:
         with open("/proc/self/cgroup") as handle:
@@ -76,14 +76,14 @@ def read_cpu_share(local_ranks: int | None = None) -> CpuShare:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         affinity = node
-    cpuset_text = _cgroup_file("cpuset.cpus.effective", "cpuset", "cpuset.effective_cpus")
-    quota_text = _cgroup_file("cpu.max", "cpu", "cpu.cfs_quota_us")
+    cpuset_text = cgroup_file("cpuset.cpus.effective", "cpuset", "cpuset.effective_cpus")
+    quota_text = cgroup_file("cpu.max", "cpu", "cpu.cfs_quota_us")
     quota = None
     with contextlib.suppress(ValueError):
         if quota_text and " " in quota_text.strip():
             quota = parse_cpu_max(quota_text)
         elif quota_text and int(quota_text) > 0:  # v1: microseconds per (usually) 100 ms period
-            period = _cgroup_file("cpu.max", "cpu", "cpu.cfs_period_us") or "100000"
+            period = cgroup_file("cpu.max", "cpu", "cpu.cfs_period_us") or "100000"
             quota = int(quota_text) / int(period)
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
     return CpuShare(cpuset=parse_cpu_list(cpuset_text) if cpuset_text and cpuset_text.strip() else node,

@@ -4,6 +4,7 @@ rank that owns the metrics (tensorboardX's writer: protobuf and numpy, no framew
 Tags (the x axis is the epoch, except ``train/step_loss``'s, the optimizer step):
     train/loss  train/accuracy  test/loss  test/accuracy  lr
     throughput/images_per_sec  time/step_seconds  time/data_wait_fraction
+    memory/peak_bytes  memory/predicted_bytes   (the rank that holds the most)
     train/step_loss   (every --log-every steps: the global batch's mean loss)
 and the resolved configuration as the text ``config``.
 """
@@ -21,7 +22,8 @@ from common.core.metrics import append_whole
 
 EPOCH_TAGS = {"train_loss": "train/loss", "train_accuracy": "train/accuracy", "test_loss": "test/loss",
               "test_accuracy": "test/accuracy", "lr": "lr", "images_per_sec": "throughput/images_per_sec",
-              "step_seconds": "time/step_seconds", "data_wait_fraction": "time/data_wait_fraction"}
+              "step_seconds": "time/step_seconds", "data_wait_fraction": "time/data_wait_fraction",
+              "peak_memory_max_bytes": "memory/peak_bytes", "predicted_memory_max_bytes": "memory/predicted_bytes"}
 STEP_LOSS_TAG = "train/step_loss"
 CONFIG_TAG = "config"
 

@@ -24,6 +24,7 @@ class MpiRunner:
     timeline_path: str = ""
     layer_costs: Sequence[float] = ()  # the pipeline's cut sets its own
     last_piece_costs: Sequence[float] = ()
+    stashes_inputs_only = False  # the pipeline says where its stages recompute
 
     @property
     def track_label(self) -> str:

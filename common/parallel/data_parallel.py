@@ -79,6 +79,7 @@ class ReplicaRunner:
     layout: Sequence[str] = ()
     layer_costs: Sequence[float] = ()  # one piece: nothing was cut
     last_piece_costs: Sequence[float] = ()
+    stashes_inputs_only = False  # one piece, the last: it keeps what the backward needs
     reads = Reads(images=True, labels=True)  # every replica trains on its share of each batch
     config: RunConfig
     hvd: Any                        # the framework's Horovod module

@@ -33,6 +33,7 @@ from common.data.batches import Batch, Reads
 from common.data.datasets import Dataset
 from common.model import weights
 from common.model.checkpoint import NeutralState
+from common.observe.memory import MemoryMeter
 from common.observe.timeline import Timeline
 from common.parallel import plan
 from common.parallel.collectives import MpiCollectives, MpiRunner, node_placement
@@ -60,6 +61,7 @@ class ParameterServerRunner(MpiRunner):
 
         local_rank, self.threads = node_placement(self.comm, config)
         stage_factory.set_threads(self.threads, local_rank)
+        self.memory: MemoryMeter = stage_factory.memory_meter(local_rank)  # before any model
         self.reads = Reads(images=not self.server, labels=not self.server)  # the server reads no data
         self.feed = stage_factory.make_feed(config, local_rank, dataset, self.reads)
         # The whole model is one stage on every rank.

@@ -31,6 +31,7 @@ from common.data.batches import Batch, Reads
 from common.data.datasets import Dataset
 from common.model import networks, weights
 from common.model.checkpoint import NeutralState
+from common.observe.memory import MemoryMeter
 from common.observe.timeline import Timeline
 from common.parallel import p2p, plan, schedule
 from common.parallel.collectives import MpiCollectives, MpiRunner, node_placement
@@ -71,7 +72,9 @@ class PipelineRunner(MpiRunner):
 
         local_rank, self.threads = node_placement(self.comm, config)
         stage_factory.set_threads(self.threads, local_rank)
+        self.memory: MemoryMeter = stage_factory.memory_meter(local_rank)  # before any model
         self.keep_forward = self._keeping_is_faster(stage_factory)
+        self.stashes_inputs_only = stage_factory.recomputes_forward and not self.keep_forward
         costs, last_costs = self._layer_costs(stage_factory)
         self.layer_costs: Sequence[float] = costs
         self.last_piece_costs: Sequence[float] = last_costs if last_costs != costs else ()
@@ -136,7 +139,7 @@ class PipelineRunner(MpiRunner):
                 times = stage_factory.measure_layer_times(
                     self.specs, self.dataset.image_shape, max(1, self.config.batch_size // self.config.microbatches))
             times = self.comm.bcast(times, root=self.primary_rank)
-            return plan.timed_costs(times, stage_factory.recomputes_forward and not self.keep_forward)
+            return plan.timed_costs(times, self.stashes_inputs_only)
         costs = networks.layer_costs(self.specs, self.dataset.image_shape)
         flops_or_params = [getattr(cost, self.config.balance) for cost in costs]  # --balance flops or params
         return flops_or_params, flops_or_params

@@ -211,29 +211,33 @@ def partition_bound(schedule: str, stages: int, microbatches: int, piece_costs: 
 
 
 def step_time(schedules: list[list[Action]], piece_costs: list, backward_ratio: float = 2.0,
-              order: list | None = None, input_share: float = 0.5) -> float:
+              order: list | None = None, input_share: float = 0.5, backward_costs: list | None = None,
+              message_costs: list | None = None) -> float:
     """How long a step of ``schedules`` takes when piece v's forward costs ``piece_costs[v]``
-    and its backward ``backward_ratio`` times that (split, ``input_share`` of it the I and
-    the rest the W), and messages are free: each stage runs
-    its actions in order, a receive waits for its send. Deadlock-free schedules only; pass
+    and its backward ``backward_costs[v]`` (default: ``backward_ratio`` times the forward;
+    split, ``input_share`` of it the I and the rest the W), and a message across the cut
+    after piece v takes ``message_costs[v]`` (default: free): each stage runs its actions
+    in order, a receive waits for its send to arrive. Deadlock-free schedules only; pass
     ``simulate(schedules)`` as ``order`` to time many cost sets of one schedule."""
     stages = len(schedules)
     clock = [0.0] * stages
     sent = {}
+    backward = backward_costs or [backward_ratio * cost for cost in piece_costs]
+    messages = message_costs or [0.0] * len(piece_costs)
     for s, action in order if order is not None else simulate(schedules):  # each receive after its send
         virtual = action.chunk * stages + s
         if action.kind == FORWARD:
             clock[s] += piece_costs[virtual]
         elif action.kind == BACKWARD:
-            clock[s] += backward_ratio * piece_costs[virtual]
+            clock[s] += backward[virtual]
         elif action.kind == INPUT_GRADIENT:
-            clock[s] += input_share * backward_ratio * piece_costs[virtual]
+            clock[s] += input_share * backward[virtual]
         elif action.kind == WEIGHT_GRADIENT:
-            clock[s] += (1 - input_share) * backward_ratio * piece_costs[virtual]
+            clock[s] += (1 - input_share) * backward[virtual]
         elif action.kind == SEND_ACTIVATION:
-            sent[("activation", action.microbatch, virtual + 1)] = clock[s]
+            sent[("activation", action.microbatch, virtual + 1)] = clock[s] + messages[virtual]
         elif action.kind == SEND_GRADIENT:
-            sent[("gradient", action.microbatch, virtual - 1)] = clock[s]
+            sent[("gradient", action.microbatch, virtual - 1)] = clock[s] + messages[virtual - 1]
         else:
             kind = "activation" if action.kind == RECV_ACTIVATION else "gradient"
             clock[s] = max(clock[s], sent[(kind, action.microbatch, virtual)])

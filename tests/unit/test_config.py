@@ -50,6 +50,13 @@ def test_flags_parse_into_the_config():
     (["--mode", "model", "--pp", "2", "--schedule", "interleaved", "--microbatches", "4", "--virtual-stages", "1"],
      "--virtual-stages >= 2 .got 1.; with one piece per rank use --schedule 1f1b"),
     (["--mode", "model", "--pp", "1", "--schedule", "interleaved"], "use --pp >= 2"),
+    (["--mode", "auto", "--pp", "2"], "--mode auto chooses the layout itself; drop --pp"),
+    (["--mode", "auto", "--split", "3"], "drop --split"),
+    (["--memory-per-rank", "2G"], "--memory-per-rank is for --mode auto"),
+    (["--plan-only"], "--plan-only is for --mode auto"),
+    (["--mode", "auto", "--plan-ranks", "4"], "add --plan-only"),
+    (["--mode", "auto", "--memory-per-rank", "lots"], "--memory-per-rank 'lots' is not a size"),
+    (["--mode", "auto", "--memory-per-rank=-1G"], "is not a size"),
 ])
 def test_bad_flags_raise_a_usage_error(argv, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -166,3 +173,12 @@ def test_a_bad_config_file_is_one_clear_line(tmp_path, text, message):
     huge.write_text("# " + "x" * (2 << 20) + "\n")
     with pytest.raises(UsageError, match="is not a settings file"):
         parse_config(["--config", str(huge)])
+
+
+def test_memory_sizes_read_in_binary_units():
+    from common.launch.memory_budget import parse_size
+
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("2g") == parse_size("2GiB") == parse_size("2GB") == 2 << 30
+    assert parse_size("1.5G") == 3 << 29
+    assert parse_size("4096") == 4096

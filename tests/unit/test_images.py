@@ -262,7 +262,7 @@ def test_folder_flags_are_checked(tree, args, pattern):
 def test_cpus_per_rank_shares_the_node_unless_the_launcher_bound_the_rank(monkeypatch):
     from common.launch import cpu_budget
 
-    monkeypatch.setattr(cpu_budget, "_cgroup_file", lambda *names: None)  # no cgroup: the node's 16 CPUs
+    monkeypatch.setattr(cpu_budget, "cgroup_file", lambda *names: None)  # no cgroup: the node's 16 CPUs
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")

@@ -15,7 +15,7 @@ MPI = ("mpi4py", "horovod")
 # The modules that drive MPI or Horovod; everything else in common/ is pure.
 DRIVERS = {"common.parallel.pipeline", "common.parallel.parameter_server", "common.parallel.data_parallel",
            "common.parallel.p2p", "common.parallel.collectives", "common.parallel.drivers", "common.launch.entry",
-           "common.launch.ray"}
+           "common.launch.ray", "common.parallel.auto"}
 
 
 def modules():

@@ -1,0 +1,54 @@
+"""How much memory a rank holds: its process's resident memory on a CPU, the framework's
+device allocator on a GPU (the framework folders supply that meter)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from typing import Protocol
+
+import numpy as np
+
+
+class MemoryMeter(Protocol):
+    """A rank's memory, read where it computes."""
+
+    kind: str       # what is counted, for the start-up line: "resident" or the device's allocator
+    baseline: int   # bytes held when the meter was made: before the rank built its model
+
+    def peak(self) -> int:
+        """The most bytes held so far."""
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux: /proc/self/statm; elsewhere its peak)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_resident_bytes()
+
+
+def peak_resident_bytes() -> int:
+    """The process's resident high-water mark (getrusage: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+class ResidentMemory:
+    kind = "resident"
+
+    def __init__(self):
+        self.baseline = resident_bytes()
+
+    def peak(self) -> int:
+        return peak_resident_bytes()
+
+
+def peaks_of_ranks(peak: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's figure in its own slot of a vector of ``world_size`` (summed over the
+    ranks, the vector holds every rank's)."""
+    slots = np.zeros(world_size, dtype=np.float64)
+    slots[rank] = peak
+    return slots

@@ -1,0 +1,159 @@
+"""--mode auto at the start of a run: profile this hardware once (on one rank, shared with
+the others), weigh every layout (common/parallel/planner.py), and hand back the run's
+configuration with the chosen layout, the same on every rank."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.core import metrics
+from common.core.config import Amp, Mode, RunConfig
+from common.core.errors import UsageError, launcher_rank
+from common.core.runner import StageFactory
+from common.launch.cpu_budget import cpus_per_rank
+from common.launch.environment import launcher_local_size, launcher_world_size
+from common.launch.memory_budget import memory_per_rank, parse_size
+from common.parallel import memory_model, planner
+from common.parallel.memory_model import mebibytes
+
+MESSAGE_REPEATS = 20
+LARGE_MESSAGE = 4 << 20  # bytes: enough to see the bandwidth past the latency
+
+
+@dataclass(frozen=True)
+class Resolved:
+    config: RunConfig                # the run's configuration, the chosen layout applied
+    choice: planner.Choice
+    memory_per_rank: int
+    profile: planner.Profile
+
+
+def resolve(config: RunConfig, specs, input_shape: tuple, stage_factory: StageFactory) -> Resolved:
+    """The chosen layout for the ranks launched, or, --plan-ranks N alone, for N ranks on this node
+    (messages costed by memory copies)."""
+    launched = launcher_world_size()
+    alone = bool(config.plan_ranks) and launched == 1
+    world_size = config.plan_ranks if alone else launched
+    if config.plan_ranks and not alone and config.plan_ranks != launched:
+        raise UsageError(f"--plan-ranks {config.plan_ranks} plans for ranks other than the {launched} launched; "
+                         "run the plan alone (one process), or drop --plan-ranks")
+    comm = None if alone else _world(world_size)
+    local_ranks = world_size if alone else launcher_local_size()
+    limit = parse_size(config.memory_per_rank) if config.memory_per_rank else memory_per_rank(local_ranks)
+    network = measure_network(comm) if comm is not None else copy_network()  # every rank takes part
+    # Every rank profiles, as busy as it will be in the run and building the same models (Keras
+    # names its layers by a count, which the ranks' Horovod broadcasts must share); rank 0's
+    # figures decide.
+    stage_factory.set_threads(config.threads or cpus_per_rank(local_ranks), 0)
+    profile = measure_profile(config, specs, input_shape, stage_factory, world_size, network)
+    if comm is not None:
+        profile = comm.bcast(profile, root=0)
+    choice = planner.choose(specs, input_shape, config, profile, world_size, limit, allowed(config))
+    split = choice.chosen.split
+    resolved = Resolved(choice.chosen.layout.applied(config, split), choice, limit, profile)
+    if comm is None or comm.rank == 0:
+        metrics.log(f"--mode auto on {world_size} rank(s), at most {mebibytes(limit)} a rank: "
+                    f"{choice.chosen.layout.describe()}, predicted {choice.chosen.images_per_sec:.1f} img/s and "
+                    f"{mebibytes(choice.chosen.peak_memory)} a rank")
+        for line in planner.table(choice, 0 if config.plan_only else 8):
+            metrics.log(line)
+    return resolved
+
+
+def allowed(config: RunConfig):
+    """Which layouts the other flags leave: those made for one whole model (--amp fp16,
+    --adasum, --fp16-allreduce, --accumulation-steps) data parallel only, --sync-bn none
+    without replicas."""
+    data_only = config.amp == Amp.FP16 or config.adasum or config.fp16_allreduce or config.accumulation_steps > 1
+
+    def keeps(layout: planner.Layout) -> bool:
+        if data_only:
+            return layout.mode == Mode.DATA
+        return not (config.sync_bn and layout.mode == Mode.MODEL)
+    return keeps
+
+
+def _world(world_size: int):
+    """MPI's world, which must be the launcher's (horovodrun over Gloo starts no MPI job)."""
+    if world_size < 2:
+        return None
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.size != world_size:
+        raise UsageError(f"--mode auto needs every rank in one MPI job, but MPI sees {MPI.COMM_WORLD.size} of the "
+                         f"{world_size} launched; launch with mpirun -np {world_size} (or horovodrun over MPI)")
+    return MPI.COMM_WORLD
+
+
+def measure_profile(config: RunConfig, specs, input_shape: tuple, stage_factory: StageFactory, world_size: int,
+                    network: planner.Network) -> planner.Profile:
+    """Each layer timed at the smallest and the largest micro-batch the layouts use."""
+    baseline = stage_factory.memory_meter(0).baseline  # the framework warmed up, no model yet
+    batch = config.global_batch_size(world_size)
+    largest = -(-batch // world_size)  # data parallel's share
+    smallest = max(1, batch // (world_size * planner.MICROBATCH_FACTORS[-1]))
+    # The memory first: a process whose allocator has seen less, as a run's has at its start.
+    allocator = memory_model.allocator_excess(specs, input_shape, largest,
+                                              stage_factory.measure_step_memory(specs, input_shape, largest))
+    sizes = (min(smallest, largest), largest)
+    small, large = (stage_factory.measure_layer_times(specs, input_shape, size) for size in sizes)
+    return planner.Profile(sizes, (small, large), network, stage_factory.recomputes_forward, baseline, allocator)
+
+
+def measure_network(comm) -> planner.Network:
+    """Collective: ranks 0 and 1 pass a small and a large message back and forth while the
+    others wait, and every rank learns the figures."""
+    small, large = np.zeros(1, np.float32), np.zeros(LARGE_MESSAGE // 4, np.float32)
+    found = None
+    if comm.rank in (0, 1):
+        other = 1 - comm.rank
+        seconds = []
+        for buffer in (small, large):
+            start = time.perf_counter()
+            for _ in range(MESSAGE_REPEATS):
+                if comm.rank == 0:
+                    comm.Send(buffer, dest=other)
+                    comm.Recv(buffer, source=other)
+                else:
+                    comm.Recv(buffer, source=other)
+                    comm.Send(buffer, dest=other)
+            seconds.append((time.perf_counter() - start) / (2 * MESSAGE_REPEATS))
+        latency = seconds[0]
+        found = planner.Network(latency, LARGE_MESSAGE / max(seconds[1] - latency, 1e-9))
+    return comm.bcast(found, root=0)
+
+
+def copy_network() -> planner.Network:
+    """Alone (--plan-only): ranks on one node pass messages through shared memory, a copy in
+    and a copy out, so half the speed of one copy stands in for the bandwidth."""
+    source, target = np.ones(LARGE_MESSAGE // 4, np.float32), np.empty(LARGE_MESSAGE // 4, np.float32)
+    best = float("inf")
+    for _ in range(MESSAGE_REPEATS):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - start)
+    return planner.Network(latency=20e-6, bandwidth=LARGE_MESSAGE / (2 * best))
+
+
+def record(resolved: Resolved) -> dict:
+    """The choice for the run summary: each layout weighed, its prediction, why one was refused."""
+    def entry(found: planner.Prediction) -> dict:
+        return {"layout": found.layout.describe(), "flags": found.layout.flags(found.split),
+                "predicted_images_per_sec": found.images_per_sec, "predicted_step_seconds": found.step_seconds,
+                "predicted_memory_bytes": list(found.memory), "rejected": found.rejected}
+    return {"memory_per_rank_bytes": resolved.memory_per_rank, "allocator_bytes": resolved.profile.allocator,
+            "network": {"latency_seconds": resolved.profile.network.latency,
+                        "bandwidth_bytes_per_second": resolved.profile.network.bandwidth},
+            "chosen": entry(resolved.choice.chosen),
+            "candidates": [entry(found) for found in resolved.choice.ranked]}
+
+
+def write_plan(config: RunConfig, resolved: Resolved) -> None:
+    """--plan-only with --summary-file FILE: the choice, as the run summary would record it."""
+    if config.summary_file and launcher_rank() == 0:
+        with open(config.summary_file, "w") as handle:
+            json.dump({"layout_choice": record(resolved)}, handle, indent=1)

@@ -1,0 +1,242 @@
+"""--mode auto: every layout a world size allows, each one's predicted throughput and peak
+memory per rank, and the fastest that fits. Pure arithmetic on a Profile (what this
+hardware measured once); no framework, no MPI.
+
+The time model:
+- a layer's forward and backward seconds at any micro-batch size, from the profile's two
+  timed sizes (a straight line through them: a fixed cost per call plus a cost per sample);
+- data parallel: forward, then the backward or the gradients' ring allreduce, whichever
+  is longer (Horovod overlaps them);
+- a pipeline: the schedule's own step (common/parallel/schedule.step_time) over the pieces
+  the cut makes, each message across a cut paying the network's latency and bandwidth,
+  pieces before the last paying a recomputed forward where the framework recomputes;
+  then, hybrid, each stage's allreduce over its replicas after the flush.
+The memory model is common/parallel/memory_model.py's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from math import prod
+
+from common.core.config import Mode, RunConfig, Schedule
+from common.core.errors import UsageError
+from common.model import networks
+from common.parallel import memory_model, plan, schedule
+from common.parallel.memory_model import mebibytes
+
+LayerTimes = Sequence[tuple[float, float]]  # (forward, backward) seconds of each layer
+
+
+@dataclass(frozen=True)
+class Network:
+    """Point-to-point messages between two ranks: seconds = latency + bytes / bandwidth."""
+    latency: float
+    bandwidth: float  # bytes per second
+
+    def message_seconds(self, size: float) -> float:
+        return self.latency + size / self.bandwidth
+
+    def allreduce_seconds(self, size: float, ranks: int) -> float:
+        """A ring allreduce: 2 (n - 1) steps, each moving 1/n of the buffer."""
+        if ranks < 2:
+            return 0.0
+        return 2 * (ranks - 1) * self.message_seconds(size / ranks)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What this hardware measured once, for one network and one image shape."""
+    samples: tuple[int, int]             # the two micro-batch sizes the layers were timed at
+    times: tuple[LayerTimes, LayerTimes]  # each layer's (forward, backward) at those sizes
+    network: Network
+    recomputes_forward: bool             # pieces before the model's last run their forward again
+    baseline: int                        # bytes a rank holds before it builds its model
+    allocator: int = 0                   # bytes a rank holds beyond its tensors (memory_model.allocator_excess)
+
+    def layer_times(self, samples: int) -> list[tuple[float, float]]:
+        """Each layer's (forward, backward) seconds for ``samples``, on the line through the
+        two timed sizes (never below a tenth of the smaller size's time)."""
+        (low, high), (low_times, high_times) = self.samples, self.times
+        span = max(1, high - low)
+        def at(t0: float, t1: float) -> float:
+            return max(0.1 * t0, t0 + (t1 - t0) * (samples - low) / span)
+        return [(at(f0, f1), at(b0, b1)) for (f0, b0), (f1, b1) in zip(low_times, high_times)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run the job on ``pp * dp`` ranks."""
+    mode: Mode
+    pp: int = 1
+    dp: int = 1
+    microbatches: int = 1
+    schedule: Schedule = Schedule.ONE_F_ONE_B
+    virtual_stages: int = 1
+
+    @property
+    def pipelined(self) -> bool:
+        return self.mode != Mode.DATA
+
+    @property
+    def chunks(self) -> int:
+        return self.virtual_stages if self.schedule == Schedule.INTERLEAVED else 1
+
+    def describe(self) -> str:
+        if not self.pipelined:
+            return f"data dp{self.dp}"
+        chunks = f" V{self.virtual_stages}" if self.chunks > 1 else ""
+        replicas = f" x dp{self.dp}" if self.mode == Mode.HYBRID else ""
+        return f"{self.mode} pp{self.pp}{replicas} {self.schedule} M{self.microbatches}{chunks}"
+
+    def flags(self, split: str) -> list[str]:
+        """The command line that runs this layout by hand."""
+        if not self.pipelined:
+            return ["--mode", "data"]
+        found = ["--mode", str(self.mode), "--pp", str(self.pp), "--microbatches", str(self.microbatches),
+                 "--schedule", str(self.schedule)]
+        if self.mode == Mode.HYBRID:
+            found += ["--dp", str(self.dp)]
+        if self.chunks > 1:
+            found += ["--virtual-stages", str(self.virtual_stages)]
+        return found + (["--split", split] if split else [])
+
+    def applied(self, config: RunConfig, split: str) -> RunConfig:
+        """``config`` running this layout, its cut given as ``split``."""
+        if not self.pipelined:
+            return replace(config, mode=Mode.DATA, pp=0, dp=0, microbatches=1, split="", memory_per_rank="")
+        return replace(config, mode=self.mode, memory_per_rank="", pp=self.pp,
+                       dp=self.dp if self.mode == Mode.HYBRID else 0,
+                       microbatches=self.microbatches, schedule=self.schedule,
+                       virtual_stages=self.virtual_stages if self.chunks > 1 else config.virtual_stages,
+                       split=split)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    layout: Layout
+    step_seconds: float
+    images_per_sec: float
+    memory: Sequence[int]               # each stage's peak bytes per rank (data: one)
+    split: str = ""                     # the cut, as --split takes it
+    rejected: str = ""                  # why it was not chosen, when it was not for speed
+
+    @property
+    def peak_memory(self) -> int:
+        return max(self.memory)
+
+
+MICROBATCH_FACTORS = (1, 2, 4, 8)  # micro-batches per step, in multiples of the stages
+
+
+def layouts(world_size: int, num_layers: int, batch_size: int) -> list[Layout]:
+    """Every layout to weigh on ``world_size`` ranks: data parallel; each pipeline depth that
+    divides the ranks (model, or hybrid with the rest as replicas), each schedule, with
+    pp, 2 pp, 4 pp and 8 pp micro-batches (each needs a sample of every replica's share),
+    interleaved with two pieces a rank where the model has the layers."""
+    found = [Layout(Mode.DATA, 1, world_size)] if batch_size >= world_size else []
+    for pp in range(2, min(world_size, num_layers) + 1):
+        if world_size % pp:
+            continue
+        dp = world_size // pp
+        mode = Mode.MODEL if dp == 1 else Mode.HYBRID
+        for factor in MICROBATCH_FACTORS:
+            microbatches = factor * pp
+            if dp * microbatches > batch_size:
+                break
+            for kind in (Schedule.GPIPE, Schedule.ONE_F_ONE_B, Schedule.ZERO_BUBBLE):
+                found.append(Layout(mode, pp, dp, microbatches, kind))
+            if 2 * pp <= num_layers:
+                found.append(Layout(mode, pp, dp, microbatches, Schedule.INTERLEAVED, 2))
+    return found
+
+
+def predict(layout: Layout, specs: Sequence, input_shape: tuple, config: RunConfig, profile: Profile) -> Prediction:
+    """The layout's step time, throughput and each stage's peak memory per rank."""
+    batch = config.global_batch_size(layout.dp)
+    rank_batch = -(-batch // layout.dp)
+    costs = networks.layer_costs(specs, input_shape)
+    slots = memory_model.optimizer_slots(config.optimizer, config.momentum)
+    scaled = replace(config, microbatches=layout.microbatches, schedule=layout.schedule,
+                     virtual_stages=layout.virtual_stages)
+    run_plan = plan.ParallelPlan(str(layout.mode), layout.pp, layout.dp, chunks=layout.chunks)
+
+    def memory_of(ranges, recomputes):
+        found = []
+        for stage in range(layout.pp):
+            load = memory_model.rank_load(scaled, run_plan, ranges, stage, rank_batch, recomputes)
+            found.append(memory_model.estimate(specs, input_shape, load, slots, profile.baseline,
+                                               profile.allocator).total)
+        return found
+
+    if not layout.pipelined:
+        times = profile.layer_times(rank_batch)
+        forward, backward = sum(f for f, _ in times), sum(b for _, b in times)
+        gradients = memory_model.FLOAT_BYTES * sum(cost.params for cost in costs)
+        seconds = forward + max(backward, profile.network.allreduce_seconds(gradients, layout.dp))
+        return Prediction(layout, seconds, batch / seconds, memory_of([(0, len(specs))], False))
+
+    microbatch = -(-rank_batch // layout.microbatches)
+    times = profile.layer_times(microbatch)
+    charged, last = plan.timed_costs(times, profile.recomputes_forward)
+    ranges = plan.partition(charged, layout.pp, "", layout.chunks, layout.microbatches, last)
+    pieces = len(ranges)
+    forwards = [sum(f for f, _ in times[a:b]) for a, b in ranges]
+    backwards = [sum(b for _, b in times[a:e]) + (sum(f for f, _ in times[a:e]) if profile.recomputes_forward
+                                                  and v < pieces - 1 else 0.0) for v, (a, e) in enumerate(ranges)]
+    shapes = networks.layer_shapes(specs, input_shape)
+    messages = [profile.network.message_seconds(memory_model.FLOAT_BYTES * microbatch * prod(shapes[end]))
+                for _, end in ranges]
+    seconds = schedule.step_time(schedule.stage_schedules(str(layout.schedule), layout.pp, layout.microbatches,
+                                                          layout.chunks),
+                                 forwards, backward_costs=backwards, message_costs=messages)
+    if layout.dp > 1:
+        stage_params = [0] * layout.pp
+        for v, (a, e) in enumerate(ranges):
+            stage_params[v % layout.pp] += sum(cost.params for cost in costs[a:e])
+        seconds += max(profile.network.allreduce_seconds(memory_model.FLOAT_BYTES * params, layout.dp)
+                       for params in stage_params)
+    split = ",".join(str(start) for start, _ in ranges[1:])
+    return Prediction(layout, seconds, batch / seconds, memory_of(ranges, profile.recomputes_forward), split)
+
+
+@dataclass(frozen=True)
+class Choice:
+    chosen: Prediction
+    ranked: Sequence[Prediction] = field(default_factory=tuple)  # every candidate, fastest first
+
+
+def choose(specs: Sequence, input_shape: tuple, config: RunConfig, profile: Profile, world_size: int,
+           memory_per_rank: int, allowed: Callable[[Layout], bool] = lambda layout: True) -> Choice:
+    """The fastest ``allowed`` layout whose every rank fits ``memory_per_rank`` bytes;
+    UsageError when none does."""
+    candidates = [layout for layout in layouts(world_size, len(specs), config.global_batch_size(world_size))
+                  if allowed(layout)]
+    if not candidates:
+        raise UsageError(f"--mode auto: no layout runs a batch of {config.global_batch_size(world_size)} on "
+                         f"{world_size} ranks (each rank needs a sample); raise --batch-size")
+    ranked = sorted((predict(layout, specs, input_shape, config, profile) for layout in candidates),
+                    key=lambda found: -found.images_per_sec)
+    ranked = [found if found.peak_memory <= memory_per_rank else
+              replace(found, rejected=f"needs {mebibytes(found.peak_memory)} a rank, over "
+                                      f"--memory-per-rank {mebibytes(memory_per_rank)}") for found in ranked]
+    fitting = [found for found in ranked if not found.rejected]
+    if not fitting:
+        least = min(ranked, key=lambda found: found.peak_memory)
+        raise UsageError(f"--mode auto: no layout fits --memory-per-rank {mebibytes(memory_per_rank)} on "
+                         f"{world_size} ranks (the least, {least.layout.describe()}, needs "
+                         f"{mebibytes(least.peak_memory)}); launch more ranks, lower --batch-size or raise "
+                         "--memory-per-rank")
+    return Choice(fitting[0], ranked)
+
+
+def table(choice: Choice, limit: int = 0) -> list[str]:
+    """The ranked candidates, one line each (the first ``limit``; 0: all), the choice marked."""
+    lines = [f"{'':2}{'layout':<34}{'img/s':>9}{'step ms':>10}{'memory/rank':>13}  note"]
+    for found in choice.ranked[:limit or None]:
+        mark = "->" if found is choice.chosen else ""
+        note = found.rejected or (f"cut {found.split}" if found.split else "")
+        lines.append(f"{mark:2}{found.layout.describe():<34}{found.images_per_sec:9.1f}"
+                     f"{1e3 * found.step_seconds:10.1f}{mebibytes(found.peak_memory):>13}  {note}")
+    return lines
