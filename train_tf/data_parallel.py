@@ -100,6 +100,7 @@ class DataParallelRunner(ReplicaRunner):
         self.ranges = [(0, len(specs))]  # one piece: the whole model
         set_precision(config)
         self.model = build_model(specs, dataset.image_shape, config.seed)
+        self.model.recompute = config.recompute
         if config.sync_bn:  # Horovod: BatchNorm statistics of the global batch (allreduce has a gradient)
             set_batch_norm_reduction(self.model, lambda sums: hvd.allreduce(sums, op=hvd.Sum))
         self.variables = self.model.trainable_variables

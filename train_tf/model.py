@@ -269,13 +269,40 @@ class SpecModel(keras.Model):
         self.specs = list(specs)
         self.layers_ = [build_layer(spec, shapes[i], first_index + i) for i, spec in enumerate(specs)]
 
+    recompute = False  # --recompute: keep only each layer's input for the backward (set by the runner)
+
     def call(self, x, training=False, dropout_keys=None):
         for layer in self.layers_:
-            if isinstance(layer, DenseLayer):
-                x = layer(x, training=training, dropout_keys=dropout_keys)
-            else:
-                x = layer(x, training=training)
+            def run(inputs, layer=layer):
+                if isinstance(layer, DenseLayer):
+                    return layer(inputs, training=training, dropout_keys=dropout_keys)
+                return layer(inputs, training=training)
+            x = recomputed(run, layer, x) if self.recompute and training else run(x)
         return x
+
+
+def recomputed(run, layer, x):
+    """``run(x)``, whose backward runs ``run`` again from ``x`` under a tape of its own instead
+    of keeping what the forward computed (BatchNorm's running statistics left as the first
+    run moved them; the same dropout keys draw the same masks)."""
+    @tf.custom_gradient
+    def forward(inputs):
+        def backward(upstream, variables=None):
+            # A zero that depends on the gradient: the recomputation waits for it, and the
+            # graph cannot merge it with the forward's identical ops (tf.recompute_grad's way).
+            first = tf.cast(tf.reduce_max(tf.reshape(upstream, [-1])[:1]), tf.bool)
+            zero = tf.where(first == first, 0.0, float("nan"))  # always 0, but not to the graph
+            again_from = inputs + tf.cast(zero, inputs.dtype)
+            with tf.GradientTape() as tape:
+                tape.watch(again_from)
+                with frozen_batch_norm_statistics():
+                    again = run(again_from)
+            found = list(variables or layer.trainable_variables)
+            gradients = tape.gradient(again, [again_from, *found], output_gradients=upstream,
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return gradients[0], gradients[1:]
+        return run(inputs), backward
+    return forward(x)
 
 
 def set_batch_norm_reduction(model, reduce_sums):

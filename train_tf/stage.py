@@ -134,6 +134,7 @@ class TfStage:
         self.in_shape = networks.layer_shapes(place.specs, place.input_shape)[place.start]
         set_precision(place.config)
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start, place.end)
+        self.model.recompute = place.config.recompute
         self.variables = self.model.trainable_variables
         self.has_parameters = bool(self.variables)
         self.optimizer = Optimizer(self.variables, place.config)

@@ -70,6 +70,7 @@ class DataParallelRunner(ReplicaRunner):
         self.feed = make_feed(config, self.device, dataset, self.reads)
         self.model = build_model(specs, dataset.image_shape, config.seed).to(self.device,
                                                                              memory_format=self.feed.memory_format)
+        self.model.recompute = config.recompute
         if config.sync_bn:  # Horovod: BatchNorm statistics of the global batch (autograd-aware sum)
             set_batch_norm_reduction(self.model, lambda sums: self.hvd.allreduce(sums, op=self.hvd.Sum))
         self.drops = networks.drops(specs)  # then each step hands the model its samples' keys

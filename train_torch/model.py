@@ -4,8 +4,11 @@ The model is a flat nn.Sequential with one module per spec, so a pipeline
 stage is simply a slice of it. Nothing here knows about distribution.
 """
 
+import contextlib
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from common.model import dropout, networks, weights
 
@@ -130,10 +133,35 @@ class Layers(nn.Sequential):
     """The model or a stage: the specs' layers in order. ``dropout_keys`` (int64, one per
     sample) reach the layers that drop; without them (evaluation, timing) nothing drops."""
 
+    recompute = False  # --recompute: keep only each layer's input for the backward (set by the runner)
+
     def forward(self, x, dropout_keys=None):
         for layer in self:
-            x = layer(x, dropout_keys) if isinstance(layer, DenseLayer) else layer(x)
+            def run(inputs, layer=layer):
+                return layer(inputs, dropout_keys) if isinstance(layer, DenseLayer) else layer(inputs)
+            if self.recompute and self.training and torch.is_grad_enabled():
+                # The forward again at the backward, BatchNorm's running statistics left as the first one moved them.
+                x = checkpoint(run, x, use_reentrant=False,
+                               context_fn=lambda layer=layer: (contextlib.nullcontext(), frozen_batch_norm(layer)))
+            else:
+                x = run(x)
         return x
+
+
+@contextlib.contextmanager
+def frozen_batch_norm(module):
+    """Inside: training-mode BatchNorm in ``module`` normalises by the batch and leaves its
+    running statistics (and its batch count) as they are."""
+    norms = [layer for layer in module.modules() if isinstance(layer, BatchNorm)]
+    saved = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, count) in zip(norms, saved):
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(count)
 
 
 class GlobalAvgPoolLayer(nn.Module):

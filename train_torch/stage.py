@@ -94,6 +94,7 @@ class TorchStage:
         self.host = StagedWire(self.device) if self.device.type == "cuda" else None  # --mode ps vectors
         self.model = build_stage(place.specs, place.input_shape, place.config.seed, place.start,
                                  place.end).to(self.device, memory_format=cast(TorchFeed, self.feed).memory_format)
+        self.model.recompute = place.config.recompute
         self.drops = networks.drops(place.specs[place.start:place.end])  # seeded dropout in this stage
         self.parameters = list(self.model.parameters())
         self.has_parameters = bool(self.parameters)

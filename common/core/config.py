@@ -131,6 +131,9 @@ class RunConfig:
     stem: str = _flag("auto", "resnet18+/vgg/mobilenet_v2: imagenet stem (7x7/2 conv + max-pool; VGG "
                       "pools to 7x7) or cifar stem (3x3/1 conv, no pool); auto: cifar for images up to "
                       f"{networks.SMALL_INPUT} px", choices=networks.STEMS)
+    recompute: bool = _flag(False, "activation recomputation: the backward keeps only each layer's (each "
+                            "block's) input and runs the layer's forward again, for about one more forward "
+                            "of time; in every mode")
     sync_bn: bool = _flag(False, "BatchNorm statistics over the global batch: across all ranks (data) or "
                           "a stage's replicas (hybrid); one extra allreduce per BatchNorm layer per step")
     amp: Amp = _flag(Amp.OFF, "mixed precision: bf16 autocast (CPU and GPU; --amp alone) or fp16 with "
@@ -236,7 +239,7 @@ GROUPS = {
     "data": ("dataset", "data_dir", "val_fraction", "image_size", "channels", "augment", "data_workers",
              "prefetch_batches", "check_images", "decode", "skip_bad_images", "synthetic_shape", "synthetic_samples",
              "num_classes"),
-    "model": ("model", "stem", "dropout", "sync_bn", "channels_last"),
+    "model": ("model", "stem", "dropout", "sync_bn", "channels_last", "recompute"),
     "training": ("epochs", "batch_size", "batch_size_per_rank", "steps_per_epoch", "seed"),
     "optimiser": ("optimizer", "lr", "lr_schedule", "warmup_epochs", "momentum", "weight_decay"),
     "precision": ("amp", "loss_scale"),
@@ -405,6 +408,9 @@ def _validate_model(config: RunConfig) -> None:
     if config.sync_bn and config.mode in (Mode.MODEL, Mode.PS):
         raise UsageError(f"--sync-bn synchronises BatchNorm across data-parallel replicas; --mode "
                          f"{config.mode} has none (use --mode data or hybrid, or drop --sync-bn)")
+    if config.recompute and config.schedule == Schedule.ZERO_BUBBLE and config.mode in (Mode.MODEL, Mode.HYBRID):
+        raise UsageError("--recompute does not combine with --schedule zb (its split backward needs the "
+                         "layers' own outputs); use --schedule 1f1b, or drop --recompute")
     if config.dropout is not None and not (0 <= config.dropout < 1):
         raise UsageError(f"--dropout must be in [0, 1) (got {config.dropout}); e.g. --dropout 0.5")
 

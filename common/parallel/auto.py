@@ -67,10 +67,12 @@ def resolve(config: RunConfig, specs, input_shape: tuple, stage_factory: StageFa
 def allowed(config: RunConfig):
     """Which layouts the other flags leave: those made for one whole model (--amp fp16,
     --adasum, --fp16-allreduce, --accumulation-steps) data parallel only, --sync-bn none
-    without replicas."""
+    without replicas, --recompute only those that recompute."""
     data_only = config.amp == Amp.FP16 or config.adasum or config.fp16_allreduce or config.accumulation_steps > 1
 
     def keeps(layout: planner.Layout) -> bool:
+        if config.recompute and not layout.recompute:
+            return False
         if data_only:
             return layout.mode == Mode.DATA
         return not (config.sync_bn and layout.mode == Mode.MODEL)

@@ -58,6 +58,12 @@ def saved_elements(spec: networks.Spec, shape: tuple) -> int:
     return out  # an average pool's output, the next layer's input
 
 
+def kept_when_recomputing(spec: networks.Spec, shape: tuple) -> int:
+    """Per sample, under --recompute: the layer's output, the next layer's input (a view for
+    a flatten)."""
+    return 0 if isinstance(spec, networks.Flatten) else prod(spec.out_shape(shape))
+
+
 def working_elements(spec: networks.Spec, shape: tuple) -> int:
     """Per sample: what a layer's backward holds at once beyond the saved tensors, the
     gradient arriving at its output and the one it computes for its input (for a block,
@@ -122,6 +128,7 @@ class RankLoad:
     recomputes: bool            # pieces before the model's last keep only their input, recomputing at the backward
     reads_images: bool
     read_ahead: int             # batches the reader holds: those read ahead and the one training
+    recompute_layers: bool = False  # --recompute: each layer keeps only its input, and runs again at the backward
 
 
 def estimate(specs: Sequence[networks.Spec], input_shape: tuple, load: RankLoad, optimizer_state: int,
@@ -136,6 +143,9 @@ def estimate(specs: Sequence[networks.Spec], input_shape: tuple, load: RankLoad,
         layers = range(piece.start, piece.end)
         saved = sum(saved_elements(specs[i], shapes[i]) for i in layers)
         widest = max(working_elements(specs[i], shapes[i]) for i in layers)
+        if load.recompute_layers:
+            widest += max(saved_elements(specs[i], shapes[i]) for i in layers)  # one layer's, run again
+            saved = sum(kept_when_recomputing(specs[i], shapes[i]) for i in layers)
         if load.recomputes and not piece.last:
             kept += held * prod(shapes[piece.start])
             widest += saved  # one micro-batch's forward, run again for its backward
@@ -184,7 +194,7 @@ def rank_load(config: RunConfig, layout: ParallelPlan, ranges: Sequence[tuple[in
         steps = max(1, config.accumulation_steps)
         return RankLoad(pieces=[PieceHeld(0, ranges[-1][1], True, True)], microbatch=-(-rank_batch // steps),
                         microbatches=steps, in_flight=[1], recomputes=False, reads_images=True,
-                        read_ahead=config.prefetch_batches + 1)
+                        read_ahead=config.prefetch_batches + 1, recompute_layers=config.recompute)
     stage = layout.stage_of(rank)
     pieces = []
     for chunk in range(layout.chunks):
@@ -196,4 +206,4 @@ def rank_load(config: RunConfig, layout: ParallelPlan, ranges: Sequence[tuple[in
                     in_flight=pipeline_in_flight(str(config.schedule), stage, layout.pp, config.microbatches,
                                                  layout.chunks),
                     recomputes=stashes_inputs_only, reads_images=pieces[0].first,
-                    read_ahead=config.prefetch_batches + 1)
+                    read_ahead=config.prefetch_batches + 1, recompute_layers=config.recompute)

@@ -74,6 +74,7 @@ class Layout:
     microbatches: int = 1
     schedule: Schedule = Schedule.ONE_F_ONE_B
     virtual_stages: int = 1
+    recompute: bool = False          # --recompute
 
     @property
     def pipelined(self) -> bool:
@@ -84,29 +85,32 @@ class Layout:
         return self.virtual_stages if self.schedule == Schedule.INTERLEAVED else 1
 
     def describe(self) -> str:
+        recompute = " recompute" if self.recompute else ""
         if not self.pipelined:
-            return f"data dp{self.dp}"
+            return f"data dp{self.dp}{recompute}"
         chunks = f" V{self.virtual_stages}" if self.chunks > 1 else ""
         replicas = f" x dp{self.dp}" if self.mode == Mode.HYBRID else ""
-        return f"{self.mode} pp{self.pp}{replicas} {self.schedule} M{self.microbatches}{chunks}"
+        return f"{self.mode} pp{self.pp}{replicas} {self.schedule} M{self.microbatches}{chunks}{recompute}"
 
     def flags(self, split: str) -> list[str]:
         """The command line that runs this layout by hand."""
+        recompute = ["--recompute"] if self.recompute else []
         if not self.pipelined:
-            return ["--mode", "data"]
+            return ["--mode", "data", *recompute]
         found = ["--mode", str(self.mode), "--pp", str(self.pp), "--microbatches", str(self.microbatches),
                  "--schedule", str(self.schedule)]
         if self.mode == Mode.HYBRID:
             found += ["--dp", str(self.dp)]
         if self.chunks > 1:
             found += ["--virtual-stages", str(self.virtual_stages)]
-        return found + (["--split", split] if split else [])
+        return found + recompute + (["--split", split] if split else [])
 
     def applied(self, config: RunConfig, split: str) -> RunConfig:
         """``config`` running this layout, its cut given as ``split``."""
         if not self.pipelined:
-            return replace(config, mode=Mode.DATA, pp=0, dp=0, microbatches=1, split="", memory_per_rank="")
-        return replace(config, mode=self.mode, memory_per_rank="", pp=self.pp,
+            return replace(config, mode=Mode.DATA, pp=0, dp=0, microbatches=1, split="", memory_per_rank="",
+                           recompute=self.recompute)
+        return replace(config, mode=self.mode, memory_per_rank="", pp=self.pp, recompute=self.recompute,
                        dp=self.dp if self.mode == Mode.HYBRID else 0,
                        microbatches=self.microbatches, schedule=self.schedule,
                        virtual_stages=self.virtual_stages if self.chunks > 1 else config.virtual_stages,
@@ -134,7 +138,14 @@ def layouts(world_size: int, num_layers: int, batch_size: int) -> list[Layout]:
     """Every layout to weigh on ``world_size`` ranks: data parallel; each pipeline depth that
     divides the ranks (model, or hybrid with the rest as replicas), each schedule, with
     pp, 2 pp, 4 pp and 8 pp micro-batches (each needs a sample of every replica's share),
-    interleaved with two pieces a rank where the model has the layers."""
+    interleaved with two pieces a rank where the model has the layers; each with and
+    without --recompute (but zb, whose split backward needs the layers' outputs)."""
+    kept = _layouts_keeping(world_size, num_layers, batch_size)
+    return kept + [replace(layout, recompute=True) for layout in kept if layout.schedule != Schedule.ZERO_BUBBLE
+                   or not layout.pipelined]
+
+
+def _layouts_keeping(world_size: int, num_layers: int, batch_size: int) -> list[Layout]:
     found = [Layout(Mode.DATA, 1, world_size)] if batch_size >= world_size else []
     for pp in range(2, min(world_size, num_layers) + 1):
         if world_size % pp:
@@ -159,7 +170,7 @@ def predict(layout: Layout, specs: Sequence, input_shape: tuple, config: RunConf
     costs = networks.layer_costs(specs, input_shape)
     slots = memory_model.optimizer_slots(config.optimizer, config.momentum)
     scaled = replace(config, microbatches=layout.microbatches, schedule=layout.schedule,
-                     virtual_stages=layout.virtual_stages)
+                     virtual_stages=layout.virtual_stages, recompute=layout.recompute)
     run_plan = plan.ParallelPlan(str(layout.mode), layout.pp, layout.dp, chunks=layout.chunks)
 
     def memory_of(ranges, recomputes):
@@ -171,14 +182,14 @@ def predict(layout: Layout, specs: Sequence, input_shape: tuple, config: RunConf
         return found
 
     if not layout.pipelined:
-        times = profile.layer_times(rank_batch)
+        times = recomputing(profile.layer_times(rank_batch), layout.recompute)
         forward, backward = sum(f for f, _ in times), sum(b for _, b in times)
         gradients = memory_model.FLOAT_BYTES * sum(cost.params for cost in costs)
         seconds = forward + max(backward, profile.network.allreduce_seconds(gradients, layout.dp))
         return Prediction(layout, seconds, batch / seconds, memory_of([(0, len(specs))], False))
 
     microbatch = -(-rank_batch // layout.microbatches)
-    times = profile.layer_times(microbatch)
+    times = recomputing(profile.layer_times(microbatch), layout.recompute)
     charged, last = plan.timed_costs(times, profile.recomputes_forward)
     ranges = plan.partition(charged, layout.pp, "", layout.chunks, layout.microbatches, last)
     pieces = len(ranges)
@@ -199,6 +210,11 @@ def predict(layout: Layout, specs: Sequence, input_shape: tuple, config: RunConf
                        for params in stage_params)
     split = ",".join(str(start) for start, _ in ranges[1:])
     return Prediction(layout, seconds, batch / seconds, memory_of(ranges, profile.recomputes_forward), split)
+
+
+def recomputing(times: list[tuple[float, float]], recompute: bool) -> list[tuple[float, float]]:
+    """--recompute: each layer's backward runs its forward again first."""
+    return [(forward, backward + forward) for forward, backward in times] if recompute else times
 
 
 @dataclass(frozen=True)

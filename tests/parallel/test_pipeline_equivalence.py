@@ -97,3 +97,17 @@ def test_batchnorm_hybrid_equals_data_parallel_with_the_same_microbatches(tmp_pa
                                                            "--dp", 2, "--microbatches", 2], np_=4,
                            architecture=RESNET)
     assert_same_weights(hybrid, reference)
+
+
+# --recompute: the same steps, each layer's forward run again at the backward with BatchNorm's
+# running statistics left alone; in data mode, and in a pipeline (where a TensorFlow stage
+# before the last also recomputes the whole stage). The BatchNorm ResNet makes a second
+# statistics update at the recomputation show: the running means would move twice.
+@pytest.mark.parametrize("framework,layout", [(framework, layout) for framework in FRAMEWORKS
+                                              for layout in ("data", "model")])
+def test_recompute_computes_what_keeping_the_activations_does(tmp_path, framework, layout):
+    flags, np_ = (["--mode", "model", "--pp", 2, "--microbatches", 2], 2) if layout == "model" else ([], None)
+    kept = weights_after(tmp_path, framework, "kept", ["--model", "resnet", *flags], np_=np_, architecture=RESNET)
+    again = weights_after(tmp_path, framework, "recomputed", ["--model", "resnet", *flags, "--recompute"], np_=np_,
+                          architecture=RESNET)
+    assert_same_weights(again, kept)  # running statistics included

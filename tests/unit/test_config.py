@@ -50,6 +50,7 @@ def test_flags_parse_into_the_config():
     (["--mode", "model", "--pp", "2", "--schedule", "interleaved", "--microbatches", "4", "--virtual-stages", "1"],
      "--virtual-stages >= 2 .got 1.; with one piece per rank use --schedule 1f1b"),
     (["--mode", "model", "--pp", "1", "--schedule", "interleaved"], "use --pp >= 2"),
+    (["--mode", "model", "--pp", "2", "--schedule", "zb", "--recompute"], "--recompute does not combine with"),
     (["--mode", "auto", "--pp", "2"], "--mode auto chooses the layout itself; drop --pp"),
     (["--mode", "auto", "--split", "3"], "drop --split"),
     (["--memory-per-rank", "2G"], "--memory-per-rank is for --mode auto"),

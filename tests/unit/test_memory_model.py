@@ -1,6 +1,8 @@
 """The memory model's arithmetic, and its saved activations against what PyTorch's autograd
 really keeps."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -103,3 +105,14 @@ def test_each_rank_of_a_hybrid_holds_its_own_stage():
     whole_model = estimate(specs, SHAPE, rank_load(parse_config([]), make_plan(parse_config([]), 1),
                                                    [(0, len(specs))], 0, 32, False), 1, 0)
     assert sum(e.parameters for e in estimates) == whole_model.parameters
+
+
+def test_recomputing_layers_keep_their_outputs_and_one_layers_saved_tensors():
+    specs = networks.model_specs("resnet18", SHAPE, 10)
+    shapes = networks.layer_shapes(specs, SHAPE)
+    keeping = estimate(specs, SHAPE, whole(specs), 1, 0)
+    again = estimate(specs, SHAPE, replace(whole(specs), recompute_layers=True), 1, 0)
+    outputs = sum(memory_model.kept_when_recomputing(spec, shapes[i]) for i, spec in enumerate(specs))
+    assert again.activations == FLOAT_BYTES * 8 * outputs < keeping.activations / 3
+    widest = max(memory_model.saved_elements(spec, shapes[i]) for i, spec in enumerate(specs))
+    assert again.working == keeping.working + FLOAT_BYTES * 8 * widest

@@ -1,8 +1,10 @@
 """--mode auto's planner: the layouts it weighs, its time model, and its choice (pure arithmetic)."""
 
+from dataclasses import replace
+
 import pytest
 
-from common.core.config import Amp, Mode, Schedule, parse_config
+from common.core.config import Mode, Schedule, parse_config
 from common.core.errors import UsageError
 from common.model import networks
 from common.parallel import auto, schedule
@@ -112,10 +114,22 @@ def test_the_allocators_share_adds_to_every_layout():
 
 def test_flags_made_for_one_whole_model_leave_data_parallel_only():
     keeps = auto.allowed(config("--amp", "fp16"))
-    assert [layout.mode for layout in layouts(2, len(SPECS), 32) if keeps(layout)] == [Mode.DATA]
+    assert [layout.mode for layout in layouts(2, len(SPECS), 32) if keeps(layout)] == [Mode.DATA, Mode.DATA]
     synced = auto.allowed(config("--sync-bn"))
     assert {layout.mode for layout in layouts(4, len(SPECS), 32) if synced(layout)} == {Mode.DATA, Mode.HYBRID}
-    assert Amp.FP16 == "fp16"
+    recomputing = auto.allowed(config("--recompute"))
+    assert all(layout.recompute for layout in layouts(2, len(SPECS), 32) if recomputing(layout))
+
+
+def test_recompute_trades_a_forward_for_activation_memory():
+    for layout in (Layout(Mode.DATA, 1, 2), Layout(Mode.MODEL, 2, 1, 4, Schedule.GPIPE)):
+        keeping = predict(layout, SPECS, SHAPE, config(), profile())
+        again = predict(replace(layout, recompute=True), SPECS, SHAPE, config(), profile())
+        assert again.peak_memory < keeping.peak_memory and again.step_seconds > keeping.step_seconds
+    data = predict(Layout(Mode.DATA, 1, 2, recompute=True), SPECS, SHAPE, config(), profile())
+    assert data.step_seconds == pytest.approx(4 * len(SPECS) * 16e-3)  # a forward more than 3 x
+    assert not [layout for layout in layouts(2, len(SPECS), 32) if layout.recompute
+                and layout.schedule == Schedule.ZERO_BUBBLE and layout.pipelined]
 
 
 @pytest.mark.parametrize("layout", layouts(4, len(SPECS), 32)[::5])
