@@ -42,7 +42,7 @@ def plan(np_: int, framework: str, workload: list[str]) -> dict:
 def spread(candidates: list[dict], count: int) -> list[dict]:
     """The pick, data parallel, and the rest evenly down the predicted ranking."""
     fitting = [found for found in candidates if not found["rejected"]]
-    chosen = [fitting[0]] + [found for found in fitting if found["layout"].startswith("data")][:1]
+    chosen = [fitting[0]] + [found for found in fitting[1:] if found["layout"].startswith("data")][:1]
     rest = [found for found in fitting if found not in chosen]
     step = max(1, len(rest) // max(1, count - len(chosen)))
     return (chosen + rest[::step])[:count]

@@ -149,7 +149,8 @@ class Trainer:
             dataset.stop_decoders()
         self.memory_estimate = memory_model.estimate(
             specs, dataset.image_shape, memory_model.rank_load(config, runner.plan, runner.ranges, runner.rank,
-                                                               self.rank_batch, runner.stashes_inputs_only),
+                                                               self.rank_batch, runner.stashes_inputs_only,
+                                                               bool(self.paths.checkpoint_dir)),
             memory_model.optimizer_slots(config.optimizer, config.momentum), runner.memory.baseline)
         places = [] if config.elastic else self.collectives.allgather_object(
             (socket.gethostname(), dataset.decoder_workers, self.memory_estimate), "hosts")

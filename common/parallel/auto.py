@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from common.core import metrics
 from common.core.config import Amp, Mode, RunConfig
 from common.core.errors import UsageError, launcher_rank
 from common.core.runner import StageFactory
-from common.launch.cpu_budget import cpus_per_rank
+from common.launch.cpu_budget import cpus_per_rank, read_cpu_share
 from common.launch.environment import launcher_local_size, launcher_world_size
 from common.launch.memory_budget import memory_per_rank, parse_size
 from common.parallel import memory_model, planner
@@ -48,8 +48,10 @@ def resolve(config: RunConfig, specs, input_shape: tuple, stage_factory: StageFa
     # Every rank profiles, as busy as it will be in the run and building the same models (Keras
     # names its layers by a count, which the ranks' Horovod broadcasts must share); rank 0's
     # figures decide.
-    stage_factory.set_threads(config.threads or cpus_per_rank(local_ranks), 0)
-    profile = measure_profile(config, specs, input_shape, stage_factory, world_size, network)
+    threads = config.threads or cpus_per_rank(local_ranks)
+    stage_factory.set_threads(threads, 0)
+    profile = replace(measure_profile(config, specs, input_shape, stage_factory, world_size, network),
+                      contention=max(1.0, local_ranks * threads / read_cpu_share(local_ranks).affinity))
     if comm is not None:
         profile = comm.bcast(profile, root=0)
     choice = planner.choose(specs, input_shape, config, profile, world_size, limit, allowed(config))
@@ -148,6 +150,7 @@ def record(resolved: Resolved) -> dict:
                 "predicted_images_per_sec": found.images_per_sec, "predicted_step_seconds": found.step_seconds,
                 "predicted_memory_bytes": list(found.memory), "rejected": found.rejected}
     return {"memory_per_rank_bytes": resolved.memory_per_rank, "allocator_bytes": resolved.profile.allocator,
+            "contention": resolved.profile.contention,
             "network": {"latency_seconds": resolved.profile.network.latency,
                         "bandwidth_bytes_per_second": resolved.profile.network.bandwidth},
             "chosen": entry(resolved.choice.chosen),

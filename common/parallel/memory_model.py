@@ -9,7 +9,10 @@ the runtime, the dataset: measured, ``baseline``):
   at the backward (then one micro-batch's saved tensors while it does);
 - the backward's working set: the gradients flowing through the largest layer;
 - the wire's buffers (a pipeline: one per message, kept from step to step);
-- the batches read ahead and the one training (the ranks that read images).
+- the batches read ahead and the one training (the ranks that read images);
+- a checkpoint shard while it is written: the weights and optimizer state copied out,
+  then serialised whole (the ranks that write one; the writes come after a step's
+  tensors are freed, but a CPU's allocator keeps what training held, so they add up).
 Everything is float32 (--amp keeps float32 weights, and the saved tensors are counted at
 four bytes either way: an upper bound under bf16).
 """
@@ -84,6 +87,7 @@ class MemoryEstimate:
     working: int         # the backward's transient gradients (and a recomputed forward)
     wire: int            # a pipeline's message buffers
     inputs: int          # batches read ahead
+    checkpoint: int = 0  # a checkpoint shard being written: the state's copy and its serialised bytes
     allocator: int = 0   # beyond the tensors: what the allocator and the kernels' first runs keep, as a
                          # whole-model step measured it once (--mode auto's profile); 0 where unmeasured
 
@@ -129,6 +133,7 @@ class RankLoad:
     reads_images: bool
     read_ahead: int             # batches the reader holds: those read ahead and the one training
     recompute_layers: bool = False  # --recompute: each layer keeps only its input, and runs again at the backward
+    writes_checkpoint: bool = False  # the rank writes a checkpoint shard (its state copied, then serialised)
 
 
 def estimate(specs: Sequence[networks.Spec], input_shape: tuple, load: RankLoad, optimizer_state: int,
@@ -161,7 +166,8 @@ def estimate(specs: Sequence[networks.Spec], input_shape: tuple, load: RankLoad,
     found = MemoryEstimate(baseline=baseline, parameters=FLOAT_BYTES * params, gradients=FLOAT_BYTES * params,
                            optimizer=FLOAT_BYTES * params * optimizer_state, activations=per_sample * kept,
                            working=per_sample * working, wire=per_sample * wire, inputs=FLOAT_BYTES * inputs)
-    return replace(found, allocator=allocator)
+    state = found.parameters + found.optimizer
+    return replace(found, allocator=allocator, checkpoint=2 * state if load.writes_checkpoint else 0)
 
 
 def allocator_excess(specs: Sequence[networks.Spec], input_shape: tuple, samples: int, measured: int) -> int:
@@ -188,13 +194,16 @@ def pipeline_in_flight(kind: str, stage: int, stages: int, microbatches: int, ch
 
 
 def rank_load(config: RunConfig, layout: ParallelPlan, ranges: Sequence[tuple[int, int]], rank: int,
-              rank_batch: int, stashes_inputs_only: bool) -> RankLoad:
-    """What ``rank`` runs under ``layout``, its model cut into ``ranges`` (one per piece)."""
+              rank_batch: int, stashes_inputs_only: bool, saves: bool = False) -> RankLoad:
+    """What ``rank`` runs under ``layout``, its model cut into ``ranges`` (one per piece);
+    ``saves``: the run writes checkpoints (replica 0 of each stage writes a shard)."""
+    writes = saves and layout.replica_of(rank) == 0 if layout.pipelined else saves and rank == 0
     if not layout.pipelined:  # a replica of the whole model (or ps: the server and its workers)
         steps = max(1, config.accumulation_steps)
         return RankLoad(pieces=[PieceHeld(0, ranges[-1][1], True, True)], microbatch=-(-rank_batch // steps),
                         microbatches=steps, in_flight=[1], recomputes=False, reads_images=True,
-                        read_ahead=config.prefetch_batches + 1, recompute_layers=config.recompute)
+                        read_ahead=config.prefetch_batches + 1, recompute_layers=config.recompute,
+                        writes_checkpoint=writes)
     stage = layout.stage_of(rank)
     pieces = []
     for chunk in range(layout.chunks):
@@ -206,4 +215,5 @@ def rank_load(config: RunConfig, layout: ParallelPlan, ranges: Sequence[tuple[in
                     in_flight=pipeline_in_flight(str(config.schedule), stage, layout.pp, config.microbatches,
                                                  layout.chunks),
                     recomputes=stashes_inputs_only, reads_images=pieces[0].first,
-                    read_ahead=config.prefetch_batches + 1, recompute_layers=config.recompute)
+                    read_ahead=config.prefetch_batches + 1, recompute_layers=config.recompute,
+                    writes_checkpoint=writes)

@@ -23,6 +23,7 @@ from math import prod
 from common.core.config import Mode, RunConfig, Schedule
 from common.core.errors import UsageError
 from common.model import networks
+from common.observe.run_dir import NO_RUN_DIR
 from common.parallel import memory_model, plan, schedule
 from common.parallel.memory_model import mebibytes
 
@@ -54,14 +55,17 @@ class Profile:
     recomputes_forward: bool             # pieces before the model's last run their forward again
     baseline: int                        # bytes a rank holds before it builds its model
     allocator: int = 0                   # bytes a rank holds beyond its tensors (memory_model.allocator_excess)
+    contention: float = 1.0              # how much slower a rank computes when the node's ranks want more
+                                         # threads than it has CPUs (idle pipeline ranks spin in MPI)
 
     def layer_times(self, samples: int) -> list[tuple[float, float]]:
         """Each layer's (forward, backward) seconds for ``samples``, on the line through the
-        two timed sizes (never below a tenth of the smaller size's time)."""
+        two timed sizes (never below a tenth of the smaller size's time), times the contention."""
         (low, high), (low_times, high_times) = self.samples, self.times
         span = max(1, high - low)
+
         def at(t0: float, t1: float) -> float:
-            return max(0.1 * t0, t0 + (t1 - t0) * (samples - low) / span)
+            return self.contention * max(0.1 * t0, t0 + (t1 - t0) * (samples - low) / span)
         return [(at(f0, f1), at(b0, b1)) for (f0, b0), (f1, b1) in zip(low_times, high_times)]
 
 
@@ -172,11 +176,12 @@ def predict(layout: Layout, specs: Sequence, input_shape: tuple, config: RunConf
     scaled = replace(config, microbatches=layout.microbatches, schedule=layout.schedule,
                      virtual_stages=layout.virtual_stages, recompute=layout.recompute)
     run_plan = plan.ParallelPlan(str(layout.mode), layout.pp, layout.dp, chunks=layout.chunks)
+    saves = bool(config.checkpoint_dir) or config.run_dir != NO_RUN_DIR  # a run directory holds checkpoints
 
     def memory_of(ranges, recomputes):
         found = []
         for stage in range(layout.pp):
-            load = memory_model.rank_load(scaled, run_plan, ranges, stage, rank_batch, recomputes)
+            load = memory_model.rank_load(scaled, run_plan, ranges, stage, rank_batch, recomputes, saves)
             found.append(memory_model.estimate(specs, input_shape, load, slots, profile.baseline,
                                                profile.allocator).total)
         return found

@@ -116,3 +116,16 @@ def test_recomputing_layers_keep_their_outputs_and_one_layers_saved_tensors():
     assert again.activations == FLOAT_BYTES * 8 * outputs < keeping.activations / 3
     widest = max(memory_model.saved_elements(spec, shapes[i]) for i, spec in enumerate(specs))
     assert again.working == keeping.working + FLOAT_BYTES * 8 * widest
+
+
+def test_the_ranks_that_write_a_checkpoint_hold_its_copy_and_its_bytes():
+    specs = networks.model_specs("resnet8", SHAPE, 10)
+    config = parse_config(["--mode", "hybrid", "--pp", "2", "--dp", "2", "--microbatches", "2", "--batch-size", "32"])
+    layout = make_plan(config, 4)
+    ranges = partition([cost.flops for cost in networks.layer_costs(specs, SHAPE)], 2)
+    writers = [rank_load(config, layout, ranges, rank, 16, False, saves=True).writes_checkpoint for rank in range(4)]
+    assert writers == [True, True, False, False]  # replica 0 of each stage
+    assert not rank_load(config, layout, ranges, 0, 16, False).writes_checkpoint
+    found = estimate(specs, SHAPE, replace(whole(specs), writes_checkpoint=True), 1, 0)
+    assert found.checkpoint == 2 * (found.parameters + found.optimizer)
+    assert estimate(specs, SHAPE, whole(specs), 1, 0).checkpoint == 0

@@ -48,6 +48,11 @@ def test_layer_times_lie_on_the_line_through_the_two_timed_sizes():
     assert found.layer_times(17)[0] == pytest.approx((22e-3, 44e-3))
 
 
+def test_ranks_that_share_cpus_compute_slower():
+    alone, crowded = profile(per_sample=1e-3), replace(profile(per_sample=1e-3), contention=2.0)
+    assert crowded.layer_times(8)[0] == pytest.approx(tuple(2 * t for t in alone.layer_times(8)[0]))
+
+
 def test_a_ring_allreduce_moves_twice_the_buffer_less_a_share():
     network = Network(latency=1e-5, bandwidth=1e9)
     assert network.allreduce_seconds(8e6, 1) == 0
