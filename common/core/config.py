@@ -321,10 +321,9 @@ def _validate_auto(config: RunConfig) -> None:
 
 
 def _validate_parallel(config: RunConfig) -> None:
-    if config.mode == Mode.AUTO:
-        _validate_auto(config)
-        return
     _validate_auto(config)
+    if config.mode == Mode.AUTO:
+        return
     if config.mode == Mode.PS:
         for flag, value in (("--pp", config.pp > 1), ("--dp", config.dp), ("--microbatches", config.microbatches > 1),
                             ("--split", config.split), ("--adasum", config.adasum),

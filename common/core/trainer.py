@@ -37,7 +37,7 @@ from common.launch.supervision import ContactDeadline, Supervision
 from common.model import checkpoint, networks, weights
 from common.model.checkpoint import Position
 from common.model.loss_scale import DynamicLossScale
-from common.observe import memory, run_dir
+from common.observe import run_dir
 from common.parallel import memory_model
 from common.parallel.plan import check_batch, check_stages
 
@@ -381,9 +381,8 @@ class Trainer:
         totals = metrics.EpochSums(*self.collectives.allreduce_sums(
             np.append(meter.sums, (waited, 1.0 if runner.reads.images else 0.0, blank.total)), "train_sums"))
         train = metrics.Meter.results(totals[:3])
-        peaks = self.collectives.allreduce_sums(
-            memory.peaks_of_ranks(runner.memory.peak(), runner.rank, runner.world_size), "memory_peaks")
-        return metrics.EpochResult(peak_memory=tuple(int(peak) for peak in peaks),
+        peaks = self.collectives.allgather_object(runner.memory.peak(), "memory_peaks")
+        return metrics.EpochResult(peak_memory=tuple(peaks),
                                    loss=train.loss, accuracy=train.accuracy,
                                    images_per_sec=images / seconds if seconds > 0 else 0.0, seconds=seconds,
                                    lr=step_lr, stopped_after=stopped_after, data_wait=totals.wait_share(seconds),

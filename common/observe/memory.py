@@ -8,8 +8,6 @@ import resource
 import sys
 from typing import Protocol
 
-import numpy as np
-
 
 class MemoryMeter(Protocol):
     """A rank's memory, read where it computes."""
@@ -45,10 +43,3 @@ class ResidentMemory:
     def peak(self) -> int:
         return peak_resident_bytes()
 
-
-def peaks_of_ranks(peak: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's figure in its own slot of a vector of ``world_size`` (summed over the
-    ranks, the vector holds every rank's)."""
-    slots = np.zeros(world_size, dtype=np.float64)
-    slots[rank] = peak
-    return slots

@@ -1,6 +1,6 @@
-"""--mode auto at the start of a run: profile this hardware once (on one rank, shared with
-the others), weigh every layout (common/parallel/planner.py), and hand back the run's
-configuration with the chosen layout, the same on every rank."""
+"""--mode auto at the start of a run: profile this hardware once (every rank measures,
+rank 0's figures decide), weigh every layout (common/parallel/planner.py), and hand back
+the run's configuration with the chosen layout, the same on every rank."""
 
 from __future__ import annotations
 

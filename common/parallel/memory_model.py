@@ -181,16 +181,8 @@ def allocator_excess(specs: Sequence[networks.Spec], input_shape: tuple, samples
 
 
 def pipeline_in_flight(kind: str, stage: int, stages: int, microbatches: int, chunks: int) -> list[int]:
-    """Per chunk of ``stage``: the most of its micro-batches held at once (forward run,
-    backward or, split, weight gradient not yet), when the stage holds the most in all."""
-    held = [0] * chunks
-    peak_total, at_peak = 0, list(held)
-    for action in schedule.compute_actions(kind, stage, stages, microbatches, chunks):
-        change = {schedule.FORWARD: 1, schedule.BACKWARD: -1, schedule.WEIGHT_GRADIENT: -1}.get(action.kind, 0)
-        held[action.chunk] += change
-        if sum(held) > peak_total:
-            peak_total, at_peak = sum(held), list(held)
-    return at_peak
+    """Per chunk of ``stage``: its micro-batches held when it holds the most in all."""
+    return schedule.held_at_peak(schedule.compute_actions(kind, stage, stages, microbatches, chunks), chunks)
 
 
 def rank_load(config: RunConfig, layout: ParallelPlan, ranges: Sequence[tuple[int, int]], rank: int,

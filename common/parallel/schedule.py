@@ -143,11 +143,19 @@ def stage_schedules(schedule: str, stages: int, microbatches: int, chunks: int =
 def peak_activations(actions: list[Action]) -> int:
     """Most (micro-batch, chunk) pieces whose forward has run but whose backward (or, split,
     its W) has not."""
-    held = peak = 0
+    return sum(held_at_peak(actions, 1 + max((action.chunk for action in actions), default=0)))
+
+
+def held_at_peak(actions: list[Action], chunks: int) -> list[int]:
+    """Per chunk: the micro-batches held (forward run, backward or, split, W not yet) when
+    the stage holds the most in all."""
+    held = [0] * chunks
+    peak, at_peak = 0, list(held)
     for action in actions:
-        held += {FORWARD: 1, BACKWARD: -1, WEIGHT_GRADIENT: -1}.get(action.kind, 0)
-        peak = max(peak, held)
-    return peak
+        held[action.chunk] += {FORWARD: 1, BACKWARD: -1, WEIGHT_GRADIENT: -1}.get(action.kind, 0)
+        if sum(held) > peak:
+            peak, at_peak = sum(held), list(held)
+    return at_peak
 
 
 def simulate(schedules: list[list[Action]]) -> list:
