@@ -4,6 +4,7 @@ its pick first, then train for a few steps each; predicted and measured throughp
 memory side by side, their rank correlation, and the pick against the fastest measured.
 
     python benchmarks/planner_check.py --framework torch --out /tmp/planner
+    python benchmarks/planner_check.py --framework torch,tf    # both (make bench runs this)
 """
 
 from __future__ import annotations
@@ -98,36 +99,41 @@ def check(framework: str, np_: int, name: str, layouts: int, steps: int) -> dict
 
 
 def markdown(groups: list[dict]) -> str:
-    lines = ["| workload | ranks | layout | predicted img/s | measured img/s | predicted MiB | measured MiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| framework | workload | ranks | layout | predicted img/s | measured img/s | predicted MiB | "
+             "measured MiB |", "|---|---|---|---|---|---|---|---|"]
     for group in groups:
         for row in group["rows"]:
             if "error" in row:
-                lines.append(f"| {group['workload']} | {group['ranks']} | {row['layout']} | failed | | | |")
+                lines.append(f"| {group['framework']} | {group['workload']} | {group['ranks']} | {row['layout']} | "
+                             "failed | | | |")
                 continue
-            lines.append(f"| {group['workload']} | {group['ranks']} | {row['layout']} | "
+            lines.append(f"| {group['framework']} | {group['workload']} | {group['ranks']} | {row['layout']} | "
                          f"{row['predicted_images_per_sec']:.0f} | {row['images_per_sec']:.0f} | "
                          f"{row['predicted_memory_bytes'] / 2 ** 20:.0f} | {row['peak_memory_bytes'] / 2 ** 20:.0f} |")
-    lines += ["", "| workload | ranks | rank correlation | pick | fastest measured | pick / fastest | "
-              "memory error (worst) |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| framework | workload | ranks | rank correlation | pick | fastest measured | pick / fastest | "
+              "memory error (worst) |", "|---|---|---|---|---|---|---|---|"]
     for group in groups:
         worst = max(group["memory_errors"], key=abs)
-        lines.append(f"| {group['workload']} | {group['ranks']} | {group['rank_correlation']:.2f} | {group['pick']} | "
+        lines.append(f"| {group['framework']} | {group['workload']} | {group['ranks']} | "
+                     f"{group['rank_correlation']:.2f} | {group['pick']} | "
                      f"{group['best']} | {group['pick_over_best']:.2f} | {worst:+.0%} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--framework", default="torch", choices=("torch", "tf"))
+    parser.add_argument("--framework", default="torch", help="torch, tf, or both: torch,tf")
     parser.add_argument("--workloads", default="cnn,resnet18")
     parser.add_argument("--ranks", default="2,4")
-    parser.add_argument("--layouts", type=int, default=6, help="layouts measured per workload and rank count")
+    parser.add_argument("--layouts", type=int, default=10, help="layouts measured per workload and rank count")
     parser.add_argument("--steps", type=int, default=4, help="steps per epoch (two epochs, the second timed)")
     parser.add_argument("--out", default="planner_check")
     args = parser.parse_args(argv)
+    frameworks = args.framework.split(",")
+    if not set(frameworks) <= {"torch", "tf"}:
+        parser.error(f"--framework {args.framework}: give torch, tf or torch,tf")
     os.makedirs(args.out, exist_ok=True)
-    groups = [check(args.framework, int(np_), name, args.layouts, args.steps)
+    groups = [check(framework, int(np_), name, args.layouts, args.steps) for framework in frameworks
               for name in args.workloads.split(",") for np_ in args.ranks.split(",")]
     with open(os.path.join(args.out, "planner_check.json"), "w") as handle:
         json.dump(groups, handle, indent=1)

@@ -8,8 +8,10 @@ instead, on the same model, batch, threads and machine (see README.md, "Benchmar
 
 Writes DIR/results.json (every window of every run), DIR/results.md (the
 tables the docs show) and DIR/results.png (throughput, efficiencies,
-allreduce bandwidth). Each case runs as its own job; its throughput is the
-median over timed windows after a warm-up window, with the spread (min-max).
+allreduce bandwidth); a full run adds the input pipeline's tables and
+DIR/planner_check.md (--mode auto's predictions against measurement).
+Each case runs as its own job; its throughput is the median over timed
+windows after a warm-up window, with the spread (min-max).
 The cases the goals divide run first, in --repeat rounds of one sequence
 (benchmarks/pairing.py): each goal's ratio is taken round by round from runs
 close together, and its verdict comes from the range over the rounds.
@@ -411,6 +413,8 @@ def main(argv=None):
     if not args.quick and not args.only:
         from benchmarks import input_pipeline  # the data section: its own table
         input_pipeline.main(["--out", args.out])
+        from benchmarks import planner_check  # --mode auto against measurement: its own table
+        planner_check.main(["--framework", "torch,tf", "--out", args.out])
     if results["failed"]:
         print(f"{len(results['failed'])} case(s) failed: " + "; ".join(case["name"] for case in results["failed"]),
               file=sys.stderr)

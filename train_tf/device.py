@@ -19,8 +19,11 @@ def pin_gpu(local_rank):
 
 
 class GpuMemory:
-    """What TensorFlow's allocator has handed out on the rank's GPU."""
+    """What TensorFlow's allocator has handed out on the rank's GPU. TensorFlow tells no
+    card's capacity, so --mode auto's default budget stays the host's share there."""
     kind = "GPU allocated"
+    device_bytes = None
+    devices = 1
 
     def __init__(self, device: str):
         self.device = device.replace("/physical_device:", "")  # "GPU:0", as get_memory_info names it

@@ -26,6 +26,8 @@ class CudaMemory:
     def __init__(self, device):
         self.device = device
         self.baseline = torch.cuda.memory_allocated(device)
+        self.device_bytes = torch.cuda.get_device_properties(device).total_memory
+        self.devices = torch.cuda.device_count()
 
     def peak(self) -> int:
         return torch.cuda.max_memory_allocated(self.device)

@@ -147,11 +147,15 @@ class Trainer:
         # Where each rank runs (elastic workers come and go: they have no start-up collective).
         if not runner.reads.images:
             dataset.stop_decoders()
+        # An auto run's process holds its profile by now: the planner's baseline, from before
+        # it, and its measured allocator share make the figure the planner chose by.
+        profiled = loaded.layout_choice or {}
         self.memory_estimate = memory_model.estimate(
             specs, dataset.image_shape, memory_model.rank_load(config, runner.plan, runner.ranges, runner.rank,
                                                                self.rank_batch, runner.stashes_inputs_only,
                                                                bool(self.paths.checkpoint_dir)),
-            memory_model.optimizer_slots(config.optimizer, config.momentum), runner.memory.baseline)
+            memory_model.optimizer_slots(config.optimizer, config.momentum),
+            profiled.get("baseline_bytes", runner.memory.baseline), profiled.get("allocator_bytes", 0))
         places = [] if config.elastic else self.collectives.allgather_object(
             (socket.gethostname(), dataset.decoder_workers, self.memory_estimate), "hosts")
         self.hosts = [host for host, _, _ in places]

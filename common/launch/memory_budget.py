@@ -1,5 +1,6 @@
-"""How much memory a rank may hold: the node's, or its cgroup's limit (v1 and v2) where
-lower, shared among the job's ranks on the node (--mode auto's default --memory-per-rank)."""
+"""How much memory a rank may hold (--mode auto's default --memory-per-rank): on a GPU,
+its card's, shared among the ranks dealt to that card; else the node's, or its cgroup's
+limit (v1 and v2) where lower, shared among the job's ranks on the node."""
 
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ def node_memory_bytes() -> int:
     return total
 
 
-def memory_per_rank(local_ranks: int | None = None) -> int:
-    """The node's memory (or its cgroup's limit) shared among the job's ranks on it."""
-    return node_memory_bytes() // max(1, launcher_local_size() if local_ranks is None else local_ranks)
+def memory_per_rank(local_ranks: int | None = None, device_bytes: int | None = None, devices: int = 1) -> int:
+    """A rank's share: of its device's ``device_bytes`` when given, among the local ranks
+    dealt round-robin to ``devices`` cards (the most any card gets); else of the node's
+    memory (or its cgroup's limit) among the job's ranks on it."""
+    ranks = max(1, launcher_local_size() if local_ranks is None else local_ranks)
+    if device_bytes:
+        return device_bytes // -(-ranks // max(1, devices))
+    return node_memory_bytes() // ranks

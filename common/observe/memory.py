@@ -14,6 +14,8 @@ class MemoryMeter(Protocol):
 
     kind: str       # what is counted, for the start-up line: "resident" or the device's allocator
     baseline: int   # bytes held when the meter was made: before the rank built its model
+    device_bytes: int | None   # what the rank's device holds; None where the host's memory is the limit
+    devices: int    # the node's devices of that kind, among which its ranks are dealt
 
     def peak(self) -> int:
         """The most bytes held so far."""
@@ -36,6 +38,8 @@ def peak_resident_bytes() -> int:
 
 class ResidentMemory:
     kind = "resident"
+    device_bytes = None
+    devices = 1
 
     def __init__(self):
         self.baseline = resident_bytes()

@@ -43,14 +43,17 @@ def resolve(config: RunConfig, specs, input_shape: tuple, stage_factory: StageFa
                          "run the plan alone (one process), or drop --plan-ranks")
     comm = None if alone else _world(world_size)
     local_ranks = world_size if alone else launcher_local_size()
-    limit = parse_size(config.memory_per_rank) if config.memory_per_rank else memory_per_rank(local_ranks)
     network = measure_network(comm) if comm is not None else copy_network()  # every rank takes part
     # Every rank profiles, as busy as it will be in the run and building the same models (Keras
     # names its layers by a count, which the ranks' Horovod broadcasts must share); rank 0's
     # figures decide.
     threads = config.threads or cpus_per_rank(local_ranks)
     stage_factory.set_threads(threads, 0)
-    profile = replace(measure_profile(config, specs, input_shape, stage_factory, world_size, network),
+    meter = stage_factory.memory_meter(0)  # the framework warmed up, no model yet
+    limit = parse_size(config.memory_per_rank) if config.memory_per_rank else \
+        memory_per_rank(local_ranks, meter.device_bytes, meter.devices)
+    profile = replace(measure_profile(config, specs, input_shape, stage_factory, world_size, network,
+                                      meter.baseline),
                       contention=max(1.0, local_ranks * threads / read_cpu_share(local_ranks).affinity))
     if comm is not None:
         profile = comm.bcast(profile, root=0)
@@ -94,9 +97,9 @@ def _world(world_size: int):
 
 
 def measure_profile(config: RunConfig, specs, input_shape: tuple, stage_factory: StageFactory, world_size: int,
-                    network: planner.Network) -> planner.Profile:
-    """Each layer timed at the smallest and the largest micro-batch the layouts use."""
-    baseline = stage_factory.memory_meter(0).baseline  # the framework warmed up, no model yet
+                    network: planner.Network, baseline: int) -> planner.Profile:
+    """Each layer timed at the smallest and the largest micro-batch the layouts use, beside
+    the ``baseline`` bytes held before any model."""
     batch = config.global_batch_size(world_size)
     largest = -(-batch // world_size)  # data parallel's share
     smallest = max(1, batch // (world_size * planner.MICROBATCH_FACTORS[-1]))
@@ -150,6 +153,7 @@ def record(resolved: Resolved) -> dict:
                 "predicted_images_per_sec": found.images_per_sec, "predicted_step_seconds": found.step_seconds,
                 "predicted_memory_bytes": list(found.memory), "rejected": found.rejected}
     return {"memory_per_rank_bytes": resolved.memory_per_rank, "allocator_bytes": resolved.profile.allocator,
+            "baseline_bytes": resolved.profile.baseline,
             "contention": resolved.profile.contention,
             "network": {"latency_seconds": resolved.profile.network.latency,
                         "bandwidth_bytes_per_second": resolved.profile.network.bandwidth},

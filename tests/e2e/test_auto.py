@@ -35,6 +35,9 @@ def test_auto_trains_with_the_layout_it_chose_and_records_its_predictions(framew
     assert len(summary["peak_memory"]) == len(summary["predicted_memory"]) == 2
     for measured, predicted in zip(summary["peak_memory"], summary["predicted_memory"]):
         assert predicted["total"] > predicted["baseline"] > 0 and measured > predicted["baseline"]
+    # The start-up figure is the one the planner chose by (its baseline from before the profile).
+    # (The planner predicts each stage; every rank is one stage's.)
+    assert {predicted["total"] for predicted in summary["predicted_memory"]} <= set(chosen["predicted_memory_bytes"])
 
 
 def test_a_model_too_large_for_data_parallel_trains_as_a_pipeline_to_the_same_weights(tmp_path):

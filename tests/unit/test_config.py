@@ -183,3 +183,13 @@ def test_memory_sizes_read_in_binary_units():
     assert parse_size("2g") == parse_size("2GiB") == parse_size("2GB") == 2 << 30
     assert parse_size("1.5G") == 3 << 29
     assert parse_size("4096") == 4096
+
+
+def test_the_default_memory_per_rank_shares_the_card_among_the_ranks_dealt_to_it():
+    from common.launch.memory_budget import memory_per_rank, node_memory_bytes
+
+    card = 80 << 30
+    assert memory_per_rank(4, device_bytes=card, devices=4) == card  # one rank a card
+    assert memory_per_rank(8, device_bytes=card, devices=4) == card // 2
+    assert memory_per_rank(5, device_bytes=card, devices=4) == card // 2  # the card dealt two ranks decides
+    assert memory_per_rank(4, device_bytes=None) == node_memory_bytes() // 4  # on a CPU: the host's share
