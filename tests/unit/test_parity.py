@@ -261,7 +261,7 @@ def test_bf16_logits_and_step_agree_within_bf16_tolerance(name, shape):
     """--amp bf16: torch.autocast and Keras' mixed_bfloat16 policy round the same
     convolutions and matmuls to bf16 (8 bits of mantissa, ~4e-3), BatchNorm and the
     loss in float32: the two frameworks agree to bf16's precision, and both differ
-    from float32 by more than float32 round-off (autocast really is on)."""
+    from float32 by more than float32 round-off (autocast and the policy really are on)."""
     import keras
 
     from train_torch.precision import autocast
@@ -282,8 +282,13 @@ def test_bf16_logits_and_step_agree_within_bf16_tolerance(name, shape):
         with autocast(config, torch.device("cpu")):
             torch_logits = torch_net(torch.from_numpy(x)).float().numpy()
     tf_logits = tf.cast(tf_net(tf.constant(x.transpose(0, 2, 3, 1)), training=True), tf.float32).numpy()
-    assert relative_difference(torch_logits, full) > 10 * TOLERANCE
-    assert relative_difference(tf_logits, torch_logits) <= 3e-2
+    # Each framework's bf16 logits differ from float32 by bf16's own rounding (which a CPU's
+    # bf16 kernels accumulate in their own order); two such roundings lie at most about twice
+    # that apart, and 3% at least where the effect is small.
+    bf16_logits_effect = relative_difference(torch_logits, full)
+    assert bf16_logits_effect > 10 * TOLERANCE
+    assert relative_difference(tf_logits, full) > 10 * TOLERANCE
+    assert relative_difference(tf_logits, torch_logits) <= max(3e-2, 2 * bf16_logits_effect), bf16_logits_effect
 
     tf_model.load_neutral(tf_net, shape, torch_model.to_neutral(torch_net))
     before = torch_model.to_neutral(torch_net)
