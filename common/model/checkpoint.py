@@ -176,16 +176,32 @@ def free_space(path: str) -> str:
 
 
 def write_shard(temporary: str, index: int, state: NeutralState) -> None:
-    """One rank's part of a checkpoint, into the shared temporary directory. Serialised in
-    memory and written by Python, so a full disk is an OSError with its errno (safetensors'
-    own save_file reports it as a SafetensorError carrying only a message)."""
-    from safetensors.numpy import save
-
+    """One rank's part of a checkpoint, into the shared temporary directory, a tensor at a
+    time: the safetensors header, then each tensor's bytes straight from its array, so a
+    save holds nothing beyond the state's copy (safetensors' own save serialises the whole
+    shard in memory first, nearly twice the state again). Written by Python, so a full
+    disk is an OSError with its errno."""
+    tensors = to_tensors(state)
     os.makedirs(temporary, exist_ok=True)
     with open(os.path.join(temporary, shard_name(index)), "wb") as handle:
-        handle.write(save(to_tensors(state)))
+        handle.write(_safetensors_header(tensors))
+        for tensor in tensors.values():
+            handle.write(tensor.data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _safetensors_header(tensors: dict) -> bytes:
+    """The safetensors header for float32 ``tensors`` laid out one after another in their
+    order: the JSON's length (8 bytes, little-endian), then the JSON, padded with spaces
+    to 8 bytes so that the data that follows stays aligned."""
+    entries, offset = {}, 0
+    for name, tensor in tensors.items():
+        entries[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    encoded = json.dumps(entries, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded
 
 
 def _write_json(path: str, value) -> None:

@@ -10,9 +10,10 @@ the runtime, the dataset: measured, ``baseline``):
 - the backward's working set: the gradients flowing through the largest layer;
 - the wire's buffers (a pipeline: one per message, kept from step to step);
 - the batches read ahead and the one training (the ranks that read images);
-- a checkpoint shard while it is written: the weights and optimizer state copied out,
-  then serialised whole (the ranks that write one; the writes come after a step's
-  tensors are freed, but a CPU's allocator keeps what training held, so they add up).
+- a checkpoint shard while it is written: the weights and optimizer state copied out
+  (written a tensor at a time from the copy; the ranks that write one; the writes come
+  after a step's tensors are freed, but a CPU's allocator keeps what training held, so
+  they add up).
 Everything is float32 (--amp keeps float32 weights, and the saved tensors are counted at
 four bytes either way: an upper bound under bf16).
 """
@@ -87,7 +88,7 @@ class MemoryEstimate:
     working: int         # the backward's transient gradients (and a recomputed forward)
     wire: int            # a pipeline's message buffers
     inputs: int          # batches read ahead
-    checkpoint: int = 0  # a checkpoint shard being written: the state's copy and its serialised bytes
+    checkpoint: int = 0  # a checkpoint shard being written: the state's copy
     allocator: int = 0   # beyond the tensors: what the allocator and the kernels' first runs keep, as a
                          # whole-model step measured it once (--mode auto's profile); 0 where unmeasured
 
@@ -114,6 +115,13 @@ def mebibytes(count: float) -> str:
 
 
 @dataclass(frozen=True)
+class HeldBeyondTensors:
+    """What a process holds besides its model's tensors, as --mode auto's profile measured it."""
+    baseline: int   # bytes held before any model was built
+    allocator: int  # bytes the allocator keeps beyond the tensors (allocator_excess)
+
+
+@dataclass(frozen=True)
 class PieceHeld:
     """A model piece on a rank, as the memory model sees it."""
     start: int
@@ -133,7 +141,7 @@ class RankLoad:
     reads_images: bool
     read_ahead: int             # batches the reader holds: those read ahead and the one training
     recompute_layers: bool = False  # --recompute: each layer keeps only its input, and runs again at the backward
-    writes_checkpoint: bool = False  # the rank writes a checkpoint shard (its state copied, then serialised)
+    writes_checkpoint: bool = False  # the rank writes a checkpoint shard (its state copied, then written)
 
 
 def estimate(specs: Sequence[networks.Spec], input_shape: tuple, load: RankLoad, optimizer_state: int,
@@ -167,7 +175,7 @@ def estimate(specs: Sequence[networks.Spec], input_shape: tuple, load: RankLoad,
                            optimizer=FLOAT_BYTES * params * optimizer_state, activations=per_sample * kept,
                            working=per_sample * working, wire=per_sample * wire, inputs=FLOAT_BYTES * inputs)
     state = found.parameters + found.optimizer
-    return replace(found, allocator=allocator, checkpoint=2 * state if load.writes_checkpoint else 0)
+    return replace(found, allocator=allocator, checkpoint=state if load.writes_checkpoint else 0)
 
 
 def allocator_excess(specs: Sequence[networks.Spec], input_shape: tuple, samples: int, measured: int) -> int:

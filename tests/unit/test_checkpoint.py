@@ -177,3 +177,27 @@ def test_unreadable_images_are_left_out_of_the_sums():
     ignoring = np.array([0, 1, metrics.IGNORED_LABEL])
     assert metrics.softmax_cross_entropy_sums(logits, ignoring) == metrics.softmax_cross_entropy_sums(
         logits[:2], labels[:2])
+
+
+def test_a_shard_is_written_a_tensor_at_a_time_and_reads_back_with_safetensors(tmp_path):
+    """Streamed, not serialised whole first: writing 8 MB of state allocates well under
+    one tensor's bytes (tracemalloc sees numpy's and Python's buffers), and safetensors'
+    own loader reads every tensor back, a 0-d one included."""
+    import tracemalloc
+
+    from safetensors.numpy import load_file
+
+    arrays = {f"{layer}.conv.kernel": np.full((256, 1024), layer, np.float32) for layer in range(8)}
+    state = NeutralState(arrays, {"0.conv.kernel": {"step": np.array(3.0, np.float32)}})
+    tracemalloc.start()
+    try:
+        checkpoint.write_shard(str(tmp_path), 0, state)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024 * 4 // 4
+    read = load_file(str(tmp_path / checkpoint.shard_name(0)))
+    assert sorted(read) == sorted(checkpoint.to_tensors(state))
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(read[f"weights/{key}"], value)
+    assert read["optimizer/0.conv.kernel/step"].shape == () and float(read["optimizer/0.conv.kernel/step"]) == 3.0
