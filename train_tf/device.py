@@ -22,6 +22,7 @@ class GpuMemory:
     """What TensorFlow's allocator has handed out on the rank's GPU. TensorFlow tells no
     card's capacity, so --mode auto's default budget stays the host's share there."""
     kind = "GPU allocated"
+    on_accelerator = True
     device_bytes = None
     devices = 1
 

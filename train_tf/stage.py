@@ -57,6 +57,10 @@ def channels_first(x):
     return tf.transpose(x, [0, 3, 1, 2]) if x.shape.rank == 4 else x
 
 
+STEP_REPEATS = 5  # timed whole-model steps of the --mode auto profile
+MEMORY_STEPS = 3  # and the steps its memory is measured over
+
+
 class TfStage:
     framework = "tf"
     recomputes_forward = True  # a stage before the last runs its forward again at the backward (or keeps it)
@@ -95,10 +99,29 @@ class TfStage:
         return times
 
     @staticmethod
+    def measure_step_seconds(specs, input_shape, batch_size, recompute=False, repeats=STEP_REPEATS):
+        model = build_model(specs, input_shape, seed=0)
+        model.recompute = recompute
+        images = tf.random.stateless_normal((batch_size, *input_shape[1:], input_shape[0]), seed=(0, 0))
+        keys = tf.range(batch_size, dtype=tf.int64) if networks.drops(specs) else tf.zeros([0], tf.int64)
+
+        @tf.function
+        def forward_and_backward():
+            with tf.GradientTape() as tape:
+                total = tf.reduce_sum(tf.cast(model(images, training=True, dropout_keys=keys), tf.float32))
+            return tape.gradient(total, model.trainable_variables)
+        seconds = []
+        for _ in range(repeats + 1):  # the first traces
+            start = time.perf_counter()
+            forward_and_backward()[0].numpy()  # waits for the step, on a GPU too
+            seconds.append(time.perf_counter() - start)
+        return sum(seconds[1:]) / repeats
+
+    @staticmethod
     def measure_step_memory(specs, input_shape, batch_size):
-        """How many bytes the process grew by over a whole-model compiled training step (SGD
-        with momentum) of a random batch, against before the model was built: its resident
-        memory after the step, whose traced graph is the one a run keeps."""
+        """How many bytes the process grew by over a few whole-model compiled training steps
+        (SGD with momentum) of a random batch, against before the model was built: the most
+        of its resident memory after each step, whose traced graph is the one a run keeps."""
         before = resident_bytes()
         model = build_model(specs, input_shape, seed=0)
         variables = model.trainable_variables
@@ -115,8 +138,11 @@ class TfStage:
             for variable, velocity, gradient in zip(variables, velocities, tape.gradient(loss, variables)):
                 velocity.assign(0.9 * velocity + gradient)
                 variable.assign_sub(0.01 * velocity)
-        step()
-        return resident_bytes() - before
+        held = []
+        for _ in range(MEMORY_STEPS):
+            step()
+            held.append(resident_bytes())
+        return max(held) - before
 
     @staticmethod
     def make_feed(config, local_rank, dataset, reads):

@@ -22,6 +22,7 @@ class CudaMemory:
     """What PyTorch's caching allocator has handed out on the rank's GPU (the CUDA
     context and the allocator's spare cache are not counted)."""
     kind = "CUDA allocated"
+    on_accelerator = True
 
     def __init__(self, device):
         self.device = device

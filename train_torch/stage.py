@@ -25,6 +25,9 @@ from train_torch.optimizer import make_local_optimizer
 from train_torch.precision import autocast
 from train_torch.wire import StagedWire, make_wire
 
+STEP_REPEATS = 5  # timed whole-model steps of the --mode auto profile
+MEMORY_STEPS = 3  # and the steps its memory is measured over
+
 
 class TorchStage:
     framework = "torch"
@@ -63,19 +66,35 @@ class TorchStage:
         return times
 
     @staticmethod
+    def measure_step_seconds(specs, input_shape, batch_size, recompute=False, repeats=STEP_REPEATS):
+        model = build_model(specs, input_shape, seed=0)
+        model.recompute = recompute
+        x, keys = torch.randn(batch_size, *input_shape), torch.arange(batch_size)
+        seconds = []
+        for _ in range(repeats + 1):  # the first warms up
+            start = time.perf_counter()
+            model(x, keys).sum().backward()
+            seconds.append(time.perf_counter() - start)
+        return sum(seconds[1:]) / repeats
+
+    @staticmethod
     def measure_step_memory(specs, input_shape, batch_size):
-        """How many bytes the process grew by over a whole-model training step (SGD with
-        momentum) of a random batch: the most of its resident memory after the forward,
-        the backward and the update, against before the model was built."""
+        """How many bytes the process grew by over a few whole-model training steps (SGD with
+        momentum) of a random batch: the most of its resident memory after a forward, a
+        backward and an update, against before the model was built (a run's later steps
+        reuse what the first left free, but not all of it)."""
         before = resident_bytes()
         model = build_model(specs, input_shape, seed=0)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        out = model(torch.randn(batch_size, *input_shape), torch.arange(batch_size))
-        held = [resident_bytes()]
-        torch.nn.functional.cross_entropy(out, torch.zeros(batch_size, dtype=torch.long)).backward()
-        held.append(resident_bytes())
-        optimizer.step()
-        held.append(resident_bytes())
+        held = []
+        for _ in range(MEMORY_STEPS):
+            optimizer.zero_grad()
+            out = model(torch.randn(batch_size, *input_shape), torch.arange(batch_size))
+            held.append(resident_bytes())
+            torch.nn.functional.cross_entropy(out, torch.zeros(batch_size, dtype=torch.long)).backward()
+            held.append(resident_bytes())
+            optimizer.step()
+            held.append(resident_bytes())
         return max(held) - before
 
     @staticmethod

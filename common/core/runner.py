@@ -237,8 +237,15 @@ class StageFactory(Protocol):
         """(forward, backward) seconds of each layer (--balance time)."""
 
     @staticmethod
+    def measure_step_seconds(specs: Sequence, input_shape: tuple, batch_size: int, recompute: bool = False) -> float:
+        """Seconds of one whole-model forward and backward of ``batch_size``, as a run computes
+        it (compiled where the framework compiles; ``recompute``: as --recompute does), the mean
+        of a few after a warm-up (--mode auto's profile: what the layers' times add up to in one
+        call, under the node's load)."""
+
+    @staticmethod
     def measure_step_memory(specs: Sequence, input_shape: tuple, batch_size: int) -> int:
-        """Bytes the process grew by over one whole-model training step of ``batch_size``
+        """Bytes the process grew by over a few whole-model training steps of ``batch_size``
         (--mode auto's profile: what the allocator holds beyond the tensors)."""
 
     @staticmethod

@@ -56,6 +56,7 @@ class LoadedRun:
     specs: list
     contact: ContactDeadline
     layout_choice: dict | None = None  # --mode auto: the layouts weighed and the one chosen (drivers.choose_layout)
+    profiled_memory: memory_model.HeldBeyondTensors | None = None  # --mode auto: what its profile measured
 
 
 def load_run(argv: list[str] | None, prog: str) -> LoadedRun:
@@ -149,13 +150,13 @@ class Trainer:
             dataset.stop_decoders()
         # An auto run's process holds its profile by now: the planner's baseline, from before
         # it, and its measured allocator share make the figure the planner chose by.
-        profiled = loaded.layout_choice or {}
+        profiled = loaded.profiled_memory or memory_model.HeldBeyondTensors(runner.memory.baseline, 0)
         self.memory_estimate = memory_model.estimate(
             specs, dataset.image_shape, memory_model.rank_load(config, runner.plan, runner.ranges, runner.rank,
                                                                self.rank_batch, runner.stashes_inputs_only,
                                                                bool(self.paths.checkpoint_dir)),
             memory_model.optimizer_slots(config.optimizer, config.momentum),
-            profiled.get("baseline_bytes", runner.memory.baseline), profiled.get("allocator_bytes", 0))
+            profiled.baseline, profiled.allocator)
         places = [] if config.elastic else self.collectives.allgather_object(
             (socket.gethostname(), dataset.decoder_workers, self.memory_estimate), "hosts")
         self.hosts = [host for host, _, _ in places]

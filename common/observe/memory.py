@@ -16,6 +16,7 @@ class MemoryMeter(Protocol):
     baseline: int   # bytes held when the meter was made: before the rank built its model
     device_bytes: int | None   # what the rank's device holds; None where the host's memory is the limit
     devices: int    # the node's devices of that kind, among which its ranks are dealt
+    on_accelerator: bool  # the rank computes on a GPU (its host's CPUs are free for communication)
 
     def peak(self) -> int:
         """The most bytes held so far."""
@@ -40,6 +41,7 @@ class ResidentMemory:
     kind = "resident"
     device_bytes = None
     devices = 1
+    on_accelerator = False
 
     def __init__(self):
         self.baseline = resident_bytes()

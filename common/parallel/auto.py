@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 
@@ -17,11 +19,14 @@ from common.core.runner import StageFactory
 from common.launch.cpu_budget import cpus_per_rank, read_cpu_share
 from common.launch.environment import launcher_local_size, launcher_world_size
 from common.launch.memory_budget import memory_per_rank, parse_size
+from common.model import networks
 from common.parallel import memory_model, planner
 from common.parallel.memory_model import mebibytes
 
 MESSAGE_REPEATS = 20
 LARGE_MESSAGE = 4 << 20  # bytes: enough to see the bandwidth past the latency
+ALLREDUCE_REPEATS = 5
+ALLREDUCE_BYTES = 64 << 20  # the most of the gradients the profile allreduces (past it, bandwidth rules)
 
 
 @dataclass(frozen=True)
@@ -43,18 +48,19 @@ def resolve(config: RunConfig, specs, input_shape: tuple, stage_factory: StageFa
                          "run the plan alone (one process), or drop --plan-ranks")
     comm = None if alone else _world(world_size)
     local_ranks = world_size if alone else launcher_local_size()
-    network = measure_network(comm) if comm is not None else copy_network()  # every rank takes part
-    # Every rank profiles, as busy as it will be in the run and building the same models (Keras
-    # names its layers by a count, which the ranks' Horovod broadcasts must share); rank 0's
-    # figures decide.
+    gradient_bytes = memory_model.FLOAT_BYTES * networks.total_params(specs, input_shape)
+    network = measure_network(comm, gradient_bytes) if comm is not None else copy_network()  # every rank
+    # Every rank profiles, building the same models (Keras names its layers by a count, which
+    # the ranks' Horovod broadcasts must share); rank 0's figures decide.
     threads = config.threads or cpus_per_rank(local_ranks)
     stage_factory.set_threads(threads, 0)
     meter = stage_factory.memory_meter(0)  # the framework warmed up, no model yet
     limit = parse_size(config.memory_per_rank) if config.memory_per_rank else \
         memory_per_rank(local_ranks, meter.device_bytes, meter.devices)
-    profile = replace(measure_profile(config, specs, input_shape, stage_factory, world_size, network,
-                                      meter.baseline),
-                      contention=max(1.0, local_ranks * threads / read_cpu_share(local_ranks).affinity))
+    profile = measure_profile(config, specs, input_shape, stage_factory, world_size, network, meter.baseline, comm)
+    profile = replace(profile, allreduce_overlaps=meter.on_accelerator)
+    if alone:  # one process profiled; the run's ranks will share the node's CPUs
+        profile = replace(profile, contention=max(1.0, local_ranks * threads / read_cpu_share(local_ranks).affinity))
     if comm is not None:
         profile = comm.bcast(profile, root=0)
     choice = planner.choose(specs, input_shape, config, profile, world_size, limit, allowed(config))
@@ -96,10 +102,17 @@ def _world(world_size: int):
     return MPI.COMM_WORLD
 
 
+def _alone() -> None:
+    """No other rank to wait for."""
+
+
 def measure_profile(config: RunConfig, specs, input_shape: tuple, stage_factory: StageFactory, world_size: int,
-                    network: planner.Network, baseline: int) -> planner.Profile:
-    """Each layer timed at the smallest and the largest micro-batch the layouts use, beside
-    the ``baseline`` bytes held before any model."""
+                    network: planner.Network, baseline: int, comm=None) -> planner.Profile:
+    """Each layer timed at the smallest and the largest micro-batch the layouts use, and
+    scaled to the whole model's step as rank 0 times it alone; the same step timed by every
+    rank at once against that (the contention), and its cost of --recompute; beside the
+    ``baseline`` bytes held before any model. Each timing starts behind a barrier."""
+    together = comm.Barrier if comm is not None else _alone
     batch = config.global_batch_size(world_size)
     largest = -(-batch // world_size)  # data parallel's share
     smallest = max(1, batch // (world_size * planner.MICROBATCH_FACTORS[-1]))
@@ -107,13 +120,43 @@ def measure_profile(config: RunConfig, specs, input_shape: tuple, stage_factory:
     allocator = memory_model.allocator_excess(specs, input_shape, largest,
                                               stage_factory.measure_step_memory(specs, input_shape, largest))
     sizes = (min(smallest, largest), largest)
-    small, large = (stage_factory.measure_layer_times(specs, input_shape, size) for size in sizes)
-    return planner.Profile(sizes, (small, large), network, stage_factory.recomputes_forward, baseline, allocator)
+    timed, recompute, contention = [], [], []
+    for size in sizes:
+        together()
+        one_by_one = stage_factory.measure_layer_times(specs, input_shape, size)
+        alone = _rank_zero_alone(comm, partial(stage_factory.measure_step_seconds, specs, input_shape, size))
+        together()
+        whole = stage_factory.measure_step_seconds(specs, input_shape, size)
+        together()
+        recomputing = stage_factory.measure_step_seconds(specs, input_shape, size, recompute=True)
+        timed.append(planner.calibrated(one_by_one, alone))
+        recompute.append(planner.recompute_forwards(planner.calibrated(one_by_one, whole), whole, recomputing))
+        contention.append(whole / alone)
+    small, large = timed
+    return planner.Profile(sizes, (small, large), network, stage_factory.recomputes_forward, baseline, allocator,
+                           recompute_forwards=(recompute[0], recompute[1]),
+                           contention=max(1.0, sum(contention) / len(contention)))
 
 
-def measure_network(comm) -> planner.Network:
+def _rank_zero_alone(comm, measure: Callable[[], float]) -> float:
+    """``measure()`` on rank 0 while the others wait, then on the others at once (they build
+    the same models, which TensorFlow names by a count the ranks must share; their figures
+    do not decide)."""
+    if comm is None:
+        return measure()
+    comm.Barrier()
+    found = measure() if comm.rank == 0 else None
+    comm.Barrier()
+    if found is None:
+        found = measure()
+    comm.Barrier()
+    return found
+
+
+def measure_network(comm, gradient_bytes: int) -> planner.Network:
     """Collective: ranks 0 and 1 pass a small and a large message back and forth while the
-    others wait, and every rank learns the figures."""
+    others wait; then every rank allreduces ``gradient_bytes`` (at most ALLREDUCE_BYTES),
+    as data parallel will; every rank learns the figures."""
     small, large = np.zeros(1, np.float32), np.zeros(LARGE_MESSAGE // 4, np.float32)
     found = None
     if comm.rank in (0, 1):
@@ -131,7 +174,16 @@ def measure_network(comm) -> planner.Network:
             seconds.append((time.perf_counter() - start) / (2 * MESSAGE_REPEATS))
         latency = seconds[0]
         found = planner.Network(latency, LARGE_MESSAGE / max(seconds[1] - latency, 1e-9))
-    return comm.bcast(found, root=0)
+    found = comm.bcast(found, root=0)
+    size = min(gradient_bytes, ALLREDUCE_BYTES) // 4 * 4
+    gradients, reduced = np.zeros(size // 4, np.float32), np.empty(size // 4, np.float32)
+    comm.Allreduce(gradients, reduced)  # warms up the collective's buffers
+    comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(ALLREDUCE_REPEATS):
+        comm.Allreduce(gradients, reduced)
+    timed = found.with_allreduce_timed(size, comm.size, (time.perf_counter() - start) / ALLREDUCE_REPEATS)
+    return comm.bcast(timed, root=0)
 
 
 def copy_network() -> planner.Network:
@@ -154,9 +206,11 @@ def record(resolved: Resolved) -> dict:
                 "predicted_memory_bytes": list(found.memory), "rejected": found.rejected}
     return {"memory_per_rank_bytes": resolved.memory_per_rank, "allocator_bytes": resolved.profile.allocator,
             "baseline_bytes": resolved.profile.baseline,
-            "contention": resolved.profile.contention,
+            "contention": resolved.profile.contention, "recompute_forwards": list(resolved.profile.recompute_forwards),
+            "allreduce_overlaps": resolved.profile.allreduce_overlaps,
             "network": {"latency_seconds": resolved.profile.network.latency,
-                        "bandwidth_bytes_per_second": resolved.profile.network.bandwidth},
+                        "bandwidth_bytes_per_second": resolved.profile.network.bandwidth,
+                        "ring_step_latency_seconds": resolved.profile.network.ring_step_latency},
             "chosen": entry(resolved.choice.chosen),
             "candidates": [entry(found) for found in resolved.choice.ranked]}
 

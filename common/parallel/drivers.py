@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from common.core.config import Mode, RunConfig
 from common.core.runner import Runner, StageFactory
 from common.data import datasets
+from common.parallel import memory_model
 from common.parallel.plan import check_stages
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ def choose_layout(loaded: LoadedRun, stage_factory: Callable[[], StageFactory]) 
         auto.write_plan(loaded.config, resolved)
         raise SystemExit(0)
     check_stages(resolved.config, loaded.specs)
-    return replace(loaded, config=resolved.config, layout_choice=auto.record(resolved))
+    held = memory_model.HeldBeyondTensors(resolved.profile.baseline, resolved.profile.allocator)
+    return replace(loaded, config=resolved.config, layout_choice=auto.record(resolved), profiled_memory=held)
 
 
 def make_runner(config: RunConfig, dataset: datasets.Dataset, specs, data_parallel_runner: Callable[[], type],

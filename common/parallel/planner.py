@@ -5,12 +5,18 @@ hardware measured once); no framework, no MPI.
 The time model:
 - a layer's forward and backward seconds at any micro-batch size, from the profile's two
   timed sizes (a straight line through them: a fixed cost per call plus a cost per sample);
+- --recompute: each layer's backward also pays a share of its forward, as much as
+  recomputing cost the whole model's step when the profile timed it;
 - data parallel: forward, then the backward or the gradients' ring allreduce, whichever
-  is longer (Horovod overlaps them);
+  is longer (Horovod overlaps them) on a GPU, both on a CPU (whose cores the ring's
+  reductions share with the backward); forward and backward slowed by the contention
+  where the ranks share a node's CPUs;
 - a pipeline: the schedule's own step (common/parallel/schedule.step_time) over the pieces
   the cut makes, each message across a cut paying the network's latency and bandwidth,
   pieces before the last paying a recomputed forward where the framework recomputes;
-  then, hybrid, each stage's allreduce over its replicas after the flush.
+  or, where ranks share a node's CPUs (the contention), what the cores need for every
+  rank's work if that is longer (they fill each other's bubbles); then, hybrid, each
+  stage's allreduce over its replicas after the flush.
 The memory model is common/parallel/memory_model.py's.
 """
 
@@ -35,6 +41,9 @@ class Network:
     """Point-to-point messages between two ranks: seconds = latency + bytes / bandwidth."""
     latency: float
     bandwidth: float  # bytes per second
+    ring_step_latency: float | None = None  # what each step of an allreduce waits, measured by one
+                                            # over every rank (a step waits on the slowest rank, and
+                                            # ranks that share CPUs on being scheduled); else latency
 
     def message_seconds(self, size: float) -> float:
         return self.latency + size / self.bandwidth
@@ -43,7 +52,16 @@ class Network:
         """A ring allreduce: 2 (n - 1) steps, each moving 1/n of the buffer."""
         if ranks < 2:
             return 0.0
-        return 2 * (ranks - 1) * self.message_seconds(size / ranks)
+        step_latency = self.latency if self.ring_step_latency is None else self.ring_step_latency
+        return 2 * (ranks - 1) * (step_latency + size / ranks / self.bandwidth)
+
+    def with_allreduce_timed(self, size: float, ranks: int, seconds: float) -> Network:
+        """This network, its ring steps' latency what an allreduce of ``size`` bytes over
+        ``ranks`` took in ``seconds`` beyond moving the bytes (never below a message's)."""
+        if ranks < 2:
+            return self
+        moved = size / ranks / self.bandwidth
+        return replace(self, ring_step_latency=max(self.latency, seconds / (2 * (ranks - 1)) - moved))
 
 
 @dataclass(frozen=True)
@@ -55,18 +73,50 @@ class Profile:
     recomputes_forward: bool             # pieces before the model's last run their forward again
     baseline: int                        # bytes a rank holds before it builds its model
     allocator: int = 0                   # bytes a rank holds beyond its tensors (memory_model.allocator_excess)
-    contention: float = 1.0              # how much slower a rank computes when the node's ranks want more
-                                         # threads than it has CPUs (idle pipeline ranks spin in MPI)
+    allreduce_overlaps: bool = True      # data parallel's allreduce runs beside the backward (a GPU's
+                                         # rank); on a CPU its reductions take the backward's cores
+    recompute_forwards: tuple[float, float] = (1.0, 1.0)  # what --recompute adds to a step, in forwards, at
+                                         # the two sizes, measured (a forward again, plus its per-layer
+                                         # bookkeeping: much more than a forward for small micro-batches)
+    contention: float = 1.0              # how much slower a rank computes while every rank of its node
+                                         # computes (the layer times are a rank's alone): measured, the
+                                         # whole step timed by all at once against by one alone; for a
+                                         # dry run in one process, the threads the ranks want per CPU
 
-    def layer_times(self, samples: int) -> list[tuple[float, float]]:
+    def layer_times(self, samples: int, recompute: bool = False) -> list[tuple[float, float]]:
         """Each layer's (forward, backward) seconds for ``samples``, on the line through the
-        two timed sizes (never below a tenth of the smaller size's time), times the contention."""
+        two timed sizes (never below a tenth of the smaller size's time), as one rank computes
+        them alone; ``recompute``: each backward also pays the measured recompute, a share of its forward."""
         (low, high), (low_times, high_times) = self.samples, self.times
         span = max(1, high - low)
 
         def at(t0: float, t1: float) -> float:
-            return self.contention * max(0.1 * t0, t0 + (t1 - t0) * (samples - low) / span)
-        return [(at(f0, f1), at(b0, b1)) for (f0, b0), (f1, b1) in zip(low_times, high_times)]
+            return max(0.1 * t0, t0 + (t1 - t0) * (samples - low) / span)
+        times = [(at(f0, f1), at(b0, b1)) for (f0, b0), (f1, b1) in zip(low_times, high_times)]
+        if not recompute:
+            return times
+        low_forwards, high_forwards = self.recompute_forwards
+        share = min(max(low, samples), high) - low
+        forwards = low_forwards + (high_forwards - low_forwards) * share / span
+        return [(forward, backward + forwards * forward) for forward, backward in times]
+
+
+def calibrated(times: LayerTimes, whole_seconds: float) -> list[tuple[float, float]]:
+    """Layer times timed one by one, scaled to add up to ``whole_seconds``, the whole model's
+    forward and backward timed as one call: a layer alone pays a call of its own (and, in a
+    framework that compiles its step, runs uncompiled) and, under a loaded node, may run in
+    a quiet moment; the whole step pays what a run pays."""
+    total = sum(forward + backward for forward, backward in times)
+    scale = whole_seconds / total if total > 0 and whole_seconds > 0 else 1.0
+    return [(scale * forward, scale * backward) for forward, backward in times]
+
+
+def recompute_forwards(times: LayerTimes, whole_seconds: float, recomputing_seconds: float) -> float:
+    """What --recompute adds to the step, in forwards: the whole model's step timed with it
+    (``recomputing_seconds``) against without (``whole_seconds``), over the forward of the
+    layer ``times`` (never below nothing)."""
+    forward = sum(f for f, _ in times)
+    return max(0.0, recomputing_seconds - whole_seconds) / forward if forward > 0 else 1.0
 
 
 @dataclass(frozen=True)
@@ -187,14 +237,16 @@ def predict(layout: Layout, specs: Sequence, input_shape: tuple, config: RunConf
         return found
 
     if not layout.pipelined:
-        times = recomputing(profile.layer_times(rank_batch), layout.recompute)
+        times = profile.layer_times(rank_batch, layout.recompute)
         forward, backward = sum(f for f, _ in times), sum(b for _, b in times)
         gradients = memory_model.FLOAT_BYTES * sum(cost.params for cost in costs)
-        seconds = forward + max(backward, profile.network.allreduce_seconds(gradients, layout.dp))
+        allreduce = profile.network.allreduce_seconds(gradients, layout.dp)
+        forward, backward = profile.contention * forward, profile.contention * backward  # every rank computes
+        seconds = forward + (max(backward, allreduce) if profile.allreduce_overlaps else backward + allreduce)
         return Prediction(layout, seconds, batch / seconds, memory_of([(0, len(specs))], False))
 
     microbatch = -(-rank_batch // layout.microbatches)
-    times = recomputing(profile.layer_times(microbatch), layout.recompute)
+    times = profile.layer_times(microbatch, layout.recompute)
     charged, last = plan.timed_costs(times, profile.recomputes_forward)
     ranges = plan.partition(charged, layout.pp, "", layout.chunks, layout.microbatches, last)
     pieces = len(ranges)
@@ -207,6 +259,10 @@ def predict(layout: Layout, specs: Sequence, input_shape: tuple, config: RunConf
     seconds = schedule.step_time(schedule.stage_schedules(str(layout.schedule), layout.pp, layout.microbatches,
                                                           layout.chunks),
                                  forwards, backward_costs=backwards, message_costs=messages)
+    # Ranks sharing a node's CPUs fill each other's bubbles: the step is the schedule's, or
+    # what the node's cores need for every rank's work, whichever is longer.
+    work = layout.microbatches * (sum(forwards) + sum(backwards)) / layout.pp
+    seconds = max(seconds, profile.contention * work)
     if layout.dp > 1:
         stage_params = [0] * layout.pp
         for v, (a, e) in enumerate(ranges):
@@ -215,11 +271,6 @@ def predict(layout: Layout, specs: Sequence, input_shape: tuple, config: RunConf
                        for params in stage_params)
     split = ",".join(str(start) for start, _ in ranges[1:])
     return Prediction(layout, seconds, batch / seconds, memory_of(ranges, profile.recomputes_forward), split)
-
-
-def recomputing(times: list[tuple[float, float]], recompute: bool) -> list[tuple[float, float]]:
-    """--recompute: each layer's backward runs its forward again first."""
-    return [(forward, backward + forward) for forward, backward in times] if recompute else times
 
 
 @dataclass(frozen=True)

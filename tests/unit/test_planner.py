@@ -8,7 +8,17 @@ from common.core.config import Mode, Schedule, parse_config
 from common.core.errors import UsageError
 from common.model import networks
 from common.parallel import auto, schedule
-from common.parallel.planner import Layout, Network, Profile, choose, layouts, predict, table
+from common.parallel.planner import (
+    Layout,
+    Network,
+    Profile,
+    calibrated,
+    choose,
+    layouts,
+    predict,
+    recompute_forwards,
+    table,
+)
 
 SHAPE = (3, 32, 32)
 SPECS = networks.model_specs("resnet8", SHAPE, 10)
@@ -48,15 +58,51 @@ def test_layer_times_lie_on_the_line_through_the_two_timed_sizes():
     assert found.layer_times(17)[0] == pytest.approx((22e-3, 44e-3))
 
 
-def test_ranks_that_share_cpus_compute_slower():
+def test_ranks_that_share_cpus_compute_slower_and_fill_each_others_bubbles():
     alone, crowded = profile(per_sample=1e-3), replace(profile(per_sample=1e-3), contention=2.0)
-    assert crowded.layer_times(8)[0] == pytest.approx(tuple(2 * t for t in alone.layer_times(8)[0]))
+    data = Layout(Mode.DATA, 1, 2)
+    assert predict(data, SPECS, SHAPE, config(), crowded).step_seconds == \
+        pytest.approx(2 * predict(data, SPECS, SHAPE, config(), alone).step_seconds)
+    pipeline = Layout(Mode.MODEL, 2, 1, 2, Schedule.GPIPE)  # a bubble of a third of the step
+    per_rank = 2 * sum(f + b for f, b in alone.layer_times(16)) / 2
+    scheduled = predict(pipeline, SPECS, SHAPE, config(), alone).step_seconds
+    assert 1.3 * per_rank < scheduled < 2 * per_rank
+    for contention in (1.3, 2.0):  # the bubble longer than what the sharing costs, then shorter
+        shared = replace(alone, contention=contention)
+        assert predict(pipeline, SPECS, SHAPE, config(), shared).step_seconds == \
+            pytest.approx(max(scheduled, contention * per_rank))
+
+
+def test_layer_times_are_scaled_to_the_whole_step_timed_as_one_call():
+    one_by_one = [(1e-3, 2e-3), (3e-3, 4e-3)]  # 10 ms in all
+    found = calibrated(one_by_one, 5e-3)
+    assert [t for layer in found for t in layer] == pytest.approx([0.5e-3, 1e-3, 1.5e-3, 2e-3])
+    assert sum(f + b for f, b in found) == pytest.approx(5e-3)
+    assert calibrated(one_by_one, 0.0) == one_by_one  # nothing timed: left as they are
 
 
 def test_a_ring_allreduce_moves_twice_the_buffer_less_a_share():
     network = Network(latency=1e-5, bandwidth=1e9)
     assert network.allreduce_seconds(8e6, 1) == 0
     assert network.allreduce_seconds(8e6, 4) == pytest.approx(6 * (1e-5 + 2e6 / 1e9))
+
+
+def test_a_timed_allreduce_sets_the_ring_steps_latency_and_predicts_itself():
+    network = Network(latency=1e-5, bandwidth=1e9)
+    timed = network.with_allreduce_timed(8e6, 4, 30e-3)
+    assert timed.ring_step_latency == pytest.approx(30e-3 / 6 - 2e6 / 1e9)
+    assert timed.allreduce_seconds(8e6, 4) == pytest.approx(30e-3)
+    assert timed.allreduce_seconds(8e6, 2) == pytest.approx(2 * (timed.ring_step_latency + 4e6 / 1e9))
+    assert timed.message_seconds(1e6) == network.message_seconds(1e6)  # point-to-point as measured
+    assert network.with_allreduce_timed(8e6, 4, 0.0).ring_step_latency == network.latency  # never below
+    assert network.with_allreduce_timed(8e6, 1, 1.0) == network
+
+
+def test_on_a_cpu_data_parallel_pays_the_allreduce_after_the_backward():
+    layout, slow = Layout(Mode.DATA, 1, 2), Network(0.0, 1e6)
+    gradients = 4 * networks.total_params(SPECS, SHAPE)
+    found = predict(layout, SPECS, SHAPE, config(), replace(profile(slow), allreduce_overlaps=False))
+    assert found.step_seconds == pytest.approx(3 * len(SPECS) * 16e-3 + slow.allreduce_seconds(gradients, 2))
 
 
 def test_data_parallel_pays_the_allreduce_only_beyond_the_backward():
@@ -124,6 +170,20 @@ def test_flags_made_for_one_whole_model_leave_data_parallel_only():
     assert {layout.mode for layout in layouts(4, len(SPECS), 32) if synced(layout)} == {Mode.DATA, Mode.HYBRID}
     recomputing = auto.allowed(config("--recompute"))
     assert all(layout.recompute for layout in layouts(2, len(SPECS), 32) if recomputing(layout))
+
+
+def test_the_recompute_costs_what_the_profile_measured_it_to_cost_at_each_size():
+    times = [(1e-3, 2e-3), (3e-3, 4e-3)]  # a 4 ms forward, a 10 ms step
+    assert recompute_forwards(times, 10e-3, 18e-3) == pytest.approx(2.0)  # 8 ms more: two forwards
+    assert recompute_forwards(times, 10e-3, 9e-3) == 0.0  # faster with it: noise, nothing charged
+    measured = replace(profile(per_sample=1e-3), recompute_forwards=(3.0, 1.0))  # sizes 2 and 32
+    for samples, forwards in ((2, 3.0), (17, 2.0), (32, 1.0), (64, 1.0)):
+        plain, again = measured.layer_times(samples), measured.layer_times(samples, recompute=True)
+        assert [f for f, _ in again] == pytest.approx([f for f, _ in plain])
+        assert [b for _, b in again] == pytest.approx([b + forwards * f for f, b in plain])
+    layout = Layout(Mode.MODEL, 2, 1, 8, Schedule.GPIPE, recompute=True)  # micro-batches of 4
+    assert predict(layout, SPECS, SHAPE, config(), measured).step_seconds > \
+        predict(layout, SPECS, SHAPE, config(), profile(per_sample=1e-3)).step_seconds
 
 
 def test_recompute_trades_a_forward_for_activation_memory():
