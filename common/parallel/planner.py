@@ -305,10 +305,12 @@ def choose(specs: Sequence, input_shape: tuple, config: RunConfig, profile: Prof
 
 def table(choice: Choice, limit: int = 0) -> list[str]:
     """The ranked candidates, one line each (the first ``limit``; 0: all), the choice marked."""
-    lines = [f"{'':2}{'layout':<34}{'img/s':>9}{'step ms':>10}{'memory/rank':>13}  note"]
-    for found in choice.ranked[:limit or None]:
+    shown = choice.ranked[:limit or None]
+    width = max([34, *(len(found.layout.describe()) + 2 for found in shown)])  # the longest name, then a gap
+    lines = [f"{'':2}{'layout':<{width}}{'img/s':>9}{'step ms':>10}{'memory/rank':>13}  note"]
+    for found in shown:
         mark = "->" if found is choice.chosen else ""
         note = found.rejected or (f"cut {found.split}" if found.split else "")
-        lines.append(f"{mark:2}{found.layout.describe():<34}{found.images_per_sec:9.1f}"
+        lines.append(f"{mark:2}{found.layout.describe():<{width}}{found.images_per_sec:9.1f}"
                      f"{1e3 * found.step_seconds:10.1f}{mebibytes(found.peak_memory):>13}  {note}")
     return lines
