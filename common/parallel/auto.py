@@ -125,7 +125,6 @@ def measure_profile(config: RunConfig, specs, input_shape: tuple, stage_factory:
         together()
         one_by_one = stage_factory.measure_layer_times(specs, input_shape, size)
         alone = _rank_zero_alone(comm, partial(stage_factory.measure_step_seconds, specs, input_shape, size))
-        together()
         whole = stage_factory.measure_step_seconds(specs, input_shape, size)
         together()
         recomputing = stage_factory.measure_step_seconds(specs, input_shape, size, recompute=True)
@@ -141,7 +140,7 @@ def measure_profile(config: RunConfig, specs, input_shape: tuple, stage_factory:
 def _rank_zero_alone(comm, measure: Callable[[], float]) -> float:
     """``measure()`` on rank 0 while the others wait, then on the others at once (they build
     the same models, which TensorFlow names by a count the ranks must share; their figures
-    do not decide)."""
+    do not decide). Every rank leaves it behind a barrier."""
     if comm is None:
         return measure()
     comm.Barrier()
