@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 
 TEST_FAILURE_VARIABLE = "CNN_PARALLEL_TEST_FAILURE"
+FAILURE_MARK = "injected failure at unix time"
 
 
 class FaultInjection:
@@ -13,7 +16,9 @@ class FaultInjection:
     the host name Horovod elastic gave the worker; POINT a global step number or 'save';
     HOW 'raise' or 'kill') makes that process fail at that point, so tests can prove one
     failing rank brings the whole job down promptly (or, elastic, that the others go
-    on). Unset, ``at`` does nothing."""
+    on). Just before it fails, the process prints ``FAILURE_MARK`` and the wall-clock time,
+    so a test can time the job's end from the failure rather than from its start-up.
+    Unset, ``at`` does nothing."""
 
     def __init__(self, setting: str | None):
         self.who: str | None = None
@@ -31,6 +36,8 @@ class FaultInjection:
             return
         me = str(rank) if self.who.isdigit() else os.environ.get("HOROVOD_HOSTNAME")
         if self.who == me and self.point == str(point):
+            sys.stderr.write(f"{FAILURE_MARK} {time.time():.3f}\n")
+            sys.stderr.flush()
             if self.how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected failure on rank {rank} at {point} ({TEST_FAILURE_VARIABLE})")

@@ -18,17 +18,22 @@ FAILURES = [("torch", "data", "raise"), ("torch", "data", "kill"), ("torch", "mo
 
 @pytest.mark.serial  # a bound on the time the job takes to end
 @pytest.mark.parametrize("framework,layout,how", FAILURES)
-def test_one_failing_rank_ends_the_job_within_30_seconds(framework, layout, how):
+def test_one_failing_rank_ends_the_job_within_20_seconds_of_its_failure(framework, layout, how):
+    """Timed from the failure (the failing rank prints the time just before), not from the
+    launch: four TensorFlow ranks on two cores take 20-30 s to start."""
+    from common.launch.faults import FAILURE_MARK
+
     args, np_ = LAYOUTS[layout]
     os.environ["CNN_PARALLEL_TEST_FAILURE"] = f"1:5:{how}"  # rank 1 fails at its 6th step
     try:
-        started = time.monotonic()
         result = run_training(["--epochs", 3, *args], np_=np_, framework=framework, timeout=120)
-        elapsed = time.monotonic() - started
+        ended = time.time()
     finally:
         del os.environ["CNN_PARALLEL_TEST_FAILURE"]
     output = result.stdout + result.stderr
-    assert result.returncode != 0 and elapsed < 30, f"exit {result.returncode} after {elapsed:.0f}s\n{output}"
+    failed = re.search(rf"{FAILURE_MARK} ([0-9.]+)", output)
+    assert result.returncode != 0 and failed, f"exit {result.returncode}\n{output}"
+    assert ended - float(failed.group(1)) < 20, f"ended {ended - float(failed.group(1)):.0f} s after\n{output}"
     assert result.summary is None  # it never reached the end
     if how == "raise":
         assert "rank 1: crashed" in output and "injected failure on rank 1 at 5" in output, output
