@@ -1,7 +1,12 @@
 """--mode auto against measurement: for each workload and rank count, the planner's dry run
 (under mpirun, so it profiles as a real run does) predicts every layout; a spread of them,
-its pick first, then train for a few steps each; predicted and measured throughput and peak
-memory side by side, their rank correlation, and the pick against the fastest measured.
+its pick first, then train each; predicted and measured throughput and peak memory side
+by side, their rank correlation, and the pick against the fastest measured.
+
+Each layout trains a warm-up epoch and then --timed-epochs more, each long enough (by its
+own prediction) to last about --seconds; its figure is the median of the timed epochs'
+throughput. Four steps of the seed CNN last a few milliseconds, too short to rank layouts
+a few percent apart.
 
     python benchmarks/planner_check.py --framework torch --out /tmp/planner
     python benchmarks/planner_check.py --framework torch,tf    # both (make bench runs this)
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,7 +25,9 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 WORKLOADS = {"cnn": ["--model", "cnn"], "resnet18": ["--model", "resnet18"]}
-COMMON = ["--dataset", "synthetic", "--synthetic-samples", "256", "--batch-size", "32", "--no-progress"]
+BATCH = 32
+COMMON = ["--dataset", "synthetic", "--batch-size", str(BATCH), "--no-progress"]
+PLAN_SAMPLES = 256  # the dry run's synthetic set (it only profiles)
 
 
 def launch(np_: int, framework: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
@@ -33,7 +41,8 @@ def launch(np_: int, framework: str, args: list[str], timeout: int = 900) -> sub
 def plan(np_: int, framework: str, workload: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         path = os.path.join(scratch, "plan.json")
-        done = launch(np_, framework, [*workload, "--mode", "auto", "--plan-only", "--summary-file", path])
+        done = launch(np_, framework, [*workload, "--synthetic-samples", str(PLAN_SAMPLES), "--mode", "auto",
+                                       "--plan-only", "--summary-file", path])
         if done.returncode:
             raise SystemExit(f"the plan failed:\n{done.stdout}\n{done.stderr}")
         with open(path) as handle:
@@ -49,16 +58,24 @@ def spread(candidates: list[dict], count: int) -> list[dict]:
     return (chosen + rest[::step])[:count]
 
 
-def measure(np_: int, framework: str, workload: list[str], flags: list[str], steps: int) -> dict:
-    """Throughput of the second epoch (the first warms up) and the largest rank's peak memory."""
+def steps_for(predicted_images_per_sec: float, seconds: float, least: int = 4, most: int = 512) -> int:
+    """Steps of a batch that the planner predicts to take ``seconds``, within [least, most]."""
+    return min(most, max(least, round(seconds * predicted_images_per_sec / BATCH)))
+
+
+def measure(np_: int, framework: str, workload: list[str], flags: list[str], steps: int, timed_epochs: int) -> dict:
+    """The median throughput of the epochs after the first (which warms up), and the largest
+    rank's peak memory over the run."""
     with tempfile.TemporaryDirectory() as scratch:
-        done = launch(np_, framework, [*workload, *flags, "--epochs", "2", "--steps-per-epoch", str(steps),
+        done = launch(np_, framework, [*workload, *flags, "--epochs", str(1 + timed_epochs),
+                                       "--steps-per-epoch", str(steps), "--synthetic-samples", str(steps * BATCH),
                                        "--run-dir", scratch])
         if done.returncode:
             return {"error": (done.stdout + done.stderr)[-2000:]}
         with open(os.path.join(scratch, "metrics.jsonl")) as handle:
-            last = [json.loads(line) for line in handle][-1]
-        return {"images_per_sec": last["images_per_sec"], "peak_memory_bytes": last["peak_memory_max_bytes"]}
+            records = [json.loads(line) for line in handle]
+        return {"images_per_sec": statistics.median(record["images_per_sec"] for record in records[1:]),
+                "peak_memory_bytes": max(record["peak_memory_max_bytes"] for record in records), "steps": steps}
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -78,11 +95,12 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / var
 
 
-def check(framework: str, np_: int, name: str, layouts: int, steps: int) -> dict:
+def check(framework: str, np_: int, name: str, layouts: int, seconds: float, timed_epochs: int) -> dict:
     choice = plan(np_, framework, WORKLOADS[name])
     rows = []
     for found in spread(choice["candidates"], layouts):
-        measured = measure(np_, framework, WORKLOADS[name], found["flags"], steps)
+        measured = measure(np_, framework, WORKLOADS[name], found["flags"],
+                           steps_for(found["predicted_images_per_sec"], seconds), timed_epochs)
         rows.append({"layout": found["layout"], "flags": found["flags"],
                      "predicted_images_per_sec": found["predicted_images_per_sec"],
                      "predicted_memory_bytes": max(found["predicted_memory_bytes"]), **measured})
@@ -126,15 +144,17 @@ def main(argv=None):
     parser.add_argument("--workloads", default="cnn,resnet18")
     parser.add_argument("--ranks", default="2,4")
     parser.add_argument("--layouts", type=int, default=10, help="layouts measured per workload and rank count")
-    parser.add_argument("--steps", type=int, default=4, help="steps per epoch (two epochs, the second timed)")
+    parser.add_argument("--seconds", type=float, default=2.0,
+                        help="how long each timed epoch should last, by the layout's prediction")
+    parser.add_argument("--timed-epochs", type=int, default=3, help="epochs timed after the warm-up one")
     parser.add_argument("--out", default="planner_check")
     args = parser.parse_args(argv)
     frameworks = args.framework.split(",")
     if not set(frameworks) <= {"torch", "tf"}:
         parser.error(f"--framework {args.framework}: give torch, tf or torch,tf")
     os.makedirs(args.out, exist_ok=True)
-    groups = [check(framework, int(np_), name, args.layouts, args.steps) for framework in frameworks
-              for name in args.workloads.split(",") for np_ in args.ranks.split(",")]
+    groups = [check(framework, int(np_), name, args.layouts, args.seconds, args.timed_epochs)
+              for framework in frameworks for name in args.workloads.split(",") for np_ in args.ranks.split(",")]
     with open(os.path.join(args.out, "planner_check.json"), "w") as handle:
         json.dump(groups, handle, indent=1)
     table = markdown(groups)

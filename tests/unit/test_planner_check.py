@@ -35,3 +35,9 @@ def test_the_table_names_framework_and_workload_and_marks_a_failed_run():
     assert "| tf | cnn | 2 | data dp2 | 100 | 90 | 1024 | 512 |" in table
     assert "| tf | cnn | 2 | model pp2 zb M2 | failed |" in table
     assert "| tf | cnn | 2 | 1.00 | data dp2 | data dp2 | 1.00 | +100% |" in table
+
+
+def test_each_layout_trains_long_enough_by_its_prediction_within_bounds():
+    assert planner_check.steps_for(3200.0, 2.0) == 200  # 6,400 images at 3,200 img/s: two seconds
+    assert planner_check.steps_for(10.0, 2.0) == 4  # never fewer than four steps
+    assert planner_check.steps_for(1e6, 2.0) == 512  # nor more than 512
