@@ -57,7 +57,7 @@ def channels_first(x):
     return tf.transpose(x, [0, 3, 1, 2]) if x.shape.rank == 4 else x
 
 
-STEP_REPEATS = 5  # timed whole-model steps of the --mode auto profile
+STEP_REPEATS, STEP_SECONDS = 5, 0.3  # the --mode auto profile times whole-model steps: at least so many, so long
 MEMORY_STEPS = 3  # and the steps its memory is measured over
 
 
@@ -110,12 +110,8 @@ class TfStage:
             with tf.GradientTape() as tape:
                 total = tf.reduce_sum(tf.cast(model(images, training=True, dropout_keys=keys), tf.float32))
             return tape.gradient(total, model.trainable_variables)
-        seconds = []
-        for _ in range(repeats + 1):  # the first traces
-            start = time.perf_counter()
-            forward_and_backward()[0].numpy()  # waits for the step, on a GPU too
-            seconds.append(time.perf_counter() - start)
-        return sum(seconds[1:]) / repeats
+        # The first call traces; .numpy() waits for the step, on a GPU too.
+        return metrics.median_call_seconds(lambda: forward_and_backward()[0].numpy(), repeats, STEP_SECONDS)
 
     @staticmethod
     def measure_step_memory(specs, input_shape, batch_size):

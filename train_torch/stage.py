@@ -25,7 +25,7 @@ from train_torch.optimizer import make_local_optimizer
 from train_torch.precision import autocast
 from train_torch.wire import StagedWire, make_wire
 
-STEP_REPEATS = 5  # timed whole-model steps of the --mode auto profile
+STEP_REPEATS, STEP_SECONDS = 5, 0.3  # the --mode auto profile times whole-model steps: at least so many, so long
 MEMORY_STEPS = 3  # and the steps its memory is measured over
 
 
@@ -70,12 +70,7 @@ class TorchStage:
         model = build_model(specs, input_shape, seed=0)
         model.recompute = recompute
         x, keys = torch.randn(batch_size, *input_shape), torch.arange(batch_size)
-        seconds = []
-        for _ in range(repeats + 1):  # the first warms up
-            start = time.perf_counter()
-            model(x, keys).sum().backward()
-            seconds.append(time.perf_counter() - start)
-        return sum(seconds[1:]) / repeats
+        return metrics.median_call_seconds(lambda: model(x, keys).sum().backward(), repeats, STEP_SECONDS)
 
     @staticmethod
     def measure_step_memory(specs, input_shape, batch_size):

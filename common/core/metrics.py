@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -102,6 +102,19 @@ class Stopwatch:
 
     def seconds(self):
         return time.perf_counter() - self.start
+
+
+def median_call_seconds(call: Callable[[], object], repeats: int, least_seconds: float) -> float:
+    """The median time of ``call()`` (which must wait for its work to finish) after one that
+    warms up, over at least ``repeats`` calls and ``least_seconds`` of them: a mean of five
+    millisecond steps moves with any interruption, and rankings rest on these figures."""
+    call()
+    seconds: list[float] = []
+    while len(seconds) < repeats or sum(seconds) < least_seconds:
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
 
 
 def append_whole(handle: int, data: bytes) -> None:

@@ -13,10 +13,10 @@ The time model:
   where the ranks share a node's CPUs;
 - a pipeline: the schedule's own step (common/parallel/schedule.step_time) over the pieces
   the cut makes, each message across a cut paying the network's latency and bandwidth,
-  pieces before the last paying a recomputed forward where the framework recomputes;
-  or, where ranks share a node's CPUs (the contention), what the cores need for every
-  rank's work if that is longer (they fill each other's bubbles); then, hybrid, each
-  stage's allreduce over its replicas after the flush.
+  pieces before the last paying a recomputed forward where the framework recomputes,
+  all of it slowed by the contention where ranks share a node's CPUs (a rank waiting for
+  a message polls and keeps its CPU share, so the others do not fill its bubbles); then,
+  hybrid, each stage's allreduce over its replicas after the flush.
 The memory model is common/parallel/memory_model.py's.
 """
 
@@ -259,10 +259,10 @@ def predict(layout: Layout, specs: Sequence, input_shape: tuple, config: RunConf
     seconds = schedule.step_time(schedule.stage_schedules(str(layout.schedule), layout.pp, layout.microbatches,
                                                           layout.chunks),
                                  forwards, backward_costs=backwards, message_costs=messages)
-    # Ranks sharing a node's CPUs fill each other's bubbles: the step is the schedule's, or
-    # what the node's cores need for every rank's work, whichever is longer.
-    work = layout.microbatches * (sum(forwards) + sum(backwards)) / layout.pp
-    seconds = max(seconds, profile.contention * work)
+    # Ranks sharing a node's CPUs do not fill each other's bubbles: a rank waiting for a
+    # message polls for it (Open MPI's waits spin) and keeps its share of the CPUs, so the
+    # whole schedule runs slower by the contention, its bubbles included.
+    seconds *= profile.contention
     if layout.dp > 1:
         stage_params = [0] * layout.pp
         for v, (a, e) in enumerate(ranges):

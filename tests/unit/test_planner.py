@@ -58,7 +58,9 @@ def test_layer_times_lie_on_the_line_through_the_two_timed_sizes():
     assert found.layer_times(17)[0] == pytest.approx((22e-3, 44e-3))
 
 
-def test_ranks_that_share_cpus_compute_slower_and_fill_each_others_bubbles():
+def test_ranks_that_share_cpus_compute_slower_bubbles_included():
+    """A waiting rank polls for its message and keeps its CPU share, so where ranks share CPUs
+    the whole schedule, bubbles included, runs slower by the contention."""
     alone, crowded = profile(per_sample=1e-3), replace(profile(per_sample=1e-3), contention=2.0)
     data = Layout(Mode.DATA, 1, 2)
     assert predict(data, SPECS, SHAPE, config(), crowded).step_seconds == \
@@ -67,10 +69,9 @@ def test_ranks_that_share_cpus_compute_slower_and_fill_each_others_bubbles():
     per_rank = 2 * sum(f + b for f, b in alone.layer_times(16)) / 2
     scheduled = predict(pipeline, SPECS, SHAPE, config(), alone).step_seconds
     assert 1.3 * per_rank < scheduled < 2 * per_rank
-    for contention in (1.3, 2.0):  # the bubble longer than what the sharing costs, then shorter
+    for contention in (1.3, 2.0):
         shared = replace(alone, contention=contention)
-        assert predict(pipeline, SPECS, SHAPE, config(), shared).step_seconds == \
-            pytest.approx(max(scheduled, contention * per_rank))
+        assert predict(pipeline, SPECS, SHAPE, config(), shared).step_seconds == pytest.approx(contention * scheduled)
 
 
 def test_layer_times_are_scaled_to_the_whole_step_timed_as_one_call():
