@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -30,21 +29,12 @@ sys.path.insert(0, REPO)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from common.core import metrics  # noqa: E402
 from common.core.config import parse_config  # noqa: E402
 from common.core.runner import StagePlace  # noqa: E402
 from common.model import networks  # noqa: E402
 from common.parallel import plan  # noqa: E402
 from train_tf.stage import TfStage, channels_first, channels_last  # noqa: E402
-
-
-def median_seconds(step, repeats):
-    step()  # trace and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -79,11 +69,14 @@ def main(argv=None):
     def stage_ms(keep):
         return 1e3 * stage.microbatch_seconds(keep, args.microbatch, args.repeats, pick=statistics.median)
 
+    def call_ms(call):
+        return 1e3 * metrics.median_call_seconds(call, args.repeats, 0.0)
+
     figures = {"model": args.model, "image": args.image, "microbatch": args.microbatch,
                "stage_layers": [start, end], "ms": {
-                   "forward": 1e3 * median_seconds(lambda: stage._forward(x, keys), args.repeats),
+                   "forward": call_ms(lambda: stage._forward(x, keys)),
                    "recompute": stage_ms(False), "kept": stage_ms(True),
-                   "one_function": 1e3 * median_seconds(lambda: one_function(x, upstream), args.repeats)}}
+                   "one_function": call_ms(lambda: one_function(x, upstream))}}
     print(json.dumps(figures, indent=1))
 
 
