@@ -4,9 +4,11 @@ its pick first, then train each; predicted and measured throughput and peak memo
 by side, their rank correlation, and the pick against the fastest measured.
 
 Each layout trains a warm-up epoch and then --timed-epochs more, each long enough (by its
-own prediction) to last about --seconds; its figure is the median of the timed epochs'
-throughput. Four steps of the seed CNN last a few milliseconds, too short to rank layouts
-a few percent apart.
+own prediction) to last about --seconds. Four steps of the seed CNN last a few milliseconds,
+too short to rank layouts a few percent apart. The layouts are measured in --rounds rounds,
+every layout once a round, the order reversed each round, so that a slow spell of the
+machine (a shared VM's lasts longer than one layout's run) falls on several layouts and
+on none twice; a layout's figure is the median over its rounds of each round's median.
 
     python benchmarks/planner_check.py --framework torch --out /tmp/planner
     python benchmarks/planner_check.py --framework torch,tf    # both (make bench runs this)
@@ -95,16 +97,38 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / var
 
 
-def check(framework: str, np_: int, name: str, layouts: int, seconds: float, timed_epochs: int) -> dict:
+def round_orders(count: int, rounds: int) -> list[list[int]]:
+    """The order the layouts are measured in, each round: forwards, then backwards, and so on."""
+    return [list(range(count))[::-1 if turn % 2 else 1] for turn in range(rounds)]
+
+
+def combined(measured: list[dict]) -> dict:
+    """One layout's rounds in one figure: the median of the rounds' throughput, the largest
+    peak memory; the first error, if a round failed."""
+    failed = [found for found in measured if "error" in found]
+    if failed:
+        return failed[0]
+    return {"images_per_sec": statistics.median(found["images_per_sec"] for found in measured),
+            "round_images_per_sec": [found["images_per_sec"] for found in measured],
+            "peak_memory_bytes": max(found["peak_memory_bytes"] for found in measured),
+            "steps": measured[0]["steps"]}
+
+
+def check(framework: str, np_: int, name: str, layouts: int, seconds: float, timed_epochs: int,
+          rounds: int = 1) -> dict:
     choice = plan(np_, framework, WORKLOADS[name])
-    rows = []
-    for found in spread(choice["candidates"], layouts):
-        measured = measure(np_, framework, WORKLOADS[name], found["flags"],
-                           steps_for(found["predicted_images_per_sec"], seconds), timed_epochs)
-        rows.append({"layout": found["layout"], "flags": found["flags"],
-                     "predicted_images_per_sec": found["predicted_images_per_sec"],
-                     "predicted_memory_bytes": max(found["predicted_memory_bytes"]), **measured})
-        print(json.dumps(rows[-1]), flush=True)
+    chosen = spread(choice["candidates"], layouts)
+    measured: list[list[dict]] = [[] for _ in chosen]
+    for order in round_orders(len(chosen), rounds):
+        for index in order:
+            found = chosen[index]
+            measured[index].append(measure(np_, framework, WORKLOADS[name], found["flags"],
+                                           steps_for(found["predicted_images_per_sec"], seconds), timed_epochs))
+            print(json.dumps({"layout": found["layout"], **measured[index][-1]}), flush=True)
+    rows = [{"layout": found["layout"], "flags": found["flags"],
+             "predicted_images_per_sec": found["predicted_images_per_sec"],
+             "predicted_memory_bytes": max(found["predicted_memory_bytes"]), **combined(runs)}
+            for found, runs in zip(chosen, measured)]
     good = [row for row in rows if "error" not in row]
     best = max(good, key=lambda row: row["images_per_sec"])
     pick = next(row for row in good if row["layout"] == choice["chosen"]["layout"])
@@ -147,14 +171,15 @@ def main(argv=None):
     parser.add_argument("--layouts", type=int, default=10, help="layouts measured per workload and rank count")
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="how long each timed epoch should last, by the layout's prediction")
-    parser.add_argument("--timed-epochs", type=int, default=3, help="epochs timed after the warm-up one")
+    parser.add_argument("--timed-epochs", type=int, default=2, help="epochs timed after the warm-up one")
+    parser.add_argument("--rounds", type=int, default=2, help="times each layout is measured, the layouts taking turns")
     parser.add_argument("--out", default="planner_check")
     args = parser.parse_args(argv)
     frameworks = args.framework.split(",")
     if not set(frameworks) <= {"torch", "tf"}:
         parser.error(f"--framework {args.framework}: give torch, tf or torch,tf")
     os.makedirs(args.out, exist_ok=True)
-    groups = [check(framework, int(np_), name, args.layouts, args.seconds, args.timed_epochs)
+    groups = [check(framework, int(np_), name, args.layouts, args.seconds, args.timed_epochs, args.rounds)
               for framework in frameworks for name in args.workloads.split(",") for np_ in args.ranks.split(",")]
     with open(os.path.join(args.out, "planner_check.json"), "w") as handle:
         json.dump(groups, handle, indent=1)

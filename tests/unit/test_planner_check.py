@@ -41,3 +41,18 @@ def test_each_layout_trains_long_enough_by_its_prediction_within_bounds():
     assert planner_check.steps_for(3200.0, 2.0) == 200  # 6,400 images at 3,200 img/s: two seconds
     assert planner_check.steps_for(10.0, 2.0) == 4  # never fewer than four steps
     assert planner_check.steps_for(1e6, 2.0) == 512  # nor more than 512
+
+
+def test_each_round_measures_every_layout_once_the_order_reversed_each_round():
+    assert planner_check.round_orders(3, 3) == [[0, 1, 2], [2, 1, 0], [0, 1, 2]]
+    assert planner_check.round_orders(2, 1) == [[0, 1]]
+
+
+def test_a_layouts_rounds_combine_into_their_median_and_largest_memory():
+    rounds = [{"images_per_sec": 90.0, "peak_memory_bytes": 5, "steps": 8},
+              {"images_per_sec": 130.0, "peak_memory_bytes": 7, "steps": 8},
+              {"images_per_sec": 100.0, "peak_memory_bytes": 6, "steps": 8}]
+    found = planner_check.combined(rounds)
+    assert found["images_per_sec"] == 100.0 and found["peak_memory_bytes"] == 7
+    assert found["round_images_per_sec"] == [90.0, 130.0, 100.0]
+    assert planner_check.combined([rounds[0], {"error": "rank 1 died"}]) == {"error": "rank 1 died"}
