@@ -15,19 +15,29 @@ def test_the_last_epoch_recorded_skips_evaluations_and_lines_that_do_not_parse(t
     assert last_epoch_recorded(str(path)) == 2
 
 
-def test_a_call_is_timed_after_a_warm_up_at_least_so_many_times_and_so_long_and_its_median_taken():
-    import time
+def test_a_call_is_timed_after_a_warm_up_at_least_so_many_times_and_so_long_and_its_median_taken(monkeypatch):
+    from common.core import metrics
 
-    from common.core.metrics import median_call_seconds
+    class Clock:  # each call lasts 1/512 s (about 2 ms, exact in binary) of this clock, whatever else runs
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            return cls.now
 
     calls = []
-    assert median_call_seconds(lambda: calls.append(1), 5, 0.0) >= 0 and len(calls) == 6  # a warm-up, then five
 
-    def busy(seconds=2e-3):
+    def call(seconds=1 / 512):
         calls.append(1)
-        until = time.perf_counter() + seconds
-        while time.perf_counter() < until:
-            pass
+        Clock.now += seconds
+    monkeypatch.setattr(metrics, "time", Clock)
+    assert metrics.median_call_seconds(call, 5, 0.0) == 1 / 512 and len(calls) == 6  # a warm-up, then five
     calls.clear()
-    assert median_call_seconds(busy, 2, 0.02) >= 2e-3
-    assert len(calls) >= 1 + 10  # two calls are not 20 ms: it goes on until they are
+    assert metrics.median_call_seconds(call, 2, 10 / 512) == 1 / 512
+    assert len(calls) == 1 + 10  # two calls do not last 10/512 s: it goes on until they do
+
+    durations = iter([9.0] + [1.0] * 4 + [50.0])  # a slow warm-up, then one slow call of five: the median holds
+
+    def uneven():
+        Clock.now += next(durations)
+    assert metrics.median_call_seconds(uneven, 5, 0.0) == 1.0
