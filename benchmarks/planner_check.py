@@ -132,7 +132,9 @@ def check(framework: str, np_: int, name: str, layouts: int, seconds: float, tim
     good = [row for row in rows if "error" not in row]
     best = max(good, key=lambda row: row["images_per_sec"])
     pick = next(row for row in good if row["layout"] == choice["chosen"]["layout"])
-    profile = {key: choice[key] for key in ("contention", "recompute_forwards", "allreduce_overlaps", "network")}
+    profile = {key: choice[key] for key in ("profiled_samples", "layer_seconds", "recomputes_forward", "contention",
+                                            "busy_slowdowns", "recompute_forwards", "allreduce_overlaps", "network",
+                                            "baseline_bytes", "allocator_bytes")}
     return {"framework": framework, "workload": name, "ranks": np_, "profile": profile, "rows": rows,
             "rank_correlation": spearman([row["predicted_images_per_sec"] for row in good],
                                          [row["images_per_sec"] for row in good]),

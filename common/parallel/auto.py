@@ -30,6 +30,12 @@ ALLREDUCE_BYTES = 64 << 20  # the most of the gradients the profile allreduces (
 
 
 @dataclass(frozen=True)
+class NodeRank:
+    rank: int  # among the node's ranks
+    size: int  # the node's ranks
+
+
+@dataclass(frozen=True)
 class Resolved:
     config: RunConfig                # the run's configuration, the chosen layout applied
     choice: planner.Choice
@@ -60,7 +66,9 @@ def resolve(config: RunConfig, specs, input_shape: tuple, stage_factory: StageFa
     profile = measure_profile(config, specs, input_shape, stage_factory, world_size, network, meter.baseline, comm)
     profile = replace(profile, allreduce_overlaps=meter.on_accelerator)
     if alone:  # one process profiled; the run's ranks will share the node's CPUs
-        profile = replace(profile, contention=max(1.0, local_ranks * threads / read_cpu_share(local_ranks).affinity))
+        cpus = read_cpu_share(local_ranks).affinity
+        slowdowns = tuple(max(1.0, busy * threads / cpus) for busy in range(1, local_ranks + 1))
+        profile = replace(profile, contention=slowdowns[-1], busy_slowdowns=slowdowns)
     if comm is not None:
         profile = comm.bcast(profile, root=0)
     choice = planner.choose(specs, input_shape, config, profile, world_size, limit, allowed(config))
@@ -109,10 +117,12 @@ def _alone() -> None:
 def measure_profile(config: RunConfig, specs, input_shape: tuple, stage_factory: StageFactory, world_size: int,
                     network: planner.Network, baseline: int, comm=None) -> planner.Profile:
     """Each layer timed at the smallest and the largest micro-batch the layouts use, and
-    scaled to the whole model's step as rank 0 times it alone; the same step timed by every
-    rank at once against that (the contention), and its cost of --recompute; beside the
-    ``baseline`` bytes held before any model. Each timing starts behind a barrier."""
+    scaled to the whole model's step as rank 0 times it alone; the same step timed by 2, 3, ...
+    and every rank of a node at once against that (the slowdowns, the last the contention),
+    and its cost of --recompute; beside the ``baseline`` bytes held before any model. Each
+    timing starts behind a barrier."""
     together = comm.Barrier if comm is not None else _alone
+    node = _node(comm)
     batch = config.global_batch_size(world_size)
     largest = -(-batch // world_size)  # data parallel's share
     smallest = max(1, batch // (world_size * planner.MICROBATCH_FACTORS[-1]))
@@ -120,31 +130,56 @@ def measure_profile(config: RunConfig, specs, input_shape: tuple, stage_factory:
     allocator = memory_model.allocator_excess(specs, input_shape, largest,
                                               stage_factory.measure_step_memory(specs, input_shape, largest))
     sizes = (min(smallest, largest), largest)
-    timed, recompute, contention = [], [], []
+    timed, recompute, slowdowns = [], [], []
     for size in sizes:
         together()
         one_by_one = stage_factory.measure_layer_times(specs, input_shape, size)
-        alone = _rank_zero_alone(comm, partial(stage_factory.measure_step_seconds, specs, input_shape, size))
-        whole = stage_factory.measure_step_seconds(specs, input_shape, size)
+        step = partial(stage_factory.measure_step_seconds, specs, input_shape, size)
+        busy = [_first_at_once(comm, node.rank, count, step) for count in range(1, node.size + 1)]
+        alone, whole = busy[0], busy[-1]
         together()
         recomputing = stage_factory.measure_step_seconds(specs, input_shape, size, recompute=True)
         timed.append(planner.calibrated(one_by_one, alone))
         recompute.append(planner.recompute_forwards(planner.calibrated(one_by_one, whole), whole, recomputing))
-        contention.append(whole / alone)
+        slowdowns.append([seconds / alone for seconds in busy])
     small, large = timed
+    busy_slowdowns = monotone([sum(ratios) / len(ratios) for ratios in zip(*slowdowns)])
     return planner.Profile(sizes, (small, large), network, stage_factory.recomputes_forward, baseline, allocator,
-                           recompute_forwards=(recompute[0], recompute[1]),
-                           contention=max(1.0, sum(contention) / len(contention)))
+                           recompute_forwards=(recompute[0], recompute[1]), contention=busy_slowdowns[-1],
+                           busy_slowdowns=busy_slowdowns)
 
 
-def _rank_zero_alone(comm, measure: Callable[[], float]) -> float:
-    """``measure()`` on rank 0 while the others wait, then on the others at once (they build
-    the same models, which TensorFlow names by a count the ranks must share; their figures
-    do not decide). Every rank leaves it behind a barrier."""
+def monotone(slowdowns: list[float]) -> tuple[float, ...]:
+    """Measured slowdowns for 1, 2, ... ranks computing at once, as a run can see them: 1.0
+    for one, and never less for more than for fewer (a quiet moment of the machine is not
+    a property of the count)."""
+    found = [1.0]
+    for ratio in slowdowns[1:]:
+        found.append(max(found[-1], ratio))
+    return tuple(found)
+
+
+def _node(comm) -> NodeRank:
+    """This rank's place among the ranks of its node."""
+    if comm is None:
+        return NodeRank(0, 1)
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    found = NodeRank(node.rank, node.size)
+    node.Free()
+    return found
+
+
+def _first_at_once(comm, node_rank: int, count: int, measure: Callable[[], float]) -> float:
+    """``measure()`` on the first ``count`` ranks of each node at once while the others wait,
+    then on the others at once (they build the same models, which TensorFlow names by a
+    count the ranks must share; their figures do not decide). Every rank leaves it behind
+    a barrier."""
     if comm is None:
         return measure()
     comm.Barrier()
-    found = measure() if comm.rank == 0 else None
+    found = measure() if node_rank < count else None
     comm.Barrier()
     if found is None:
         found = measure()
@@ -205,7 +240,12 @@ def record(resolved: Resolved) -> dict:
                 "predicted_memory_bytes": list(found.memory), "rejected": found.rejected}
     return {"memory_per_rank_bytes": resolved.memory_per_rank, "allocator_bytes": resolved.profile.allocator,
             "baseline_bytes": resolved.profile.baseline,
-            "contention": resolved.profile.contention, "recompute_forwards": list(resolved.profile.recompute_forwards),
+            "profiled_samples": list(resolved.profile.samples),
+            "layer_seconds": [[list(layer) for layer in times] for times in resolved.profile.times],
+            "recomputes_forward": resolved.profile.recomputes_forward,
+            "contention": resolved.profile.contention,
+            "busy_slowdowns": list(resolved.profile.busy_slowdowns),
+            "recompute_forwards": list(resolved.profile.recompute_forwards),
             "allreduce_overlaps": resolved.profile.allreduce_overlaps,
             "network": {"latency_seconds": resolved.profile.network.latency,
                         "bandwidth_bytes_per_second": resolved.profile.network.bandwidth,

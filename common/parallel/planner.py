@@ -11,12 +11,13 @@ The time model:
   is longer (Horovod overlaps them) on a GPU, both on a CPU (whose cores the ring's
   reductions share with the backward); forward and backward slowed by the contention
   where the ranks share a node's CPUs;
-- a pipeline: the schedule's own step (common/parallel/schedule.step_time) over the pieces
-  the cut makes, each message across a cut paying the network's latency and bandwidth,
-  pieces before the last paying a recomputed forward where the framework recomputes,
-  all of it slowed by the contention where ranks share a node's CPUs (a rank waiting for
-  a message polls and keeps its CPU share, so the others do not fill its bubbles); then,
-  hybrid, each stage's allreduce over its replicas after the flush.
+- a pipeline: the schedule's own step (common/parallel/schedule.shared_step_time) over the
+  pieces the cut makes, each message across a cut paying the network's latency and
+  bandwidth, pieces before the last paying a recomputed forward where the framework
+  recomputes; where ranks share a node's CPUs, each moment slowed by as much as the
+  profile measured for as many of them computing at once (a bubble, with fewer
+  computing, runs faster than the crowded steady state); then, hybrid, each stage's
+  allreduce over its replicas after the flush.
 The memory model is common/parallel/memory_model.py's.
 """
 
@@ -82,6 +83,21 @@ class Profile:
                                          # computes (the layer times are a rank's alone): measured, the
                                          # whole step timed by all at once against by one alone; for a
                                          # dry run in one process, the threads the ranks want per CPU
+    busy_slowdowns: tuple[float, ...] = ()  # the same while k of the node's ranks compute and the rest
+                                         # wait, for k = 1 (1.0) to all of them (the contention);
+                                         # (): every moment at the contention
+
+    def slowdown_while(self, share: float) -> float:
+        """How much slower each computing rank runs while ``share`` of its node's ranks
+        compute (on the line between the two nearest counts measured)."""
+        if not self.busy_slowdowns:
+            return self.contention
+        busy = min(max(1.0, share * len(self.busy_slowdowns)), float(len(self.busy_slowdowns)))
+        below = int(busy)
+        if below == len(self.busy_slowdowns):
+            return self.busy_slowdowns[-1]
+        low, high = self.busy_slowdowns[below - 1], self.busy_slowdowns[below]
+        return low + (high - low) * (busy - below)
 
     def layer_times(self, samples: int, recompute: bool = False) -> list[tuple[float, float]]:
         """Each layer's (forward, backward) seconds for ``samples``, on the line through the
@@ -256,13 +272,12 @@ def predict(layout: Layout, specs: Sequence, input_shape: tuple, config: RunConf
     shapes = networks.layer_shapes(specs, input_shape)
     messages = [profile.network.message_seconds(memory_model.FLOAT_BYTES * microbatch * prod(shapes[end]))
                 for _, end in ranges]
-    seconds = schedule.step_time(schedule.stage_schedules(str(layout.schedule), layout.pp, layout.microbatches,
-                                                          layout.chunks),
-                                 forwards, backward_costs=backwards, message_costs=messages)
-    # Ranks sharing a node's CPUs do not fill each other's bubbles: a rank waiting for a
-    # message polls for it (Open MPI's waits spin) and keeps its share of the CPUs, so the
-    # whole schedule runs slower by the contention, its bubbles included.
-    seconds *= profile.contention
+    # Ranks sharing a node's CPUs slow each other while they compute at once, as much as the
+    # profile measured for as many computing (the replicas run the same schedule in step).
+    seconds = schedule.shared_step_time(schedule.stage_schedules(str(layout.schedule), layout.pp,
+                                                                 layout.microbatches, layout.chunks),
+                                        forwards, backwards, messages,
+                                        lambda busy: profile.slowdown_while(busy / layout.pp))
     if layout.dp > 1:
         stage_params = [0] * layout.pp
         for v, (a, e) in enumerate(ranges):

@@ -22,6 +22,7 @@ W's, and they fill the end of the step where 1F1B leaves stage s idle.
 from __future__ import annotations
 
 from collections import namedtuple
+from collections.abc import Callable
 
 Action = namedtuple("Action", "kind microbatch chunk", defaults=(0,))
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
@@ -234,19 +235,84 @@ def step_time(schedules: list[list[Action]], piece_costs: list, backward_ratio: 
     messages = message_costs or [0.0] * len(piece_costs)
     for s, action in order if order is not None else simulate(schedules):  # each receive after its send
         virtual = action.chunk * stages + s
-        if action.kind == FORWARD:
-            clock[s] += piece_costs[virtual]
-        elif action.kind == BACKWARD:
-            clock[s] += backward[virtual]
-        elif action.kind == INPUT_GRADIENT:
-            clock[s] += input_share * backward[virtual]
-        elif action.kind == WEIGHT_GRADIENT:
-            clock[s] += (1 - input_share) * backward[virtual]
-        elif action.kind == SEND_ACTIVATION:
-            sent[("activation", action.microbatch, virtual + 1)] = clock[s] + messages[virtual]
-        elif action.kind == SEND_GRADIENT:
-            sent[("gradient", action.microbatch, virtual - 1)] = clock[s] + messages[virtual - 1]
+        if action.kind in COMPUTE:
+            clock[s] += _compute_seconds(action.kind, piece_costs[virtual], backward[virtual], input_share)
+        elif action.kind in (SEND_ACTIVATION, SEND_GRADIENT):
+            message, across = _message_sent(action, virtual)
+            sent[message] = clock[s] + messages[across]
         else:
-            kind = "activation" if action.kind == RECV_ACTIVATION else "gradient"
-            clock[s] = max(clock[s], sent[(kind, action.microbatch, virtual)])
+            clock[s] = max(clock[s], sent[_message_awaited(action, virtual)])
     return max(clock)
+
+
+def shared_step_time(schedules: list[list[Action]], piece_costs: list, backward_costs: list,
+                     message_costs: list, slowdown: Callable[[int], float], input_share: float = 0.5) -> float:
+    """``step_time`` for stages that share their CPUs: while k stages compute at once, each
+    computes (and each message sent then travels) ``slowdown(k)`` times slower than alone,
+    and a stage waiting for a message takes nothing from the others. Simulated event by
+    event: between two events (a compute's end, a message's arrival) every rate holds."""
+    stages = len(schedules)
+    position, left = [0] * stages, [0.0] * stages  # left: the running compute's seconds still to do, alone
+    running = [False] * stages
+    arrives: dict[tuple, float] = {}
+    now = 0.0
+    while True:
+        _start_what_can_start(schedules, position, running, left, arrives, now,
+                              lambda action, virtual: _compute_seconds(action.kind, piece_costs[virtual],
+                                                                       backward_costs[virtual], input_share),
+                              lambda across: message_costs[across] * slowdown(max(1, sum(running))))
+        busy = [s for s in range(stages) if running[s]]
+        pending = [at for at in arrives.values() if at > now]
+        if not busy and not pending:
+            if any(position[s] < len(schedules[s]) for s in range(stages)):
+                raise RuntimeError(f"deadlock: stages blocked at positions {position}")
+            return now
+        factor = slowdown(len(busy)) if busy else 1.0
+        step = min([left[s] * factor for s in busy] + [at - now for at in pending])
+        now += step
+        for s in busy:
+            left[s] -= step / factor
+            if left[s] <= 1e-12 * (1.0 + now):  # this compute ends now
+                running[s], position[s] = False, position[s] + 1
+
+
+def _start_what_can_start(schedules, position, running, left, arrives, now, compute_seconds, message_seconds):
+    """Move each idle stage on through its actions at ``now``: sends post their message,
+    receives take one that has arrived, and a compute starts; until none can move."""
+    stages = len(schedules)
+    moved = True
+    while moved:
+        moved = False
+        for s in range(stages):
+            while not running[s] and position[s] < len(schedules[s]):
+                action = schedules[s][position[s]]
+                virtual = action.chunk * stages + s
+                if action.kind in COMPUTE:
+                    running[s], left[s] = True, compute_seconds(action, virtual)
+                    break
+                if action.kind in (SEND_ACTIVATION, SEND_GRADIENT):
+                    message, across = _message_sent(action, virtual)
+                    arrives[message] = now + message_seconds(across)
+                elif arrives.get(_message_awaited(action, virtual), float("inf")) > now:
+                    break
+                position[s] += 1
+                moved = True
+
+
+COMPUTE = (FORWARD, BACKWARD, INPUT_GRADIENT, WEIGHT_GRADIENT)
+
+
+def _compute_seconds(kind: str, forward: float, backward: float, input_share: float) -> float:
+    return {FORWARD: forward, BACKWARD: backward, INPUT_GRADIENT: input_share * backward,
+            WEIGHT_GRADIENT: (1 - input_share) * backward}[kind]
+
+
+def _message_sent(action: Action, virtual: int) -> tuple[tuple, int]:
+    """The message a send posts, and the cut it crosses (the piece it leaves by its end)."""
+    if action.kind == SEND_ACTIVATION:
+        return ("activation", action.microbatch, virtual + 1), virtual
+    return ("gradient", action.microbatch, virtual - 1), virtual - 1
+
+
+def _message_awaited(action: Action, virtual: int) -> tuple:
+    return ("activation" if action.kind == RECV_ACTIVATION else "gradient", action.microbatch, virtual)

@@ -19,6 +19,10 @@ def test_a_dry_run_ranks_every_layout_for_the_ranks_asked_and_trains_nothing(tmp
     assert {row[2:].split()[0] for row in rows} == {"data", "model", "hybrid"}
     choice = result.summary["layout_choice"]
     assert len(choice["candidates"]) == len(rows) and choice["chosen"] == choice["candidates"][0]
+    # How much the four ranks would slow each other, for 1 to 4 of them computing at once.
+    slowdowns = choice["busy_slowdowns"]
+    assert len(slowdowns) == 4 and slowdowns[0] == 1.0 and slowdowns == sorted(slowdowns)
+    assert slowdowns[-1] == choice["contention"]
     assert not (tmp_path / "never").exists() and "epoch" not in result.stdout
 
 
@@ -31,6 +35,7 @@ def test_auto_trains_with_the_layout_it_chose_and_records_its_predictions(framew
     assert chosen["layout"].split()[0] == summary["mode"]
     assert summary["pp"] == (1 if summary["mode"] == "data" else int(chosen["layout"].split()[1][2:]))
     assert chosen["predicted_images_per_sec"] > 0 and not chosen["rejected"]
+    assert len(choice["busy_slowdowns"]) == 2 and choice["busy_slowdowns"][0] == 1.0  # measured: one, then both
     # Memory: each rank's peak measured beside its prediction.
     assert len(summary["peak_memory"]) == len(summary["predicted_memory"]) == 2
     for measured, predicted in zip(summary["peak_memory"], summary["predicted_memory"]):

@@ -58,9 +58,9 @@ def test_layer_times_lie_on_the_line_through_the_two_timed_sizes():
     assert found.layer_times(17)[0] == pytest.approx((22e-3, 44e-3))
 
 
-def test_ranks_that_share_cpus_compute_slower_bubbles_included():
-    """A waiting rank polls for its message and keeps its CPU share, so where ranks share CPUs
-    the whole schedule, bubbles included, runs slower by the contention."""
+def test_ranks_that_share_cpus_compute_slower_bubbles_included_without_slowdowns_per_count():
+    """A profile that measured only the contention (all ranks at once) slows every moment
+    of a schedule by it, bubbles included."""
     alone, crowded = profile(per_sample=1e-3), replace(profile(per_sample=1e-3), contention=2.0)
     data = Layout(Mode.DATA, 1, 2)
     assert predict(data, SPECS, SHAPE, config(), crowded).step_seconds == \
@@ -72,6 +72,29 @@ def test_ranks_that_share_cpus_compute_slower_bubbles_included():
     for contention in (1.3, 2.0):
         shared = replace(alone, contention=contention)
         assert predict(pipeline, SPECS, SHAPE, config(), shared).step_seconds == pytest.approx(contention * scheduled)
+
+
+def test_a_slowdown_per_count_lies_on_the_line_between_the_counts_measured():
+    measured = replace(profile(), contention=2.0, busy_slowdowns=(1.0, 1.2, 1.6, 2.0))
+    assert [measured.slowdown_while(share) for share in (0.0, 0.25, 0.5, 0.625, 0.75, 1.0)] == \
+        pytest.approx([1.0, 1.0, 1.2, 1.4, 1.6, 2.0])
+    assert replace(measured, busy_slowdowns=()).slowdown_while(0.25) == 2.0
+
+
+def test_a_pipelines_bubbles_run_faster_than_its_crowded_moments():
+    """Ranks slowed only while every one computes: a pipeline, whose fill and drain leave
+    some waiting, loses less than the contention; data parallel, every rank computing
+    throughout, loses all of it; slowed alike at every count, the pipeline loses it all."""
+    alone = profile(per_sample=1e-3)
+    only_crowded = replace(alone, contention=2.0, busy_slowdowns=(1.0, 1.0, 1.0, 2.0))
+    for layout in (Layout(Mode.MODEL, 4, 1, 8, Schedule.ONE_F_ONE_B), Layout(Mode.HYBRID, 2, 2, 4, Schedule.GPIPE)):
+        scheduled = predict(layout, SPECS, SHAPE, config(), alone).step_seconds
+        assert scheduled < predict(layout, SPECS, SHAPE, config(), only_crowded).step_seconds < 2 * scheduled
+        alike = replace(alone, contention=1.5, busy_slowdowns=(1.5,) * 4)
+        assert predict(layout, SPECS, SHAPE, config(), alike).step_seconds == pytest.approx(1.5 * scheduled, rel=1e-3)
+    data = Layout(Mode.DATA, 1, 4)
+    assert predict(data, SPECS, SHAPE, config(), only_crowded).step_seconds == \
+        pytest.approx(2 * predict(data, SPECS, SHAPE, config(), alone).step_seconds)
 
 
 def test_layer_times_are_scaled_to_the_whole_step_timed_as_one_call():
@@ -207,3 +230,8 @@ def test_a_layout_runs_as_its_own_flags_say(layout):
         assert getattr(applied, name) == getattr(by_hand, name), name
     if layout.pipelined:
         assert applied.schedule == by_hand.schedule and applied.mode == layout.mode
+
+
+def test_slowdowns_measured_per_count_start_at_one_and_never_fall_with_more_ranks():
+    assert auto.monotone([1.0, 1.3, 1.2, 2.0]) == (1.0, 1.3, 1.3, 2.0)
+    assert auto.monotone([1.02, 0.9]) == (1.0, 1.0)

@@ -241,3 +241,56 @@ def test_zero_bubble_reaches_its_bound_and_beats_1f1b(stages, microbatches):
     # The longer the weight gradient, the more of the bubble it fills (here all but the
     # first forward's wait on the later stages: nothing is there to fill it).
     assert efficiency("zb", 3.0, 1 / 3) > efficiency("zb") > efficiency("zb", 3.0, 0.9)
+
+
+SHARED_CASES = [("gpipe", 2, 4, 1), ("1f1b", 3, 6, 1), ("zb", 4, 8, 1), ("interleaved", 2, 4, 2), ("1f1b", 4, 1, 1)]
+
+
+def _uneven(pieces: int, scale: float = 1.0) -> list[float]:
+    return [scale * (1.0 + 0.37 * ((7 * v) % 5)) for v in range(pieces)]  # unequal, no two ties by design
+
+
+@pytest.mark.parametrize("name,stages,microbatches,chunks", SHARED_CASES)
+def test_shared_step_time_alone_and_at_a_constant_slowdown_is_step_time(name, stages, microbatches, chunks):
+    """Stages that never slow each other take step_time's step; a slowdown that does not
+    depend on how many compute stretches the whole step by it, messages included."""
+    schedules = schedule.stage_schedules(name, stages, microbatches, chunks)
+    pieces = stages * chunks
+    forwards, backwards, messages = _uneven(pieces), _uneven(pieces, 2.3), _uneven(pieces, 0.1)
+    free = schedule.step_time(schedules, forwards, backward_costs=backwards, message_costs=messages)
+    assert schedule.shared_step_time(schedules, forwards, backwards, messages, lambda busy: 1.0) == pytest.approx(free)
+    assert schedule.shared_step_time(schedules, forwards, backwards, messages,
+                                     lambda busy: 1.7) == pytest.approx(1.7 * free)
+
+
+@pytest.mark.parametrize("name,stages,microbatches,chunks", SHARED_CASES)
+def test_shared_step_time_slows_only_the_moments_when_stages_compute_together(name, stages, microbatches, chunks):
+    """Each of k stages computing at once runs k times slower (k ranks on one core): the
+    step lies between step_time's and step_time's at the worst slowdown; one micro-batch
+    never has two stages computing at once, so its step is step_time's."""
+    schedules = schedule.stage_schedules(name, stages, microbatches, chunks)
+    forwards, backwards, zero = _uneven(stages * chunks), _uneven(stages * chunks, 2.0), [0.0] * (stages * chunks)
+    free = schedule.step_time(schedules, forwards, backward_costs=backwards, message_costs=zero)
+    shared = schedule.shared_step_time(schedules, forwards, backwards, zero, lambda busy: float(busy))
+    if microbatches == 1:
+        assert shared == pytest.approx(free)
+    else:
+        assert free < shared < stages * free
+
+
+def test_shared_step_time_of_two_stages_on_one_core_is_their_work():
+    """Two stages sharing one core (each half speed while both compute) cannot finish
+    before the core has done all their work, and in 1F1B with enough micro-batches they
+    overlap nearly throughout: the step is the work, plus what the fill and drain leave
+    one stage alone."""
+    stages, microbatches = 2, 8
+    schedules = schedule.stage_schedules("1f1b", stages, microbatches)
+    work = microbatches * stages * (1.0 + 2.0)
+    shared = schedule.shared_step_time(schedules, [1.0, 1.0], [2.0, 2.0], [0.0, 0.0], lambda busy: float(busy))
+    assert work <= shared <= work + 1.0 + 2.0
+
+
+def test_shared_step_time_names_a_deadlock():
+    wrong = [[Action(schedule.RECV_GRADIENT, 0), Action(FORWARD, 0)], [Action(schedule.RECV_ACTIVATION, 0)]]
+    with pytest.raises(RuntimeError, match="deadlock"):
+        schedule.shared_step_time(wrong, [1.0, 1.0], [2.0, 2.0], [0.0, 0.0], lambda busy: 1.0)
